@@ -1,0 +1,118 @@
+// How a sequence of L tokens is spread over P ranks, and moving tensors between global and per-rank order.
+//
+//   contiguous  rank r holds tokens [r*L/P, (r+1)*L/P)
+//   zigzag      the sequence is cut in 2P chunks; rank r holds chunks r and 2P-1-r, which balances causal work
+//
+// Lengths that do not divide: the first parts get one token more (L = 10, P = 4: 3 3 2 2). With L < P (or L < 2P
+// for zigzag) some ranks hold no tokens. A rank's positions are always ascending.
+// Tensors here are (batch, seq, ...): the layout splits axis 1 and keeps the batch axis whole on every rank.
+
+public enum SequenceLayout: String, CaseIterable, Sendable, Codable {
+    case contiguous, zigzag
+
+    /// `length` split into `parts` ranges, the first `length % parts` one longer.
+    public static func split(_ length: Int, into parts: Int) -> [Range<Int>] {
+        let base = length / parts, extra = length % parts
+        var ranges: [Range<Int>] = []
+        var start = 0
+        for i in 0..<parts {
+            let n = base + (i < extra ? 1 : 0)
+            ranges.append(start..<(start + n))
+            start += n
+        }
+        return ranges
+    }
+
+    /// The global token ranges rank `rank` holds, ascending.
+    public func ranges(rank: Int, ranks: Int, length: Int) -> [Range<Int>] {
+        switch self {
+        case .contiguous:
+            return [SequenceLayout.split(length, into: ranks)[rank]]
+        case .zigzag:
+            let chunks = SequenceLayout.split(length, into: 2 * ranks)
+            return [chunks[rank], chunks[2 * ranks - 1 - rank]]
+        }
+    }
+
+    /// Global positions of rank `rank`'s tokens, ascending.
+    public func positions(rank: Int, ranks: Int, length: Int) -> [Int] {
+        ranges(rank: rank, ranks: ranks, length: length).flatMap { Array($0) }
+    }
+
+    /// Number of tokens on each rank.
+    public func counts(ranks: Int, length: Int) -> [Int] {
+        (0..<ranks).map { r in ranges(rank: r, ranks: ranks, length: length).reduce(0) { $0 + $1.count } }
+    }
+
+    /// Rank `rank`'s part of a global (batch, L, ...) tensor, copied.
+    public func scatter(_ global: Tensor, rank: Int, ranks: Int) -> Tensor {
+        precondition(global.rank >= 2, "scatter needs a (batch, seq, ...) tensor")
+        let (batch, length) = (global.shape[0], global.shape[1])
+        let row = global.shape.dropFirst(2).reduce(1, *)
+        let rs = ranges(rank: rank, ranks: ranks, length: length)
+        let local = rs.reduce(0) { $0 + $1.count }
+        var shape = global.shape
+        shape[1] = local
+        let out = Tensor(zeros: shape)
+        for b in 0..<batch {
+            var dst = out.pointer + b * local * row
+            for r in rs {
+                dst.update(from: global.pointer + (b * length + r.lowerBound) * row, count: r.count * row)
+                dst += r.count * row
+            }
+        }
+        return out
+    }
+
+    /// The global (batch, length, ...) tensor from every rank's part: one `allGatherV`, then reordering.
+    public func gather(_ local: Tensor, length: Int, comm: some Communicator) throws -> Tensor {
+        precondition(local.rank >= 2, "gather needs a (batch, seq, ...) tensor")
+        let batch = local.shape[0]
+        let row = local.shape.dropFirst(2).reduce(1, *)
+        let counts = self.counts(ranks: comm.size, length: length)
+        guard local.shape[1] == counts[comm.rank] else {
+            throw SeqParError.invalidInput("rank \(comm.rank) holds \(local.shape[1]) tokens, the \(rawValue) layout of \(length) over \(comm.size) ranks gives it \(counts[comm.rank])")
+        }
+        let rankMajor = Tensor(zeros: [counts.reduce(0, +) * batch * row])
+        try comm.allGatherV(UnsafeBufferPointer(local.buffer), into: rankMajor.buffer, counts: counts.map { $0 * batch * row })
+        var shape = local.shape
+        shape[1] = length
+        let global = Tensor(zeros: shape)
+        permute(rankMajor: rankMajor.pointer, global: global.pointer, batch: batch, length: length, row: row, ranks: comm.size, toGlobal: true)
+        return global
+    }
+
+    /// The adjoint of `gather`: every rank holds a full (batch, length, ...) tensor of partial sums; returns this
+    /// rank's part of their sum, through one `reduceScatter`.
+    public func reduceScatter(_ global: Tensor, comm: some Communicator) throws -> Tensor {
+        let (batch, length) = (global.shape[0], global.shape[1])
+        let row = global.shape.dropFirst(2).reduce(1, *)
+        let counts = self.counts(ranks: comm.size, length: length)
+        let rankMajor = Tensor(zeros: [global.count])
+        permute(rankMajor: rankMajor.pointer, global: global.pointer, batch: batch, length: length, row: row, ranks: comm.size, toGlobal: false)
+        var shape = global.shape
+        shape[1] = counts[comm.rank]
+        let local = Tensor(zeros: shape)
+        try comm.reduceScatter(UnsafeBufferPointer(rankMajor.buffer), into: local.buffer, counts: counts.map { $0 * batch * row }, op: .sum)
+        return local
+    }
+
+    /// Copies between rank-major order (rank 0's (batch, C0, ...) block, then rank 1's ...) and global order.
+    func permute(rankMajor: UnsafeMutablePointer<Float>, global: UnsafeMutablePointer<Float>,
+                 batch: Int, length: Int, row: Int, ranks: Int, toGlobal: Bool) {
+        var offset = 0
+        for r in 0..<ranks {
+            let rs = ranges(rank: r, ranks: ranks, length: length)
+            let local = rs.reduce(0) { $0 + $1.count }
+            for b in 0..<batch {
+                var src = rankMajor + offset + b * local * row
+                for range in rs {
+                    let g = global + (b * length + range.lowerBound) * row
+                    if toGlobal { g.update(from: src, count: range.count * row) } else { src.update(from: g, count: range.count * row) }
+                    src += range.count * row
+                }
+            }
+            offset += batch * local * row
+        }
+    }
+}

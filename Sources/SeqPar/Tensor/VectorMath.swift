@@ -1,0 +1,99 @@
+// Vectorised exponential and row reductions for softmax.
+//
+// `exp` on SIMD16<Float> uses the Cephes expf scheme: x = n*ln2 + r with |r| <= ln2/2, a degree-6 polynomial for
+// e^r, and 2^n built from the exponent bits. Max relative error about 2e-7 over the range where e^x is a normal
+// float; inputs below -87.3 (including -inf, the masked scores) give exactly 0, so masked entries vanish.
+
+public enum VectorMath {
+    public typealias V = SIMD16<Float>
+
+    @inline(__always)
+    public static func exp(_ x: V) -> V {
+        let lowerLimit: Float = -87.33654, upperLimit: Float = 88.37626
+        let xc = x.clamped(lowerBound: V(repeating: lowerLimit), upperBound: V(repeating: upperLimit))
+        let n = (xc * 1.44269504088896341).rounded(.toNearestOrEven)
+        var r = xc - n * 0.693359375
+        r = r - n * -2.12194440e-4
+        var p = V(repeating: 1.9875691500e-4)
+        p = p * r + 1.3981999507e-3
+        p = p * r + 8.3334519073e-3
+        p = p * r + 4.1665795894e-2
+        p = p * r + 1.6666665459e-1
+        p = p * r + 5.0000001201e-1
+        let y = p * r * r + r + 1
+        // 2^n: n is in [-126, 127] after the clamp, so n + 127 is a valid biased exponent.
+        let bits = (SIMD16<Int32>(n) &+ 127) &<< 23
+        let scale = unsafeBitCast(bits, to: V.self)
+        return (y * scale).replacing(with: 0, where: x .< lowerLimit)
+    }
+
+    /// Scalar form of `exp` (same polynomial), for tails and tests.
+    @inline(__always)
+    public static func exp(_ x: Float) -> Float { exp(V(repeating: x))[0] }
+
+    /// Maximum of `p[0..<n]`; -inf for n == 0.
+    @inline(__always)
+    public static func max(_ p: UnsafePointer<Float>, _ n: Int) -> Float {
+        var acc = V(repeating: -.infinity)
+        var i = 0
+        while i + 16 <= n {
+            acc = pointwiseMax(acc, UnsafeRawPointer(p + i).loadUnaligned(as: V.self))
+            i += 16
+        }
+        var m = acc.max()
+        while i < n { m = Swift.max(m, p[i]); i += 1 }
+        return m
+    }
+
+    /// `p[j] = exp(a * p[j] - b)` in place for j < n; returns the sum of the results (accumulated in fp32 lanes,
+    /// then in Double across lanes).
+    @inline(__always)
+    @discardableResult
+    public static func expInPlace(_ p: UnsafeMutablePointer<Float>, _ n: Int, scale a: Float = 1, subtract b: Float) -> Float {
+        var acc = V(repeating: 0)
+        var i = 0
+        let va = V(repeating: a), vb = V(repeating: b)
+        while i + 16 <= n {
+            let raw = UnsafeMutableRawPointer(p + i)
+            let e = exp(raw.loadUnaligned(as: V.self) * va - vb)
+            raw.storeBytes(of: e, as: V.self)
+            acc += e
+            i += 16
+        }
+        if i < n {
+            var tail = V(repeating: -.infinity)
+            for j in 0..<(n - i) { tail[j] = p[i + j] * a - b }
+            let e = exp(tail)
+            for j in 0..<(n - i) { p[i + j] = e[j] }
+            acc += e
+        }
+        return acc.sum()
+    }
+
+    /// `p[j] *= s` for j < n.
+    @inline(__always)
+    public static func scale(_ p: UnsafeMutablePointer<Float>, _ n: Int, by s: Float) {
+        var i = 0
+        let vs = V(repeating: s)
+        while i + 16 <= n {
+            let raw = UnsafeMutableRawPointer(p + i)
+            raw.storeBytes(of: raw.loadUnaligned(as: V.self) * vs, as: V.self)
+            i += 16
+        }
+        while i < n { p[i] *= s; i += 1 }
+    }
+
+    /// Dot product of `a[0..<n]` and `b[0..<n]`, lanes in fp32.
+    @inline(__always)
+    public static func dot(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ n: Int) -> Float {
+        var acc = V(repeating: 0)
+        var i = 0
+        while i + 16 <= n {
+            acc += UnsafeRawPointer(a + i).loadUnaligned(as: V.self) * UnsafeRawPointer(b + i).loadUnaligned(as: V.self)
+            i += 16
+        }
+        var s = acc.sum()
+        while i < n { s += a[i] * b[i]; i += 1 }
+        return s
+    }
+}

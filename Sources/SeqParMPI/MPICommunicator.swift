@@ -1,0 +1,323 @@
+// MPICommunicator: the Communicator protocol over OpenMPI, and the MPI environment's lifecycle.
+//
+// One error path: every MPI call goes through `check`, which turns a non-success return code into
+// `CommError.mpi(routine:code:message:)` naming the routine. The communicator is a duplicate of MPI_COMM_WORLD with
+// MPI_ERRORS_RETURN set, so errors come back as codes instead of aborting inside MPI, and SeqPar's traffic never
+// matches a user's messages on COMM_WORLD. Counts travel as Int32 (MPI's `int`): a larger message is an error.
+import CMPI
+import Foundation
+import SeqPar
+
+/// Initialises MPI once per process and finalises only what it initialised (mpl's `environment`).
+public final class MPIEnvironment: @unchecked Sendable {
+    public enum ThreadLevel: Int32, Sendable, CustomStringConvertible {
+        case single, funneled, serialized, multiple
+        public var description: String { "MPI_THREAD_" + ["SINGLE", "FUNNELED", "SERIALIZED", "MULTIPLE"][Int(rawValue)] }
+        var mpi: Int32 {
+            switch self {
+            case .single: Int32(MPI_THREAD_SINGLE)
+            case .funneled: Int32(MPI_THREAD_FUNNELED)
+            case .serialized: Int32(MPI_THREAD_SERIALIZED)
+            case .multiple: Int32(MPI_THREAD_MULTIPLE)
+            }
+        }
+        init(mpi: Int32) {
+            self = [ThreadLevel.single, .funneled, .serialized, .multiple].first { $0.mpi == mpi } ?? .single
+        }
+    }
+
+    /// The thread level MPI granted (it may be lower than asked).
+    public let threadLevel: ThreadLevel
+    let initializedHere: Bool
+    public let world: MPICommunicator
+    private var finalized = false
+
+    /// Initialises MPI (unless something else already did) asking for `requested` thread support.
+    public init(requested: ThreadLevel = .multiple) throws {
+        var flag: Int32 = 0
+        try check(MPI_Initialized(&flag), "MPI_Initialized")
+        var provided: Int32 = 0
+        if flag == 0 {
+            try check(MPI_Init_thread(nil, nil, requested.mpi, &provided), "MPI_Init_thread")
+            initializedHere = true
+        } else {
+            try check(MPI_Query_thread(&provided), "MPI_Query_thread")
+            initializedHere = false
+        }
+        threadLevel = ThreadLevel(mpi: provided)
+        try check(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler")
+        var dup: MPI_Comm? = nil
+        try check(MPI_Comm_dup(MPI_COMM_WORLD, &dup), "MPI_Comm_dup")
+        try check(MPI_Comm_set_errhandler(dup, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler")
+        world = try MPICommunicator(comm: dup)
+    }
+
+    /// Finalises MPI if this environment initialised it. Call once, after the last communication.
+    public func finalize() {
+        guard !finalized else { return }
+        finalized = true
+        var done: Int32 = 0
+        MPI_Finalized(&done)
+        guard done == 0 else { return }
+        world.free()
+        if initializedHere { MPI_Finalize() }
+    }
+
+    /// MPI_Get_library_version's text, first line.
+    public static var libraryVersion: String {
+        var buffer = [CChar](repeating: 0, count: Int(MPI_MAX_LIBRARY_VERSION_STRING) + 1)
+        var length: Int32 = 0
+        MPI_Get_library_version(&buffer, &length)
+        let text = String(decoding: buffer.prefix(Int(length)).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        return text.split(separator: "\n").first.map(String.init)?.trimmingCharacters(in: CharacterSet(charactersIn: ", ")) ?? text
+    }
+
+    /// MPI_Get_processor_name (the host name).
+    public static var processorName: String {
+        var buffer = [CChar](repeating: 0, count: Int(MPI_MAX_PROCESSOR_NAME) + 1)
+        var length: Int32 = 0
+        MPI_Get_processor_name(&buffer, &length)
+        return String(decoding: buffer.prefix(Int(length)).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    /// True when this process was started by an MPI launcher (mpirun, srun, hydra).
+    public static var launchedByMPI: Bool {
+        let env = ProcessInfo.processInfo.environment
+        return ["OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE", "MPI_LOCALNRANKS"].contains { env[$0] != nil }
+    }
+}
+
+/// Turns an MPI return code into a Swift error naming the routine.
+@inline(__always)
+func check(_ code: Int32, _ routine: String) throws {
+    guard code != MPI_SUCCESS else { return }
+    var buffer = [CChar](repeating: 0, count: Int(MPI_MAX_ERROR_STRING) + 1)
+    var length: Int32 = 0
+    MPI_Error_string(code, &buffer, &length)
+    throw CommError.mpi(routine: routine, code: code,
+                        message: String(decoding: buffer.prefix(Int(length)).map { UInt8(bitPattern: $0) }, as: UTF8.self))
+}
+
+/// The MPI datatype of each element kind: the one table.
+func datatype(_ kind: CommElementKind) -> MPI_Datatype {
+    switch kind {
+    case .float32: MPI_FLOAT
+    case .float64: MPI_DOUBLE
+    case .int32: MPI_INT32_T
+    case .int64: MPI_INT64_T
+    case .uint8: MPI_UINT8_T
+    case .uint64: MPI_UINT64_T
+    }
+}
+
+func mpiOp(_ op: ReduceOp) -> MPI_Op {
+    switch op {
+    case .sum: MPI_SUM
+    case .max: MPI_MAX
+    case .min: MPI_MIN
+    }
+}
+
+/// MPI's counts are `int`.
+func int32(_ n: Int, _ routine: String) throws -> Int32 {
+    guard let v = Int32(exactly: n) else {
+        throw CommError.invalidArgument("\(routine): \(n) elements exceed MPI's count limit of \(Int32.max); use more ranks or smaller chunks")
+    }
+    return v
+}
+
+func int32s(_ ns: [Int], _ routine: String) throws -> [Int32] { try ns.map { try int32($0, routine) } }
+
+func displacements(_ counts: [Int32], _ routine: String) throws -> [Int32] {
+    var out: [Int32] = []
+    var acc = 0
+    for c in counts { out.append(try int32(acc, routine)); acc += Int(c) }
+    return out
+}
+
+public final class MPICommunicator: Communicator, @unchecked Sendable {
+    let comm: MPI_Comm?
+    public let rank: Int
+    public let size: Int
+    private var counts = CommCounters()
+    private let countsLock = NSLock()
+
+    init(comm: MPI_Comm?) throws {
+        self.comm = comm
+        var r: Int32 = 0, s: Int32 = 0
+        try check(MPI_Comm_rank(comm, &r), "MPI_Comm_rank")
+        try check(MPI_Comm_size(comm, &s), "MPI_Comm_size")
+        rank = Int(r)
+        size = Int(s)
+    }
+
+    func free() {
+        var c = comm
+        MPI_Comm_free(&c)
+    }
+
+    public var counters: CommCounters { countsLock.withLock { counts } }
+    public func resetCounters() { countsLock.withLock { counts = CommCounters() } }
+    private func record(_ op: CommOperation, sent: Int = 0, received: Int = 0) {
+        countsLock.withLock { counts.record(op, sent: sent, received: received) }
+    }
+
+    // MARK: point-to-point
+
+    final class Request: CommRequest {
+        var request: MPI_Request?
+        let expected: (count: Int32, type: MPI_Datatype, what: String)?
+        let onComplete: () -> Void
+        init(_ request: MPI_Request?, expected: (Int32, MPI_Datatype, String)?, onComplete: @escaping () -> Void) {
+            self.request = request
+            self.expected = expected
+            self.onComplete = onComplete
+        }
+        func wait() throws {
+            guard request != MPI_REQUEST_NULL else { return }
+            var status = MPI_Status()
+            try check(MPI_Wait(&request, &status), "MPI_Wait")
+            if let e = expected {
+                var got: Int32 = 0
+                try check(MPI_Get_count(&status, e.type, &got), "MPI_Get_count")
+                guard got == e.count else {
+                    throw CommError.mismatch("\(e.what): expected \(e.count) elements, the message had \(got)")
+                }
+            }
+            onComplete()
+        }
+    }
+
+    public func send<T: CommElement>(_ buffer: UnsafeBufferPointer<T>, to destination: Int, tag: Int) throws {
+        try checkPeer(destination, "send to")
+        try check(MPI_Send(buffer.baseAddress, try int32(buffer.count, "MPI_Send"), datatype(T.kind), Int32(destination), Int32(tag), comm), "MPI_Send")
+        record(.send, sent: buffer.count * MemoryLayout<T>.stride)
+    }
+
+    public func recv<T: CommElement>(_ buffer: UnsafeMutableBufferPointer<T>, from source: Int, tag: Int) throws {
+        try irecv(buffer, from: source, tag: tag).wait()
+    }
+
+    public func isend<T: CommElement>(_ buffer: UnsafeBufferPointer<T>, to destination: Int, tag: Int) throws -> CommRequest {
+        try checkPeer(destination, "send to")
+        var request: MPI_Request? = nil
+        try check(MPI_Isend(buffer.baseAddress, try int32(buffer.count, "MPI_Isend"), datatype(T.kind), Int32(destination), Int32(tag), comm, &request), "MPI_Isend")
+        let bytes = buffer.count * MemoryLayout<T>.stride
+        return Request(request, expected: nil) { [self] in record(.send, sent: bytes) }
+    }
+
+    public func irecv<T: CommElement>(_ buffer: UnsafeMutableBufferPointer<T>, from source: Int, tag: Int) throws -> CommRequest {
+        try checkPeer(source, "receive from")
+        var request: MPI_Request? = nil
+        let n = try int32(buffer.count, "MPI_Irecv")
+        try check(MPI_Irecv(buffer.baseAddress, n, datatype(T.kind), Int32(source), Int32(tag), comm, &request), "MPI_Irecv")
+        let bytes = buffer.count * MemoryLayout<T>.stride
+        return Request(request, expected: (n, datatype(T.kind), "rank \(rank) receiving from rank \(source) (tag \(tag))")) { [self] in
+            record(.recv, received: bytes)
+        }
+    }
+
+    public func sendRecv<T: CommElement>(_ send: UnsafeBufferPointer<T>, to destination: Int,
+                                         _ recv: UnsafeMutableBufferPointer<T>, from source: Int, tag: Int) throws {
+        try checkPeer(destination, "send to")
+        try checkPeer(source, "receive from")
+        var status = MPI_Status()
+        let type = datatype(T.kind)
+        let n = try int32(recv.count, "MPI_Sendrecv")
+        try check(MPI_Sendrecv(send.baseAddress, try int32(send.count, "MPI_Sendrecv"), type, Int32(destination), Int32(tag),
+                               recv.baseAddress, n, type, Int32(source), Int32(tag), comm, &status), "MPI_Sendrecv")
+        var got: Int32 = 0
+        try check(MPI_Get_count(&status, type, &got), "MPI_Get_count")
+        guard got == n else {
+            throw CommError.mismatch("rank \(rank) receiving from rank \(source) (tag \(tag)): expected \(n) elements, the message had \(got)")
+        }
+        let s = MemoryLayout<T>.stride
+        record(.send, sent: send.count * s)
+        record(.recv, received: recv.count * s)
+    }
+
+    // MARK: collectives
+
+    public func allGather<T: CommElement>(_ send: UnsafeBufferPointer<T>, into recv: UnsafeMutableBufferPointer<T>) throws {
+        guard recv.count == send.count * size else {
+            throw CommError.invalidArgument("allGather: receive buffer of \(recv.count) elements, expected \(size) x \(send.count)")
+        }
+        let n = try int32(send.count, "MPI_Allgather"), type = datatype(T.kind)
+        try check(MPI_Allgather(send.baseAddress, n, type, recv.baseAddress, n, type, comm), "MPI_Allgather")
+        let b = send.count * MemoryLayout<T>.stride
+        record(.allGather, sent: b, received: b * (size - 1))
+    }
+
+    public func allGatherV<T: CommElement>(_ send: UnsafeBufferPointer<T>, into recv: UnsafeMutableBufferPointer<T>, counts: [Int]) throws {
+        try checkCounts(counts, "allGatherV")
+        guard send.count == counts[rank], recv.count == counts.reduce(0, +) else {
+            throw CommError.invalidArgument("allGatherV on rank \(rank): sends \(send.count) (counts say \(counts[rank])), receive buffer \(recv.count) (counts sum to \(counts.reduce(0, +)))")
+        }
+        let c = try int32s(counts, "MPI_Allgatherv"), type = datatype(T.kind)
+        let d = try displacements(c, "MPI_Allgatherv")
+        try check(MPI_Allgatherv(send.baseAddress, c[rank], type, recv.baseAddress, c, d, type, comm), "MPI_Allgatherv")
+        let s = MemoryLayout<T>.stride
+        record(.allGatherV, sent: send.count * s, received: (recv.count - send.count) * s)
+    }
+
+    public func allReduce<T: CommElement>(_ buffer: UnsafeMutableBufferPointer<T>, op: ReduceOp) throws {
+        try check(MPI_Allreduce(UnsafeRawPointer(MPI_IN_PLACE), buffer.baseAddress, try int32(buffer.count, "MPI_Allreduce"),
+                                datatype(T.kind), mpiOp(op), comm), "MPI_Allreduce")
+        let b = buffer.count * MemoryLayout<T>.stride
+        record(.allReduce, sent: b, received: b * (size - 1))
+    }
+
+    public func reduceScatter<T: CommElement>(_ send: UnsafeBufferPointer<T>, into recv: UnsafeMutableBufferPointer<T>,
+                                              counts: [Int], op: ReduceOp) throws {
+        try checkCounts(counts, "reduceScatter")
+        guard send.count == counts.reduce(0, +), recv.count == counts[rank] else {
+            throw CommError.invalidArgument("reduceScatter on rank \(rank): sends \(send.count) (counts sum to \(counts.reduce(0, +))), receive buffer \(recv.count) (counts say \(counts[rank]))")
+        }
+        let c = try int32s(counts, "MPI_Reduce_scatter")
+        try check(MPI_Reduce_scatter(send.baseAddress, recv.baseAddress, c, datatype(T.kind), mpiOp(op), comm), "MPI_Reduce_scatter")
+        let s = MemoryLayout<T>.stride
+        record(.reduceScatter, sent: (send.count - recv.count) * s, received: recv.count * s * (size - 1))
+    }
+
+    public func allToAll<T: CommElement>(_ send: UnsafeBufferPointer<T>, into recv: UnsafeMutableBufferPointer<T>) throws {
+        guard send.count % size == 0, recv.count == send.count else {
+            throw CommError.invalidArgument("allToAll on rank \(rank): send \(send.count) and receive \(recv.count) elements; both must be equal and divisible by \(size) ranks")
+        }
+        let n = try int32(send.count / size, "MPI_Alltoall"), type = datatype(T.kind)
+        try check(MPI_Alltoall(send.baseAddress, n, type, recv.baseAddress, n, type, comm), "MPI_Alltoall")
+        let b = (send.count - send.count / size) * MemoryLayout<T>.stride
+        record(.allToAll, sent: b, received: b)
+    }
+
+    public func allToAllV<T: CommElement>(_ send: UnsafeBufferPointer<T>, counts sendCounts: [Int],
+                                          into recv: UnsafeMutableBufferPointer<T>, counts recvCounts: [Int]) throws {
+        try checkCounts(sendCounts, "allToAllV send")
+        try checkCounts(recvCounts, "allToAllV receive")
+        guard send.count == sendCounts.reduce(0, +), recv.count == recvCounts.reduce(0, +) else {
+            throw CommError.invalidArgument("allToAllV on rank \(rank): buffers of \(send.count)/\(recv.count) elements, counts sum to \(sendCounts.reduce(0, +))/\(recvCounts.reduce(0, +))")
+        }
+        let sc = try int32s(sendCounts, "MPI_Alltoallv"), rc = try int32s(recvCounts, "MPI_Alltoallv")
+        let sd = try displacements(sc, "MPI_Alltoallv"), rd = try displacements(rc, "MPI_Alltoallv")
+        let type = datatype(T.kind)
+        try check(MPI_Alltoallv(send.baseAddress, sc, sd, type, recv.baseAddress, rc, rd, type, comm), "MPI_Alltoallv")
+        let s = MemoryLayout<T>.stride, own = sendCounts[rank] * s
+        record(.allToAllV, sent: send.count * s - own, received: recv.count * s - recvCounts[rank] * s)
+    }
+
+    public func broadcast<T: CommElement>(_ buffer: UnsafeMutableBufferPointer<T>, root: Int) throws {
+        try checkPeer(root, "broadcast root")
+        try check(MPI_Bcast(buffer.baseAddress, try int32(buffer.count, "MPI_Bcast"), datatype(T.kind), Int32(root), comm), "MPI_Bcast")
+        let b = buffer.count * MemoryLayout<T>.stride
+        record(.broadcast, sent: rank == root ? b * (size - 1) : 0, received: rank == root ? 0 : b)
+    }
+
+    public func barrier() throws {
+        try check(MPI_Barrier(comm), "MPI_Barrier")
+        record(.barrier)
+    }
+
+    public func abort(_ message: String) {
+        FileHandle.standardError.write(Data("seqpar: rank \(rank): aborting the job: \(message)\n".utf8))
+        MPI_Abort(MPI_COMM_WORLD, 1)
+    }
+}
