@@ -15,6 +15,15 @@ public enum SeqParError: Error, CustomStringConvertible {
     /// The run would need more memory than the machine has.
     case outOfMemory(String)
 
+    /// True for errors every rank throws together (after an agreement or a broadcast verdict): a rank may then
+    /// exit normally instead of aborting the job.
+    public var isCollective: Bool {
+        switch self {
+        case .onRanks, .checkFailed: true
+        default: false
+        }
+    }
+
     public var description: String {
         switch self {
         case let .invalidInput(text): return text

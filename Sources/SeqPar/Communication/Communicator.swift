@@ -27,7 +27,7 @@ public enum ReduceOp: String, Sendable {
 }
 
 /// The operations counted per kind.
-public enum CommOperation: String, Sendable, CaseIterable, Codable {
+public enum CommOperation: String, Sendable, CaseIterable, Codable, CodingKeyRepresentable {
     case send, recv, allGather, allGatherV, allReduce, reduceScatter, allToAll, allToAllV, broadcast, barrier
 }
 

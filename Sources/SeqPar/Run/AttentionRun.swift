@@ -1,0 +1,488 @@
+// One attention run, as every rank executes it: the body behind `seqpar attention` and the demo, shared by the
+// in-process cluster and mpirun.
+//
+// Order of work (each step a point where every rank agrees before going on, so bad input never leaves a rank
+// waiting in a collective): read input files -> agree -> compare every rank's configuration (one small collective)
+// -> shape and algorithm checks, memory estimate -> inputs, NaN/Inf check -> agree -> forward [-> backward]
+// -> gather outputs -> oracle check on rank 0 -> verdict broadcast -> files written by rank 0.
+import Foundation
+
+public struct AttentionRunConfig: Codable, Sendable, Equatable {
+    public var algorithm: AlgorithmName
+    /// With input files, the shape is read from them (the fields here are then overwritten).
+    public var shape: AttentionShape
+    public var options: AttentionOptions
+    public var seed: UInt64 = 0
+    /// Generated inputs are multiplied by this (30 gives large logits).
+    public var inputScale: Float = 1
+    public var qPath: String?
+    public var kPath: String?
+    public var vPath: String?
+    public var gradOutPath: String?
+    public var backward = false
+    public var check = false
+    public var outPath: String?
+    public var gradsPrefix: String?
+    public var forwardTolerance = 2e-5
+    public var gradientTolerance = 1e-4
+
+    public init(algorithm: AlgorithmName, shape: AttentionShape, options: AttentionOptions = AttentionOptions()) {
+        self.algorithm = algorithm
+        self.shape = shape
+        self.options = options
+    }
+
+    public var usesFiles: Bool { qPath != nil }
+}
+
+public struct PhaseTime: Codable, Sendable {
+    public var min: Double, avg: Double, max: Double
+}
+
+public struct CheckReport: Codable, Sendable {
+    public var forwardError: Double
+    public var lseError: Double
+    /// Each rank's own rows of o against the oracle's rows at its positions (scaled by the oracle's max magnitude).
+    public var perRankForwardError: [Double]
+    public var dqError: Double?
+    public var dkError: Double?
+    public var dvError: Double?
+    public var forwardTolerance: Double
+    public var gradientTolerance: Double
+    public var passed: Bool
+}
+
+public struct RankStats: Codable, Sendable {
+    public var rank: Int
+    public var host: String
+    public var tokens: Int
+    public var forward: CommCounters
+    public var backward: CommCounters?
+    public var peakRSSBytes: Int
+}
+
+public struct AttentionRunReport: Encodable, Sendable {
+    public var bench = "attention"
+    public var algorithm: AlgorithmName
+    public var backend: String
+    public var ranks: Int
+    public var batch: Int, seqLen: Int, heads: Int, kvHeads: Int, headDim: Int
+    public var causal: Bool
+    public var layout: SequenceLayout
+    public var scale: Float
+    public var backwardRun: Bool
+    /// Seconds per phase over ranks.
+    public var timeS: [String: PhaseTime]
+    public var forwardGflops: Double
+    public var backwardGflops: Double?
+    public var memoryEstimateBytes: Int
+    public var perRank: [RankStats]
+    public var check: CheckReport?
+    public var bytesSent: [Int] { perRank.map { $0.forward.bytesSent + ($0.backward?.bytesSent ?? 0) } }
+    public var peakRSSBytes: [Int] { perRank.map(\.peakRSSBytes) }
+
+    enum CodingKeys: String, CodingKey {
+        case bench, algorithm, backend, ranks, batch, seqLen, heads, kvHeads, headDim, causal, layout, scale
+        case backwardRun = "backward", timeS, forwardGflops, backwardGflops, memoryEstimateBytes, perRank, check
+        case bytesSent, peakRSSBytes
+    }
+
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(bench, forKey: .bench); try c.encode(algorithm, forKey: .algorithm)
+        try c.encode(backend, forKey: .backend); try c.encode(ranks, forKey: .ranks)
+        try c.encode(batch, forKey: .batch); try c.encode(seqLen, forKey: .seqLen); try c.encode(heads, forKey: .heads)
+        try c.encode(kvHeads, forKey: .kvHeads); try c.encode(headDim, forKey: .headDim); try c.encode(causal, forKey: .causal)
+        try c.encode(layout, forKey: .layout); try c.encode(scale, forKey: .scale); try c.encode(backwardRun, forKey: .backwardRun)
+        try c.encode(timeS, forKey: .timeS); try c.encode(forwardGflops, forKey: .forwardGflops)
+        try c.encodeIfPresent(backwardGflops, forKey: .backwardGflops)
+        try c.encode(memoryEstimateBytes, forKey: .memoryEstimateBytes); try c.encode(perRank, forKey: .perRank)
+        try c.encodeIfPresent(check, forKey: .check)
+        try c.encode(bytesSent, forKey: .bytesSent); try c.encode(peakRSSBytes, forKey: .peakRSSBytes)
+    }
+}
+
+/// Per-rank memory an attention run needs, item by item.
+public struct MemoryEstimate: Sendable {
+    public var items: [(name: String, bytes: Int)]
+    public var total: Int { items.reduce(0) { $0 + $1.bytes } }
+
+    public static func attention(_ config: AttentionRunConfig, ranks: Int, rank: Int) -> MemoryEstimate {
+        let s = config.shape
+        let f = MemoryLayout<Float>.size
+        let local = config.options.layout.counts(ranks: ranks, length: s.seqLen).max() ?? 0
+        let qRow = s.batch * s.heads * s.headDim * f, kvRow = s.batch * s.kvHeads * s.headDim * f
+        var items: [(String, Int)] = [("q, k, v, o chunks", local * (2 * qRow + 2 * kvRow))]
+        let tile = SoftmaxAttention.tileRows * s.seqLen * f
+        switch config.algorithm {
+        case .dense: items.append(("score tile", tile))
+        case .allgather:
+            items.append(("gathered K, V", 2 * s.seqLen * kvRow))
+            items.append(("score tile", tile))
+        }
+        if config.backward {
+            items.append(("dO, dq, dk, dv chunks", local * (2 * qRow + 2 * kvRow)))
+            items.append(("backward score tiles", tile))
+            if config.algorithm == .allgather { items.append(("full dK, dV and reduce buffers", 4 * s.seqLen * kvRow)) }
+        }
+        if config.usesFiles { items.append(("input files, read whole", s.seqLen * (qRow + 2 * kvRow) * (config.backward ? 2 : 1))) }
+        if config.outPath != nil || config.check || config.gradsPrefix != nil {
+            items.append(("gathered outputs", s.seqLen * (qRow + lseRow(s)) + (config.backward ? s.seqLen * (qRow + 2 * kvRow) : 0)))
+        }
+        if config.check && rank == 0 {
+            // Global inputs in fp32 plus the oracle's Double copies of inputs and results.
+            let globals = s.seqLen * (2 * qRow + 2 * kvRow)
+            items.append(("oracle (rank 0)", globals * (config.backward ? 6 : 3)))
+        }
+        return MemoryEstimate(items: items)
+    }
+
+    static func lseRow(_ s: AttentionShape) -> Int { s.batch * s.heads * MemoryLayout<Float>.size }
+
+    public var description: String {
+        items.filter { $0.bytes > 0 }.map { "\($0.name) \(SystemInfo.bytesText($0.bytes))" }.joined(separator: ", ")
+    }
+}
+
+public enum AttentionRun {
+    /// Runs `config` on this rank. Every rank returns the same report (rank 0's view of the whole run).
+    /// `ranksPerHost` is how many ranks share this machine's memory (all of them for the in-process cluster).
+    public static func execute(_ initial: AttentionRunConfig, comm: some Communicator, backend: String,
+                               ranksPerHost: Int = 1, oracle: OracleCache? = nil,
+                               log: (String) -> Void = { _ in }) throws -> AttentionRunReport {
+        var config = initial
+        let (rank, ranks) = (comm.rank, comm.size)
+        let t0 = SystemInfo.now()
+
+        // 1. Files: every rank reads them (they are global tensors) and keeps its rows.
+        var fileInputs: (q: Tensor, k: Tensor, v: Tensor, dO: Tensor?)?
+        var failure: Error?
+        do {
+            if config.usesFiles {
+                fileInputs = try readInputFiles(config)
+                config.shape = try shapeOf(files: fileInputs!, config: config)
+            }
+        } catch { failure = error }
+        try comm.agree(failure)
+
+        // 2. Every rank must run the same thing.
+        try agreeOnConfiguration(config, comm: comm)
+
+        // 3. Checks that need no data.
+        let estimate = MemoryEstimate.attention(config, ranks: ranks, rank: rank)
+        do {
+            try config.shape.validate()
+            try config.algorithm.validate(ranks: ranks, shape: config.shape, options: config.options)
+            if let available = SystemInfo.availableMemory(), estimate.total * ranksPerHost > available {
+                throw SeqParError.outOfMemory(outOfMemoryMessage(config, estimate: estimate, ranks: ranks, ranksPerHost: ranksPerHost, available: available))
+            }
+        } catch { failure = error }
+        try comm.agree(failure)
+
+        // 4. Inputs.
+        let shape = config.shape
+        let positions = config.options.layout.positions(rank: rank, ranks: ranks, length: shape.seqLen)
+        var x: LocalAttention!
+        var dO: Tensor?
+        do {
+            if let files = fileInputs {
+                let layout = config.options.layout
+                x = LocalAttention(shape: shape, options: config.options, positions: positions,
+                                   q: layout.scatter(files.q, rank: rank, ranks: ranks),
+                                   k: layout.scatter(files.k, rank: rank, ranks: ranks),
+                                   v: layout.scatter(files.v, rank: rank, ranks: ranks))
+                dO = files.dO.map { layout.scatter($0, rank: rank, ranks: ranks) }
+            } else {
+                x = SeededInputs.attention(shape: shape, options: config.options, positions: positions, seed: config.seed, scale: config.inputScale)
+            }
+            if config.backward && dO == nil { dO = SeededInputs.gradOut(shape: shape, positions: positions, seed: config.seed) }
+            try x.q.requireFinite(config.qPath ?? "q", positions: positions)
+            try x.k.requireFinite(config.kPath ?? "k", positions: positions)
+            try x.v.requireFinite(config.vPath ?? "v", positions: positions)
+            try dO?.requireFinite(config.gradOutPath ?? "grad-out", positions: positions)
+        } catch { failure = error }
+        try comm.agree(failure)
+        if rank != 0 { fileInputs = nil }
+        let tSetup = SystemInfo.now() - t0
+
+        // 5. The algorithm.
+        let algorithm = config.algorithm.implementation
+        comm.resetCounters()
+        try comm.barrier()
+        comm.resetCounters()
+        var t = SystemInfo.now()
+        let output = try algorithm.forward(x, comm: comm)
+        let tForward = SystemInfo.now() - t
+        let forwardCounters = comm.counters
+        var grads: AttentionGradients?
+        var tBackward: Double?
+        var backwardCounters: CommCounters?
+        if config.backward, let g = dO {
+            try comm.barrier()
+            comm.resetCounters()
+            t = SystemInfo.now()
+            grads = try algorithm.backward(x, output: output, gradOut: g, comm: comm)
+            tBackward = SystemInfo.now() - t
+            backwardCounters = comm.counters
+        }
+
+        // 6. Outputs in global order, on every rank (rank 0 uses them).
+        t = SystemInfo.now()
+        let layout = config.options.layout
+        let needGlobal = config.check || config.outPath != nil || config.gradsPrefix != nil
+        var global: (o: Tensor, lse: Tensor, grads: AttentionGradients?)?
+        if needGlobal {
+            let o = try layout.gather(output.o, length: shape.seqLen, comm: comm)
+            let lse = try layout.gather(transposeLSE(output.lse), length: shape.seqLen, comm: comm)
+            var g: AttentionGradients?
+            if let gr = grads {
+                g = AttentionGradients(dq: try layout.gather(gr.dq, length: shape.seqLen, comm: comm),
+                                       dk: try layout.gather(gr.dk, length: shape.seqLen, comm: comm),
+                                       dv: try layout.gather(gr.dv, length: shape.seqLen, comm: comm))
+            }
+            global = (o, lse, g)
+        }
+        let tGather = SystemInfo.now() - t
+
+        // 7. Check against the Double oracle on rank 0; every rank learns the verdict.
+        t = SystemInfo.now()
+        var checkReport: CheckReport?
+        if config.check {
+            var verdict = [Double](repeating: 0, count: 6 + ranks)
+            if rank == 0, let gl = global {
+                log("checking against the Double oracle (about \(String(format: "%.1f", oracleFlops(shape, causal: config.options.causal, backward: config.backward) / 1e9)) GFLOP)")
+                let report = checkAgainstOracle(config: config, inputs: fileInputs, global: gl, ranks: ranks, cache: oracle)
+                verdict = [report.forwardError, report.lseError, report.dqError ?? -1, report.dkError ?? -1, report.dvError ?? -1,
+                           report.passed ? 1 : 0] + report.perRankForwardError
+            }
+            try verdict.withUnsafeMutableBufferPointer { try comm.broadcast($0, root: 0) }
+            func opt(_ v: Double) -> Double? { v < 0 ? nil : v }
+            checkReport = CheckReport(forwardError: verdict[0], lseError: verdict[1], perRankForwardError: Array(verdict[6...]),
+                                      dqError: opt(verdict[2]), dkError: opt(verdict[3]), dvError: opt(verdict[4]),
+                                      forwardTolerance: config.forwardTolerance, gradientTolerance: config.gradientTolerance,
+                                      passed: verdict[5] == 1)
+        }
+        let tCheck = SystemInfo.now() - t
+
+        // 8. Files, from rank 0.
+        failure = nil
+        if rank == 0, let gl = global {
+            do {
+                let squeeze = fileInputs.map { $0.q.rank == 3 } ?? (shape.batch == 1)
+                func out(_ t: Tensor) -> Tensor { squeeze ? t.reshaped(Array(t.shape.dropFirst())) : t }
+                if let path = config.outPath { try NPY.write(out(gl.o), to: path) }
+                if let prefix = config.gradsPrefix, let g = gl.grads {
+                    try NPY.write(out(g.dq), to: prefix + ".dq.npy")
+                    try NPY.write(out(g.dk), to: prefix + ".dk.npy")
+                    try NPY.write(out(g.dv), to: prefix + ".dv.npy")
+                }
+            } catch { failure = error }
+        }
+        try comm.agree(failure)
+
+        // 9. Figures from every rank.
+        let times: [(String, Double?)] = [("setup", tSetup), ("forward", tForward), ("backward", tBackward), ("gather", tGather),
+                                          ("check", config.check ? tCheck : nil)]
+        var timeS: [String: PhaseTime] = [:]
+        for (name, value) in times {
+            guard let v = value else { continue }
+            let all = try comm.allGather([v]).map { $0[0] }
+            timeS[name] = PhaseTime(min: all.min()!, avg: all.reduce(0, +) / Double(all.count), max: all.max()!)
+        }
+        let hosts = try comm.allGatherStrings(SystemInfo.hostName)
+        let rss = try comm.allGather([SystemInfo.peakRSS()]).map { $0[0] }
+        let counts = layout.counts(ranks: ranks, length: shape.seqLen)
+        let fwdAll = try gatherCounters(forwardCounters, comm: comm)
+        let bwdAll = try backwardCounters.map { try gatherCounters($0, comm: comm) }
+        let perRank = (0..<ranks).map { r in
+            RankStats(rank: r, host: hosts[r], tokens: counts[r], forward: fwdAll[r], backward: bwdAll?[r], peakRSSBytes: rss[r])
+        }
+        let fwdFlops = attentionFlops(shape, causal: config.options.causal)
+        let report = AttentionRunReport(
+            algorithm: config.algorithm, backend: backend, ranks: ranks, batch: shape.batch, seqLen: shape.seqLen,
+            heads: shape.heads, kvHeads: shape.kvHeads, headDim: shape.headDim, causal: config.options.causal,
+            layout: layout, scale: config.options.effectiveScale(headDim: shape.headDim), backwardRun: config.backward,
+            timeS: timeS, forwardGflops: fwdFlops / max(timeS["forward"]!.max, 1e-12) / 1e9,
+            backwardGflops: timeS["backward"].map { 2.5 * fwdFlops / max($0.max, 1e-12) / 1e9 },
+            memoryEstimateBytes: estimate.total, perRank: perRank, check: checkReport)
+        if let c = checkReport, !c.passed {
+            throw SeqParError.checkFailed(checkSummary(c))
+        }
+        return report
+    }
+
+    /// Forward FLOPs: 4*B*H*L^2*D, half when causal (backward counts 2.5x this).
+    public static func attentionFlops(_ s: AttentionShape, causal: Bool) -> Double {
+        4 * Double(s.batch * s.heads * s.headDim) * Double(s.seqLen) * Double(s.seqLen) / (causal ? 2 : 1)
+    }
+
+    static func oracleFlops(_ s: AttentionShape, causal: Bool, backward: Bool) -> Double {
+        attentionFlops(s, causal: causal) * (backward ? 4 : 1)
+    }
+
+    public static func checkSummary(_ c: CheckReport) -> String {
+        var parts = [String(format: "forward max relative error %.2e (tolerance %.0e)", c.forwardError, c.forwardTolerance),
+                     String(format: "lse %.2e", c.lseError)]
+        for (name, e) in [("dq", c.dqError), ("dk", c.dkError), ("dv", c.dvError)] {
+            if let e { parts.append(String(format: "%@ %.2e (tolerance %.0e)", name, e, c.gradientTolerance)) }
+        }
+        return parts.joined(separator: ", ")
+    }
+
+    static func gatherCounters(_ c: CommCounters, comm: some Communicator) throws -> [CommCounters] {
+        let ops = CommOperation.allCases
+        let mine = [c.messagesSent, c.messagesReceived, c.bytesSent, c.bytesReceived] + ops.map { c[$0] }
+        return try comm.allGather(mine).map { v in
+            var out = CommCounters()
+            (out.messagesSent, out.messagesReceived, out.bytesSent, out.bytesReceived) = (v[0], v[1], v[2], v[3])
+            for (i, op) in ops.enumerated() where v[4 + i] > 0 { out.calls[op] = v[4 + i] }
+            return out
+        }
+    }
+
+    /// (B, H, C) -> (B, C, H), so that lse gathers along the sequence axis like every other tensor.
+    static func transposeLSE(_ lse: Tensor) -> Tensor {
+        let (b, h, c) = (lse.shape[0], lse.shape[1], lse.shape[2])
+        let out = Tensor(zeros: [b, c, h])
+        for bi in 0..<b { for hi in 0..<h { for ci in 0..<c { out.pointer[(bi * c + ci) * h + hi] = lse.pointer[(bi * h + hi) * c + ci] } } }
+        return out
+    }
+
+    static func readInputFiles(_ config: AttentionRunConfig) throws -> (q: Tensor, k: Tensor, v: Tensor, dO: Tensor?) {
+        guard let qp = config.qPath, let kp = config.kPath, let vp = config.vPath else {
+            throw SeqParError.invalidInput("input files: give all three of --q, --k and --v")
+        }
+        return (try NPY.read(qp), try NPY.read(kp), try NPY.read(vp), try config.gradOutPath.map { try NPY.read($0) })
+    }
+
+    /// The shape the files describe; (L, H, D) files are batch 1.
+    static func shapeOf(files: (q: Tensor, k: Tensor, v: Tensor, dO: Tensor?), config: AttentionRunConfig) throws -> AttentionShape {
+        func dims(_ t: Tensor, _ name: String, _ path: String) throws -> [Int] {
+            switch t.rank {
+            case 3: return [1] + t.shape
+            case 4: return t.shape
+            default: throw SeqParError.invalidInput("\(path): \(name) has shape \(t.shape); expected (seq, heads, head_dim) or (batch, seq, heads, head_dim)")
+            }
+        }
+        let q = try dims(files.q, "q", config.qPath!), k = try dims(files.k, "k", config.kPath!), v = try dims(files.v, "v", config.vPath!)
+        guard k == v else {
+            throw SeqParError.invalidInput("k \(files.k.shape) (\(config.kPath!)) and v \(files.v.shape) (\(config.vPath!)) must have the same shape")
+        }
+        guard q[0] == k[0], q[1] == k[1], q[3] == k[3] else {
+            throw SeqParError.invalidInput("q \(files.q.shape) and k \(files.k.shape) disagree: they must share batch, sequence length and head_dim (q: (seq, heads, head_dim), k and v: (seq, kv_heads, head_dim))")
+        }
+        if let d = files.dO, try dims(d, "grad-out", config.gradOutPath!) != q {
+            throw SeqParError.invalidInput("\(config.gradOutPath!): grad-out has shape \(d.shape), it must match q \(files.q.shape)")
+        }
+        return AttentionShape(batch: q[0], seqLen: q[1], heads: q[2], kvHeads: k[2], headDim: q[3])
+    }
+
+    /// Compares a digest of every rank's configuration; on a mismatch every rank throws, naming ranks and fields.
+    static func agreeOnConfiguration(_ config: AttentionRunConfig, comm: some Communicator) throws {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys
+        let json = String(decoding: try encoder.encode(config), as: UTF8.self)
+        var hash: UInt64 = 0xCBF2_9CE4_8422_2325
+        for byte in json.utf8 { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01B3 }
+        let hashes = try comm.allGather([hash]).map { $0[0] }
+        guard let other = hashes.firstIndex(where: { $0 != hashes[0] }) else { return }
+        let all = try comm.allGatherStrings(json)
+        let fields = { (text: String) -> [String: String] in
+            guard let object = try? JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any] else { return [:] }
+            return object.mapValues { "\($0)" }
+        }
+        let a = fields(all[0]), b = fields(all[other])
+        let differing = Set(a.keys).union(b.keys).sorted().filter { a[$0] != b[$0] }
+            .map { "\($0): rank 0 has \(a[$0] ?? "nothing"), rank \(other) has \(b[$0] ?? "nothing")" }
+        throw SeqParError.onRanks([.init(rank: other, message: "ranks disagree on the run's configuration (\(differing.joined(separator: "; "))): start every rank with the same arguments and input files of the same shapes")])
+    }
+
+    static func outOfMemoryMessage(_ config: AttentionRunConfig, estimate: MemoryEstimate, ranks: Int, ranksPerHost: Int, available: Int) -> String {
+        var fit = config
+        while fit.shape.seqLen > 1 && MemoryEstimate.attention(fit, ranks: ranks, rank: 0).total * ranksPerHost > available {
+            fit.shape.seqLen = fit.shape.seqLen * 3 / 4
+        }
+        return "the run needs about \(SystemInfo.bytesText(estimate.total)) per rank (\(estimate.description)) x \(ranksPerHost) rank(s) on this machine, which has \(SystemInfo.bytesText(available)) available: use at most about --seq-len \(fit.shape.seqLen) here, spread the ranks over more machines, or drop --check/--out on long sequences"
+    }
+
+    /// Rank 0: the Double oracle on the global inputs, and the errors of the gathered outputs.
+    static func checkAgainstOracle(config: AttentionRunConfig, inputs: (q: Tensor, k: Tensor, v: Tensor, dO: Tensor?)?,
+                                   global: (o: Tensor, lse: Tensor, grads: AttentionGradients?), ranks: Int,
+                                   cache: OracleCache?) -> CheckReport {
+        let s = config.shape
+        let all = Array(0..<s.seqLen)
+        let g: LocalAttention
+        var dO: Tensor?
+        if let f = inputs {
+            func four(_ t: Tensor) -> Tensor { t.rank == 3 ? t.reshaped([1] + t.shape) : t }
+            g = LocalAttention(shape: s, options: config.options, positions: all, q: four(f.q), k: four(f.k), v: four(f.v))
+            dO = f.dO.map(four)
+        } else {
+            g = SeededInputs.attention(shape: s, options: config.options, positions: all, seed: config.seed, scale: config.inputScale)
+        }
+        if config.backward && dO == nil { dO = SeededInputs.gradOut(shape: s, positions: all, seed: config.seed) }
+        let scale = Double(config.options.effectiveScale(headDim: s.headDim))
+        let key = OracleCache.key(config)
+        let ref = cache?.forward[key] ?? DenseOracle.forward(q: g.q, k: g.k, v: g.v, causal: config.options.causal, scale: scale)
+        cache?.forward[key] = ref
+        let forwardError = relativeError(global.o, ref.o)
+        // lse: absolute difference, relative to max(1, |lse|) (lse is a log, so its scale is its own).
+        var lseDiff = 0.0, lseScale = 1.0
+        for b in 0..<s.batch {
+            for t in 0..<s.seqLen {
+                for h in 0..<s.heads {
+                    let expected = ref.lse[(b * s.heads + h) * s.seqLen + t]
+                    let actual = Double(global.lse.pointer[(b * s.seqLen + t) * s.heads + h])
+                    if expected.isInfinite && actual == expected { continue }
+                    let d = abs(actual - expected)
+                    lseDiff = d.isNaN ? .nan : max(lseDiff, d)
+                    lseScale = max(lseScale, abs(expected))
+                }
+            }
+        }
+        let lseError = lseDiff / lseScale
+        // Each rank's rows, scaled by the oracle's max magnitude over the whole output.
+        let oScale = max(ref.o.map(abs).max() ?? 0, Double.leastNormalMagnitude)
+        let row = s.heads * s.headDim
+        let perRank = (0..<ranks).map { r -> Double in
+            var worst = 0.0
+            for b in 0..<s.batch {
+                for p in config.options.layout.positions(rank: r, ranks: ranks, length: s.seqLen) {
+                    let base = (b * s.seqLen + p) * row
+                    for i in base..<(base + row) {
+                        let d = abs(Double(global.o.pointer[i]) - ref.o[i])
+                        worst = d.isNaN ? .nan : max(worst, d)
+                    }
+                }
+            }
+            return worst / oScale
+        }
+        var report = CheckReport(forwardError: forwardError, lseError: lseError, perRankForwardError: perRank,
+                                 forwardTolerance: config.forwardTolerance, gradientTolerance: config.gradientTolerance, passed: false)
+        var passed = forwardError <= config.forwardTolerance && lseError <= config.forwardTolerance * 10
+            && perRank.allSatisfy { $0 <= config.forwardTolerance }
+        if let grads = global.grads, let d = dO {
+            let refG = cache?.gradients[key] ?? DenseOracle.backward(q: g.q, k: g.k, v: g.v, gradOut: d, causal: config.options.causal, scale: scale)
+            cache?.gradients[key] = refG
+            report.dqError = relativeError(grads.dq, refG.dq)
+            report.dkError = relativeError(grads.dk, refG.dk)
+            report.dvError = relativeError(grads.dv, refG.dv)
+            passed = passed && [report.dqError!, report.dkError!, report.dvError!].allSatisfy { $0 <= config.gradientTolerance }
+        }
+        report.passed = passed
+        return report
+    }
+}
+
+/// Oracle results kept across runs of the same problem (the demo checks several algorithms against one oracle).
+/// Used by rank 0 only.
+public final class OracleCache: @unchecked Sendable {
+    var forward: [String: DenseOracle.Forward] = [:]
+    var gradients: [String: DenseOracle.Gradients] = [:]
+    public init() {}
+
+    /// What the oracle depends on: the problem, not the algorithm, layout or rank count.
+    static func key(_ c: AttentionRunConfig) -> String {
+        "\(c.shape) causal=\(c.options.causal) scale=\(c.options.effectiveScale(headDim: c.shape.headDim)) seed=\(c.seed) x\(c.inputScale) files=\(c.qPath ?? "")|\(c.kPath ?? "")|\(c.vPath ?? "")|\(c.gradOutPath ?? "")"
+    }
+}

@@ -1,0 +1,94 @@
+// Which backend runs the ranks: MPI when an MPI launcher started this process, otherwise the in-process cluster
+// with --ranks N threads. Also where errors become exit codes: a collective error (every rank has it) exits 1 on
+// every rank after finalising MPI; any other error on one rank aborts the whole MPI job, so nothing hangs.
+import Foundation
+import SeqPar
+import SeqParMPI
+
+struct Backend: Sendable {
+    var name: String
+    var ranks: Int
+    /// Ranks sharing this machine's memory and cores.
+    var ranksPerHost: Int
+}
+
+enum Launch {
+    static var underMPI: Bool { MPIEnvironment.launchedByMPI }
+
+    /// Checks --ranks against the launcher; returns the number of ranks of the simulation (nil under MPI).
+    static func simulatedRanks(_ requested: Int?) throws -> Int? {
+        if underMPI {
+            if let r = requested, r != 1 {
+                throw SeqParError.invalidInput("--ranks \(r) asks for the simulation backend, but this process was started by mpirun: drop --ranks (mpirun -np P sets the ranks) or run without mpirun")
+            }
+            return nil
+        }
+        return requested ?? 1
+    }
+
+    /// Runs `body` on every rank; returns rank 0's result (nil on other MPI ranks). Errors are printed and turned
+    /// into `ExitCode.failure`.
+    static func run<R>(ranks requested: Int?, timeout: Double,
+                       _ body: @escaping @Sendable (any Communicator, Backend) throws -> R) throws -> R? {
+        if let n = try simulatedRanks(requested) {
+            configureBLAS(simulatedRanks: n)
+            do {
+                let results = try InProcessCluster.run(ranks: n, timeout: timeout) { comm in
+                    try body(comm, Backend(name: "in-process", ranks: n, ranksPerHost: n))
+                }
+                return results[0]
+            } catch {
+                printError("\(error)")
+                throw ExitCode.failure
+            }
+        }
+        let env: MPIEnvironment
+        do { env = try MPIEnvironment() } catch {
+            printError("cannot start MPI: \(error)")
+            throw ExitCode.failure
+        }
+        let comm = env.world
+        configureBLAS(simulatedRanks: nil)
+        let localRanks = Int(ProcessInfo.processInfo.environment["OMPI_COMM_WORLD_LOCAL_SIZE"] ?? "") ?? 1
+        do {
+            let result = try body(comm, Backend(name: "mpi", ranks: comm.size, ranksPerHost: localRanks))
+            env.finalize()
+            return comm.rank == 0 ? result : nil
+        } catch {
+            let collective = (error as? SeqParError)?.isCollective ?? false
+            if collective {
+                printError(comm.size > 1 ? "(rank \(comm.rank) of \(comm.size)) \(error)" : "\(error)")
+                env.finalize()
+                throw ExitCode.failure
+            }
+            comm.abort("\(error)")
+            throw ExitCode.failure
+        }
+    }
+
+    /// BLAS threads: one per simulated rank (N threads share the process); under MPI, the cores this rank may use
+    /// divided among the ranks of its host, unless OPENBLAS_NUM_THREADS says otherwise.
+    static func configureBLAS(simulatedRanks: Int?) {
+        if ProcessInfo.processInfo.environment["OPENBLAS_NUM_THREADS"] != nil { return }
+        if let n = simulatedRanks {
+            if n > 1 { BLAS.threads = 1 }
+            return
+        }
+        let env = ProcessInfo.processInfo.environment
+        let local = Int(env["OMPI_COMM_WORLD_LOCAL_SIZE"] ?? "") ?? 1
+        let cpus = SystemInfo.allowedCPUs().count
+        // A rank bound to a few cores uses them all; an unbound rank shares the host's cores with its neighbours.
+        let threads = cpus < SystemInfo.onlineCPUs ? cpus : max(1, cpus / max(local, 1))
+        BLAS.threads = max(threads, 1)
+    }
+}
+
+func printError(_ text: String) {
+    FileHandle.standardError.write(Data("seqpar: error: \(text)\n".utf8))
+}
+
+func printNote(_ text: String) {
+    FileHandle.standardError.write(Data("seqpar: \(text)\n".utf8))
+}
+
+import ArgumentParser

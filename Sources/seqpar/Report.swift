@@ -1,0 +1,48 @@
+// Printing run reports: a table a person can read (`#` header lines, fixed-width columns), or one JSON object.
+import Foundation
+import SeqPar
+
+enum Report {
+    static func json(_ value: some Encodable) -> String {
+        let encoder = JSONEncoder()
+        encoder.keyEncodingStrategy = .convertToSnakeCase
+        encoder.outputFormatting = [.sortedKeys]
+        encoder.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
+        return (try? String(decoding: encoder.encode(value), as: UTF8.self)) ?? "{}"
+    }
+
+    static func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s : s + String(repeating: " ", count: n - s.count) }
+    static func lpad(_ s: String, _ n: Int) -> String { s.count >= n ? s : String(repeating: " ", count: n - s.count) + s }
+    static func sci(_ x: Double?) -> String { x.map { String(format: "%.2e", $0) } ?? "-" }
+
+    static func table(_ r: AttentionRunReport) -> String {
+        let hosts = Set(r.perRank.map(\.host)).count
+        var lines = [
+            "# seqpar attention",
+            "# algorithm \(r.algorithm.rawValue), backend \(r.backend), \(r.ranks) rank(s) on \(hosts) host(s)",
+            "# B=\(r.batch) L=\(r.seqLen) H=\(r.heads) G=\(r.kvHeads) D=\(r.headDim), \(r.causal ? "causal" : "full"), layout \(r.layout.rawValue), scale \(r.scale)\(r.backwardRun ? ", forward+backward" : "")",
+            "# memory estimate per rank \(SystemInfo.bytesText(r.memoryEstimateBytes))",
+            pad("phase", 10) + lpad("min_s", 12) + lpad("avg_s", 12) + lpad("max_s", 12),
+        ]
+        for phase in ["setup", "forward", "backward", "gather", "check"] {
+            guard let t = r.timeS[phase] else { continue }
+            lines.append(pad(phase, 10) + [t.min, t.avg, t.max].map { lpad(String(format: "%.4f", $0), 12) }.joined())
+        }
+        lines.append(String(format: "forward %.2f GFLOP/s", r.forwardGflops) + (r.backwardGflops.map { String(format: ", backward %.2f GFLOP/s", $0) } ?? "") + " (FLOPs over the slowest rank's time)")
+        lines.append(pad("rank", 6) + pad("host", 16) + lpad("tokens", 8) + lpad("fwd_sent_B", 13) + lpad("fwd_recv_B", 13)
+                     + lpad("bwd_sent_B", 13) + lpad("msgs", 6) + lpad("colls", 6) + lpad("peak_rss", 12))
+        for s in r.perRank {
+            let msgs = s.forward.messagesSent + (s.backward?.messagesSent ?? 0)
+            let colls = s.forward.collectives + (s.backward?.collectives ?? 0)
+            lines.append(pad("\(s.rank)", 6) + pad(String(s.host.prefix(15)), 16) + lpad("\(s.tokens)", 8)
+                         + lpad("\(s.forward.bytesSent)", 13) + lpad("\(s.forward.bytesReceived)", 13)
+                         + lpad(s.backward.map { "\($0.bytesSent)" } ?? "-", 13) + lpad("\(msgs)", 6) + lpad("\(colls)", 6)
+                         + lpad(SystemInfo.bytesText(s.peakRSSBytes), 12))
+        }
+        if let c = r.check {
+            lines.append("check: " + AttentionRun.checkSummary(c) + (c.passed ? ": PASS" : ": FAIL"))
+            lines.append("check: per-rank forward error " + c.perRankForwardError.map { sci($0) }.joined(separator: " "))
+        }
+        return lines.joined(separator: "\n")
+    }
+}
