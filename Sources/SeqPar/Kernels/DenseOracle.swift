@@ -19,7 +19,7 @@ public enum DenseOracle {
         public var dv: [Double]
     }
 
-    static func dims(_ q: Tensor, _ k: Tensor) -> (b: Int, l: Int, h: Int, g: Int, d: Int) {
+    public static func dims(_ q: Tensor, _ k: Tensor) -> (b: Int, l: Int, h: Int, g: Int, d: Int) {
         (q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3])
     }
 
@@ -41,9 +41,20 @@ public enum DenseOracle {
     }
 
     public static func forward(q: Tensor, k: Tensor, v: Tensor, causal: Bool, scale: Double) -> Forward {
-        let x = dims(q, k)
-        let (qd, kd, vd) = (q.toArray().map(Double.init), k.toArray().map(Double.init), v.toArray().map(Double.init))
-        var o = [Double](repeating: 0, count: q.count)
+        forward(q: q.toArray().map(Double.init), k: k.toArray().map(Double.init), v: v.toArray().map(Double.init),
+                dims: dims(q, k), causal: causal, scale: scale)
+    }
+
+    /// Gradients of sum(O * dO) with respect to q, k, v.
+    public static func backward(q: Tensor, k: Tensor, v: Tensor, gradOut: Tensor, causal: Bool, scale: Double) -> Gradients {
+        backward(q: q.toArray().map(Double.init), k: k.toArray().map(Double.init), v: v.toArray().map(Double.init),
+                 gradOut: gradOut.toArray().map(Double.init), dims: dims(q, k), causal: causal, scale: scale)
+    }
+
+    /// The same on Double arrays with explicit (B, L, H, G, D), so tests can perturb inputs finely.
+    public static func forward(q qd: [Double], k kd: [Double], v vd: [Double], dims x: (b: Int, l: Int, h: Int, g: Int, d: Int),
+                               causal: Bool, scale: Double) -> Forward {
+        var o = [Double](repeating: 0, count: qd.count)
         var lse = [Double](repeating: 0, count: x.b * x.h * x.l)
         for b in 0..<x.b {
             for h in 0..<x.h {
@@ -61,12 +72,10 @@ public enum DenseOracle {
         return Forward(o: o, lse: lse)
     }
 
-    /// Gradients of sum(O * dO) with respect to q, k, v.
-    public static func backward(q: Tensor, k: Tensor, v: Tensor, gradOut: Tensor, causal: Bool, scale: Double) -> Gradients {
-        let x = dims(q, k)
-        let (qd, kd, vd, dod) = (q.toArray().map(Double.init), k.toArray().map(Double.init), v.toArray().map(Double.init), gradOut.toArray().map(Double.init))
-        var dq = [Double](repeating: 0, count: q.count)
-        var dk = [Double](repeating: 0, count: k.count), dv = [Double](repeating: 0, count: v.count)
+    public static func backward(q qd: [Double], k kd: [Double], v vd: [Double], gradOut dod: [Double],
+                                dims x: (b: Int, l: Int, h: Int, g: Int, d: Int), causal: Bool, scale: Double) -> Gradients {
+        var dq = [Double](repeating: 0, count: qd.count)
+        var dk = [Double](repeating: 0, count: kd.count), dv = [Double](repeating: 0, count: vd.count)
         for b in 0..<x.b {
             for h in 0..<x.h {
                 let g = h / (x.h / x.g)

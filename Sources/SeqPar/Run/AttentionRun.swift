@@ -156,11 +156,16 @@ public enum AttentionRun {
 
         // 1. Files: every rank reads them (they are global tensors) and keeps its rows.
         var fileInputs: (q: Tensor, k: Tensor, v: Tensor, dO: Tensor?)?
+        var filesAre3D = false
         var failure: Error?
         do {
             if config.usesFiles {
-                fileInputs = try readInputFiles(config)
-                config.shape = try shapeOf(files: fileInputs!, config: config)
+                let files = try readInputFiles(config)
+                config.shape = try shapeOf(files: files, config: config)
+                filesAre3D = files.q.rank == 3
+                // (L, H, D) files are batch 1.
+                func four(_ t: Tensor) -> Tensor { t.rank == 3 ? t.reshaped([1] + t.shape) : t }
+                fileInputs = (four(files.q), four(files.k), four(files.v), files.dO.map(four))
             }
         } catch { failure = error }
         try comm.agree(failure)
@@ -268,7 +273,7 @@ public enum AttentionRun {
         failure = nil
         if rank == 0, let gl = global {
             do {
-                let squeeze = fileInputs.map { $0.q.rank == 3 } ?? (shape.batch == 1)
+                let squeeze = config.usesFiles ? filesAre3D : shape.batch == 1
                 func out(_ t: Tensor) -> Tensor { squeeze ? t.reshaped(Array(t.shape.dropFirst())) : t }
                 if let path = config.outPath { try NPY.write(out(gl.o), to: path) }
                 if let prefix = config.gradsPrefix, let g = gl.grads {
@@ -414,9 +419,8 @@ public enum AttentionRun {
         let g: LocalAttention
         var dO: Tensor?
         if let f = inputs {
-            func four(_ t: Tensor) -> Tensor { t.rank == 3 ? t.reshaped([1] + t.shape) : t }
-            g = LocalAttention(shape: s, options: config.options, positions: all, q: four(f.q), k: four(f.k), v: four(f.v))
-            dO = f.dO.map(four)
+            g = LocalAttention(shape: s, options: config.options, positions: all, q: f.q, k: f.k, v: f.v)
+            dO = f.dO
         } else {
             g = SeededInputs.attention(shape: s, options: config.options, positions: all, seed: config.seed, scale: config.inputScale)
         }

@@ -1,0 +1,83 @@
+// dense and allgather, forward and backward, against the Double oracle on the in-process cluster at 1, 2, 3, 4
+// and 8 ranks, with the shapes that bite: L not divisible by P (or 2P), L = P, L < P, GQA/MQA, D in 16/64/128/192,
+// batch 2, causal and not, zigzag, and inputs scaled by 30 (large logits).
+import Testing
+@testable import SeqPar
+
+@Suite struct AlgorithmTests {
+    static let rankCounts = [1, 2, 3, 4, 8]
+
+    @Test(arguments: rankCounts, [false, true])
+    func allgatherMatchesOracle(ranks: Int, causal: Bool) throws {
+        for layout in SequenceLayout.allCases {
+            try checkAttention(AttentionCase(algorithm: .allgather, ranks: ranks,
+                                             shape: AttentionShape(seqLen: 37, heads: 4, kvHeads: 2, headDim: 16),
+                                             causal: causal, layout: layout))
+        }
+    }
+
+    @Test(arguments: [16, 64, 128, 192])
+    func allgatherHeadDims(headDim: Int) throws {
+        try checkAttention(AttentionCase(algorithm: .allgather, ranks: 3, shape: AttentionShape(seqLen: 29, heads: 2, kvHeads: 1, headDim: headDim),
+                                         causal: true, layout: .zigzag))
+    }
+
+    @Test func shapesThatBite() throws {
+        let cases: [AttentionCase] = [
+            // L = P: one token per rank; L < P: some ranks hold nothing.
+            AttentionCase(algorithm: .allgather, ranks: 4, shape: AttentionShape(seqLen: 4, heads: 2, headDim: 16), causal: true),
+            AttentionCase(algorithm: .allgather, ranks: 8, shape: AttentionShape(seqLen: 5, heads: 2, headDim: 16), causal: true, layout: .zigzag),
+            AttentionCase(algorithm: .allgather, ranks: 3, shape: AttentionShape(seqLen: 2, heads: 2, headDim: 16), causal: false),
+            // Batch 2 and MQA; a query tile boundary (more than 128 tokens on a rank).
+            AttentionCase(algorithm: .allgather, ranks: 2, shape: AttentionShape(batch: 2, seqLen: 290, heads: 3, kvHeads: 1, headDim: 16), causal: true, layout: .zigzag),
+            // Large logits: inputs times 30.
+            AttentionCase(algorithm: .allgather, ranks: 3, shape: AttentionShape(seqLen: 40, heads: 2, headDim: 64), causal: true, inputScale: 30),
+            AttentionCase(algorithm: .dense, ranks: 1, shape: AttentionShape(seqLen: 40, heads: 2, headDim: 64), causal: false, inputScale: 30),
+            AttentionCase(algorithm: .dense, ranks: 1, shape: AttentionShape(batch: 2, seqLen: 150, heads: 4, kvHeads: 2, headDim: 64), causal: true),
+        ]
+        for c in cases { try checkAttention(c) }
+    }
+
+    /// allgather: two AllGatherV forward; backward two more plus two ReduceScatter; no point-to-point messages.
+    @Test(arguments: [1, 3, 4]) func allgatherCommunicationPattern(ranks: Int) throws {
+        let counters = try checkAttention(AttentionCase(algorithm: .allgather, ranks: ranks,
+                                                        shape: AttentionShape(seqLen: 24, heads: 2, kvHeads: 1, headDim: 16), causal: true))
+        for (fwd, bwd) in counters {
+            #expect(fwd[.allGatherV] == 2 && fwd.collectives == 2 && fwd.messagesSent == 0)
+            #expect(bwd[.allGatherV] == 2 && bwd[.reduceScatter] == 2 && bwd.collectives == 4 && bwd.messagesSent == 0)
+        }
+        // Each rank contributes its K and V chunk: 2 * C * G * D floats.
+        let counts = SequenceLayout.contiguous.counts(ranks: ranks, length: 24)
+        for (r, (fwd, _)) in counters.enumerated() { #expect(fwd.bytesSent == 2 * counts[r] * 16 * 4) }
+    }
+
+    /// The same inputs and ranks give the same bits.
+    @Test func deterministic() throws {
+        let s = AttentionShape(seqLen: 50, heads: 2, headDim: 16)
+        func once() throws -> [Float] {
+            try InProcessCluster.run(ranks: 3) { comm in
+                let opts = AttentionOptions(causal: true, layout: .zigzag)
+                let x = SeededInputs.attention(shape: s, options: opts, positions: opts.layout.positions(rank: comm.rank, ranks: 3, length: 50), seed: 1)
+                let o = try AllGatherAttention().forward(x, comm: comm).o
+                return try opts.layout.gather(o, length: 50, comm: comm).toArray()
+            }[0]
+        }
+        let a = try once(), b = try once()
+        #expect(a.map(\.bitPattern) == b.map(\.bitPattern))
+    }
+
+    /// Seeded inputs do not depend on the number of ranks or the layout.
+    @Test func seededInputsIndependentOfRanks() {
+        let s = AttentionShape(batch: 2, seqLen: 11, heads: 2, kvHeads: 1, headDim: 4)
+        let global = SeededInputs.attention(shape: s, options: AttentionOptions(), positions: Array(0..<11), seed: 9)
+        for ranks in [2, 3, 8] {
+            for layout in SequenceLayout.allCases {
+                for r in 0..<ranks {
+                    let p = layout.positions(rank: r, ranks: ranks, length: 11)
+                    let local = SeededInputs.attention(shape: s, options: AttentionOptions(layout: layout), positions: p, seed: 9)
+                    #expect(local.k.toArray() == layout.scatter(global.k, rank: r, ranks: ranks).toArray())
+                }
+            }
+        }
+    }
+}
