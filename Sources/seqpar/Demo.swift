@@ -47,7 +47,7 @@ struct Demo: ParsableCommand {
                 if config.algorithm == .dense {
                     // The baseline runs on rank 0 alone, on a one-rank communicator of its own.
                     guard comm.rank == 0 else { continue }
-                    let solo = InProcessCluster(size: 1, timeout: backend.name == "mpi" ? 3600 : 300).communicators[0]
+                    let solo = InProcessCluster(size: 1, timeout: backend.name == "mpi" ? 3600 : 300).makeCommunicators()[0]
                     reports.append(try AttentionRun.execute(config, comm: solo, backend: "single rank", oracle: oracle))
                 } else {
                     reports.append(try AttentionRun.execute(config, comm: comm, backend: backend.name,

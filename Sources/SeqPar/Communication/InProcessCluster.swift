@@ -44,7 +44,10 @@ public final class InProcessCluster: @unchecked Sendable {
         self.timeout = timeout
     }
 
-    public private(set) lazy var communicators: [InProcessCommunicator] = (0..<size).map { InProcessCommunicator(cluster: self, rank: $0) }
+    /// One communicator per rank; each keeps the cluster alive.
+    public func makeCommunicators() -> [InProcessCommunicator] {
+        (0..<size).map { InProcessCommunicator(cluster: self, rank: $0) }
+    }
 
     /// Runs `body` on `ranks` threads, one communicator each, and returns the results in rank order. If any rank
     /// throws, the cluster is failed (the other ranks' communication throws `CommError.aborted`) and the first root
@@ -52,7 +55,7 @@ public final class InProcessCluster: @unchecked Sendable {
     public static func run<R>(ranks: Int, timeout: Double = 60, stackSize: Int = 16 << 20,
                               _ body: @escaping @Sendable (InProcessCommunicator) throws -> R) throws -> [R] {
         let cluster = InProcessCluster(size: ranks, timeout: timeout)
-        let comms = cluster.communicators
+        let comms = cluster.makeCommunicators()
         let box = RunBox(ranks)
         let group = DispatchGroup()
         for r in 0..<ranks {
@@ -192,7 +195,7 @@ private final class RunBox: @unchecked Sendable {
 public final class InProcessCommunicator: Communicator, @unchecked Sendable {
     public let rank: Int
     public var size: Int { cluster.size }
-    unowned let cluster: InProcessCluster
+    let cluster: InProcessCluster
     private var sequence = 0
     private var counts = CommCounters()
     private let countsLock = NSLock()

@@ -10,8 +10,14 @@ public enum VectorMath {
     @inline(__always)
     public static func exp(_ x: V) -> V {
         let lowerLimit: Float = -87.33654, upperLimit: Float = 88.37626
-        let xc = x.clamped(lowerBound: V(repeating: lowerLimit), upperBound: V(repeating: upperLimit))
-        let n = (xc * 1.44269504088896341).rounded(.toNearestOrEven)
+        // Clamps written as compare-and-select: pointwiseMin/Max do not vectorise.
+        var xc = x.replacing(with: lowerLimit, where: x .< lowerLimit)
+        xc.replace(with: upperLimit, where: xc .> upperLimit)
+        // Round x*log2(e) to the nearest integer by adding 1.5*2^23: the sum's low mantissa bits are then the
+        // integer n itself (no generic rounding or int conversion, which do not vectorise).
+        let magic = V(repeating: 12582912)
+        let t = xc * 1.44269504088896341 + magic
+        let n = t - magic
         var r = xc - n * 0.693359375
         r = r - n * -2.12194440e-4
         var p = V(repeating: 1.9875691500e-4)
@@ -22,8 +28,8 @@ public enum VectorMath {
         p = p * r + 5.0000001201e-1
         let y = p * r * r + r + 1
         // 2^n: n is in [-126, 127] after the clamp, so n + 127 is a valid biased exponent.
-        let bits = (SIMD16<Int32>(n) &+ 127) &<< 23
-        let scale = unsafeBitCast(bits, to: V.self)
+        let integer = unsafeBitCast(t, to: SIMD16<Int32>.self) &- 0x4B40_0000
+        let scale = unsafeBitCast((integer &+ 127) &<< 23, to: V.self)
         return (y * scale).replacing(with: 0, where: x .< lowerLimit)
     }
 
@@ -37,7 +43,8 @@ public enum VectorMath {
         var acc = V(repeating: -.infinity)
         var i = 0
         while i + 16 <= n {
-            acc = pointwiseMax(acc, UnsafeRawPointer(p + i).loadUnaligned(as: V.self))
+            let v = UnsafeRawPointer(p + i).loadUnaligned(as: V.self)
+            acc.replace(with: v, where: v .> acc)
             i += 16
         }
         var m = acc.max()
