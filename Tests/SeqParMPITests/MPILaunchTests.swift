@@ -160,6 +160,8 @@ enum Harness {
         BadInput(arguments: ["attention", "--algorithm", "allgather", "--q", "/nonexistent/q.npy", "--k", "/nonexistent/k.npy", "--v", "/nonexistent/v.npy"], message: "no such file"),
         BadInput(arguments: ["attention", "--algorithm", "allgather", "--layout", "diagonal"], message: "layout"),
         BadInput(arguments: ["attention", "--algorithm", "allgather", "--out", "/nonexistent-dir/o.npy"], message: "does not exist"),
+        // Impossible memory: refused before allocating, with the estimate and what would fit.
+        BadInput(arguments: ["attention", "--algorithm", "allgather", "--seq-len", "50000000", "--heads", "32", "--head-dim", "128"], message: "use at most about --seq-len"),
     ]
 
     @Test(arguments: badInputs) func badOptionsFailClearlyUnderMPI(_ bad: BadInput) throws {
