@@ -1,18 +1,22 @@
-// Softmax attention of one rank's queries against a set of keys, fp32, every product through OpenBLAS.
+// The blockwise softmax-attention kernel of one rank (FlashAttention-style), fp32, every product through OpenBLAS.
 //
-// Shapes: q (B, Cq, H, D) at global positions qPositions; k, v (B, Ck, G, D) at kPositions (ascending);
-// o (B, Cq, H, D); lse (B, H, Cq). Causal: query at position i sees keys at positions <= i, which, because kPositions
-// ascend, is a prefix of the keys: `visible[i]` keys. A query tile multiplies only against the longest prefix its
-// rows need, so work above the causal diagonal is skipped up to tile granularity; rows that see nothing give o = 0,
-// lse = -inf.
-// Memory: one (tile x Ck) score buffer (two in backward), never Cq x Ck.
-// The tile loop holds whole key rows (the softmax is exact per row, no online rescaling); the blockwise
-// FlashAttention kernel with online softmax over key tiles replaces it when it lands.
-import Foundation
+// Shapes: q (B, Cq, H, D) at global positions qPositions (ascending); k, v (B, Ck, G, D) at kPositions (ascending);
+// o (B, Cq, H, D); lse (B, H, Cq), the log-sum-exp of each row's scaled scores (-inf for a row that sees no key,
+// whose o is 0). Query head h reads kv head h / (H / G): GQA without copying K/V.
+// Causal: query at position p sees keys at positions <= p, a prefix of the keys (they ascend): `visible[i]` keys.
+//
+// Forward: tiles of `tileRows` queries against tiles of `tileCols` keys with an online softmax (running max m,
+// running sum l, output rescaled by exp(m_old - m_new) as each key tile arrives), never the full Cq x Ck matrix.
+// Key tiles past a query tile's last visible key are skipped; only tiles that straddle the diagonal are masked.
+// Backward: the same tiles, probabilities recomputed from lse: P = exp(S - lse), dP = dO V^T,
+// dS = P * (dP - rowsum(dO * O)), dQ += scale dS K, dK += scale dS^T Q, dV += P^T dO.
+// Memory: one tileRows x tileCols score tile (two in backward) and per-row statistics.
 
 public enum SoftmaxAttention {
     /// Query rows per tile.
     public static let tileRows = 128
+    /// Keys per tile.
+    public static let tileCols = 512
 
     /// Number of keys each query sees.
     static func visibleCounts(_ qPositions: [Int], _ kPositions: [Int], causal: Bool) -> [Int] {
@@ -26,39 +30,50 @@ public enum SoftmaxAttention {
 
     public static func forward(q: Tensor, qPositions: [Int], k: Tensor, v: Tensor, kPositions: [Int],
                                causal: Bool, scale: Float) -> AttentionOutput {
-        let (batch, cq, heads, _) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3])
+        let (batch, cq, heads, dim) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3])
         let (ck, kvHeads) = (k.shape[1], k.shape[2])
         precondition(heads % kvHeads == 0 && qPositions.count == cq && kPositions.count == ck)
         let group = heads / kvHeads
         let o = Tensor(zeros: q.shape)
         let lse = Tensor(zeros: [batch, heads, cq])
         let visible = visibleCounts(qPositions, kPositions, causal: causal)
-        let scores = UnsafeMutablePointer<Float>.allocate(capacity: max(tileRows * ck, 1))
+        let scores = UnsafeMutablePointer<Float>.allocate(capacity: tileRows * tileCols)
+        var rowMax = [Float](repeating: 0, count: tileRows), rowSum = [Float](repeating: 0, count: tileRows)
         defer { scores.deallocate() }
         for b in 0..<batch {
             for h in 0..<heads {
                 let (qh, kg, vg, oh) = (q.head(batch: b, h), k.head(batch: b, h / group), v.head(batch: b, h / group), o.head(batch: b, h))
                 let lseRow = lse.pointer + (b * heads + h) * cq
                 for i0 in stride(from: 0, to: cq, by: tileRows) {
-                    let i1 = min(i0 + tileRows, cq)
-                    let n = visible[i0..<i1].max()!
-                    if n == 0 {
-                        for i in i0..<i1 { lseRow[i] = -.infinity }
-                        continue
+                    let i1 = min(i0 + tileRows, cq), rows = i1 - i0
+                    let reach = visible[i0..<i1].max()!
+                    for i in 0..<rows { rowMax[i] = -.infinity; rowSum[i] = 0 }
+                    for j0 in stride(from: 0, to: reach, by: tileCols) {
+                        let j1 = min(j0 + tileCols, reach), width = j1 - j0
+                        let s = Matrix(base: scores, rows: rows, cols: width)
+                        BLAS.gemm(qh.rows(i0..<i1), kg.rows(j0..<j1), transposeB: true, into: s, alpha: scale)
+                        for i in 0..<rows {
+                            let row = scores + i * width
+                            let valid = min(max(visible[i0 + i] - j0, 0), width)
+                            if valid == 0 { row.update(repeating: 0, count: width); continue }
+                            let newMax = max(rowMax[i], VectorMath.max(row, valid))
+                            let sum = VectorMath.expInPlace(row, valid, subtract: newMax)
+                            if valid < width { (row + valid).update(repeating: 0, count: width - valid) }
+                            if rowMax[i] != -.infinity && rowMax[i] != newMax {
+                                let alpha = VectorMath.exp(rowMax[i] - newMax)
+                                VectorMath.scale(oh.base + (i0 + i) * oh.ld, dim, by: alpha)
+                                rowSum[i] *= alpha
+                            }
+                            rowSum[i] += sum
+                            rowMax[i] = newMax
+                        }
+                        BLAS.gemm(s, vg.rows(j0..<j1), into: oh.rows(i0..<i1), beta: 1)
                     }
-                    let s = Matrix(base: scores, rows: i1 - i0, cols: n)
-                    BLAS.gemm(qh.rows(i0..<i1), kg.rows(0..<n), transposeB: true, into: s, alpha: scale)
-                    for i in i0..<i1 {
-                        let row = scores + (i - i0) * n
-                        let vis = visible[i]
-                        if vis == 0 { lseRow[i] = -.infinity; row.update(repeating: 0, count: n); continue }
-                        let m = VectorMath.max(row, vis)
-                        let sum = VectorMath.expInPlace(row, vis, subtract: m)
-                        if vis < n { (row + vis).update(repeating: 0, count: n - vis) }
-                        VectorMath.scale(row, vis, by: 1 / sum)
-                        lseRow[i] = m + log(sum)
+                    for i in 0..<rows {
+                        if rowSum[i] == 0 { lseRow[i0 + i] = -.infinity; continue }
+                        VectorMath.scale(oh.base + (i0 + i) * oh.ld, dim, by: 1 / rowSum[i])
+                        lseRow[i0 + i] = rowMax[i] + Float(log(Double(rowSum[i])))
                     }
-                    BLAS.gemm(s, vg.rows(0..<n), into: oh.rows(i0..<i1))
                 }
             }
         }
@@ -66,6 +81,8 @@ public enum SoftmaxAttention {
     }
 
     /// Gradients of `sum(o * dO)`: dq (B, Cq, H, D), dk and dv (B, Ck, G, D), recomputing probabilities from lse.
+    /// `output` is the forward result over the same keys, or over a superset of them (ring attention passes the
+    /// final output and lse and calls this once per key block: the gradients then add up across blocks).
     public static func backward(q: Tensor, qPositions: [Int], k: Tensor, v: Tensor, kPositions: [Int],
                                 output: AttentionOutput, gradOut dO: Tensor, causal: Bool, scale: Float) -> AttentionGradients {
         let (batch, cq, heads, dim) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3])
@@ -74,8 +91,8 @@ public enum SoftmaxAttention {
         let group = heads / kvHeads
         let dq = Tensor(zeros: q.shape), dk = Tensor(zeros: k.shape), dv = Tensor(zeros: v.shape)
         let visible = visibleCounts(qPositions, kPositions, causal: causal)
-        let p = UnsafeMutablePointer<Float>.allocate(capacity: max(tileRows * ck, 1))
-        let dp = UnsafeMutablePointer<Float>.allocate(capacity: max(tileRows * ck, 1))
+        let p = UnsafeMutablePointer<Float>.allocate(capacity: tileRows * tileCols)
+        let dp = UnsafeMutablePointer<Float>.allocate(capacity: tileRows * tileCols)
         var rowDot = [Float](repeating: 0, count: tileRows)
         defer { p.deallocate(); dp.deallocate() }
         for b in 0..<batch {
@@ -85,27 +102,27 @@ public enum SoftmaxAttention {
                 let (oh, doh, dqh, dkg, dvg) = (output.o.head(batch: b, h), dO.head(batch: b, h), dq.head(batch: b, h), dk.head(batch: b, g), dv.head(batch: b, g))
                 let lseRow = output.lse.pointer + (b * heads + h) * cq
                 for i0 in stride(from: 0, to: cq, by: tileRows) {
-                    let i1 = min(i0 + tileRows, cq)
-                    let n = visible[i0..<i1].max()!
-                    if n == 0 { continue }
-                    let rows = i1 - i0
-                    let pm = Matrix(base: p, rows: rows, cols: n), dpm = Matrix(base: dp, rows: rows, cols: n)
-                    BLAS.gemm(qh.rows(i0..<i1), kg.rows(0..<n), transposeB: true, into: pm, alpha: scale)
-                    BLAS.gemm(doh.rows(i0..<i1), vg.rows(0..<n), transposeB: true, into: dpm)
-                    for i in i0..<i1 {
-                        rowDot[i - i0] = VectorMath.dot(doh.base + i * doh.ld, oh.base + i * oh.ld, dim)
+                    let i1 = min(i0 + tileRows, cq), rows = i1 - i0
+                    let reach = visible[i0..<i1].max()!
+                    if reach == 0 { continue }
+                    for i in i0..<i1 { rowDot[i - i0] = VectorMath.dot(doh.base + i * doh.ld, oh.base + i * oh.ld, dim) }
+                    for j0 in stride(from: 0, to: reach, by: tileCols) {
+                        let j1 = min(j0 + tileCols, reach), width = j1 - j0
+                        let pm = Matrix(base: p, rows: rows, cols: width), dpm = Matrix(base: dp, rows: rows, cols: width)
+                        BLAS.gemm(qh.rows(i0..<i1), kg.rows(j0..<j1), transposeB: true, into: pm, alpha: scale)
+                        BLAS.gemm(doh.rows(i0..<i1), vg.rows(j0..<j1), transposeB: true, into: dpm)
+                        for i in 0..<rows {
+                            let valid = min(max(visible[i0 + i] - j0, 0), width)
+                            let pr = p + i * width, dpr = dp + i * width
+                            if valid > 0 { VectorMath.expInPlace(pr, valid, subtract: lseRow[i0 + i]) }
+                            if valid < width { (pr + valid).update(repeating: 0, count: width - valid) }
+                            VectorMath.softmaxGradient(probabilities: pr, gradient: dpr, width, rowDot: rowDot[i])
+                        }
+                        // dpm now holds dS = P * (dP - rowDot).
+                        BLAS.gemm(dpm, kg.rows(j0..<j1), into: dqh.rows(i0..<i1), alpha: scale, beta: 1)
+                        BLAS.gemm(dpm, transposeA: true, qh.rows(i0..<i1), into: dkg.rows(j0..<j1), alpha: scale, beta: 1)
+                        BLAS.gemm(pm, transposeA: true, doh.rows(i0..<i1), into: dvg.rows(j0..<j1), beta: 1)
                     }
-                    for i in 0..<rows {
-                        let vis = visible[i0 + i]
-                        let pr = p + i * n, dpr = dp + i * n
-                        if vis > 0 { VectorMath.expInPlace(pr, vis, subtract: lseRow[i0 + i]) }
-                        if vis < n { (pr + vis).update(repeating: 0, count: n - vis) }
-                        VectorMath.softmaxGradient(probabilities: pr, gradient: dpr, n, rowDot: rowDot[i])
-                    }
-                    // dpm now holds dS = P * (dP - rowDot).
-                    BLAS.gemm(dpm, kg.rows(0..<n), into: dqh.rows(i0..<i1), alpha: scale)
-                    BLAS.gemm(dpm, transposeA: true, qh.rows(i0..<i1), into: dkg.rows(0..<n), alpha: scale, beta: 1)
-                    BLAS.gemm(pm, transposeA: true, doh.rows(i0..<i1), into: dvg.rows(0..<n), beta: 1)
                 }
             }
         }
@@ -127,3 +144,9 @@ extension VectorMath {
         while i < n { g[i] = p[i] * (g[i] - rowDot); i += 1 }
     }
 }
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif

@@ -113,7 +113,7 @@ public struct MemoryEstimate: Sendable {
         let local = config.options.layout.counts(ranks: ranks, length: s.seqLen).max() ?? 0
         let qRow = s.batch * s.heads * s.headDim * f, kvRow = s.batch * s.kvHeads * s.headDim * f
         var items: [(String, Int)] = [("q, k, v, o chunks", local * (2 * qRow + 2 * kvRow))]
-        let tile = SoftmaxAttention.tileRows * s.seqLen * f
+        let tile = SoftmaxAttention.tileRows * SoftmaxAttention.tileCols * f
         switch config.algorithm {
         case .dense: items.append(("score tile", tile))
         case .allgather:
