@@ -173,10 +173,26 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
             self.expected = expected
             self.onComplete = onComplete
         }
+        private var completed = false
+
         func wait() throws {
-            guard request != MPI_REQUEST_NULL else { return }
+            if completed { return }
             var status = MPI_Status()
             try check(MPI_Wait(&request, &status), "MPI_Wait")
+            try complete(&status)
+        }
+
+        func test() throws -> Bool {
+            if completed { return true }
+            var status = MPI_Status()
+            var flag: Int32 = 0
+            try check(MPI_Test(&request, &flag, &status), "MPI_Test")
+            if flag != 0 { try complete(&status) }
+            return completed
+        }
+
+        private func complete(_ status: inout MPI_Status) throws {
+            completed = true
             if let e = expected {
                 var got: Int32 = 0
                 try check(MPI_Get_count(&status, e.type, &got), "MPI_Get_count")

@@ -91,14 +91,16 @@ enum Harness {
         #expect(r.output.contains("checks passed on \(np) rank(s), backend mpi"), "\(r.output)")
     }
 
-    /// allgather forward and backward checked against the oracle under mpirun, causal zigzag and full contiguous,
-    /// with L = 50 (not divisible by 3, 4, or 2P).
-    @Test(arguments: [1, 2, 3, 4]) func allgatherChecksUnderMPI(np: Int) throws {
-        for extra in [["--causal", "--layout", "zigzag"], ["--layout", "contiguous"]] {
-            let r = try Harness.mpirun(np, ["attention", "--algorithm", "allgather", "--seq-len", "50", "--heads", "4", "--kv-heads", "2",
+    /// allgather and ring forward and backward checked against the oracle under mpirun, causal zigzag and full
+    /// contiguous, with L = 50 (not divisible by 3, 4, or 2P).
+    @Test(arguments: [1, 2, 3, 4]) func distributedChecksUnderMPI(np: Int) throws {
+        for algorithm in ["allgather", "ring"] {
+          for extra in [["--causal", "--layout", "zigzag"], ["--layout", "contiguous"]] {
+            let r = try Harness.mpirun(np, ["attention", "--algorithm", algorithm, "--seq-len", "50", "--heads", "4", "--kv-heads", "2",
                                             "--head-dim", "16", "--backward", "--check"] + extra)
             #expect(!r.timedOut && r.status == 0, "\(r.output)")
             #expect(r.output.contains(": PASS"), "\(r.output)")
+          }
         }
     }
 

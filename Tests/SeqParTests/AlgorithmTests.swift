@@ -1,4 +1,4 @@
-// dense and allgather, forward and backward, against the Double oracle on the in-process cluster at 1, 2, 3, 4
+// dense, allgather and ring, forward and backward, against the Double oracle on the in-process cluster at 1, 2, 3, 4
 // and 8 ranks, with the shapes that bite: L not divisible by P (or 2P), L = P, L < P, GQA/MQA, D in 16/64/128/192,
 // batch 2, causal and not, zigzag, and inputs scaled by 30 (large logits).
 import Testing
@@ -16,10 +16,40 @@ import Testing
         }
     }
 
-    @Test(arguments: [16, 64, 128, 192])
-    func allgatherHeadDims(headDim: Int) throws {
-        try checkAttention(AttentionCase(algorithm: .allgather, ranks: 3, shape: AttentionShape(seqLen: 29, heads: 2, kvHeads: 1, headDim: headDim),
+    @Test(arguments: rankCounts, [false, true])
+    func ringMatchesOracle(ranks: Int, causal: Bool) throws {
+        for layout in SequenceLayout.allCases {
+            try checkAttention(AttentionCase(algorithm: .ring, ranks: ranks,
+                                             shape: AttentionShape(seqLen: 37, heads: 4, kvHeads: 2, headDim: 16),
+                                             causal: causal, layout: layout))
+        }
+    }
+
+    @Test(arguments: [16, 64, 128, 192], [AlgorithmName.allgather, .ring])
+    func headDims(headDim: Int, algorithm: AlgorithmName) throws {
+        try checkAttention(AttentionCase(algorithm: algorithm, ranks: 3, shape: AttentionShape(seqLen: 29, heads: 2, kvHeads: 1, headDim: headDim),
                                          causal: true, layout: .zigzag))
+    }
+
+    /// Ring with more than one key tile per block (C > tileCols) and a query tile boundary.
+    @Test func ringWithMultiTileBlocks() throws {
+        try checkAttention(AttentionCase(algorithm: .ring, ranks: 2, shape: AttentionShape(seqLen: 2 * SoftmaxAttention.tileCols + 90, heads: 1, headDim: 16),
+                                         causal: true, layout: .zigzag))
+    }
+
+    /// ring: forward sends exactly P-1 packed K/V blocks per rank and no collective; backward P-1 K/V blocks and
+    /// P dK/dV blocks (none at P = 1).
+    @Test(arguments: [1, 2, 3, 4]) func ringCommunicationPattern(ranks: Int) throws {
+        let s = AttentionShape(seqLen: 26, heads: 2, kvHeads: 1, headDim: 16)
+        let counters = try checkAttention(AttentionCase(algorithm: .ring, ranks: ranks, shape: s, causal: true, layout: .zigzag))
+        let counts = SequenceLayout.zigzag.counts(ranks: ranks, length: 26)
+        for (r, (fwd, bwd)) in counters.enumerated() {
+            #expect(fwd.messagesSent == ranks - 1 && fwd.collectives == 0, "rank \(r) forward \(fwd)")
+            #expect(bwd.messagesSent == (ranks == 1 ? 0 : 2 * ranks - 1) && bwd.collectives == 0, "rank \(r) backward \(bwd)")
+            // The blocks this rank forwards: its own, then those of ranks r-1, r-2, ... (P-1 of them).
+            let forwarded = (0..<(ranks - 1)).map { counts[(r - $0 + ranks) % ranks] }.reduce(0, +)
+            #expect(fwd.bytesSent == forwarded * 2 * s.kvHeads * s.headDim * 4, "rank \(r) forward bytes")
+        }
     }
 
     @Test func shapesThatBite() throws {
@@ -32,6 +62,11 @@ import Testing
             AttentionCase(algorithm: .allgather, ranks: 2, shape: AttentionShape(batch: 2, seqLen: 290, heads: 3, kvHeads: 1, headDim: 16), causal: true, layout: .zigzag),
             // Large logits: inputs times 30.
             AttentionCase(algorithm: .allgather, ranks: 3, shape: AttentionShape(seqLen: 40, heads: 2, headDim: 64), causal: true, inputScale: 30),
+            AttentionCase(algorithm: .ring, ranks: 4, shape: AttentionShape(seqLen: 4, heads: 2, headDim: 16), causal: true),
+            AttentionCase(algorithm: .ring, ranks: 8, shape: AttentionShape(seqLen: 5, heads: 2, headDim: 16), causal: true, layout: .zigzag),
+            AttentionCase(algorithm: .ring, ranks: 3, shape: AttentionShape(seqLen: 2, heads: 2, headDim: 16), causal: false),
+            AttentionCase(algorithm: .ring, ranks: 2, shape: AttentionShape(batch: 2, seqLen: 290, heads: 3, kvHeads: 1, headDim: 16), causal: true, layout: .zigzag),
+            AttentionCase(algorithm: .ring, ranks: 3, shape: AttentionShape(seqLen: 40, heads: 2, headDim: 64), causal: true, layout: .zigzag, inputScale: 30),
             AttentionCase(algorithm: .dense, ranks: 1, shape: AttentionShape(seqLen: 40, heads: 2, headDim: 64), causal: false, inputScale: 30),
             AttentionCase(algorithm: .dense, ranks: 1, shape: AttentionShape(batch: 2, seqLen: 150, heads: 4, kvHeads: 2, headDim: 64), causal: true),
         ]

@@ -64,6 +64,10 @@ public struct CommCounters: Sendable, Equatable, Codable {
 public protocol CommRequest: AnyObject {
     /// Blocks until the operation completes; its buffer may then be reused.
     func wait() throws
+    /// Drives the operation without blocking and says whether it has completed. MPI's shared-memory transport
+    /// moves a large message only inside MPI calls: calling this between blocks of computation lets an exchange
+    /// progress while the computation runs.
+    @discardableResult func test() throws -> Bool
 }
 
 public enum CommError: Error, CustomStringConvertible, Equatable {

@@ -28,8 +28,10 @@ public enum SoftmaxAttention {
         }
     }
 
+    /// `progress` runs after every query tile (ring attention passes its requests' `test` so the next exchange
+    /// moves while this block computes).
     public static func forward(q: Tensor, qPositions: [Int], k: Tensor, v: Tensor, kPositions: [Int],
-                               causal: Bool, scale: Float) -> AttentionOutput {
+                               causal: Bool, scale: Float, progress: () -> Void = {}) -> AttentionOutput {
         let (batch, cq, heads, dim) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3])
         let (ck, kvHeads) = (k.shape[1], k.shape[2])
         precondition(heads % kvHeads == 0 && qPositions.count == cq && kPositions.count == ck)
@@ -74,6 +76,7 @@ public enum SoftmaxAttention {
                         VectorMath.scale(oh.base + (i0 + i) * oh.ld, dim, by: 1 / rowSum[i])
                         lseRow[i0 + i] = rowMax[i] + Float(log(Double(rowSum[i])))
                     }
+                    progress()
                 }
             }
         }
@@ -84,7 +87,8 @@ public enum SoftmaxAttention {
     /// `output` is the forward result over the same keys, or over a superset of them (ring attention passes the
     /// final output and lse and calls this once per key block: the gradients then add up across blocks).
     public static func backward(q: Tensor, qPositions: [Int], k: Tensor, v: Tensor, kPositions: [Int],
-                                output: AttentionOutput, gradOut dO: Tensor, causal: Bool, scale: Float) -> AttentionGradients {
+                                output: AttentionOutput, gradOut dO: Tensor, causal: Bool, scale: Float,
+                                progress: () -> Void = {}) -> AttentionGradients {
         let (batch, cq, heads, dim) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3])
         let (ck, kvHeads) = (k.shape[1], k.shape[2])
         precondition(dO.shape == q.shape && output.o.shape == q.shape)
@@ -123,6 +127,7 @@ public enum SoftmaxAttention {
                         BLAS.gemm(dpm, transposeA: true, qh.rows(i0..<i1), into: dkg.rows(j0..<j1), alpha: scale, beta: 1)
                         BLAS.gemm(pm, transposeA: true, doh.rows(i0..<i1), into: dvg.rows(j0..<j1), beta: 1)
                     }
+                    progress()
                 }
             }
         }

@@ -9,12 +9,13 @@ public protocol AttentionAlgorithm: Sendable {
 }
 
 public enum AlgorithmName: String, CaseIterable, Sendable, Codable {
-    case dense, allgather
+    case dense, allgather, ring
 
     public var implementation: any AttentionAlgorithm {
         switch self {
         case .dense: DenseAttention()
         case .allgather: AllGatherAttention()
+        case .ring: RingAttention()
         }
     }
 
@@ -25,7 +26,7 @@ public enum AlgorithmName: String, CaseIterable, Sendable, Codable {
             guard ranks == 1 else {
                 throw SeqParError.invalidInput("--algorithm dense computes the whole sequence on one rank, and this job has \(ranks): run it with one rank (--ranks 1, or mpirun -np 1), or choose a distributed algorithm (allgather)")
             }
-        case .allgather:
+        case .allgather, .ring:
             break
         }
     }

@@ -119,11 +119,15 @@ public struct MemoryEstimate: Sendable {
         case .allgather:
             items.append(("gathered K, V", 2 * s.seqLen * kvRow))
             items.append(("score tile", tile))
+        case .ring:
+            items.append(("K/V blocks in flight", 2 * 2 * local * kvRow))
+            items.append(("score tile, block output", tile + local * qRow))
         }
         if config.backward {
             items.append(("dO, dq, dk, dv chunks", local * (2 * qRow + 2 * kvRow)))
             items.append(("backward score tiles", tile))
             if config.algorithm == .allgather { items.append(("full dK, dV and reduce buffers", 4 * s.seqLen * kvRow)) }
+            if config.algorithm == .ring { items.append(("dK/dV blocks in flight, block gradients", 4 * local * kvRow + local * (qRow + 2 * kvRow))) }
         }
         if config.usesFiles { items.append(("input files, read whole", s.seqLen * (qRow + 2 * kvRow) * (config.backward ? 2 : 1))) }
         if config.outPath != nil || config.check || config.gradsPrefix != nil {

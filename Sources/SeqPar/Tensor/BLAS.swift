@@ -67,6 +67,17 @@ public enum BLAS {
                     b.base, blasint(max(b.ld, 1)), beta, c.base, blasint(max(c.ld, 1)))
     }
 
+    /// `y += alpha * x` over whole tensors of the same size (cblas_saxpy).
+    public static func axpy(_ x: Tensor, into y: Tensor, alpha: Float = 1) {
+        precondition(x.count == y.count, "axpy of \(x.shape) into \(y.shape)")
+        var offset = 0
+        while offset < x.count {  // BLAS counts are 32-bit
+            let n = min(x.count - offset, Int(Int32.max))
+            cblas_saxpy(blasint(n), alpha, x.pointer + offset, 1, y.pointer + offset, 1)
+            offset += n
+        }
+    }
+
     /// Number of threads OpenBLAS uses for one call.
     public static var threads: Int {
         get { Int(openblas_get_num_threads()) }
