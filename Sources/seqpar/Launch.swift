@@ -1,6 +1,7 @@
 // Which backend runs the ranks: MPI when an MPI launcher started this process, otherwise the in-process cluster
 // with --ranks N threads. Also where errors become exit codes: a collective error (every rank has it) exits 1 on
 // every rank after finalising MPI; any other error on one rank aborts the whole MPI job, so nothing hangs.
+import ArgumentParser
 import Foundation
 import SeqPar
 import SeqParMPI
@@ -91,4 +92,3 @@ func printNote(_ text: String) {
     FileHandle.standardError.write(Data("seqpar: \(text)\n".utf8))
 }
 
-import ArgumentParser
