@@ -7,21 +7,14 @@ import Testing
 @Suite struct AlgorithmTests {
     static let rankCounts = [1, 2, 3, 4, 8]
 
-    @Test(arguments: rankCounts, [false, true])
-    func allgatherMatchesOracle(ranks: Int, causal: Bool) throws {
-        for layout in SequenceLayout.allCases {
-            try checkAttention(AttentionCase(algorithm: .allgather, ranks: ranks,
-                                             shape: AttentionShape(seqLen: 37, heads: 4, kvHeads: 2, headDim: 16),
-                                             causal: causal, layout: layout))
-        }
-    }
-
-    @Test(arguments: rankCounts, [false, true])
-    func ringMatchesOracle(ranks: Int, causal: Bool) throws {
-        for layout in SequenceLayout.allCases {
-            try checkAttention(AttentionCase(algorithm: .ring, ranks: ranks,
-                                             shape: AttentionShape(seqLen: 37, heads: 4, kvHeads: 2, headDim: 16),
-                                             causal: causal, layout: layout))
+    @Test(arguments: rankCounts, [AlgorithmName.allgather, .ring])
+    func distributedMatchesOracle(ranks: Int, algorithm: AlgorithmName) throws {
+        for causal in [false, true] {
+            for layout in SequenceLayout.allCases {
+                try checkAttention(AttentionCase(algorithm: algorithm, ranks: ranks,
+                                                 shape: AttentionShape(seqLen: 37, heads: 4, kvHeads: 2, headDim: 16),
+                                                 causal: causal, layout: layout))
+            }
         }
     }
 
