@@ -43,7 +43,15 @@ struct Demo: ParsableCommand {
         let reports = try Launch.run(ranks: simulated, timeout: rankOptions.timeout) { comm, backend in
             let oracle = OracleCache()
             var reports: [AttentionRunReport] = []
+            var skipped: [String] = []
             for config in runs {
+                if config.algorithm != .dense {
+                    // Ulysses shards heads: it runs only where the rank count fits them; the demo says so and goes on.
+                    do { try config.algorithm.validate(ranks: comm.size, shape: config.shape, options: config.options) } catch {
+                        if !skipped.contains(where: { $0.hasPrefix(config.algorithm.rawValue) }) { skipped.append("\(config.algorithm.rawValue): \(error)") }
+                        continue
+                    }
+                }
                 if config.algorithm == .dense {
                     // The baseline runs on rank 0 alone, on a one-rank communicator of its own.
                     guard comm.rank == 0 else { continue }
@@ -54,9 +62,9 @@ struct Demo: ParsableCommand {
                                                             ranksPerHost: backend.ranksPerHost, oracle: oracle))
                 }
             }
-            return (reports, backend)
+            return (reports, skipped, backend)
         }
-        guard let (all, backend) = reports else { return }
+        guard let (all, skipped, backend) = reports else { return }
         if json {
             for r in all { print(Report.json(r)) }
             return
@@ -75,5 +83,6 @@ struct Demo: ParsableCommand {
                          Report.sci(c?.dqError), Report.sci(c?.dkError), Report.sci(c?.dvError), "\(sent)", c?.passed == true ? "PASS" : "FAIL"]
             print(zip(cells, header).map { Report.pad($0, $1.1) }.joined())
         }
+        for note in skipped { print("# skipped \(note)") }
     }
 }

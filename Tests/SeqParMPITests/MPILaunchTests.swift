@@ -91,12 +91,14 @@ enum Harness {
         #expect(r.output.contains("checks passed on \(np) rank(s), backend mpi"), "\(r.output)")
     }
 
-    /// allgather and ring forward and backward checked against the oracle under mpirun, causal zigzag and full
-    /// contiguous, with L = 50 (not divisible by 3, 4, or 2P).
+    /// Every distributed algorithm forward and backward checked against the oracle under mpirun, causal zigzag and
+    /// full contiguous, with L = 50 (not divisible by 3, 4, or 2P). GQA: 4 heads over 2 kv heads (Ulysses, which
+    /// shards heads: 2P over P).
     @Test(arguments: [1, 2, 3, 4]) func distributedChecksUnderMPI(np: Int) throws {
-        for algorithm in ["allgather", "ring"] {
+        for algorithm in ["allgather", "ring", "rsa", "ulysses"] {
+          let heads = algorithm == "ulysses" ? [String(2 * np), String(np)] : ["4", "2"]
           for extra in [["--causal", "--layout", "zigzag"], ["--layout", "contiguous"]] {
-            let r = try Harness.mpirun(np, ["attention", "--algorithm", algorithm, "--seq-len", "50", "--heads", "4", "--kv-heads", "2",
+            let r = try Harness.mpirun(np, ["attention", "--algorithm", algorithm, "--seq-len", "50", "--heads", heads[0], "--kv-heads", heads[1],
                                             "--head-dim", "16", "--backward", "--check"] + extra)
             #expect(!r.timedOut && r.status == 0, "\(r.output)")
             #expect(r.output.contains(": PASS"), "\(r.output)")
@@ -157,6 +159,7 @@ enum Harness {
     static let badInputs: [BadInput] = [
         BadInput(arguments: ["attention", "--algorithm", "allgather", "--heads", "4", "--kv-heads", "3"], message: "does not divide --heads 4"),
         BadInput(arguments: ["attention", "--algorithm", "nope"], message: "algorithm"),
+        BadInput(arguments: ["attention", "--algorithm", "ulysses", "--heads", "4"], message: "3 ranks do not divide --heads 4"),
         BadInput(arguments: ["attention", "--algorithm", "allgather", "--seq-len", "0"], message: "--seq-len 0"),
         BadInput(arguments: ["attention", "--algorithm", "allgather", "--grad-out", "x.npy"], message: "--grad-out needs --backward"),
         BadInput(arguments: ["attention", "--algorithm", "allgather", "--q", "/nonexistent/q.npy", "--k", "/nonexistent/k.npy", "--v", "/nonexistent/v.npy"], message: "no such file"),

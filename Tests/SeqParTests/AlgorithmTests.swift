@@ -1,4 +1,4 @@
-// dense, allgather and ring, forward and backward, against the Double oracle on the in-process cluster at 1, 2, 3, 4
+// dense, allgather, ring, rsa and ulysses, forward and backward, against the Double oracle on the in-process cluster at 1, 2, 3, 4
 // and 8 ranks, with the shapes that bite: L not divisible by P (or 2P), L = P, L < P, GQA/MQA, D in 16/64/128/192,
 // batch 2, causal and not, zigzag, and inputs scaled by 30 (large logits).
 import Testing
@@ -7,21 +7,48 @@ import Testing
 @Suite struct AlgorithmTests {
     static let rankCounts = [1, 2, 3, 4, 8]
 
-    @Test(arguments: rankCounts, [AlgorithmName.allgather, .ring])
+    static let distributed: [AlgorithmName] = [.allgather, .ring, .rsa, .ulysses]
+
+    /// A GQA shape every algorithm runs at `ranks` (Ulysses needs P | kv heads: 2P heads over P kv heads).
+    static func gqaShape(_ algorithm: AlgorithmName, ranks: Int, seqLen: Int = 37, headDim: Int = 16) -> AttentionShape {
+        algorithm == .ulysses ? AttentionShape(seqLen: seqLen, heads: 2 * ranks, kvHeads: ranks, headDim: headDim)
+                              : AttentionShape(seqLen: seqLen, heads: 4, kvHeads: 2, headDim: headDim)
+    }
+
+    @Test(arguments: rankCounts, distributed)
     func distributedMatchesOracle(ranks: Int, algorithm: AlgorithmName) throws {
         for causal in [false, true] {
             for layout in SequenceLayout.allCases {
-                try checkAttention(AttentionCase(algorithm: algorithm, ranks: ranks,
-                                                 shape: AttentionShape(seqLen: 37, heads: 4, kvHeads: 2, headDim: 16),
+                try checkAttention(AttentionCase(algorithm: algorithm, ranks: ranks, shape: Self.gqaShape(algorithm, ranks: ranks),
                                                  causal: causal, layout: layout))
             }
         }
     }
 
-    @Test(arguments: [16, 64, 128, 192], [AlgorithmName.allgather, .ring])
+    @Test(arguments: [16, 64, 128, 192], distributed)
     func headDims(headDim: Int, algorithm: AlgorithmName) throws {
-        try checkAttention(AttentionCase(algorithm: algorithm, ranks: 3, shape: AttentionShape(seqLen: 29, heads: 2, kvHeads: 1, headDim: headDim),
+        try checkAttention(AttentionCase(algorithm: algorithm, ranks: 3, shape: Self.gqaShape(algorithm, ranks: 3, seqLen: 29, headDim: headDim),
                                          causal: true, layout: .zigzag))
+    }
+
+    /// Ulysses when kv heads are fewer than ranks: each rank's query heads share one kv head, sent to every rank
+    /// that needs it, and its dK, dV partial sums add up at the owner (MQA at P = 4 and 8; H = 8, G = 2 at P = 4).
+    @Test(arguments: [(4, 4, 1), (8, 8, 1), (4, 8, 2), (8, 8, 2)])
+    func ulyssesSharedKVHeads(ranks: Int, heads: Int, kvHeads: Int) throws {
+        try checkAttention(AttentionCase(algorithm: .ulysses, ranks: ranks, shape: AttentionShape(seqLen: 23, heads: heads, kvHeads: kvHeads, headDim: 16),
+                                         causal: true, layout: .zigzag))
+    }
+
+    /// Ulysses refuses head counts it cannot shard, on every rank, naming the counts that work.
+    @Test func ulyssesRefusesIndivisibleHeads() throws {
+        for (ranks, heads, kvHeads, expected) in [(4, 6, 3, "4 ranks do not divide --heads 6"), (3, 6, 2, "straddle kv heads")] {
+            let errors = try InProcessCluster.run(ranks: ranks) { comm -> String in
+                var config = AttentionRunConfig(algorithm: .ulysses, shape: AttentionShape(seqLen: 12, heads: heads, kvHeads: kvHeads, headDim: 8))
+                config.check = true
+                do { _ = try AttentionRun.execute(config, comm: comm, backend: "test"); return "no error" } catch { return "\(error)" }
+            }
+            for e in errors { #expect(e.contains(expected) && e.contains("choose ring"), "\(e)") }
+        }
     }
 
     /// Ring with more than one key tile per block (C > tileCols) and a query tile boundary.
@@ -45,6 +72,38 @@ import Testing
         }
     }
 
+    /// rsa: forward circulates K, then V: 2(P-1) messages per rank (C*G*D floats each) and no collective;
+    /// backward 2(P-1) K/V messages plus 2P accumulators (dV, dK) coming home.
+    @Test(arguments: [1, 2, 3, 4]) func rsaCommunicationPattern(ranks: Int) throws {
+        let s = AttentionShape(seqLen: 26, heads: 2, kvHeads: 1, headDim: 16)
+        let counters = try checkAttention(AttentionCase(algorithm: .rsa, ranks: ranks, shape: s, causal: true, layout: .zigzag))
+        let counts = SequenceLayout.zigzag.counts(ranks: ranks, length: 26)
+        for (r, (fwd, bwd)) in counters.enumerated() {
+            #expect(fwd.messagesSent == 2 * (ranks - 1) && fwd.collectives == 0, "rank \(r) forward \(fwd)")
+            #expect(bwd.messagesSent == (ranks == 1 ? 0 : 4 * ranks - 2) && bwd.collectives == 0, "rank \(r) backward \(bwd)")
+            let forwarded = (0..<(ranks - 1)).map { counts[(r - $0 + ranks) % ranks] }.reduce(0, +)
+            #expect(fwd.bytesSent == 2 * forwarded * s.kvHeads * s.headDim * 4, "rank \(r) forward bytes")
+        }
+    }
+
+    /// rsa backward without the forward's probability rows recomputes them from lse (one more K ring).
+    @Test(arguments: [1, 3]) func rsaBackwardRecomputesRows(ranks: Int) throws {
+        var c = AttentionCase(algorithm: .rsa, ranks: ranks, shape: AttentionShape(seqLen: 31, heads: 2, kvHeads: 1, headDim: 16), causal: true, layout: .zigzag)
+        c.dropSaved = true
+        let counters = try checkAttention(c)
+        for (_, bwd) in counters { #expect(bwd.messagesSent == (ranks == 1 ? 0 : 5 * ranks - 3)) }
+    }
+
+    /// ulysses: one all-to-all in and one back, forward and backward; no point-to-point messages.
+    @Test(arguments: [1, 2, 4]) func ulyssesCommunicationPattern(ranks: Int) throws {
+        let counters = try checkAttention(AttentionCase(algorithm: .ulysses, ranks: ranks, shape: Self.gqaShape(.ulysses, ranks: ranks, seqLen: 30),
+                                                        causal: true))
+        for (r, (fwd, bwd)) in counters.enumerated() {
+            #expect(fwd[.allToAllV] == 2 && fwd.collectives == 2 && fwd.messagesSent == 0, "rank \(r) forward \(fwd)")
+            #expect(bwd[.allToAllV] == 2 && bwd.collectives == 2 && bwd.messagesSent == 0, "rank \(r) backward \(bwd)")
+        }
+    }
+
     @Test func shapesThatBite() throws {
         let cases: [AttentionCase] = [
             // L = P: one token per rank; L < P: some ranks hold nothing.
@@ -60,6 +119,15 @@ import Testing
             AttentionCase(algorithm: .ring, ranks: 3, shape: AttentionShape(seqLen: 2, heads: 2, headDim: 16), causal: false),
             AttentionCase(algorithm: .ring, ranks: 2, shape: AttentionShape(batch: 2, seqLen: 290, heads: 3, kvHeads: 1, headDim: 16), causal: true, layout: .zigzag),
             AttentionCase(algorithm: .ring, ranks: 3, shape: AttentionShape(seqLen: 40, heads: 2, headDim: 64), causal: true, layout: .zigzag, inputScale: 30),
+            AttentionCase(algorithm: .rsa, ranks: 4, shape: AttentionShape(seqLen: 4, heads: 2, headDim: 16), causal: true),
+            AttentionCase(algorithm: .rsa, ranks: 8, shape: AttentionShape(seqLen: 5, heads: 2, headDim: 16), causal: true, layout: .zigzag),
+            AttentionCase(algorithm: .rsa, ranks: 3, shape: AttentionShape(seqLen: 2, heads: 2, headDim: 16), causal: false),
+            AttentionCase(algorithm: .rsa, ranks: 2, shape: AttentionShape(batch: 2, seqLen: 290, heads: 3, kvHeads: 1, headDim: 16), causal: true, layout: .zigzag),
+            AttentionCase(algorithm: .rsa, ranks: 3, shape: AttentionShape(seqLen: 40, heads: 2, headDim: 64), causal: true, layout: .zigzag, inputScale: 30),
+            AttentionCase(algorithm: .ulysses, ranks: 4, shape: AttentionShape(seqLen: 4, heads: 4, headDim: 16), causal: true),
+            AttentionCase(algorithm: .ulysses, ranks: 8, shape: AttentionShape(seqLen: 5, heads: 8, kvHeads: 8, headDim: 16), causal: true, layout: .zigzag),
+            AttentionCase(algorithm: .ulysses, ranks: 2, shape: AttentionShape(batch: 2, seqLen: 290, heads: 4, kvHeads: 2, headDim: 16), causal: true, layout: .zigzag),
+            AttentionCase(algorithm: .ulysses, ranks: 3, shape: AttentionShape(seqLen: 40, heads: 3, headDim: 64), causal: true, layout: .zigzag, inputScale: 30),
             AttentionCase(algorithm: .dense, ranks: 1, shape: AttentionShape(seqLen: 40, heads: 2, headDim: 64), causal: false, inputScale: 30),
             AttentionCase(algorithm: .dense, ranks: 1, shape: AttentionShape(batch: 2, seqLen: 150, heads: 4, kvHeads: 2, headDim: 64), causal: true),
         ]

@@ -16,6 +16,8 @@ struct AttentionCase: CustomStringConvertible, Sendable {
     var layout: SequenceLayout = .contiguous
     var inputScale: Float = 1
     var seed: UInt64 = 7
+    /// Drop what the forward pass kept for backward (`AttentionOutput.saved`), so backward must recompute it.
+    var dropSaved = false
     var description: String {
         "\(algorithm) P=\(ranks) \(shape) \(causal ? "causal" : "full") \(layout) x\(inputScale)"
     }
@@ -59,7 +61,7 @@ func checkAttention(_ c: AttentionCase, tolerance: Tolerance = Tolerance()) thro
         let out = try algorithm.forward(x, comm: comm)
         let fwd = comm.counters
         comm.resetCounters()
-        let grads = try algorithm.backward(x, output: out, gradOut: dO, comm: comm)
+        let grads = try algorithm.backward(x, output: c.dropSaved ? AttentionOutput(o: out.o, lse: out.lse) : out, gradOut: dO, comm: comm)
         let bwd = comm.counters
         let layout = options.layout
         let gathered = (try layout.gather(out.o, length: s.seqLen, comm: comm), try layout.gather(grads.dq, length: s.seqLen, comm: comm),

@@ -9,13 +9,15 @@ public protocol AttentionAlgorithm: Sendable {
 }
 
 public enum AlgorithmName: String, CaseIterable, Sendable, Codable {
-    case dense, allgather, ring
+    case dense, allgather, ring, rsa, ulysses
 
     public var implementation: any AttentionAlgorithm {
         switch self {
         case .dense: DenseAttention()
         case .allgather: AllGatherAttention()
         case .ring: RingAttention()
+        case .rsa: RingSelfAttention()
+        case .ulysses: UlyssesAttention()
         }
     }
 
@@ -26,7 +28,9 @@ public enum AlgorithmName: String, CaseIterable, Sendable, Codable {
             guard ranks == 1 else {
                 throw SeqParError.invalidInput("--algorithm dense computes the whole sequence on one rank, and this job has \(ranks): run it with one rank (--ranks 1, or mpirun -np 1), or choose a distributed algorithm (allgather)")
             }
-        case .allgather, .ring:
+        case .ulysses:
+            try UlyssesAttention.HeadSplit.validate(ranks: ranks, shape: shape)
+        case .allgather, .ring, .rsa:
             break
         }
     }

@@ -83,7 +83,9 @@ public struct LocalAttention: @unchecked Sendable {
 public struct AttentionOutput: @unchecked Sendable {
     public var o: Tensor
     public var lse: Tensor
-    public init(o: Tensor, lse: Tensor) { self.o = o; self.lse = lse }
+    /// What an algorithm keeps from its forward pass for its backward pass (RSA: the probability rows), or nil.
+    public var saved: Tensor?
+    public init(o: Tensor, lse: Tensor, saved: Tensor? = nil) { self.o = o; self.lse = lse; self.saved = saved }
 }
 
 /// Gradients on one rank, in the layout of the inputs.

@@ -14,7 +14,8 @@
 public struct RingAttention: AttentionAlgorithm {
     public init() {}
 
-    static let kvTag = 300, gradTag = 301
+    /// The K/V blocks use this tag, their dK/dV accumulators the next one.
+    static let kvTag = 300
 
     /// Elements of rank `rank`'s packed [K | V] block.
     static func packedCount(_ x: LocalAttention, rank: Int, ranks: Int) -> Int {
@@ -40,88 +41,36 @@ public struct RingAttention: AttentionAlgorithm {
         return x.options.causal && firstKey > lastQuery
     }
 
-    /// Runs `body` while giving `requests` a chance to progress between tiles; rethrows a progress error after it.
-    static func computing<R>(while requests: [CommRequest], _ body: (() -> Void) -> R) throws -> R {
-        var failure: Error?
-        let result = body {
-            guard failure == nil else { return }
-            do { for r in requests { try r.test() } } catch { failure = error }
-        }
-        if let f = failure { throw f }
-        return result
-    }
-
     public func forward(_ x: LocalAttention, comm: some Communicator) throws -> AttentionOutput {
-        let (rank, ranks) = (comm.rank, comm.size)
-        let layout = x.options.layout, length = x.shape.seqLen
+        let (ranks, layout, length) = (comm.size, x.options.layout, x.shape.seqLen)
         let acc = AttentionOutput(o: Tensor(zeros: x.q.shape), lse: Tensor(zeros: [x.shape.batch, x.shape.heads, x.tokens]))
         acc.lse.fill(-.infinity)
-        var current = Self.pack(x.k, x.v)
-        for step in 0..<ranks {
-            let source = (rank - step + ranks) % ranks
-            var requests: [CommRequest] = []
-            var next: Tensor?
-            if step < ranks - 1 {
-                let incoming = Tensor(zeros: [Self.packedCount(x, rank: (source - 1 + ranks) % ranks, ranks: ranks)])
-                requests.append(try comm.irecv(incoming.buffer, from: (rank - 1 + ranks) % ranks, tag: Self.kvTag))
-                requests.append(try comm.isend(UnsafeBufferPointer(current.buffer), to: (rank + 1) % ranks, tag: Self.kvTag))
-                next = incoming
-            }
+        try Ring.circulate(Self.pack(x.k, x.v), shape: { [Self.packedCount(x, rank: $0, ranks: ranks)] }, tag: Self.kvTag, comm: comm) { source, block, _, progress in
             let keys = layout.positions(rank: source, ranks: ranks, length: length)
-            if !Self.skips(x, keys: keys) {
-                let (k, v) = Self.unpack(current, x, tokens: keys.count)
-                let block = try Self.computing(while: requests) { progress in
-                    SoftmaxAttention.forward(q: x.q, qPositions: x.positions, k: k, v: v, kPositions: keys,
-                                             causal: x.options.causal, scale: x.scale, progress: progress)
-                }
-                LSEMerge.merge(into: acc, block)
-            }
-            for r in requests { try r.wait() }
-            if let n = next { current = n }
+            if Self.skips(x, keys: keys) { return }
+            let (k, v) = Self.unpack(block, x, tokens: keys.count)
+            LSEMerge.merge(into: acc, SoftmaxAttention.forward(q: x.q, qPositions: x.positions, k: k, v: v, kPositions: keys,
+                                                               causal: x.options.causal, scale: x.scale, progress: progress))
         }
         return acc
     }
 
     public func backward(_ x: LocalAttention, output: AttentionOutput, gradOut: Tensor, comm: some Communicator) throws -> AttentionGradients {
-        let (rank, ranks) = (comm.rank, comm.size)
-        let layout = x.options.layout, length = x.shape.seqLen
-        let (nextRank, prevRank) = ((rank + 1) % ranks, (rank - 1 + ranks) % ranks)
+        let (ranks, layout, length) = (comm.size, x.options.layout, x.shape.seqLen)
         let dq = Tensor(zeros: x.q.shape)
-        var current = Self.pack(x.k, x.v)
-        var currentGrad = Tensor(zeros: [current.count])
-        for step in 0..<ranks {
-            let source = (rank - step + ranks) % ranks
-            let nextSource = (source - 1 + ranks) % ranks
-            var requests: [CommRequest] = []
-            var next: Tensor?
-            if step < ranks - 1 {
-                let incoming = Tensor(zeros: [Self.packedCount(x, rank: nextSource, ranks: ranks)])
-                requests.append(try comm.irecv(incoming.buffer, from: prevRank, tag: Self.kvTag))
-                requests.append(try comm.isend(UnsafeBufferPointer(current.buffer), to: nextRank, tag: Self.kvTag))
-                next = incoming
-            }
+        let home = try Ring.circulate(Self.pack(x.k, x.v), shape: { [Self.packedCount(x, rank: $0, ranks: ranks)] }, tag: Self.kvTag,
+                                      accumulate: true, comm: comm) { source, block, grad, progress in
             let keys = layout.positions(rank: source, ranks: ranks, length: length)
-            if !Self.skips(x, keys: keys) {
-                let (k, v) = Self.unpack(current, x, tokens: keys.count)
-                let g = try Self.computing(while: requests) { progress in
-                    SoftmaxAttention.backward(q: x.q, qPositions: x.positions, k: k, v: v, kPositions: keys, output: output,
+            if Self.skips(x, keys: keys) { return }
+            let (k, v) = Self.unpack(block, x, tokens: keys.count)
+            let g = SoftmaxAttention.backward(q: x.q, qPositions: x.positions, k: k, v: v, kPositions: keys, output: output,
                                               gradOut: gradOut, causal: x.options.causal, scale: x.scale, progress: progress)
-                }
-                BLAS.axpy(g.dq, into: dq)
-                let (dk, dv) = Self.unpack(currentGrad, x, tokens: keys.count)
-                BLAS.axpy(g.dk, into: dk)
-                BLAS.axpy(g.dv, into: dv)
-            }
-            for r in requests { try r.wait() }
-            if ranks > 1 {
-                // The accumulator follows its block one step behind; the last exchange brings each one home.
-                let incomingGrad = Tensor(zeros: [Self.packedCount(x, rank: nextSource, ranks: ranks)])
-                try comm.sendRecv(UnsafeBufferPointer(currentGrad.buffer), to: nextRank, incomingGrad.buffer, from: prevRank, tag: Self.gradTag)
-                currentGrad = incomingGrad
-            }
-            if let n = next { current = n }
+            BLAS.axpy(g.dq, into: dq)
+            let (dk, dv) = Self.unpack(grad!, x, tokens: keys.count)
+            BLAS.axpy(g.dk, into: dk)
+            BLAS.axpy(g.dv, into: dv)
         }
-        let (dk, dv) = Self.unpack(currentGrad, x, tokens: x.tokens)
+        let (dk, dv) = Self.unpack(home!, x, tokens: x.tokens)
         return AttentionGradients(dq: dq, dk: dk, dv: dv)
     }
 }

@@ -79,12 +79,13 @@ public struct AttentionRunReport: Encodable, Sendable {
     public var perRank: [RankStats]
     public var check: CheckReport?
     public var bytesSent: [Int] { perRank.map { $0.forward.bytesSent + ($0.backward?.bytesSent ?? 0) } }
+    public var bytesReceived: [Int] { perRank.map { $0.forward.bytesReceived + ($0.backward?.bytesReceived ?? 0) } }
     public var peakRSSBytes: [Int] { perRank.map(\.peakRSSBytes) }
 
     enum CodingKeys: String, CodingKey {
         case bench, algorithm, backend, ranks, batch, seqLen, heads, kvHeads, headDim, causal, layout, scale
         case backwardRun = "backward", timeS, forwardGflops, backwardGflops, memoryEstimateBytes, perRank, check
-        case bytesSent, peakRSSBytes
+        case bytesSent, bytesReceived, peakRSSBytes
     }
 
     public func encode(to encoder: Encoder) throws {
@@ -98,7 +99,7 @@ public struct AttentionRunReport: Encodable, Sendable {
         try c.encodeIfPresent(backwardGflops, forKey: .backwardGflops)
         try c.encode(memoryEstimateBytes, forKey: .memoryEstimateBytes); try c.encode(perRank, forKey: .perRank)
         try c.encodeIfPresent(check, forKey: .check)
-        try c.encode(bytesSent, forKey: .bytesSent); try c.encode(peakRSSBytes, forKey: .peakRSSBytes)
+        try c.encode(bytesSent, forKey: .bytesSent); try c.encode(bytesReceived, forKey: .bytesReceived); try c.encode(peakRSSBytes, forKey: .peakRSSBytes)
     }
 }
 
@@ -114,6 +115,9 @@ public struct MemoryEstimate: Sendable {
         let qRow = s.batch * s.heads * s.headDim * f, kvRow = s.batch * s.kvHeads * s.headDim * f
         var items: [(String, Int)] = [("q, k, v, o chunks", local * (2 * qRow + 2 * kvRow))]
         let tile = SoftmaxAttention.tileRows * SoftmaxAttention.tileCols * f
+        // Ulysses: each rank's heads over the whole sequence (q, o and k, v), plus the all-to-all buffers.
+        let headRow = s.batch * s.headDim * f * 2 * (max(s.heads / ranks, 1) + max(s.kvHeads / ranks, 1))
+        let scoreRows = s.batch * s.heads * local * s.seqLen * f
         switch config.algorithm {
         case .dense: items.append(("score tile", tile))
         case .allgather:
@@ -122,12 +126,23 @@ public struct MemoryEstimate: Sendable {
         case .ring:
             items.append(("K/V blocks in flight", 2 * 2 * local * kvRow))
             items.append(("score tile, block output", tile + local * qRow))
+        case .rsa:
+            items.append(("score rows B*H*C*L (kept for backward)", scoreRows))
+            items.append(("K or V blocks in flight", 2 * local * kvRow))
+        case .ulysses:
+            items.append(("head-sharded q, k, v, o over L", s.seqLen * headRow))
+            items.append(("all-to-all buffers", 2 * local * (2 * qRow + 2 * kvRow)))
+            items.append(("score tile", tile))
         }
         if config.backward {
             items.append(("dO, dq, dk, dv chunks", local * (2 * qRow + 2 * kvRow)))
-            items.append(("backward score tiles", tile))
-            if config.algorithm == .allgather { items.append(("full dK, dV and reduce buffers", 4 * s.seqLen * kvRow)) }
-            if config.algorithm == .ring { items.append(("dK/dV blocks in flight, block gradients", 4 * local * kvRow + local * (qRow + 2 * kvRow))) }
+            switch config.algorithm {
+            case .dense: items.append(("backward score tiles", 2 * tile))
+            case .allgather: items.append(("backward score tiles, full dK, dV and reduce buffers", 2 * tile + 4 * s.seqLen * kvRow))
+            case .ring: items.append(("backward score tiles, dK/dV blocks in flight, block gradients", 2 * tile + 4 * local * kvRow + local * (qRow + 2 * kvRow)))
+            case .rsa: items.append(("dP block, dK or dV blocks in flight", local * local * f + 4 * local * kvRow))
+            case .ulysses: items.append(("head-sharded dO, dq, dk, dv and buffers", s.seqLen * headRow + 2 * local * (3 * qRow + 2 * kvRow)))
+            }
         }
         if config.usesFiles { items.append(("input files, read whole", s.seqLen * (qRow + 2 * kvRow) * (config.backward ? 2 : 1))) }
         if config.outPath != nil || config.check || config.gradsPrefix != nil {
@@ -242,7 +257,7 @@ public enum AttentionRun {
         var global: (o: Tensor, lse: Tensor, grads: AttentionGradients?)?
         if needGlobal {
             let o = try layout.gather(output.o, length: shape.seqLen, comm: comm)
-            let lse = try layout.gather(transposeLSE(output.lse), length: shape.seqLen, comm: comm)
+            let lse = try layout.gather(output.lse.swappingAxes12(), length: shape.seqLen, comm: comm)
             var g: AttentionGradients?
             if let gr = grads {
                 g = AttentionGradients(dq: try layout.gather(gr.dq, length: shape.seqLen, comm: comm),
@@ -347,14 +362,6 @@ public enum AttentionRun {
             for (i, op) in ops.enumerated() where v[4 + i] > 0 { out.calls[op] = v[4 + i] }
             return out
         }
-    }
-
-    /// (B, H, C) -> (B, C, H), so that lse gathers along the sequence axis like every other tensor.
-    static func transposeLSE(_ lse: Tensor) -> Tensor {
-        let (b, h, c) = (lse.shape[0], lse.shape[1], lse.shape[2])
-        let out = Tensor(zeros: [b, c, h])
-        for bi in 0..<b { for hi in 0..<h { for ci in 0..<c { out.pointer[(bi * c + ci) * h + hi] = lse.pointer[(bi * h + hi) * c + ci] } } }
-        return out
     }
 
     static func readInputFiles(_ config: AttentionRunConfig) throws -> (q: Tensor, k: Tensor, v: Tensor, dO: Tensor?) {

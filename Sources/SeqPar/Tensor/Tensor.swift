@@ -78,6 +78,17 @@ public struct Tensor: @unchecked Sendable, CustomStringConvertible {
 
     public func toArray() -> [Float] { Array(buffer) }
 
+    /// A (A, Y, X) copy of a (A, X, Y) tensor: lse (B, H, C) <-> (B, C, H).
+    public func swappingAxes12() -> Tensor {
+        precondition(rank == 3, "swappingAxes12 needs a rank-3 tensor, got \(shape)")
+        let (a, x, y) = (shape[0], shape[1], shape[2])
+        let out = Tensor(zeros: [a, y, x])
+        for i in 0..<a {
+            for j in 0..<x { for k in 0..<y { out.pointer[(i * y + k) * x + j] = pointer[(i * x + j) * y + k] } }
+        }
+        return out
+    }
+
     public func fill(_ value: Float) { buffer.update(repeating: value) }
 
     /// Element access by full index (tests and small tools; kernels use pointers).

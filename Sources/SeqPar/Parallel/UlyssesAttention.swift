@@ -1,0 +1,130 @@
+// ulysses: DeepSpeed-Ulysses (Jacobs et al., 2023). One all-to-all turns the sequence-sharded q, k, v into
+// head-sharded ones over the whole sequence, each rank runs the blockwise kernel on its heads, and one all-to-all
+// brings o (and lse) back to the sequence-sharded layout.
+//
+// Rank j takes query heads [j H/P, (j+1) H/P) and the kv heads they read. Two cases work: P divides G (each rank
+// gets G/P kv heads), or each rank's H/P query heads fall inside one kv head (H/P divides H/G; that kv head is sent
+// to every rank that needs it, and in backward their dK, dV partial sums add up at the owner). Otherwise a clear
+// error: P must divide H, and P must divide G or H/P divide H/G.
+// Per rank: head-sharded q, o (B, L, H/P, D), k, v (B, L, G', D); lse (B, H/P, L).
+// Communication: forward two all-to-alls (q, k, v in one; o and lse back in one). Backward two: q, k, v, o, dO and
+// lse in, dq, dk, dv back. No point-to-point messages. Memory per rank grows as L * (H + 2G) * D / P.
+
+public struct UlyssesAttention: AttentionAlgorithm {
+    public init() {}
+
+    /// Which heads each rank takes.
+    public struct HeadSplit {
+        public let ranks: Int, heads: Int, group: Int
+        public init(ranks: Int, shape: AttentionShape) { (self.ranks, heads, group) = (ranks, shape.heads, shape.groupSize) }
+        public var headsPerRank: Int { heads / ranks }
+        public func queryHeads(_ j: Int) -> Range<Int> { (j * headsPerRank)..<((j + 1) * headsPerRank) }
+        public func kvHeads(_ j: Int) -> Range<Int> {
+            let q = queryHeads(j)
+            return (q.lowerBound / group)..<((q.upperBound - 1) / group + 1)
+        }
+        /// The head-sharded problem each rank solves: H/P query heads over kv heads `kvHeads(j)` (the same count on every rank).
+        public func localShape(_ s: AttentionShape) -> AttentionShape {
+            AttentionShape(batch: s.batch, seqLen: s.seqLen, heads: headsPerRank, kvHeads: kvHeads(0).count, headDim: s.headDim)
+        }
+
+        public static func validate(ranks: Int, shape: AttentionShape) throws {
+            let (h, g) = (shape.heads, shape.kvHeads)
+            let fits = divisors(h).filter { p in g % p == 0 || (h / g) % (h / p) == 0 }
+            let advice = "run it on a number of ranks in \(fits.map(String.init).joined(separator: ", ")), or choose ring, which splits the sequence instead"
+            guard h % ranks == 0 else {
+                throw SeqParError.invalidInput("--algorithm ulysses gives each rank heads/P query heads, and \(ranks) ranks do not divide --heads \(h): \(advice)")
+            }
+            guard g % ranks == 0 || (h / g) % (h / ranks) == 0 else {
+                throw SeqParError.invalidInput("--algorithm ulysses on \(ranks) ranks gives each rank \(h / ranks) query heads, and with --kv-heads \(g) (\(h / g) query heads per kv head) those straddle kv heads: the ranks must divide --kv-heads \(g), or heads/P must divide heads/kv-heads; \(advice)")
+            }
+        }
+    }
+
+    /// One all-to-all: `parts` are (tensor, head ranges per rank) of sequence-sharded (B, C, heads, D) tensors; each
+    /// rank receives its heads of every part over the whole sequence, in global order: (B, L, heads_j, D) each.
+    /// `back` reverses it: head-sharded parts in, sequence-sharded out (`add` sums parts that arrive more than once).
+    static func exchange(_ parts: [(tensor: Tensor, heads: (Int) -> Range<Int>)], toHeads: Bool, outputs: [Tensor], add: Bool = false,
+                         x: LocalAttention, comm: some Communicator) throws {
+        let (rank, ranks) = (comm.rank, comm.size)
+        let layout = x.options.layout, length = x.shape.seqLen
+        let positions = (0..<ranks).map { layout.positions(rank: $0, ranks: ranks, length: length) }
+        let batch = x.shape.batch
+        // Sequence-sharded side: my tokens 0..<C, heads of rank j. Head-sharded side: rank i's positions, my heads.
+        func rows(_ j: Int, seqSide: Bool) -> [Int] { seqSide ? Array(0..<x.tokens) : positions[j] }
+        func headsOf(_ p: Int, _ j: Int, seqSide: Bool) -> Range<Int> {
+            let r = parts[p].heads(seqSide ? j : rank)
+            return seqSide ? r : 0..<r.count
+        }
+        func count(_ j: Int, seqSide: Bool) -> Int {
+            parts.indices.reduce(0) { $0 + batch * rows(j, seqSide: seqSide).count * headsOf($1, j, seqSide: seqSide).count * parts[$1].tensor.shape[3] }
+        }
+        // The sending side is the sequence side going to heads, and the head side coming back.
+        let sendCounts = (0..<ranks).map { count($0, seqSide: toHeads) }
+        let recvCounts = (0..<ranks).map { count($0, seqSide: !toHeads) }
+        let send = Tensor(zeros: [sendCounts.reduce(0, +)]), recv = Tensor(zeros: [recvCounts.reduce(0, +)])
+        var cursor = send.pointer
+        for j in 0..<ranks {
+            for (p, part) in parts.enumerated() {
+                copyHeads(part.tensor, rows: rows(j, seqSide: toHeads), heads: headsOf(p, j, seqSide: toHeads), packed: &cursor, pack: true, add: false, batch: batch)
+            }
+        }
+        try comm.allToAllV(UnsafeBufferPointer(send.buffer), counts: sendCounts, into: recv.buffer, counts: recvCounts)
+        cursor = recv.pointer
+        for i in 0..<ranks {
+            for (p, out) in outputs.enumerated() {
+                copyHeads(out, rows: rows(i, seqSide: !toHeads), heads: headsOf(p, i, seqSide: !toHeads), packed: &cursor, pack: false, add: add, batch: batch)
+            }
+        }
+    }
+
+    /// Copies between a (B, T, heads, D) tensor's `rows` x `heads` and a packed (B, rows, heads, D) run at `packed`.
+    static func copyHeads(_ t: Tensor, rows: [Int], heads: Range<Int>, packed: inout UnsafeMutablePointer<Float>, pack: Bool, add: Bool, batch: Int) {
+        let (tokens, allHeads, dim) = (t.shape[1], t.shape[2], t.shape[3])
+        let n = heads.count * dim
+        for b in 0..<batch {
+            for r in rows {
+                let row = t.pointer + ((b * tokens + r) * allHeads + heads.lowerBound) * dim
+                if pack { packed.update(from: row, count: n) }
+                else if add { for i in 0..<n { row[i] += packed[i] } }
+                else { row.update(from: packed, count: n) }
+                packed += n
+            }
+        }
+    }
+
+    /// lse (B, H, C) as a (B, C, H, 1) tensor, so it travels like the others; and back.
+    static func lseAsRows(_ lse: Tensor) -> Tensor { lse.swappingAxes12().reshaped([lse.shape[0], lse.shape[2], lse.shape[1], 1]) }
+    static func lseFromRows(_ t: Tensor) -> Tensor { t.reshaped([t.shape[0], t.shape[1], t.shape[2]]).swappingAxes12() }
+
+    public func forward(_ x: LocalAttention, comm: some Communicator) throws -> AttentionOutput {
+        let split = HeadSplit(ranks: comm.size, shape: x.shape)
+        let local = split.localShape(x.shape)
+        let (length, all) = (x.shape.seqLen, Array(0..<x.shape.seqLen))
+        let q = Tensor(zeros: local.qShape(tokens: length)), k = Tensor(zeros: local.kvShape(tokens: length)), v = Tensor(zeros: k.shape)
+        try Self.exchange([(x.q, split.queryHeads), (x.k, split.kvHeads), (x.v, split.kvHeads)], toHeads: true, outputs: [q, k, v], x: x, comm: comm)
+        let result = SoftmaxAttention.forward(q: q, qPositions: all, k: k, v: v, kPositions: all, causal: x.options.causal, scale: x.scale)
+        let o = Tensor(zeros: x.q.shape), lseRows = Tensor(zeros: [x.shape.batch, x.tokens, x.shape.heads, 1])
+        try Self.exchange([(result.o, split.queryHeads), (Self.lseAsRows(result.lse), split.queryHeads)], toHeads: false,
+                          outputs: [o, lseRows], x: x, comm: comm)
+        return AttentionOutput(o: o, lse: Self.lseFromRows(lseRows))
+    }
+
+    public func backward(_ x: LocalAttention, output: AttentionOutput, gradOut: Tensor, comm: some Communicator) throws -> AttentionGradients {
+        let split = HeadSplit(ranks: comm.size, shape: x.shape)
+        let local = split.localShape(x.shape)
+        let (length, all) = (x.shape.seqLen, Array(0..<x.shape.seqLen))
+        let q = Tensor(zeros: local.qShape(tokens: length)), k = Tensor(zeros: local.kvShape(tokens: length)), v = Tensor(zeros: k.shape)
+        let o = Tensor(zeros: q.shape), dO = Tensor(zeros: q.shape), lseRows = Tensor(zeros: [x.shape.batch, length, local.heads, 1])
+        try Self.exchange([(x.q, split.queryHeads), (x.k, split.kvHeads), (x.v, split.kvHeads), (output.o, split.queryHeads),
+                           (gradOut, split.queryHeads), (Self.lseAsRows(output.lse), split.queryHeads)],
+                          toHeads: true, outputs: [q, k, v, o, dO, lseRows], x: x, comm: comm)
+        let g = SoftmaxAttention.backward(q: q, qPositions: all, k: k, v: v, kPositions: all,
+                                          output: AttentionOutput(o: o, lse: Self.lseFromRows(lseRows)), gradOut: dO,
+                                          causal: x.options.causal, scale: x.scale)
+        let dq = Tensor(zeros: x.q.shape), dk = Tensor(zeros: x.k.shape), dv = Tensor(zeros: x.v.shape)
+        try Self.exchange([(g.dq, split.queryHeads), (g.dk, split.kvHeads), (g.dv, split.kvHeads)], toHeads: false,
+                          outputs: [dq, dk, dv], add: true, x: x, comm: comm)
+        return AttentionGradients(dq: dq, dk: dk, dv: dv)
+    }
+}
