@@ -35,6 +35,7 @@ struct Info: ParsableCommand {
         for (r, f) in all.enumerated() {
             lines.append(Report.pad("\(r)", 6) + Report.pad(String(f[0].prefix(17)), 18) + Report.pad(f[1], 18) + f[4])
         }
+        lines.append("ring progress: \(RingProgress.standard.rawValue) (how ring exchanges move during compute; SEQPAR_RING_PROGRESS=tests|thread|none overrides)")
         let core = BLAS.coreName
         lines.append("blas: OpenBLAS, core type \(core), \(BLAS.threads) thread(s) on rank 0; \(BLAS.config)")
         if let t = ProcessInfo.processInfo.environment["OPENBLAS_CORETYPE"] { lines.append("blas: OPENBLAS_CORETYPE=\(t)") }

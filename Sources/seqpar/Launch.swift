@@ -50,6 +50,11 @@ enum Launch {
         }
         let comm = env.world
         configureBLAS(simulatedRanks: nil)
+        do { try configureRingProgress() } catch {
+            printError("\(error)")
+            env.finalize()
+            throw ExitCode.failure
+        }
         let localRanks = Int(ProcessInfo.processInfo.environment["OMPI_COMM_WORLD_LOCAL_SIZE"] ?? "") ?? 1
         do {
             let result = try body(comm, Backend(name: "mpi", ranks: comm.size, ranksPerHost: localRanks))
@@ -81,6 +86,25 @@ enum Launch {
         // A rank bound to a few cores uses them all; an unbound rank shares the host's cores with its neighbours.
         let threads = cpus < SystemInfo.onlineCPUs ? cpus : max(1, cpus / max(local, 1))
         BLAS.threads = max(threads, 1)
+    }
+}
+
+extension Launch {
+    /// How ring exchanges progress during compute (`RingProgress`): $SEQPAR_RING_PROGRESS if set; otherwise a
+    /// progress thread when this rank has a core its BLAS threads leave free (a rank bound to more cores than
+    /// threads, or unbound ranks with cores to spare), else MPI_Test calls between tiles.
+    static func configureRingProgress() throws {
+        let env = ProcessInfo.processInfo.environment
+        if let name = env["SEQPAR_RING_PROGRESS"] {
+            guard let mode = RingProgress(rawValue: name) else {
+                throw SeqParError.invalidInput("SEQPAR_RING_PROGRESS=\(name): give one of \(RingProgress.allCases.map(\.rawValue).joined(separator: ", ")), or unset it")
+            }
+            RingProgress.standard = mode
+            return
+        }
+        let cpus = SystemInfo.allowedCPUs().count
+        let sharing = cpus < SystemInfo.onlineCPUs ? 1 : max(Int(env["OMPI_COMM_WORLD_LOCAL_SIZE"] ?? "") ?? 1, 1)
+        RingProgress.standard = cpus >= sharing * (BLAS.threads + 1) ? .thread : .tests
     }
 }
 

@@ -1,47 +1,106 @@
+import Foundation
+
 // The ring pass shared by ring attention and RSA: every rank's block visits every rank once, r -> r+1.
 //
 // At step s (0 ..< P) rank r holds the block of rank (r - s) mod P. The exchange that brings the next block is
-// posted before the current block is computed, and `progress` (the body calls it between tiles) tests it, so MPI
-// moves it during the compute: P-1 messages per rank in all.
+// posted before the current block is computed, so it can move during the compute: P-1 messages per rank in all.
+// OpenMPI's shared-memory transport moves a large message only inside MPI calls, so something must call MPI while
+// the kernel runs (`RingProgress`): the body's `progress` (called between tiles) tests the requests, or a thread
+// waits on them. The copies are CPU work: a progress thread hides them only on a core the kernel does not use.
 // With `accumulate`, a zeroed accumulator of each block's shape travels one step behind its block (dK and dV in a
 // backward pass): the body adds this rank's contribution, the accumulator moves on after the body, and after P steps
 // each rank holds the accumulator of its own block: P more messages.
+
+/// How a ring step's exchange progresses while the block computes.
+public enum RingProgress: String, CaseIterable, Sendable, Codable {
+    /// MPI_Test between tiles, on the computing thread.
+    case tests
+    /// A thread that waits on the requests while the kernel runs (needs MPI_THREAD_MULTIPLE and a spare core).
+    case thread
+    /// Nothing until the wait after the compute (to measure what the others buy).
+    case none
+
+    /// What ring attention and RSA use unless told otherwise. `Launch` sets `thread` for an MPI rank that may run on
+    /// more cores than its BLAS threads use.
+    nonisolated(unsafe) public static var standard: RingProgress = .tests
+}
+
+/// Waits on requests on a thread of its own.
+final class ProgressThread: @unchecked Sendable {
+    private let done = DispatchSemaphore(value: 0)
+    private var failure: Error?
+    private let requests: [CommRequest]
+
+    init(_ requests: [CommRequest]) {
+        self.requests = requests
+        let thread = Thread { [self] in
+            do { for r in self.requests { try r.wait() } } catch { failure = error }
+            done.signal()
+        }
+        thread.stackSize = 1 << 20
+        thread.start()
+    }
+
+    /// Returns when every request has completed; rethrows the first failure.
+    func join() throws {
+        done.wait()
+        if let f = failure { throw f }
+    }
+}
 
 enum Ring {
     /// Runs the pass; returns this rank's own accumulator when `accumulate` is set.
     /// `shape(rank)` is the shape of rank `rank`'s block.
     @discardableResult
-    static func circulate(_ own: Tensor, shape: (Int) -> [Int], tag: Int, accumulate: Bool = false, comm: some Communicator,
+    static func circulate(_ own: Tensor, shape: (Int) -> [Int], tag: Int, accumulate: Bool = false,
+                          progress mode: RingProgress = .standard, comm: some Communicator,
                           _ body: (_ source: Int, _ block: Tensor, _ accumulator: Tensor?, _ progress: () -> Void) throws -> Void) throws -> Tensor? {
         let (rank, ranks) = (comm.rank, comm.size)
         let (nextRank, prevRank) = ((rank + 1) % ranks, (rank - 1 + ranks) % ranks)
-        var current = own
-        var accumulator = accumulate ? Tensor(zeros: own.shape) : nil
+        // Receive buffers of the largest block, recycled: two for blocks, two for accumulators, whatever P is.
+        let sizes = (0..<ranks).map { shape($0).reduce(1, *) }
+        let largest = sizes.max() ?? 0
+        var free: [Tensor] = [], freeAccumulators: [Tensor] = []
+        func view(_ base: Tensor, _ r: Int) -> Tensor { base.rows(0..<sizes[r]).reshaped(shape(r)) }
+        var current = own, currentBase: Tensor?
+        var accumulatorBase = accumulate ? Tensor(zeros: [largest]) : nil
+        var accumulator = accumulatorBase.map { view($0, rank) }
         for step in 0..<ranks {
             let source = (rank - step + ranks) % ranks
             let nextSource = (source - 1 + ranks) % ranks
             var requests: [CommRequest] = []
-            var next: Tensor?
+            var nextBase: Tensor?
             if step < ranks - 1 {
-                let incoming = Tensor(zeros: shape(nextSource))
-                requests.append(try comm.irecv(incoming.buffer, from: prevRank, tag: tag))
+                let base = free.popLast() ?? Tensor(zeros: [largest])
+                requests.append(try comm.irecv(view(base, nextSource).buffer, from: prevRank, tag: tag))
                 requests.append(try comm.isend(UnsafeBufferPointer(current.buffer), to: nextRank, tag: tag))
-                next = incoming
+                nextBase = base
             }
-            var failure: Error?
-            let progress = {
-                guard failure == nil else { return }
-                do { for r in requests { try r.test() } } catch { failure = error }
+            if mode == .thread && !requests.isEmpty {
+                let waiter = ProgressThread(requests)
+                do { try body(source, current, accumulator, {}) } catch { try? waiter.join(); throw error }
+                try waiter.join()
+            } else {
+                var failure: Error?
+                let progress = {
+                    guard failure == nil, mode == .tests else { return }
+                    do { for r in requests { try r.test() } } catch { failure = error }
+                }
+                try body(source, current, accumulator, progress)
+                if let f = failure { throw f }
+                for r in requests { try r.wait() }
             }
-            try body(source, current, accumulator, progress)
-            if let f = failure { throw f }
-            for r in requests { try r.wait() }
-            if let acc = accumulator, ranks > 1 {
-                let incoming = Tensor(zeros: shape(nextSource))
+            if let acc = accumulator, let accBase = accumulatorBase, ranks > 1 {
+                let base = freeAccumulators.popLast() ?? Tensor(zeros: [largest])
+                let incoming = view(base, nextSource)
                 try comm.sendRecv(UnsafeBufferPointer(acc.buffer), to: nextRank, incoming.buffer, from: prevRank, tag: tag + 1)
-                accumulator = incoming
+                freeAccumulators.append(accBase)
+                (accumulatorBase, accumulator) = (base, incoming)
             }
-            if let n = next { current = n }
+            if let n = nextBase {
+                if let old = currentBase { free.append(old) }
+                (currentBase, current) = (n, view(n, nextSource))
+            }
         }
         return accumulator
     }

@@ -12,7 +12,9 @@
 // blocks. Memory per rank grows as C * G * D (two K/V blocks, two gradient blocks), not L.
 
 public struct RingAttention: AttentionAlgorithm {
-    public init() {}
+    /// How the exchange in flight progresses during a block's compute (see `RingProgress`).
+    public var progress: RingProgress
+    public init(progress: RingProgress = .standard) { self.progress = progress }
 
     /// The K/V blocks use this tag, their dK/dV accumulators the next one.
     static let kvTag = 300
@@ -45,7 +47,7 @@ public struct RingAttention: AttentionAlgorithm {
         let (ranks, layout, length) = (comm.size, x.options.layout, x.shape.seqLen)
         let acc = AttentionOutput(o: Tensor(zeros: x.q.shape), lse: Tensor(zeros: [x.shape.batch, x.shape.heads, x.tokens]))
         acc.lse.fill(-.infinity)
-        try Ring.circulate(Self.pack(x.k, x.v), shape: { [Self.packedCount(x, rank: $0, ranks: ranks)] }, tag: Self.kvTag, comm: comm) { source, block, _, progress in
+        try Ring.circulate(Self.pack(x.k, x.v), shape: { [Self.packedCount(x, rank: $0, ranks: ranks)] }, tag: Self.kvTag, progress: self.progress, comm: comm) { source, block, _, progress in
             let keys = layout.positions(rank: source, ranks: ranks, length: length)
             if Self.skips(x, keys: keys) { return }
             let (k, v) = Self.unpack(block, x, tokens: keys.count)
@@ -59,7 +61,7 @@ public struct RingAttention: AttentionAlgorithm {
         let (ranks, layout, length) = (comm.size, x.options.layout, x.shape.seqLen)
         let dq = Tensor(zeros: x.q.shape)
         let home = try Ring.circulate(Self.pack(x.k, x.v), shape: { [Self.packedCount(x, rank: $0, ranks: ranks)] }, tag: Self.kvTag,
-                                      accumulate: true, comm: comm) { source, block, grad, progress in
+                                      accumulate: true, progress: self.progress, comm: comm) { source, block, grad, progress in
             let keys = layout.positions(rank: source, ranks: ranks, length: length)
             if Self.skips(x, keys: keys) { return }
             let (k, v) = Self.unpack(block, x, tokens: keys.count)

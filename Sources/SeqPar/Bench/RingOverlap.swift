@@ -1,0 +1,127 @@
+// How much of ring attention's communication hides behind its compute, measured on the real code paths:
+//
+//   t_comm     the ring exchanges alone (`Ring.circulate` with an empty body: the same messages, nothing computed)
+//   t_compute  the compute alone: every block's kernel call and merge (forward) or kernel call and gradient sums
+//              (backward), on blocks fetched beforehand, no communication in flight
+//   t_fused    RingAttention's forward (or backward) itself, exchanges posted before the compute, once per progress
+//              mode (`RingProgress`): none (the message moves at the wait: OpenMPI's shared-memory transport moves a
+//              large message only inside MPI calls), tests between tiles, a progress thread
+//   overlap    (t_comm + t_compute - t_fused) / min(t_comm, t_compute): 1 when the shorter one hides entirely, 0 when
+//              they run one after the other; `overlap` is the standard mode's (what a run would use), and every
+//              mode's is in `overlap_by_progress`
+// Each time is the slowest rank's (ranks start together after a barrier), median over `repeats` after `warmup`.
+
+public struct OverlapResult: Codable, Sendable {
+    public var bench = "overlap"
+    public var algorithm = "ring"
+    public var direction: String
+    public var ranks: Int
+    public var seqLen: Int, heads: Int, kvHeads: Int, headDim: Int
+    public var causal: Bool
+    public var layout: SequenceLayout
+    /// Bytes of one K/V block (the message of one ring step).
+    public var blockBytes: Int
+    public var tCommS: Double, tComputeS: Double
+    /// The standard progress mode, its fused time and overlap.
+    public var progress: RingProgress
+    public var tFusedS: Double, overlap: Double
+    public var tFusedByProgress: [String: Double], overlapByProgress: [String: Double]
+    public var repeats: Int
+
+    public static func overlap(comm: Double, compute: Double, fused: Double) -> Double {
+        (comm + compute - fused) / max(min(comm, compute), 1e-12)
+    }
+}
+
+public enum RingOverlap {
+    /// Median over repetitions of the slowest rank's time of `body`.
+    static func time(_ comm: some Communicator, repeats: Int, warmup: Int, _ body: () throws -> Void) throws -> Double {
+        var times: [Double] = []
+        for i in 0..<(warmup + repeats) {
+            try comm.barrier()
+            let t = SystemInfo.now()
+            try body()
+            let slowest = try comm.allReduce([SystemInfo.now() - t], op: .max)[0]
+            if i >= warmup { times.append(slowest) }
+        }
+        times.sort()
+        return times[times.count / 2]
+    }
+
+    public static func measure(shape: AttentionShape, options: AttentionOptions, comm: some Communicator,
+                               repeats: Int, warmup: Int, backward: Bool = true) throws -> [OverlapResult] {
+        let (rank, ranks) = (comm.rank, comm.size)
+        let layout = options.layout, length = shape.seqLen
+        let positions = layout.positions(rank: rank, ranks: ranks, length: length)
+        let x = SeededInputs.attention(shape: shape, options: options, positions: positions, seed: 5)
+        let dO = SeededInputs.gradOut(shape: shape, positions: positions, seed: 5)
+        let packedShape = { (r: Int) in [RingAttention.packedCount(x, rank: r, ranks: ranks)] }
+        // Every rank's packed block, fetched once, for the compute-only runs.
+        let counts = (0..<ranks).map { packedShape($0)[0] }
+        let all = Tensor(zeros: [counts.reduce(0, +)])
+        let own = RingAttention.pack(x.k, x.v)
+        try withExtendedLifetime(own) { try comm.allGatherV(UnsafeBufferPointer(own.buffer), into: all.buffer, counts: counts) }
+        let offsets = counts.reduce(into: [0]) { $0.append($0.last! + $1) }
+        let blocks = (0..<ranks).map { r -> (k: Tensor, v: Tensor, keys: [Int]) in
+            let keys = layout.positions(rank: r, ranks: ranks, length: length)
+            let (k, v) = RingAttention.unpack(all.rows(offsets[r]..<offsets[r + 1]), x, tokens: keys.count)
+            return (k.copy(), v.copy(), keys)
+        }
+        let order = (0..<ranks).map { (rank - $0 + ranks) % ranks }
+        let output = try RingAttention().forward(x, comm: comm)
+
+        func result(_ direction: String, comm tc: Double, compute tk: Double, fused: [RingProgress: Double]) -> OverlapResult {
+            let overlaps = fused.mapValues { OverlapResult.overlap(comm: tc, compute: tk, fused: $0) }
+            return OverlapResult(direction: direction, ranks: ranks, seqLen: length, heads: shape.heads, kvHeads: shape.kvHeads, headDim: shape.headDim,
+                                 causal: options.causal, layout: layout, blockBytes: (counts.max() ?? 0) * MemoryLayout<Float>.size,
+                                 tCommS: tc, tComputeS: tk, progress: .standard, tFusedS: fused[.standard]!, overlap: overlaps[.standard]!,
+                                 tFusedByProgress: Dictionary(uniqueKeysWithValues: fused.map { ($0.key.rawValue, $0.value) }),
+                                 overlapByProgress: Dictionary(uniqueKeysWithValues: overlaps.map { ($0.key.rawValue, $0.value) }), repeats: repeats)
+        }
+
+        let tComm = try time(comm, repeats: repeats, warmup: warmup) {
+            try Ring.circulate(RingAttention.pack(x.k, x.v), shape: packedShape, tag: RingAttention.kvTag, comm: comm) { _, _, _, _ in }
+        }
+        let tCompute = try time(comm, repeats: repeats, warmup: warmup) {
+            _ = RingAttention.pack(x.k, x.v)
+            let acc = AttentionOutput(o: Tensor(zeros: x.q.shape), lse: Tensor(zeros: [shape.batch, shape.heads, x.tokens]))
+            acc.lse.fill(-.infinity)
+            for source in order where !RingAttention.skips(x, keys: blocks[source].keys) {
+                let b = blocks[source]
+                LSEMerge.merge(into: acc, SoftmaxAttention.forward(q: x.q, qPositions: x.positions, k: b.k, v: b.v, kPositions: b.keys,
+                                                                   causal: options.causal, scale: x.scale))
+            }
+        }
+        var fused: [RingProgress: Double] = [:]
+        for mode in RingProgress.allCases {
+            fused[mode] = try time(comm, repeats: repeats, warmup: warmup) { _ = try RingAttention(progress: mode).forward(x, comm: comm) }
+        }
+        var results = [result("forward", comm: tComm, compute: tCompute, fused: fused)]
+        guard backward else { return results }
+
+        let tCommB = try time(comm, repeats: repeats, warmup: warmup) {
+            try Ring.circulate(RingAttention.pack(x.k, x.v), shape: packedShape, tag: RingAttention.kvTag, accumulate: true, comm: comm) { _, _, _, _ in }
+        }
+        let tComputeB = try time(comm, repeats: repeats, warmup: warmup) {
+            _ = RingAttention.pack(x.k, x.v)
+            let dq = Tensor(zeros: x.q.shape)
+            for source in order where !RingAttention.skips(x, keys: blocks[source].keys) {
+                let b = blocks[source]
+                let g = SoftmaxAttention.backward(q: x.q, qPositions: x.positions, k: b.k, v: b.v, kPositions: b.keys, output: output,
+                                                  gradOut: dO, causal: options.causal, scale: x.scale)
+                let acc = Tensor(zeros: [2 * g.dk.count])
+                let (dk, dv) = RingAttention.unpack(acc, x, tokens: b.keys.count)
+                BLAS.axpy(g.dq, into: dq)
+                BLAS.axpy(g.dk, into: dk)
+                BLAS.axpy(g.dv, into: dv)
+            }
+        }
+        for mode in RingProgress.allCases {
+            fused[mode] = try time(comm, repeats: repeats, warmup: warmup) {
+                _ = try RingAttention(progress: mode).backward(x, output: output, gradOut: dO, comm: comm)
+            }
+        }
+        results.append(result("backward", comm: tCommB, compute: tComputeB, fused: fused))
+        return results
+    }
+}

@@ -1,0 +1,143 @@
+import ArgumentParser
+import Foundation
+import SeqPar
+
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Benchmarks that print their figures next to a baseline measured in the same run.",
+        subcommands: [KernelBenchCommand.self, OverlapBenchCommand.self])
+}
+
+/// `#` lines that say where and how a benchmark ran.
+enum Provenance {
+    /// The commit: $SEQPAR_COMMIT (the device bundle sets it), else `git rev-parse` in the working directory.
+    static var commit: String {
+        if let c = ProcessInfo.processInfo.environment["SEQPAR_COMMIT"], !c.isEmpty { return c }
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        p.arguments = ["git", "rev-parse", "--short", "HEAD"]
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        p.standardError = FileHandle.nullDevice
+        guard (try? p.run()) != nil else { return "unknown" }
+        p.waitUntilExit()
+        let out = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        return p.terminationStatus == 0 && !out.isEmpty ? out : "unknown"
+    }
+
+    static func header(_ title: String) -> [String] {
+        ["# seqpar \(title)",
+         "# host \(SystemInfo.hostName), \(SystemInfo.onlineCPUs) cpus online, cpus allowed \(SystemInfo.cpuList(SystemInfo.allowedCPUs()))",
+         "# blas OpenBLAS core \(BLAS.coreName), \(BLAS.threads) thread(s); commit \(commit)"]
+    }
+}
+
+struct KernelBenchCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "kernel",
+        abstract: "Blockwise softmax kernel forward and backward GFLOP/s on one rank, over OpenBLAS sgemm GFLOP/s measured in the same run.")
+
+    enum Mask: String, ExpressibleByArgument, CaseIterable { case both, causal, full }
+
+    @Option(parsing: .upToNextOption, help: "Sequence lengths.") var seqLen: [Int] = [4096, 16384]
+    @Option(parsing: .upToNextOption, help: "Head dimensions.") var headDim: [Int] = [64, 128]
+    @Option(help: "Query heads (and kv heads).") var heads = 1
+    @Option(help: "Masks to run: both, causal or full.") var mask: Mask = .both
+    @Option(help: "Timed runs per figure (the median is reported).") var repeats = 3
+    @Option(help: "Untimed runs before timing.") var warmup = 1
+    @Option(help: "BLAS threads for the kernel and the sgemm baseline.") var threads = 1
+    @Option(help: "Side of the square sgemm baseline.") var sgemmSize = 2048
+    @Flag(help: "Forward only.") var forwardOnly = false
+    @Flag(help: "One JSON object per figure instead of the table.") var json = false
+
+    func validate() throws {
+        for (name, values) in [("--seq-len", seqLen), ("--head-dim", headDim)] {
+            guard !values.isEmpty, values.allSatisfy({ $0 >= 1 }) else { throw ValidationError("\(name): give one or more sizes, each at least 1") }
+        }
+        for (name, v) in [("--heads", heads), ("--repeats", repeats), ("--threads", threads), ("--sgemm-size", sgemmSize)] where v < 1 {
+            throw ValidationError("\(name) \(v): must be at least 1")
+        }
+        guard warmup >= 0 else { throw ValidationError("--warmup \(warmup): must be 0 or more") }
+    }
+
+    func run() throws {
+        BLAS.threads = threads
+        let masks: [Bool] = mask == .both ? [false, true] : [mask == .causal]
+        // Refuse before allocating what the machine does not have: q, k, v, o, dO, dq, dk, dv at the longest length.
+        let need = 8 * heads * seqLen.max()! * headDim.max()! * MemoryLayout<Float>.size + 3 * sgemmSize * sgemmSize * MemoryLayout<Float>.size
+        if let available = SystemInfo.availableMemory(), need > available {
+            throw SeqParError.outOfMemory("the kernel benchmark needs about \(SystemInfo.bytesText(need)) and this machine has \(SystemInfo.bytesText(available)) available: lower --seq-len, --heads or --sgemm-size")
+        }
+        let sgemm = KernelBench.sgemmGflops(n: sgemmSize, repeats: repeats, warmup: warmup)
+        if !json {
+            (Provenance.header("bench kernel") + [
+                String(format: "# baseline: OpenBLAS sgemm %dx%dx%d: %.1f GFLOP/s", sgemmSize, sgemmSize, sgemmSize, sgemm),
+                "# FLOPs: forward 4*H*L^2*D (half when causal), backward 2.5x forward; time: median of \(repeats) after \(warmup) warm-up",
+                ["kernel", "direction", "L", "H", "D", "mask", "time_s", "GFLOP/s", "sgemm_GFLOP/s", "ratio"].map { Report.pad($0, 15) }.joined(),
+            ]).forEach { print($0) }
+        }
+        for d in headDim {
+            for l in seqLen {
+                for causal in masks {
+                    let shape = AttentionShape(seqLen: l, heads: heads, headDim: d)
+                    for r in KernelBench.softmax(shape: shape, causal: causal, sgemmGflops: sgemm, repeats: repeats, warmup: warmup, backward: !forwardOnly) {
+                        if json { print(Report.json(r)); continue }
+                        print(["softmax", r.direction, "\(l)", "\(heads)", "\(d)", causal ? "causal" : "full", String(format: "%.4f", r.timeS),
+                               String(format: "%.1f", r.gflops), String(format: "%.1f", r.sgemmGflops), String(format: "%.2f", r.ratio)]
+                            .map { Report.pad($0, 15) }.joined())
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct OverlapBenchCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "overlap",
+        abstract: "Ring attention's communication/compute overlap: the exchanges alone, the compute alone, and the real fused step, with and without progress calls between tiles.",
+        discussion: "overlap = (t_comm + t_compute - t_fused) / min(t_comm, t_compute). Run it under mpirun (e.g. mpirun -np 2 seqpar bench overlap) or with --ranks N.")
+
+    @Option(help: "Sequence length L.") var seqLen = 2048
+    @Option(help: "Query heads H.") var heads = 8
+    @Option(help: "Key/value heads G (default H).") var kvHeads: Int?
+    @Option(help: "Head dimension D.") var headDim = 128
+    @Flag(help: "Causal mask.") var causal = false
+    @Option(help: "Sequence layout over ranks.") var layout: SequenceLayout = .contiguous
+    @Option(help: "Timed repetitions (the median is reported).") var repeats = 10
+    @Option(help: "Untimed repetitions first.") var warmup = 2
+    @Flag(help: "Forward only.") var forwardOnly = false
+    @Flag(help: "One JSON object per direction instead of the table.") var json = false
+    @OptionGroup var rankOptions: RankOptions
+
+    func validate() throws {
+        for (name, v) in [("--seq-len", seqLen), ("--heads", heads), ("--kv-heads", kvHeads ?? heads), ("--head-dim", headDim), ("--repeats", repeats)] where v < 1 {
+            throw ValidationError("\(name) \(v): must be at least 1")
+        }
+        guard warmup >= 0 else { throw ValidationError("--warmup \(warmup): must be 0 or more") }
+        guard heads % (kvHeads ?? heads) == 0 else { throw ValidationError("--kv-heads \(kvHeads!) does not divide --heads \(heads)") }
+    }
+
+    func run() throws {
+        let shape = AttentionShape(seqLen: seqLen, heads: heads, kvHeads: kvHeads ?? heads, headDim: headDim)
+        let options = AttentionOptions(causal: causal, layout: layout)
+        let (repeats, warmup, backward) = (self.repeats, self.warmup, !forwardOnly)
+        let out = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout) { comm, backend in
+            (try RingOverlap.measure(shape: shape, options: options, comm: comm, repeats: repeats, warmup: warmup, backward: backward), backend)
+        }
+        guard let (results, backend) = out else { return }
+        if json { results.forEach { print(Report.json($0)) }; return }
+        let modes = RingProgress.allCases.map(\.rawValue)
+        (Provenance.header("bench overlap") + [
+            "# ring attention, \(backend.ranks) rank(s), backend \(backend.name); \(shape), \(causal ? "causal" : "full"), layout \(layout.rawValue)",
+            "# K/V block per ring step \(SystemInfo.bytesText(results[0].blockBytes)); slowest rank's time, median of \(repeats) after \(warmup) warm-up",
+            "# overlap = (t_comm + t_compute - t_fused) / min(t_comm, t_compute), per progress mode: none (moves at the wait), tests (MPI_Test between tiles), thread (a progress thread); this run's standard: \(results[0].progress.rawValue)",
+            (["direction", "t_comm_s", "t_compute_s"] + modes.map { "fused_\($0)_s" } + modes.map { "overlap_\($0)" }).map { Report.pad($0, 15) }.joined(),
+        ]).forEach { print($0) }
+        for r in results {
+            print(([r.direction, String(format: "%.5f", r.tCommS), String(format: "%.5f", r.tComputeS)]
+                   + modes.map { String(format: "%.5f", r.tFusedByProgress[$0] ?? .nan) }
+                   + modes.map { String(format: "%.0f%%", 100 * (r.overlapByProgress[$0] ?? .nan)) }).map { Report.pad($0, 15) }.joined())
+        }
+    }
+}
