@@ -9,7 +9,9 @@
 //   overlap    (t_comm + t_compute - t_fused) / min(t_comm, t_compute): 1 when the shorter one hides entirely, 0 when
 //              they run one after the other; `overlap` is the standard mode's (what a run would use), and every
 //              mode's is in `overlap_by_progress`
-// Each time is the slowest rank's (ranks start together after a barrier), median over `repeats` after `warmup`.
+// Each time is the slowest rank's (ranks start together after a barrier). The variants run interleaved, one of each
+// per round in a rotating order, so drift in the machine's speed touches them alike; times are medians over `repeats`
+// rounds after `warmup`, and the overlap is the median of each round's overlap.
 
 public struct OverlapResult: Codable, Sendable {
     public var bench = "overlap"
@@ -34,18 +36,27 @@ public struct OverlapResult: Codable, Sendable {
 }
 
 public enum RingOverlap {
-    /// Median over repetitions of the slowest rank's time of `body`.
-    static func time(_ comm: some Communicator, repeats: Int, warmup: Int, _ body: () throws -> Void) throws -> Double {
-        var times: [Double] = []
-        for i in 0..<(warmup + repeats) {
-            try comm.barrier()
-            let t = SystemInfo.now()
-            try body()
-            let slowest = try comm.allReduce([SystemInfo.now() - t], op: .max)[0]
-            if i >= warmup { times.append(slowest) }
+    /// Times every variant once per round (rotating the order), the slowest rank's time each; per variant, the
+    /// times of the rounds after `warmup`.
+    static func interleaved(_ comm: some Communicator, repeats: Int, warmup: Int,
+                            _ variants: [(name: String, body: () throws -> Void)]) throws -> [String: [Double]] {
+        var times: [String: [Double]] = [:]
+        for round in 0..<(warmup + repeats) {
+            for i in 0..<variants.count {
+                let v = variants[(i + round) % variants.count]
+                try comm.barrier()
+                let t = SystemInfo.now()
+                try v.body()
+                let slowest = try comm.allReduce([SystemInfo.now() - t], op: .max)[0]
+                if round >= warmup { times[v.name, default: []].append(slowest) }
+            }
         }
-        times.sort()
-        return times[times.count / 2]
+        return times
+    }
+
+    static func median(_ values: [Double]) -> Double {
+        let s = values.sorted()
+        return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
     }
 
     public static func measure(shape: AttentionShape, options: AttentionOptions, comm: some Communicator,
@@ -70,58 +81,57 @@ public enum RingOverlap {
         let order = (0..<ranks).map { (rank - $0 + ranks) % ranks }
         let output = try RingAttention().forward(x, comm: comm)
 
-        func result(_ direction: String, comm tc: Double, compute tk: Double, fused: [RingProgress: Double]) -> OverlapResult {
-            let overlaps = fused.mapValues { OverlapResult.overlap(comm: tc, compute: tk, fused: $0) }
+        func result(_ direction: String, _ times: [String: [Double]]) -> OverlapResult {
+            let (tc, tk) = (times["comm"]!, times["compute"]!)
+            var fused: [String: Double] = [:], overlaps: [String: Double] = [:]
+            for mode in RingProgress.allCases {
+                let tf = times[mode.rawValue]!
+                fused[mode.rawValue] = median(tf)
+                overlaps[mode.rawValue] = median(tf.indices.map { OverlapResult.overlap(comm: tc[$0], compute: tk[$0], fused: tf[$0]) })
+            }
+            let standard = RingProgress.standard.rawValue
             return OverlapResult(direction: direction, ranks: ranks, seqLen: length, heads: shape.heads, kvHeads: shape.kvHeads, headDim: shape.headDim,
                                  causal: options.causal, layout: layout, blockBytes: (counts.max() ?? 0) * MemoryLayout<Float>.size,
-                                 tCommS: tc, tComputeS: tk, progress: .standard, tFusedS: fused[.standard]!, overlap: overlaps[.standard]!,
-                                 tFusedByProgress: Dictionary(uniqueKeysWithValues: fused.map { ($0.key.rawValue, $0.value) }),
-                                 overlapByProgress: Dictionary(uniqueKeysWithValues: overlaps.map { ($0.key.rawValue, $0.value) }), repeats: repeats)
+                                 tCommS: median(tc), tComputeS: median(tk), progress: .standard, tFusedS: fused[standard]!, overlap: overlaps[standard]!,
+                                 tFusedByProgress: fused, overlapByProgress: overlaps, repeats: repeats)
         }
 
-        let tComm = try time(comm, repeats: repeats, warmup: warmup) {
-            try Ring.circulate(RingAttention.pack(x.k, x.v), shape: packedShape, tag: RingAttention.kvTag, comm: comm) { _, _, _, _ in }
-        }
-        let tCompute = try time(comm, repeats: repeats, warmup: warmup) {
-            _ = RingAttention.pack(x.k, x.v)
-            let acc = AttentionOutput(o: Tensor(zeros: x.q.shape), lse: Tensor(zeros: [shape.batch, shape.heads, x.tokens]))
-            acc.lse.fill(-.infinity)
-            for source in order where !RingAttention.skips(x, keys: blocks[source].keys) {
-                let b = blocks[source]
-                LSEMerge.merge(into: acc, SoftmaxAttention.forward(q: x.q, qPositions: x.positions, k: b.k, v: b.v, kPositions: b.keys,
-                                                                   causal: options.causal, scale: x.scale))
-            }
-        }
-        var fused: [RingProgress: Double] = [:]
-        for mode in RingProgress.allCases {
-            fused[mode] = try time(comm, repeats: repeats, warmup: warmup) { _ = try RingAttention(progress: mode).forward(x, comm: comm) }
-        }
-        var results = [result("forward", comm: tComm, compute: tCompute, fused: fused)]
+        let forward: [(name: String, body: () throws -> Void)] = [
+            ("comm", { try Ring.circulate(RingAttention.pack(x.k, x.v), shape: packedShape, tag: RingAttention.kvTag, comm: comm) { _, _, _, _ in } }),
+            ("compute", {
+                _ = RingAttention.pack(x.k, x.v)
+                let acc = AttentionOutput(o: Tensor(zeros: x.q.shape), lse: Tensor(zeros: [shape.batch, shape.heads, x.tokens]))
+                acc.lse.fill(-.infinity)
+                for source in order where !RingAttention.skips(x, keys: blocks[source].keys) {
+                    let b = blocks[source]
+                    LSEMerge.merge(into: acc, SoftmaxAttention.forward(q: x.q, qPositions: x.positions, k: b.k, v: b.v, kPositions: b.keys,
+                                                                       causal: options.causal, scale: x.scale))
+                }
+            }),
+        ] + RingProgress.allCases.map { mode in (mode.rawValue, { _ = try RingAttention(progress: mode).forward(x, comm: comm) }) }
+        var results = [result("forward", try interleaved(comm, repeats: repeats, warmup: warmup, forward))]
         guard backward else { return results }
 
-        let tCommB = try time(comm, repeats: repeats, warmup: warmup) {
-            try Ring.circulate(RingAttention.pack(x.k, x.v), shape: packedShape, tag: RingAttention.kvTag, accumulate: true, comm: comm) { _, _, _, _ in }
-        }
-        let tComputeB = try time(comm, repeats: repeats, warmup: warmup) {
-            _ = RingAttention.pack(x.k, x.v)
-            let dq = Tensor(zeros: x.q.shape)
-            for source in order where !RingAttention.skips(x, keys: blocks[source].keys) {
-                let b = blocks[source]
-                let g = SoftmaxAttention.backward(q: x.q, qPositions: x.positions, k: b.k, v: b.v, kPositions: b.keys, output: output,
-                                                  gradOut: dO, causal: options.causal, scale: x.scale)
-                let acc = Tensor(zeros: [2 * g.dk.count])
-                let (dk, dv) = RingAttention.unpack(acc, x, tokens: b.keys.count)
-                BLAS.axpy(g.dq, into: dq)
-                BLAS.axpy(g.dk, into: dk)
-                BLAS.axpy(g.dv, into: dv)
-            }
-        }
-        for mode in RingProgress.allCases {
-            fused[mode] = try time(comm, repeats: repeats, warmup: warmup) {
-                _ = try RingAttention(progress: mode).backward(x, output: output, gradOut: dO, comm: comm)
-            }
-        }
-        results.append(result("backward", comm: tCommB, compute: tComputeB, fused: fused))
+        let backwardVariants: [(name: String, body: () throws -> Void)] = [
+            ("comm", {
+                try Ring.circulate(RingAttention.pack(x.k, x.v), shape: packedShape, tag: RingAttention.kvTag, accumulate: true, comm: comm) { _, _, _, _ in }
+            }),
+            ("compute", {
+                _ = RingAttention.pack(x.k, x.v)
+                let dq = Tensor(zeros: x.q.shape)
+                for source in order where !RingAttention.skips(x, keys: blocks[source].keys) {
+                    let b = blocks[source]
+                    let g = SoftmaxAttention.backward(q: x.q, qPositions: x.positions, k: b.k, v: b.v, kPositions: b.keys, output: output,
+                                                      gradOut: dO, causal: options.causal, scale: x.scale)
+                    let acc = Tensor(zeros: [2 * g.dk.count])
+                    let (dk, dv) = RingAttention.unpack(acc, x, tokens: b.keys.count)
+                    BLAS.axpy(g.dq, into: dq)
+                    BLAS.axpy(g.dk, into: dk)
+                    BLAS.axpy(g.dv, into: dv)
+                }
+            }),
+        ] + RingProgress.allCases.map { mode in (mode.rawValue, { _ = try RingAttention(progress: mode).backward(x, output: output, gradOut: dO, comm: comm) }) }
+        results.append(result("backward", try interleaved(comm, repeats: repeats, warmup: warmup, backwardVariants)))
         return results
     }
 }
