@@ -43,11 +43,11 @@ enum Harness {
         return env
     }()
 
-    static func run(_ arguments: [String], timeout: Double = 180, directory: URL? = nil) throws -> Run {
+    static func run(_ arguments: [String], timeout: Double = 180, directory: URL? = nil, environment: [String: String] = [:]) throws -> Run {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         p.arguments = arguments
-        p.environment = mpiEnvironment
+        p.environment = mpiEnvironment.merging(environment) { $1 }
         if let d = directory { p.currentDirectoryURL = d }
         let pipe = Pipe()
         p.standardOutput = pipe
@@ -67,8 +67,9 @@ enum Harness {
         return Run(status: p.terminationStatus, output: String(decoding: sink.data, as: UTF8.self), timedOut: timedOut)
     }
 
-    static func mpirun(_ np: Int, _ arguments: [String], timeout: Double = 180) throws -> Run {
-        try run(["mpirun", "-np", "\(np)", binary] + arguments, timeout: timeout)
+    static func mpirun(_ np: Int, _ arguments: [String], timeout: Double = 180, environment: [String: String] = [:]) throws -> Run {
+        try run(["mpirun", "-np", "\(np)"] + environment.keys.sorted().flatMap { ["-x", $0] } + [binary] + arguments,
+                timeout: timeout, environment: environment)
     }
 
     static func simulated(_ arguments: [String], timeout: Double = 180) throws -> Run {
@@ -103,6 +104,17 @@ enum Harness {
             #expect(!r.timedOut && r.status == 0, "\(r.output)")
             #expect(r.output.contains(": PASS"), "\(r.output)")
           }
+        }
+    }
+
+    /// Ring attention and RSA with each way of progressing the exchanges (a progress thread, MPI_Test between tiles,
+    /// nothing until the wait): the same answer under MPI_THREAD_MULTIPLE.
+    @Test(arguments: ["thread", "tests", "none"]) func ringProgressModesUnderMPI(mode: String) throws {
+        for algorithm in ["ring", "rsa"] {
+            let r = try Harness.mpirun(3, ["attention", "--algorithm", algorithm, "--seq-len", "301", "--heads", "4", "--kv-heads", "2",
+                                           "--head-dim", "32", "--causal", "--layout", "zigzag", "--backward", "--check"],
+                                       environment: ["SEQPAR_RING_PROGRESS": mode])
+            #expect(!r.timedOut && r.status == 0 && r.output.contains(": PASS"), "\(mode) \(algorithm): \(r.output)")
         }
     }
 

@@ -86,6 +86,16 @@ import Testing
         }
     }
 
+    /// Ring attention with a progress thread (and with no progress calls): same answers, same messages; the thread
+    /// waits on the requests while the kernel runs, and the accumulator of the next step arrives meanwhile.
+    @Test(arguments: [RingProgress.thread, .none], [2, 3, 4]) func ringProgressModes(mode: RingProgress, ranks: Int) throws {
+        var c = AttentionCase(algorithm: .ring, ranks: ranks, shape: AttentionShape(seqLen: 45, heads: 4, kvHeads: 2, headDim: 16), causal: true, layout: .zigzag)
+        c.ringProgress = mode
+        for (fwd, bwd) in try checkAttention(c) {
+            #expect(fwd.messagesSent == ranks - 1 && bwd.messagesSent == 2 * ranks - 1)
+        }
+    }
+
     /// rsa backward without the forward's probability rows recomputes them from lse (one more K ring).
     @Test(arguments: [1, 3]) func rsaBackwardRecomputesRows(ranks: Int) throws {
         var c = AttentionCase(algorithm: .rsa, ranks: ranks, shape: AttentionShape(seqLen: 31, heads: 2, kvHeads: 1, headDim: 16), causal: true, layout: .zigzag)

@@ -18,6 +18,8 @@ struct AttentionCase: CustomStringConvertible, Sendable {
     var seed: UInt64 = 7
     /// Drop what the forward pass kept for backward (`AttentionOutput.saved`), so backward must recompute it.
     var dropSaved = false
+    /// Ring attention with this progress mode instead of the standard one.
+    var ringProgress: RingProgress?
     var description: String {
         "\(algorithm) P=\(ranks) \(shape) \(causal ? "causal" : "full") \(layout) x\(inputScale)"
     }
@@ -56,7 +58,7 @@ func checkAttention(_ c: AttentionCase, tolerance: Tolerance = Tolerance()) thro
         let positions = options.layout.positions(rank: comm.rank, ranks: comm.size, length: s.seqLen)
         let x = SeededInputs.attention(shape: s, options: options, positions: positions, seed: c.seed, scale: c.inputScale)
         let dO = SeededInputs.gradOut(shape: s, positions: positions, seed: c.seed)
-        let algorithm = c.algorithm.implementation
+        let algorithm: any AttentionAlgorithm = c.ringProgress.map { RingAttention(progress: $0) } ?? c.algorithm.implementation
         comm.resetCounters()
         let out = try algorithm.forward(x, comm: comm)
         let fwd = comm.counters

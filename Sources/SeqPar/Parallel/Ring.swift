@@ -9,7 +9,11 @@ import Foundation
 // waits on them. The copies are CPU work: a progress thread hides them only on a core the kernel does not use.
 // With `accumulate`, a zeroed accumulator of each block's shape travels one step behind its block (dK and dV in a
 // backward pass): the body adds this rank's contribution, the accumulator moves on after the body, and after P steps
-// each rank holds the accumulator of its own block: P more messages.
+// each rank holds the accumulator of its own block: P more messages. The accumulator's exchange is posted after the
+// body and completes during the next step's compute: the body asks for its accumulator (`accumulator()`, which waits
+// for it to arrive) only when it is ready to add, after its kernel.
+// Receive buffers are allocated once per pass (the largest block's size) and recycled, without zero-filling: their
+// pages are first touched by the transfer, which then overlaps the compute too.
 
 /// How a ring step's exchange progresses while the block computes.
 public enum RingProgress: String, CaseIterable, Sendable, Codable {
@@ -25,20 +29,29 @@ public enum RingProgress: String, CaseIterable, Sendable, Codable {
     nonisolated(unsafe) public static var standard: RingProgress = .tests
 }
 
-/// Waits on requests on a thread of its own.
+/// Waits on requests on a thread of its own: `first` (a travelling accumulator), then `then` (the next block).
 final class ProgressThread: @unchecked Sendable {
-    private let done = DispatchSemaphore(value: 0)
+    private let firstDone = DispatchSemaphore(value: 0), done = DispatchSemaphore(value: 0)
     private var failure: Error?
-    private let requests: [CommRequest]
+    private let first: [CommRequest], then: [CommRequest]
 
-    init(_ requests: [CommRequest]) {
-        self.requests = requests
+    init(first: [CommRequest] = [], then: [CommRequest]) {
+        (self.first, self.then) = (first, then)
         let thread = Thread { [self] in
-            do { for r in self.requests { try r.wait() } } catch { failure = error }
+            do { for r in self.first { try r.wait() } } catch { failure = error }
+            firstDone.signal()
+            if failure == nil { do { for r in self.then { try r.wait() } } catch { failure = error } }
             done.signal()
         }
         thread.stackSize = 1 << 20
         thread.start()
+    }
+
+    /// Returns when `first` has completed (at once on later calls); rethrows its failure.
+    func waitFirst() throws {
+        firstDone.wait()
+        firstDone.signal()
+        if let f = failure { throw f }
     }
 
     /// Returns when every request has completed; rethrows the first failure.
@@ -54,47 +67,60 @@ enum Ring {
     @discardableResult
     static func circulate(_ own: Tensor, shape: (Int) -> [Int], tag: Int, accumulate: Bool = false,
                           progress mode: RingProgress = .standard, comm: some Communicator,
-                          _ body: (_ source: Int, _ block: Tensor, _ accumulator: Tensor?, _ progress: () -> Void) throws -> Void) throws -> Tensor? {
+                          _ body: (_ source: Int, _ block: Tensor, _ accumulator: (() throws -> Tensor)?, _ progress: () -> Void) throws -> Void) throws -> Tensor? {
         let (rank, ranks) = (comm.rank, comm.size)
         let (nextRank, prevRank) = ((rank + 1) % ranks, (rank - 1 + ranks) % ranks)
-        // Receive buffers of the largest block, recycled: two for blocks, two for accumulators, whatever P is.
         let sizes = (0..<ranks).map { shape($0).reduce(1, *) }
         let largest = sizes.max() ?? 0
         var free: [Tensor] = [], freeAccumulators: [Tensor] = []
         func view(_ base: Tensor, _ r: Int) -> Tensor { base.rows(0..<sizes[r]).reshaped(shape(r)) }
         var current = own, currentBase: Tensor?
+        // The accumulator of the block in hand, its base buffer, and the exchange bringing it (and sending the last).
         var accumulatorBase = accumulate ? Tensor(zeros: [largest]) : nil
         var accumulator = accumulatorBase.map { view($0, rank) }
+        var accumulatorRequests: [CommRequest] = []
+        var sentAccumulatorBase: Tensor?
+        func settleAccumulator() throws {
+            for r in accumulatorRequests { try r.wait() }
+            accumulatorRequests = []
+            if let sent = sentAccumulatorBase { freeAccumulators.append(sent); sentAccumulatorBase = nil }
+        }
         for step in 0..<ranks {
             let source = (rank - step + ranks) % ranks
             let nextSource = (source - 1 + ranks) % ranks
             var requests: [CommRequest] = []
             var nextBase: Tensor?
             if step < ranks - 1 {
-                let base = free.popLast() ?? Tensor(zeros: [largest])
+                let base = free.popLast() ?? Tensor(uninitialized: [largest])
                 requests.append(try comm.irecv(view(base, nextSource).buffer, from: prevRank, tag: tag))
                 requests.append(try comm.isend(UnsafeBufferPointer(current.buffer), to: nextRank, tag: tag))
                 nextBase = base
             }
-            if mode == .thread && !requests.isEmpty {
-                let waiter = ProgressThread(requests)
-                do { try body(source, current, accumulator, {}) } catch { try? waiter.join(); throw error }
+            let inFlight = requests + accumulatorRequests
+            if mode == .thread && !inFlight.isEmpty {
+                // Only the thread waits on the requests; the body waits on the thread for its accumulator.
+                let waiter = ProgressThread(first: accumulatorRequests, then: requests)
+                let getAccumulator: (() throws -> Tensor)? = accumulator.map { acc in { try waiter.waitFirst(); return acc } }
+                do { try body(source, current, getAccumulator, {}) } catch { try? waiter.join(); throw error }
                 try waiter.join()
             } else {
+                let getAccumulator: (() throws -> Tensor)? = accumulator.map { acc in { try settleAccumulator(); return acc } }
                 var failure: Error?
                 let progress = {
                     guard failure == nil, mode == .tests else { return }
-                    do { for r in requests { try r.test() } } catch { failure = error }
+                    do { for r in inFlight { try r.test() } } catch { failure = error }
                 }
-                try body(source, current, accumulator, progress)
+                try body(source, current, getAccumulator, progress)
                 if let f = failure { throw f }
                 for r in requests { try r.wait() }
             }
+            try settleAccumulator()
             if let acc = accumulator, let accBase = accumulatorBase, ranks > 1 {
-                let base = freeAccumulators.popLast() ?? Tensor(zeros: [largest])
+                let base = freeAccumulators.popLast() ?? Tensor(uninitialized: [largest])
                 let incoming = view(base, nextSource)
-                try comm.sendRecv(UnsafeBufferPointer(acc.buffer), to: nextRank, incoming.buffer, from: prevRank, tag: tag + 1)
-                freeAccumulators.append(accBase)
+                accumulatorRequests = [try comm.irecv(incoming.buffer, from: prevRank, tag: tag + 1),
+                                       try comm.isend(UnsafeBufferPointer(acc.buffer), to: nextRank, tag: tag + 1)]
+                sentAccumulatorBase = accBase
                 (accumulatorBase, accumulator) = (base, incoming)
             }
             if let n = nextBase {
@@ -102,6 +128,7 @@ enum Ring {
                 (currentBase, current) = (n, view(n, nextSource))
             }
         }
+        try settleAccumulator()
         return accumulator
     }
 }

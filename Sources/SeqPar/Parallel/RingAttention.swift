@@ -7,7 +7,8 @@
 // tiles so MPI moves it meanwhile), merges (o, lse) in log space, then waits. Causal: a block entirely after every
 // local query is skipped; the kernel masks the rest. With --layout zigzag every rank does the same causal work.
 // Backward: K and V travel again (sent ahead of the compute); dK and dV accumulators travel with their block, one step
-// behind, each rank adding its queries' contribution; after P steps every accumulator is home. dQ stays local.
+// behind, each rank adding its queries' contribution after its kernel (so the accumulator's transfer overlaps the
+// kernel too); after P steps every accumulator is home. dQ stays local.
 // Communication: forward P-1 messages per rank (one packed K/V block each); backward P-1 K/V blocks plus P dK/dV
 // blocks. Memory per rank grows as C * G * D (two K/V blocks, two gradient blocks), not L.
 
@@ -68,7 +69,7 @@ public struct RingAttention: AttentionAlgorithm {
             let g = SoftmaxAttention.backward(q: x.q, qPositions: x.positions, k: k, v: v, kPositions: keys, output: output,
                                               gradOut: gradOut, causal: x.options.causal, scale: x.scale, progress: progress)
             BLAS.axpy(g.dq, into: dq)
-            let (dk, dv) = Self.unpack(grad!, x, tokens: keys.count)
+            let (dk, dv) = Self.unpack(try grad!(), x, tokens: keys.count)
             BLAS.axpy(g.dk, into: dk)
             BLAS.axpy(g.dv, into: dv)
         }

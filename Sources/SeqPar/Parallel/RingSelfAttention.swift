@@ -112,13 +112,14 @@ public struct RingSelfAttention: AttentionAlgorithm {
         let kvShape = { (m: Int) in x.shape.kvShape(tokens: blocks.positions[m].count) }
         // V ring: dV, and P -> dS in place.
         let dp = Tensor(zeros: [x.tokens * (blocks.positions.map(\.count).max() ?? 0)])
-        let dv = try Ring.circulate(x.v, shape: kvShape, tag: Self.valueTag, accumulate: true, comm: comm) { source, v, dvBlock, progress in
+        let dv = try Ring.circulate(x.v, shape: kvShape, tag: Self.valueTag, accumulate: true, comm: comm) { source, v, accumulator, progress in
             if RingAttention.skips(x, keys: blocks.positions[source]) { return }
+            let dvBlock = try accumulator!()
             let cols = blocks.columns(source)
             for b in 0..<batch {
                 for h in 0..<heads {
                     let (doh, pm) = (dO.head(batch: b, h), Self.rows(p, batch: b, head: h).cols(cols))
-                    BLAS.gemm(pm, transposeA: true, doh, into: dvBlock!.head(batch: b, h / group), beta: 1)
+                    BLAS.gemm(pm, transposeA: true, doh, into: dvBlock.head(batch: b, h / group), beta: 1)
                     let dpm = Matrix(base: dp.pointer, rows: pm.rows, cols: pm.cols)
                     BLAS.gemm(doh, v.head(batch: b, h / group), transposeB: true, into: dpm)
                     for i in 0..<pm.rows {
@@ -132,14 +133,15 @@ public struct RingSelfAttention: AttentionAlgorithm {
         }!
         // K ring: dQ and dK from dS.
         let dq = Tensor(zeros: x.q.shape)
-        let dk = try Ring.circulate(x.k, shape: kvShape, tag: Self.keyTag, accumulate: true, comm: comm) { source, k, dkBlock, progress in
+        let dk = try Ring.circulate(x.k, shape: kvShape, tag: Self.keyTag, accumulate: true, comm: comm) { source, k, accumulator, progress in
             if RingAttention.skips(x, keys: blocks.positions[source]) { return }
+            let dkBlock = try accumulator!()
             let cols = blocks.columns(source)
             for b in 0..<batch {
                 for h in 0..<heads {
                     let ds = Self.rows(p, batch: b, head: h).cols(cols)
                     BLAS.gemm(ds, k.head(batch: b, h / group), into: dq.head(batch: b, h), alpha: x.scale, beta: 1)
-                    BLAS.gemm(ds, transposeA: true, x.q.head(batch: b, h), into: dkBlock!.head(batch: b, h / group), alpha: x.scale, beta: 1)
+                    BLAS.gemm(ds, transposeA: true, x.q.head(batch: b, h), into: dkBlock.head(batch: b, h / group), alpha: x.scale, beta: 1)
                     progress()
                 }
             }

@@ -10,11 +10,11 @@ public final class TensorStorage: @unchecked Sendable {
     public let base: UnsafeMutablePointer<Float>
     public let count: Int
 
-    init(count: Int) {
+    init(count: Int, zeroed: Bool = true) {
         self.count = count
         let raw = UnsafeMutableRawPointer.allocate(byteCount: max(count, 1) * 4, alignment: 64)
         base = raw.bindMemory(to: Float.self, capacity: max(count, 1))
-        base.initialize(repeating: 0, count: max(count, 1))
+        if zeroed { base.initialize(repeating: 0, count: max(count, 1)) }
     }
 
     deinit { UnsafeMutableRawPointer(base).deallocate() }
@@ -31,6 +31,15 @@ public struct Tensor: @unchecked Sendable, CustomStringConvertible {
         precondition(shape.allSatisfy { $0 >= 0 }, "negative dimension in \(shape)")
         self.shape = shape
         self.storage = TensorStorage(count: shape.reduce(1, *))
+        self.offset = 0
+    }
+
+    /// A tensor whose contents are unspecified until written (a receive buffer: no pass over memory that the
+    /// transfer will overwrite anyway).
+    public init(uninitialized shape: [Int]) {
+        precondition(shape.allSatisfy { $0 >= 0 }, "negative dimension in \(shape)")
+        self.shape = shape
+        self.storage = TensorStorage(count: shape.reduce(1, *), zeroed: false)
         self.offset = 0
     }
 
