@@ -80,12 +80,16 @@ enum Launch {
             if n > 1 { BLAS.threads = 1 }
             return
         }
-        let env = ProcessInfo.processInfo.environment
-        let local = Int(env["OMPI_COMM_WORLD_LOCAL_SIZE"] ?? "") ?? 1
+        let (cpus, sharing) = cpusOfThisRank()
+        BLAS.threads = max(1, cpus / sharing)
+    }
+
+    /// The CPUs this MPI rank may run on, and how many ranks share them: a rank bound to a few cores has them to
+    /// itself; an unbound rank shares the host's cores with the other ranks of its host.
+    static func cpusOfThisRank() -> (cpus: Int, sharing: Int) {
         let cpus = SystemInfo.allowedCPUs().count
-        // A rank bound to a few cores uses them all; an unbound rank shares the host's cores with its neighbours.
-        let threads = cpus < SystemInfo.onlineCPUs ? cpus : max(1, cpus / max(local, 1))
-        BLAS.threads = max(threads, 1)
+        let local = max(Int(ProcessInfo.processInfo.environment["OMPI_COMM_WORLD_LOCAL_SIZE"] ?? "") ?? 1, 1)
+        return (cpus, cpus < SystemInfo.onlineCPUs ? 1 : local)
     }
 }
 
@@ -102,8 +106,7 @@ extension Launch {
             RingProgress.standard = mode
             return
         }
-        let cpus = SystemInfo.allowedCPUs().count
-        let sharing = cpus < SystemInfo.onlineCPUs ? 1 : max(Int(env["OMPI_COMM_WORLD_LOCAL_SIZE"] ?? "") ?? 1, 1)
+        let (cpus, sharing) = cpusOfThisRank()
         RingProgress.standard = cpus >= sharing * (BLAS.threads + 1) ? .thread : .tests
     }
 }

@@ -35,10 +35,13 @@ public enum KernelBench {
             body()
             times.append(SystemInfo.now() - t)
         }
-        times.sort()
-        let mid = times.count / 2
-        let median = times.count % 2 == 1 ? times[mid] : (times[mid - 1] + times[mid]) / 2
-        return Timing(median: median, min: times.first!, max: times.last!)
+        return Timing(median: median(times), min: times.min()!, max: times.max()!)
+    }
+
+    /// The median of `values` (the mean of the middle two for an even count).
+    static func median(_ values: [Double]) -> Double {
+        let s = values.sorted()
+        return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
     }
 
     /// OpenBLAS sgemm GFLOP/s on an n x n x n product.

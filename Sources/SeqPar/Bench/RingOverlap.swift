@@ -54,11 +54,6 @@ public enum RingOverlap {
         return times
     }
 
-    static func median(_ values: [Double]) -> Double {
-        let s = values.sorted()
-        return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
-    }
-
     public static func measure(shape: AttentionShape, options: AttentionOptions, comm: some Communicator,
                                repeats: Int, warmup: Int, backward: Bool = true) throws -> [OverlapResult] {
         let (rank, ranks) = (comm.rank, comm.size)
@@ -86,13 +81,13 @@ public enum RingOverlap {
             var fused: [String: Double] = [:], overlaps: [String: Double] = [:]
             for mode in RingProgress.allCases {
                 let tf = times[mode.rawValue]!
-                fused[mode.rawValue] = median(tf)
-                overlaps[mode.rawValue] = median(tf.indices.map { OverlapResult.overlap(comm: tc[$0], compute: tk[$0], fused: tf[$0]) })
+                fused[mode.rawValue] = KernelBench.median(tf)
+                overlaps[mode.rawValue] = KernelBench.median(tf.indices.map { OverlapResult.overlap(comm: tc[$0], compute: tk[$0], fused: tf[$0]) })
             }
             let standard = RingProgress.standard.rawValue
             return OverlapResult(direction: direction, ranks: ranks, seqLen: length, heads: shape.heads, kvHeads: shape.kvHeads, headDim: shape.headDim,
                                  causal: options.causal, layout: layout, blockBytes: (counts.max() ?? 0) * MemoryLayout<Float>.size,
-                                 tCommS: median(tc), tComputeS: median(tk), progress: .standard, tFusedS: fused[standard]!, overlap: overlaps[standard]!,
+                                 tCommS: KernelBench.median(tc), tComputeS: KernelBench.median(tk), progress: .standard, tFusedS: fused[standard]!, overlap: overlaps[standard]!,
                                  tFusedByProgress: fused, overlapByProgress: overlaps, repeats: repeats)
         }
 
