@@ -264,6 +264,18 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         record(.allGather, sent: b, received: b * (size - 1))
     }
 
+    public func iallGather<T: CommElement>(_ send: UnsafeBufferPointer<T>, into recv: UnsafeMutableBufferPointer<T>) throws -> CommRequest {
+        guard recv.count == send.count * size else {
+            throw CommError.invalidArgument("iallGather: receive buffer of \(recv.count) elements, expected \(size) x \(send.count)")
+        }
+        let n = try int32(send.count, "MPI_Iallgather"), type = datatype(T.kind)
+        var request: MPI_Request? = nil
+        try check(MPI_Iallgather(send.baseAddress, n, type, recv.baseAddress, n, type, comm, &request), "MPI_Iallgather")
+        let b = send.count * MemoryLayout<T>.stride
+        record(.allGather, sent: b, received: b * (size - 1))
+        return Request(request, expected: nil) {}
+    }
+
     public func allGatherV<T: CommElement>(_ send: UnsafeBufferPointer<T>, into recv: UnsafeMutableBufferPointer<T>, counts: [Int]) throws {
         try checkCounts(counts, "allGatherV")
         guard send.count == counts[rank], recv.count == counts.reduce(0, +) else {

@@ -45,40 +45,11 @@ func checkAttention(_ c: AttentionCase, tolerance: Tolerance = Tolerance()) thro
     let scale = Double(options.effectiveScale(headDim: s.headDim))
     let ref = DenseOracle.forward(q: global.q, k: global.k, v: global.v, causal: c.causal, scale: scale)
     let refG = DenseOracle.backward(q: global.q, k: global.k, v: global.v, gradOut: dOGlobal, causal: c.causal, scale: scale)
-    let oScale = ref.o.map(abs).max()!
-    let qRow = s.heads * s.headDim, kvRow = s.kvHeads * s.headDim
-
-    struct RankResult: @unchecked Sendable {
-        var positions: [Int]
-        var o: Tensor, lse: Tensor, grads: AttentionGradients
-        var gathered: (o: Tensor, dq: Tensor, dk: Tensor, dv: Tensor)
-        var counters: (forward: CommCounters, backward: CommCounters)
-    }
-    let results = try InProcessCluster.run(ranks: c.ranks, timeout: 60) { comm -> RankResult in
-        let positions = options.layout.positions(rank: comm.rank, ranks: comm.size, length: s.seqLen)
-        let x = SeededInputs.attention(shape: s, options: options, positions: positions, seed: c.seed, scale: c.inputScale)
-        let dO = SeededInputs.gradOut(shape: s, positions: positions, seed: c.seed)
-        let algorithm: any AttentionAlgorithm = c.ringProgress.map { RingAttention(progress: $0) } ?? c.algorithm.implementation
-        comm.resetCounters()
-        let out = try algorithm.forward(x, comm: comm)
-        let fwd = comm.counters
-        comm.resetCounters()
-        let grads = try algorithm.backward(x, output: c.dropSaved ? AttentionOutput(o: out.o, lse: out.lse) : out, gradOut: dO, comm: comm)
-        let bwd = comm.counters
-        let layout = options.layout
-        let gathered = (try layout.gather(out.o, length: s.seqLen, comm: comm), try layout.gather(grads.dq, length: s.seqLen, comm: comm),
-                        try layout.gather(grads.dk, length: s.seqLen, comm: comm), try layout.gather(grads.dv, length: s.seqLen, comm: comm))
-        return RankResult(positions: positions, o: out.o, lse: out.lse, grads: grads, gathered: gathered, counters: (fwd, bwd))
-    }
+    let algorithm: any AttentionAlgorithm = c.ringProgress.map { RingAttention(progress: $0) } ?? c.algorithm.implementation
+    let results = try runOnCluster(algorithm, ranks: c.ranks, shape: s, options: options, seed: c.seed,
+                                   inputScale: c.inputScale, dropSaved: c.dropSaved)
 
     for r in results {
-        // Shapes first, then values.
-        #expect(r.o.shape == s.qShape(tokens: r.positions.count), "\(c) rank o shape")
-        #expect(r.grads.dk.shape == s.kvShape(tokens: r.positions.count), "\(c) rank dk shape")
-        let mine = rowsAt(ref.o, batch: s.batch, length: s.seqLen, row: qRow, positions: r.positions)
-        var worst = 0.0
-        for (a, e) in zip(r.o.buffer, mine) { worst = max(worst, abs(Double(a) - e)) }
-        #expect(worst / oScale <= tolerance.forward, "\(c): a rank's slice of o has relative error \(worst / oScale)")
         for b in 0..<s.batch {
             for h in 0..<s.heads {
                 for (i, p) in r.positions.enumerated() {
@@ -88,19 +59,61 @@ func checkAttention(_ c: AttentionCase, tolerance: Tolerance = Tolerance()) thro
                 }
             }
         }
-        for (name, t, full, row) in [("dq", r.grads.dq, refG.dq, qRow), ("dk", r.grads.dk, refG.dk, kvRow), ("dv", r.grads.dv, refG.dv, kvRow)] {
-            let scale = full.map(abs).max()!
-            let mineG = rowsAt(full, batch: s.batch, length: s.seqLen, row: row, positions: r.positions)
-            var w = 0.0
-            for (a, e) in zip(t.buffer, mineG) { w = max(w, abs(Double(a) - e)) }
-            #expect(w / scale <= tolerance.gradient, "\(c): a rank's slice of \(name) has relative error \(w / scale)")
+    }
+    expectMatches(results, o: ref.o, dq: refG.dq, dk: refG.dk, dv: refG.dv, shape: s, tolerance: tolerance, "\(c)")
+    return results.map(\.counters)
+}
+
+/// One rank's results of `runOnCluster`.
+struct RankResult: @unchecked Sendable {
+    var positions: [Int]
+    var o: Tensor, lse: Tensor, grads: AttentionGradients
+    var gathered: (o: Tensor, dq: Tensor, dk: Tensor, dv: Tensor)
+    var counters: (forward: CommCounters, backward: CommCounters)
+}
+
+/// Runs `algorithm` forward and backward on seeded inputs on the in-process cluster; every rank also gathers the
+/// outputs in global order.
+func runOnCluster(_ algorithm: any AttentionAlgorithm, ranks: Int, shape s: AttentionShape, options: AttentionOptions,
+                  seed: UInt64, inputScale: Float = 1, dropSaved: Bool = false) throws -> [RankResult] {
+    try InProcessCluster.run(ranks: ranks, timeout: 60) { comm -> RankResult in
+        let positions = options.layout.positions(rank: comm.rank, ranks: comm.size, length: s.seqLen)
+        let x = SeededInputs.attention(shape: s, options: options, positions: positions, seed: seed, scale: inputScale)
+        let dO = SeededInputs.gradOut(shape: s, positions: positions, seed: seed)
+        comm.resetCounters()
+        let out = try algorithm.forward(x, comm: comm)
+        let fwd = comm.counters
+        comm.resetCounters()
+        let grads = try algorithm.backward(x, output: dropSaved ? AttentionOutput(o: out.o, lse: out.lse) : out, gradOut: dO, comm: comm)
+        let bwd = comm.counters
+        let layout = options.layout
+        let gathered = (try layout.gather(out.o, length: s.seqLen, comm: comm), try layout.gather(grads.dq, length: s.seqLen, comm: comm),
+                        try layout.gather(grads.dk, length: s.seqLen, comm: comm), try layout.gather(grads.dv, length: s.seqLen, comm: comm))
+        return RankResult(positions: positions, o: out.o, lse: out.lse, grads: grads, gathered: gathered, counters: (fwd, bwd))
+    }
+}
+
+/// Checks every rank's slices of o, dq, dk, dv and the gathered tensors against the oracle's (relative to the
+/// oracle's max magnitude), shapes first.
+func expectMatches(_ results: [RankResult], o: [Double], dq: [Double], dk: [Double], dv: [Double], shape s: AttentionShape,
+                   tolerance: Tolerance, _ label: String) {
+    let qRow = s.heads * s.headDim, kvRow = s.kvHeads * s.headDim
+    for r in results {
+        #expect(r.o.shape == s.qShape(tokens: r.positions.count), "\(label) rank o shape")
+        #expect(r.grads.dk.shape == s.kvShape(tokens: r.positions.count), "\(label) rank dk shape")
+        for (name, t, full, row, tol) in [("o", r.o, o, qRow, tolerance.forward), ("dq", r.grads.dq, dq, qRow, tolerance.gradient),
+                                          ("dk", r.grads.dk, dk, kvRow, tolerance.gradient), ("dv", r.grads.dv, dv, kvRow, tolerance.gradient)] {
+            let scale = max(full.map(abs).max()!, Double.leastNormalMagnitude)
+            let mine = rowsAt(full, batch: s.batch, length: s.seqLen, row: row, positions: r.positions)
+            var worst = 0.0
+            for (a, e) in zip(t.buffer, mine) { let d = abs(Double(a) - e); worst = d.isNaN ? .infinity : max(worst, d) }
+            #expect(worst / scale <= tol, "\(label): a rank's slice of \(name) has relative error \(worst / scale)")
         }
     }
     let g = results[0].gathered
-    #expect(!g.o.buffer.contains { !$0.isFinite }, "\(c): non-finite output")
-    #expect(relativeError(g.o, ref.o) <= tolerance.forward, "\(c): o relative error \(relativeError(g.o, ref.o))")
-    #expect(relativeError(g.dq, refG.dq) <= tolerance.gradient, "\(c): dq relative error \(relativeError(g.dq, refG.dq))")
-    #expect(relativeError(g.dk, refG.dk) <= tolerance.gradient, "\(c): dk relative error \(relativeError(g.dk, refG.dk))")
-    #expect(relativeError(g.dv, refG.dv) <= tolerance.gradient, "\(c): dv relative error \(relativeError(g.dv, refG.dv))")
-    return results.map(\.counters)
+    #expect(!g.o.buffer.contains { !$0.isFinite }, "\(label): non-finite output")
+    for (name, t, full, tol) in [("o", g.o, o, tolerance.forward), ("dq", g.dq, dq, tolerance.gradient),
+                                 ("dk", g.dk, dk, tolerance.gradient), ("dv", g.dv, dv, tolerance.gradient)] {
+        #expect(relativeError(t, full) <= tol, "\(label): gathered \(name) relative error \(relativeError(t, full))")
+    }
 }

@@ -112,6 +112,9 @@ public protocol Communicator: AnyObject, Sendable {
     // Collectives: every rank calls each, in the same order.
     /// Every rank contributes `send.count` elements; `recv` (size * send.count) holds them in rank order.
     func allGather<T: CommElement>(_ send: UnsafeBufferPointer<T>, into recv: UnsafeMutableBufferPointer<T>) throws
+    /// Starts the all-gather of `send` into `recv` (MPI_Iallgather) and returns at once; `recv` holds every rank's
+    /// part once the request completes, and `send` must stay unchanged until then. Counted as one allGather.
+    func iallGather<T: CommElement>(_ send: UnsafeBufferPointer<T>, into recv: UnsafeMutableBufferPointer<T>) throws -> CommRequest
     /// Rank r contributes `counts[r]` elements; `recv` (sum of counts) holds them in rank order. Same `counts` on all ranks.
     func allGatherV<T: CommElement>(_ send: UnsafeBufferPointer<T>, into recv: UnsafeMutableBufferPointer<T>, counts: [Int]) throws
     /// Element-wise reduction across ranks, in place.

@@ -85,6 +85,21 @@ public enum CommunicatorChecks {
                        (0..<p).flatMap { [Int64(value($0, 7)), -Int64($0)] })
         }
 
+        try check("iallGather with a blocking collective in flight") {
+            let mine = (0..<5).map { Float(value(r, $0)) }
+            var got = [Float](repeating: -1, count: 5 * p)
+            try mine.withUnsafeBufferPointer { s in
+                try got.withUnsafeMutableBufferPointer { g in
+                    let request = try comm.iallGather(s, into: g)
+                    _ = try request.test()
+                    // A blocking collective between start and wait: collectives match by order, not by completion.
+                    try expect("allReduce during iallGather", try comm.allReduce([Int64(r)], op: .sum), [Int64(p * (p - 1) / 2)])
+                    try request.wait()
+                }
+            }
+            try expect("iallGather", got, (0..<p).flatMap { q in (0..<5).map { Float(value(q, $0)) } })
+        }
+
         try check("allGatherV uneven, with an empty contribution") {
             // Rank q contributes q % 3 elements (rank 0 none).
             let mine = (0..<(r % 3)).map { Float(value(r, $0)) }

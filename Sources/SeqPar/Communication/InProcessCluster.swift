@@ -150,6 +150,13 @@ public final class InProcessCluster: @unchecked Sendable {
     /// Deposits this rank's part of collective number `sequence` and waits for all ranks. Returns the slot, whose
     /// `payloads` and `arguments` then hold every rank's contribution.
     func enter(_ sequence: Int, op: CommOperation, kind: CommElementKind, rank: Int, arguments: [Int], payload: [UInt8]) throws -> Slot {
+        try deposit(sequence, op: op, kind: kind, rank: rank, arguments: arguments, payload: payload)
+        return try awaitAll(sequence, op: op, rank: rank)
+    }
+
+    /// Deposits this rank's part of collective number `sequence` without waiting (the start of a non-blocking
+    /// collective).
+    func deposit(_ sequence: Int, op: CommOperation, kind: CommElementKind, rank: Int, arguments: [Int], payload: [UInt8]) throws {
         condition.lock(); defer { condition.unlock() }
         try checkFailure()
         let slot: Slot
@@ -169,6 +176,13 @@ public final class InProcessCluster: @unchecked Sendable {
         slot.payloads[rank] = payload
         slot.arrived += 1
         condition.broadcast()
+    }
+
+    /// Waits until every rank has deposited its part of collective number `sequence`.
+    func awaitAll(_ sequence: Int, op: CommOperation, rank: Int) throws -> Slot {
+        condition.lock(); defer { condition.unlock() }
+        try checkFailure()
+        let slot = slots[sequence]!
         try wait(until: { slot.arrived == size }, describe: {
             let missing = (0..<size).filter { slot.arguments[$0] == nil }
             return "rank \(rank) waited \(timeout) s in \(op) (collective #\(sequence)) for rank(s) \(missing), which never entered it"
@@ -302,6 +316,29 @@ public final class InProcessCommunicator: Communicator, @unchecked Sendable {
         }
         let b = send.count * MemoryLayout<T>.stride
         record(.allGather, sent: b, received: b * (size - 1))
+    }
+
+    public func iallGather<T: CommElement>(_ send: UnsafeBufferPointer<T>, into recv: UnsafeMutableBufferPointer<T>) throws -> CommRequest {
+        guard recv.count == send.count * size else {
+            throw CommError.invalidArgument("iallGather: receive buffer of \(recv.count) elements, expected \(size) x \(send.count)")
+        }
+        let seq = sequence
+        sequence += 1
+        try cluster.deposit(seq, op: .allGather, kind: T.kind, rank: rank, arguments: [send.count], payload: bytes(send))
+        let b = send.count * MemoryLayout<T>.stride
+        record(.allGather, sent: b, received: b * (size - 1))
+        let check = sameArguments(.allGather, "count")
+        return Request { [self] in
+            let slot = try cluster.awaitAll(seq, op: .allGather, rank: rank)
+            defer { cluster.leave(seq) }
+            do {
+                try check(slot.arguments.map { $0! })
+            } catch {
+                cluster.fail(rank: rank, message: "\(error)")
+                throw error
+            }
+            concatenate(slot.payloads, into: UnsafeMutableRawBufferPointer(recv))
+        }
     }
 
     public func allGatherV<T: CommElement>(_ send: UnsafeBufferPointer<T>, into recv: UnsafeMutableBufferPointer<T>, counts: [Int]) throws {

@@ -9,7 +9,12 @@ public protocol AttentionAlgorithm: Sendable {
 }
 
 public enum AlgorithmName: String, CaseIterable, Sendable, Codable {
-    case dense, allgather, ring, rsa, ulysses
+    case dense, allgather, ring, rsa, ulysses, lasp1, lasp2
+
+    /// Softmax attention or (unnormalised) linear attention.
+    public enum Family: String, Sendable { case softmax, linear }
+
+    public var family: Family { self == .lasp1 || self == .lasp2 ? .linear : .softmax }
 
     public var implementation: any AttentionAlgorithm {
         switch self {
@@ -18,11 +23,14 @@ public enum AlgorithmName: String, CaseIterable, Sendable, Codable {
         case .ring: RingAttention()
         case .rsa: RingSelfAttention()
         case .ulysses: UlyssesAttention()
+        case .lasp1: LinearSequenceParallel(.lasp1, exchange: .chain)
+        case .lasp2: LinearSequenceParallel(.lasp2, exchange: .allGather)
         }
     }
 
     /// Throws when the algorithm cannot run on `ranks` ranks with `shape` and `options`, saying what to do instead.
     public func validate(ranks: Int, shape: AttentionShape, options: AttentionOptions) throws {
+        try validateFamilyOptions(shape: shape, options: options)
         switch self {
         case .dense:
             guard ranks == 1 else {
@@ -30,8 +38,35 @@ public enum AlgorithmName: String, CaseIterable, Sendable, Codable {
             }
         case .ulysses:
             try UlyssesAttention.HeadSplit.validate(ranks: ranks, shape: shape)
-        case .allgather, .ring, .rsa:
+        case .allgather, .ring, .rsa, .lasp1, .lasp2:
             break
+        }
+    }
+
+    /// Options that belong to one family only, and the linear family's own checks.
+    func validateFamilyOptions(shape: AttentionShape, options: AttentionOptions) throws {
+        let decays = options.decay != [1]
+        switch family {
+        case .softmax:
+            if decays || options.featureMap != .identity {
+                throw SeqParError.invalidInput("--decay and --feature-map apply to linear attention (lasp1, lasp2, lasp2h); --algorithm \(rawValue) is softmax attention: drop them")
+            }
+        case .linear:
+            if options.scale != nil {
+                throw SeqParError.invalidInput("--algorithm \(rawValue) is unnormalised linear attention, which has no softmax scale: drop --scale")
+            }
+            if options.layout != .contiguous {
+                throw SeqParError.invalidInput("--algorithm \(rawValue) needs --layout contiguous: each rank's state covers a contiguous chunk (linear attention costs the same on every chunk, so there is nothing for zigzag to balance)")
+            }
+            guard options.decay.count == 1 || options.decay.count == shape.heads else {
+                throw SeqParError.invalidInput("--decay has \(options.decay.count) values for \(shape.heads) heads: give one value for every head or one per head")
+            }
+            if let bad = options.decay.first(where: { !($0 > 0 && $0 <= 1) }) {
+                throw SeqParError.invalidInput("--decay \(bad) is outside (0, 1]: each decay λ multiplies a token's weight per step of distance (1 is no decay)")
+            }
+            if decays && !options.causal {
+                throw SeqParError.invalidInput("--decay needs causal linear attention: bidirectional linear attention has no order to decay along; drop --bidirectional or --decay")
+            }
         }
     }
 }

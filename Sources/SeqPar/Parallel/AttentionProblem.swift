@@ -43,11 +43,23 @@ public struct AttentionOptions: Sendable, Equatable, Codable {
     public var layout: SequenceLayout
     /// Softmax scale; nil means 1/sqrt(head_dim).
     public var scale: Float?
+    /// Linear attention: the decay λ per head, one value for every head or one per head, each in (0, 1]; 1 is none.
+    public var decay: [Double]
+    /// Linear attention: the feature map applied to queries and keys.
+    public var featureMap: FeatureMap
 
-    public init(causal: Bool = false, layout: SequenceLayout = .contiguous, scale: Float? = nil) {
+    public init(causal: Bool = false, layout: SequenceLayout = .contiguous, scale: Float? = nil,
+                decay: [Double] = [1], featureMap: FeatureMap = .identity) {
         self.causal = causal
         self.layout = layout
         self.scale = scale
+        self.decay = decay
+        self.featureMap = featureMap
+    }
+
+    /// λ for each of `heads` query heads (one value repeats).
+    public func decayPerHead(_ heads: Int) -> [Float] {
+        decay.count == 1 ? Array(repeating: Float(decay[0]), count: heads) : decay.map(Float.init)
     }
 
     public func effectiveScale(headDim: Int) -> Float { scale ?? 1 / Float(headDim).squareRoot() }

@@ -129,6 +129,10 @@ public struct MemoryEstimate: Sendable {
         case .rsa:
             items.append(("score rows B*H*C*L (kept for backward)", scoreRows))
             items.append(("K or V blocks in flight", 2 * local * kvRow))
+        case .lasp1, .lasp2:
+            let states = s.batch * s.heads * s.headDim * s.headDim * f * (config.algorithm == .lasp2 ? ranks + 2 : 3)
+            items.append(("memory states (B*H*D*D: own, fold\(config.algorithm == .lasp2 ? ", all ranks' gathered" : ", chain message"))", states))
+            if config.options.featureMap != .identity { items.append(("feature-mapped q, k", local * (qRow + kvRow))) }
         case .ulysses:
             items.append(("head-sharded q, k, v, o over L", s.seqLen * headRow))
             items.append(("all-to-all buffers", 2 * local * (2 * qRow + 2 * kvRow)))
@@ -141,6 +145,7 @@ public struct MemoryEstimate: Sendable {
             case .allgather: items.append(("backward score tiles, full dK, dV and reduce buffers", 2 * tile + 4 * s.seqLen * kvRow))
             case .ring: items.append(("backward score tiles, dK/dV blocks in flight, block gradients", 2 * tile + 4 * local * kvRow + local * (qRow + 2 * kvRow)))
             case .rsa: items.append(("dP block, dK or dV blocks in flight", local * local * f + 4 * local * kvRow))
+            case .lasp1, .lasp2: items.append(("gradient states", s.batch * s.heads * s.headDim * s.headDim * f * (config.algorithm == .lasp2 ? ranks + 2 : 3)))
             case .ulysses: items.append(("head-sharded dO, dq, dk, dv and buffers", s.seqLen * headRow + 2 * local * (3 * qRow + 2 * kvRow)))
             }
         }

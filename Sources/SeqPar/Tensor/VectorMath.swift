@@ -104,3 +104,22 @@ public enum VectorMath {
         return s
     }
 }
+
+extension VectorMath {
+    /// `dst[j] = f(dst[j], src[j])` for j < n, sixteen lanes at a time (the tail through a padded vector).
+    @inline(__always)
+    public static func update(_ dst: UnsafeMutablePointer<Float>, with src: UnsafePointer<Float>, _ n: Int, _ f: (V, V) -> V) {
+        var i = 0
+        while i + 16 <= n {
+            let raw = UnsafeMutableRawPointer(dst + i)
+            raw.storeBytes(of: f(raw.loadUnaligned(as: V.self), UnsafeRawPointer(src + i).loadUnaligned(as: V.self)), as: V.self)
+            i += 16
+        }
+        if i < n {
+            var a = V(repeating: 0), b = V(repeating: 0)
+            for j in 0..<(n - i) { a[j] = dst[i + j]; b[j] = src[i + j] }
+            let r = f(a, b)
+            for j in 0..<(n - i) { dst[i + j] = r[j] }
+        }
+    }
+}

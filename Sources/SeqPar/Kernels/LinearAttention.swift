@@ -1,0 +1,237 @@
+// The chunkwise linear-attention kernel of one rank (unnormalised, as in LASP-2 and Lightning Attention), fp32,
+// every product through OpenBLAS, never an L x L matrix.
+//
+// For query head h with decay λ = λ_h in (0, 1] (1: none), over the rows of one chunk:
+//   forward (causal):  out_i += Σ_{j <= i} λ^(i-j) (a_i · b_j) c_j
+//   reverse:           out_i += Σ_{j >= i} λ^(j-i) (a_i · b_j) c_j
+// With (a, b, c) = (q, k, v) the forward form is the attention output; the backward pass reuses both forms:
+// dq = forward(dO, v, k), dk = reverse(v, dO, q), dv = reverse(k, q, dO).
+//
+// Tensors are (B, C, heads_x, D_x); query head h reads head h / (H / heads_x) of each operand, so GQA needs no
+// copies, and an output with fewer heads than H (dk, dv) sums over the query heads that share it.
+//
+// Inside the chunk, blocks of `blockRows` rows: the masked intra-block product ((A B^T) ⊙ Λ) C, where
+// Λ_ij = λ^(i-j) below the diagonal (forward) or λ^(j-i) above it (reverse), plus the running state of the blocks
+// already passed, S (D_b x D_c), which carries them forward: S ← λ^n S + Σ_j w_j b_j^T c_j.
+// Across chunks (ranks) the same two operations appear at chunk size: `state` is a chunk's S, `addStateTerm` adds
+// a prefix (or suffix) state's contribution to every row. Decay powers are computed in Double and underflow to 0
+// (never a negative power, so never inf or NaN).
+import Foundation
+
+/// The feature map φ applied to queries and keys before linear attention.
+public enum FeatureMap: String, CaseIterable, Codable, Sendable {
+    /// φ(x) = x.
+    case identity
+    /// φ(x) = elu(x) + 1: x + 1 for x > 0, e^x otherwise (positive, as in "Transformers are RNNs").
+    case elu1
+
+    /// φ(x) as a new tensor, or `x` itself for the identity.
+    public func apply(_ x: Tensor) -> Tensor {
+        guard self == .elu1 else { return x }
+        let out = Tensor(uninitialized: x.shape)
+        out.pointer.update(from: x.pointer, count: x.count)
+        VectorMath.update(out.pointer, with: x.pointer, x.count) { _, v in VectorMath.exp(v).replacing(with: v + 1, where: v .> 0) }
+        return out
+    }
+
+    /// `grad *= φ'(x)` in place: 1 for x > 0, e^x otherwise.
+    public func backward(_ grad: Tensor, input x: Tensor) {
+        guard self == .elu1 else { return }
+        precondition(grad.count == x.count)
+        VectorMath.update(grad.pointer, with: x.pointer, x.count) { g, v in g * VectorMath.exp(v).replacing(with: 1, where: v .> 0) }
+    }
+}
+
+public enum LinearAttention {
+    /// Rows per block inside a chunk.
+    public static let blockRows = 128
+
+    public enum Direction: Sendable { case forward, reverse }
+
+    /// λ^e as Float for each exponent; underflows to 0.
+    static func powers(_ lambda: Float, _ exponents: some Sequence<Int>) -> [Float] {
+        let l = Double(lambda)
+        return exponents.map { Float(Foundation.pow(l, Double($0))) }
+    }
+
+    /// Row weights of the state term for rows 0..<n: λ^(i+1) (forward; the state ends just before row 0) or
+    /// λ^(n-i) (reverse; the state starts just after row n-1).
+    static func termWeights(_ lambda: Float, rows n: Int, _ direction: Direction) -> [Float] {
+        direction == .forward ? powers(lambda, (0..<n).map { $0 + 1 }) : powers(lambda, (0..<n).map { n - $0 })
+    }
+
+    /// Row weights with which rows 0..<n enter a block's state: λ^(n-1-j) (forward: the state is taken after the
+    /// last row) or λ^j (reverse: before the first).
+    static func absorbWeights(_ lambda: Float, rows n: Int, _ direction: Direction) -> [Float] {
+        direction == .forward ? powers(lambda, (0..<n).map { n - 1 - $0 }) : powers(lambda, 0..<n)
+    }
+
+    /// The intra-block mask Λ (n x n, row-major) for `direction`.
+    static func mask(_ lambda: Float, rows n: Int, _ direction: Direction) -> [Float] {
+        let p = powers(lambda, 0..<n)
+        var m = [Float](repeating: 0, count: n * n)
+        for i in 0..<n {
+            for j in 0..<n {
+                let d = direction == .forward ? i - j : j - i
+                if d >= 0 { m[i * n + j] = p[d] }
+            }
+        }
+        return m
+    }
+
+    /// Head h's view of a (B, C, heads_x, D) operand: head h / (H / heads_x).
+    @inline(__always)
+    static func view(_ t: Tensor, batch b: Int, head h: Int, heads: Int) -> Matrix {
+        t.head(batch: b, h / (heads / t.shape[2]))
+    }
+
+    /// Head h's D_b x D_c block of a (B, H, D_b, D_c) state tensor.
+    @inline(__always)
+    static func stateView(_ s: Tensor, batch b: Int, head h: Int) -> Matrix {
+        let (heads, rows, cols) = (s.shape[1], s.shape[2], s.shape[3])
+        return Matrix(base: s.pointer + (b * heads + h) * rows * cols, rows: rows, cols: cols)
+    }
+
+    /// `out += diag(w) (a S)` (or `a S^T`), through one gemm into `scratch` (rows x cols of out).
+    static func addWeighted(_ a: Matrix, _ s: Matrix, transposed: Bool, weights w: [Float]?, into out: Matrix, scratch: UnsafeMutablePointer<Float>) {
+        guard let w else {
+            BLAS.gemm(a, s, transposeB: transposed, into: out, beta: 1)
+            return
+        }
+        let tmp = Matrix(base: scratch, rows: out.rows, cols: out.cols)
+        BLAS.gemm(a, s, transposeB: transposed, into: tmp)
+        for i in 0..<out.rows where w[i] != 0 {
+            let wi = w[i]
+            VectorMath.update(out.base + i * out.ld, with: tmp.base + i * tmp.cols, out.cols) { o, t in o + t * wi }
+        }
+    }
+
+    /// `S = (diag(w) b)^T c + beta S`; `w` nil means all ones. `scratch` holds rows x cols of b.
+    static func absorb(_ b: Matrix, _ c: Matrix, weights w: [Float]?, beta: Float, into s: Matrix, scratch: UnsafeMutablePointer<Float>) {
+        guard let w else {
+            BLAS.gemm(b, transposeA: true, c, into: s, beta: beta)
+            return
+        }
+        let bd = Matrix(base: scratch, rows: b.rows, cols: b.cols)
+        for j in 0..<b.rows {
+            let (src, dst) = (b.base + j * b.ld, bd.base + j * bd.cols)
+            if w[j] == 0 { dst.update(repeating: 0, count: b.cols) } else {
+                for d in 0..<b.cols { dst[d] = src[d] * w[j] }
+            }
+        }
+        BLAS.gemm(bd, transposeA: true, c, into: s, beta: beta)
+    }
+
+    /// Decay factors per query head, validated.
+    static func checkDecay(_ decay: [Float], heads: Int) {
+        precondition(decay.count == heads && decay.allSatisfy { $0 > 0 && $0 <= 1 }, "decay \(decay) for \(heads) heads")
+    }
+
+    /// `out += ` the masked chunk product (see the file comment) over this chunk's rows, in blocks; `progress` runs
+    /// after every block (LASP passes its collective's `test`). `out` is (B, C, heads_out, D_c).
+    public static func chunk(_ a: Tensor, _ b: Tensor, _ c: Tensor, heads: Int, decay: [Float], direction: Direction,
+                             into out: Tensor, progress: () -> Void = {}) {
+        checkDecay(decay, heads: heads)
+        let (batch, rows) = (a.shape[0], a.shape[1])
+        let (db, dc) = (b.shape[3], c.shape[3])
+        precondition(a.shape[3] == db && b.shape[1] == rows && c.shape[1] == rows && out.shape[1] == rows && out.shape[3] == dc)
+        if rows == 0 { return }
+        let n = min(blockRows, rows)
+        let scores = UnsafeMutablePointer<Float>.allocate(capacity: n * n)
+        let scratch = UnsafeMutablePointer<Float>.allocate(capacity: n * max(db, dc))
+        let fullMask = UnsafeMutablePointer<Float>.allocate(capacity: n * n)
+        let state = Tensor(zeros: [1, 1, db, dc])
+        defer { scores.deallocate(); scratch.deallocate(); fullMask.deallocate() }
+        let blocks = Array(stride(from: 0, to: rows, by: n))
+        let order = direction == .forward ? blocks : blocks.reversed()
+        for h in 0..<heads {
+            let lambda = decay[h]
+            let decays = lambda < 1
+            fullMask.update(from: mask(lambda, rows: n, direction), count: n * n)
+            let fullTerm = decays ? termWeights(lambda, rows: n, direction) : nil
+            let fullAbsorb = decays ? absorbWeights(lambda, rows: n, direction) : nil
+            let fullBeta = decays ? powers(lambda, [n])[0] : 1
+            for bi in 0..<batch {
+                let (ah, bh, ch, oh) = (view(a, batch: bi, head: h, heads: heads), view(b, batch: bi, head: h, heads: heads),
+                                        view(c, batch: bi, head: h, heads: heads), view(out, batch: bi, head: h, heads: heads))
+                let s = stateView(state, batch: 0, head: 0)
+                for (step, r0) in order.enumerated() {
+                    let r1 = min(r0 + n, rows), m = r1 - r0
+                    let full = m == n
+                    let (ab, bb, cb, ob) = (ah.rows(r0..<r1), bh.rows(r0..<r1), ch.rows(r0..<r1), oh.rows(r0..<r1))
+                    if step > 0 {
+                        addWeighted(ab, s, transposed: false,
+                                    weights: decays ? (full ? fullTerm : termWeights(lambda, rows: m, direction)) : nil,
+                                    into: ob, scratch: scratch)
+                    }
+                    let sm = Matrix(base: scores, rows: m, cols: m)
+                    BLAS.gemm(ab, bb, transposeB: true, into: sm)
+                    for i in 0..<m {
+                        VectorMath.update(scores + i * m, with: fullMask + i * n, m) { $0 * $1 }
+                    }
+                    BLAS.gemm(sm, cb, into: ob, beta: 1)
+                    if step + 1 < order.count {
+                        absorb(bb, cb, weights: decays ? (full ? fullAbsorb : absorbWeights(lambda, rows: m, direction)) : nil,
+                               beta: step == 0 ? 0 : (full ? fullBeta : powers(lambda, [m])[0]), into: s, scratch: scratch)
+                    }
+                    progress()
+                }
+            }
+        }
+    }
+
+    /// A chunk's state per query head, (B, H, D_b, D_c): Σ_j w_j b_j^T c_j with w_j = λ^(C-1-j) (forward: what the
+    /// chunk passes to later chunks) or λ^j (reverse: what it passes to earlier ones).
+    public static func state(_ b: Tensor, _ c: Tensor, heads: Int, decay: [Float], direction: Direction) -> Tensor {
+        checkDecay(decay, heads: heads)
+        let (batch, rows, db, dc) = (b.shape[0], b.shape[1], b.shape[3], c.shape[3])
+        let s = Tensor(zeros: [batch, heads, db, dc])
+        let scratch = UnsafeMutablePointer<Float>.allocate(capacity: max(rows * db, 1))
+        defer { scratch.deallocate() }
+        for h in 0..<heads {
+            let w = decay[h] < 1 ? absorbWeights(decay[h], rows: rows, direction) : nil
+            for bi in 0..<batch {
+                absorb(view(b, batch: bi, head: h, heads: heads), view(c, batch: bi, head: h, heads: heads), weights: w, beta: 0,
+                       into: stateView(s, batch: bi, head: h), scratch: scratch)
+            }
+        }
+        return s
+    }
+
+    /// `out_i += w_i a_i S_h` (or `S_h^T`) for every row, with w_i = λ^(i+1) (forward: S is the prefix state ending
+    /// just before the chunk) or λ^(C-i) (reverse: S is the suffix state starting just after it).
+    public static func addStateTerm(_ a: Tensor, state: Tensor, transposed: Bool = false, heads: Int, decay: [Float],
+                                    direction: Direction, into out: Tensor) {
+        checkDecay(decay, heads: heads)
+        let (batch, rows) = (a.shape[0], a.shape[1])
+        let scratch = UnsafeMutablePointer<Float>.allocate(capacity: max(rows * out.shape[3], 1))
+        defer { scratch.deallocate() }
+        for h in 0..<heads {
+            let w = decay[h] < 1 ? termWeights(decay[h], rows: rows, direction) : nil
+            for bi in 0..<batch {
+                addWeighted(view(a, batch: bi, head: h, heads: heads), stateView(state, batch: bi, head: h), transposed: transposed,
+                            weights: w, into: view(out, batch: bi, head: h, heads: heads), scratch: scratch)
+            }
+        }
+    }
+
+    /// `s ← λ_h^tokens s + m` for each (batch, head) block of two (B, H, D, D) states: carries a state across a
+    /// chunk of `tokens` rows and adds that chunk's own state. LASP-1 and LASP-2 both use exactly this arithmetic,
+    /// in the same order, so they agree bit for bit.
+    public static func carry(_ s: Tensor, adding m: Tensor, tokens: Int, decay: [Float]) {
+        precondition(s.shape == m.shape)
+        let (batch, heads) = (s.shape[0], s.shape[1])
+        let block = s.shape[2] * s.shape[3]
+        for h in 0..<heads {
+            let f = decay[h] < 1 ? powers(decay[h], [tokens])[0] : 1
+            for bi in 0..<batch {
+                let (sp, mp) = (s.pointer + (bi * heads + h) * block, m.pointer + (bi * heads + h) * block)
+                if f == 1 {
+                    for i in 0..<block { sp[i] += mp[i] }
+                } else {
+                    for i in 0..<block { sp[i] = f * sp[i] + mp[i] }
+                }
+            }
+        }
+    }
+}
