@@ -25,7 +25,11 @@ struct Attention: ParsableCommand {
     @Option(help: "Key tensor (.npy).") var k: String?
     @Option(help: "Value tensor (.npy).") var v: String?
 
-    @Flag(help: "Causal mask: query i sees keys j <= i.") var causal = false
+    @Flag(help: "Causal mask: query i sees keys j <= i (the default for linear attention).") var causal = false
+    @Flag(help: "Linear attention: every query sees every key (no decay).") var bidirectional = false
+    @Option(help: ArgumentHelp("Linear attention: decay λ in (0, 1], one value or one per head, comma-separated (1: none).", valueName: "λ[,λ...]"))
+    var decay: String?
+    @Option(help: "Linear attention: feature map on q and k: identity or elu1 (elu(x)+1).") var featureMap: FeatureMap?
     @Option(help: "How the sequence is split over ranks: contiguous or zigzag.") var layout: SequenceLayout = .contiguous
     @Option(help: "Softmax scale (default 1/sqrt(head_dim)).") var scale: Float?
 
@@ -57,6 +61,17 @@ struct Attention: ParsableCommand {
         if let g = kvHeads, let h = heads ?? Optional(8), h % g != 0 {
             throw ValidationError("--kv-heads \(g) does not divide --heads \(h): each kv head serves heads/kv-heads query heads")
         }
+        switch algorithm.family {
+        case .softmax:
+            if bidirectional { throw ValidationError("--bidirectional is for linear attention; softmax attention (--algorithm \(algorithm.rawValue)) is bidirectional unless --causal: drop it") }
+            if decay != nil || featureMap != nil {
+                throw ValidationError("--decay and --feature-map apply to linear attention (lasp1, lasp2); --algorithm \(algorithm.rawValue) is softmax attention: drop them")
+            }
+        case .linear:
+            if causal && bidirectional { throw ValidationError("--causal and --bidirectional contradict each other: give one (linear attention is causal by default)") }
+            if scale != nil { throw ValidationError("--algorithm \(algorithm.rawValue) is unnormalised linear attention, which has no softmax scale: drop --scale") }
+        }
+        _ = try decayValues()
         if gradOut != nil && !backward { throw ValidationError("--grad-out needs --backward") }
         if gradsPrefix != nil && !backward { throw ValidationError("--grads-prefix needs --backward") }
         if let s = scale, !(s.isFinite && s > 0) { throw ValidationError("--scale \(s): give a positive finite number") }
@@ -70,12 +85,24 @@ struct Attention: ParsableCommand {
         }
     }
 
-    func makeConfig() -> AttentionRunConfig {
+    /// The values of --decay (default 1).
+    func decayValues() throws -> [Double] {
+        guard let text = decay else { return [1] }
+        let values = text.split(separator: ",", omittingEmptySubsequences: false).map { Double($0.trimmingCharacters(in: .whitespaces)) }
+        guard !values.isEmpty, values.allSatisfy({ $0 != nil }) else {
+            throw ValidationError("--decay '\(text)': give numbers in (0, 1], one for every head or one per head, separated by commas (e.g. 0.95 or 0.9,0.95,0.99,1)")
+        }
+        return values.map { $0! }
+    }
+
+    func makeConfig() throws -> AttentionRunConfig {
         let h = heads ?? 8
+        let linear = algorithm.family == .linear
         var c = AttentionRunConfig(
             algorithm: algorithm,
             shape: AttentionShape(batch: batch ?? 1, seqLen: seqLen ?? 1024, heads: h, kvHeads: kvHeads ?? h, headDim: headDim ?? 64),
-            options: AttentionOptions(causal: causal, layout: layout, scale: scale))
+            options: AttentionOptions(causal: linear ? !bidirectional : causal, layout: layout, scale: scale,
+                                      decay: try decayValues(), featureMap: featureMap ?? .identity))
         c.seed = seed
         c.inputScale = inputScale
         (c.qPath, c.kPath, c.vPath, c.gradOutPath) = (q, k, v, gradOut)
@@ -87,7 +114,7 @@ struct Attention: ParsableCommand {
     }
 
     func run() throws {
-        let config = makeConfig()
+        let config = try makeConfig()
         let json = self.json
         let report = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout) { comm, backend in
             try AttentionRun.execute(config, comm: comm, backend: backend.name, ranksPerHost: backend.ranksPerHost,
@@ -100,3 +127,4 @@ struct Attention: ParsableCommand {
 
 extension AlgorithmName: ExpressibleByArgument {}
 extension SequenceLayout: ExpressibleByArgument {}
+extension FeatureMap: ExpressibleByArgument {}

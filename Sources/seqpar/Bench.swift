@@ -5,7 +5,7 @@ import SeqPar
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks that print their figures next to a baseline measured in the same run.",
-        subcommands: [KernelBenchCommand.self, OverlapBenchCommand.self])
+        subcommands: [KernelBenchCommand.self, OverlapBenchCommand.self, AttentionBenchCommand.self])
 }
 
 /// `#` lines that say where and how a benchmark ran.
@@ -138,6 +138,89 @@ struct OverlapBenchCommand: ParsableCommand {
             print(([r.direction, String(format: "%.5f", r.tCommS), String(format: "%.5f", r.tComputeS)]
                    + modes.map { String(format: "%.5f", r.tFusedByProgress[$0] ?? .nan) }
                    + modes.map { String(format: "%.0f%%", 100 * (r.overlapByProgress[$0] ?? .nan)) }).map { Report.pad($0, 15) }.joined())
+        }
+    }
+}
+
+struct AttentionBenchCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "attention",
+        abstract: "Step time of one or more algorithms on the same problem in one launch: forward and backward, tokens/s, GFLOP/s, bytes and peak memory per rank.",
+        discussion: """
+        Run it under mpirun (mpirun -np 4 seqpar bench attention --algorithm lasp2 lasp1 ring) or with --ranks N. \
+        Softmax algorithms use --causal and --layout; linear ones (lasp1, lasp2) are causal unless --bidirectional, \
+        contiguous, with --decay and --feature-map. rel_time is each figure's time over the first algorithm's.
+        """)
+
+    @Option(parsing: .upToNextOption, help: "Algorithms, timed in this order.") var algorithm: [AlgorithmName]
+    @Option(help: "Sequence length L.") var seqLen = 16384
+    @Option(help: "Query heads H.") var heads = 8
+    @Option(help: "Key/value heads G (default H).") var kvHeads: Int?
+    @Option(help: "Head dimension D.") var headDim = 128
+    @Option(help: "Batch size B.") var batch = 1
+    @Flag(help: "Causal mask for softmax algorithms.") var causal = false
+    @Flag(help: "Bidirectional linear attention (no decay).") var bidirectional = false
+    @Option(help: "Sequence layout for softmax algorithms.") var layout: SequenceLayout = .contiguous
+    @Option(help: "Linear attention decay: one value or one per head, comma-separated.") var decay = "1"
+    @Option(help: "Linear attention feature map: identity or elu1.") var featureMap: FeatureMap = .identity
+    @Option(help: "Timed repetitions (the median is reported).") var repeats = 5
+    @Option(help: "Untimed repetitions first.") var warmup = 1
+    @Flag(help: "Forward only.") var forwardOnly = false
+    @Flag(help: "One JSON object per figure instead of the table.") var json = false
+    @OptionGroup var rankOptions: RankOptions
+
+    func validate() throws {
+        guard !algorithm.isEmpty else { throw ValidationError("--algorithm: name at least one") }
+        for (name, v) in [("--seq-len", seqLen), ("--heads", heads), ("--kv-heads", kvHeads ?? heads), ("--head-dim", headDim),
+                          ("--batch", batch), ("--repeats", repeats)] where v < 1 {
+            throw ValidationError("\(name) \(v): must be at least 1")
+        }
+        guard warmup >= 0 else { throw ValidationError("--warmup \(warmup): must be 0 or more") }
+        _ = try decayValues()
+    }
+
+    func decayValues() throws -> [Double] {
+        let values = decay.split(separator: ",", omittingEmptySubsequences: false).map { Double($0.trimmingCharacters(in: .whitespaces)) }
+        guard values.allSatisfy({ $0 != nil }) else {
+            throw ValidationError("--decay '\(decay)': give numbers in (0, 1], one for every head or one per head, separated by commas")
+        }
+        return values.map { $0! }
+    }
+
+    func options(_ a: AlgorithmName) throws -> AttentionOptions {
+        a.family == .linear
+            ? AttentionOptions(causal: !bidirectional, layout: .contiguous, decay: try decayValues(), featureMap: featureMap)
+            : AttentionOptions(causal: causal, layout: layout)
+    }
+
+    func run() throws {
+        let shape = AttentionShape(batch: batch, seqLen: seqLen, heads: heads, kvHeads: kvHeads ?? heads, headDim: headDim)
+        let runs = try algorithm.map { ($0, try options($0)) }
+        let (repeats, warmup, backward) = (self.repeats, self.warmup, !forwardOnly)
+        let out = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout) { comm, backend in
+            (try runs.flatMap { a, o in
+                try AttentionBench.measure(a, shape: shape, options: o, comm: comm, ranksPerHost: backend.ranksPerHost,
+                                           repeats: repeats, warmup: warmup, backward: backward)
+            }, backend)
+        }
+        guard let (results, backend) = out else { return }
+        if json { results.forEach { print(Report.json($0)) }; return }
+        let columns = [("algorithm", 11), ("direction", 10), ("mask", 14), ("layout", 11), ("time_s", 10), ("min_s", 10), ("max_s", 10),
+                       ("rank_spread", 12), ("tokens/s", 11), ("GFLOP/s", 9), ("sent_B/rank", 13), ("msgs", 6), ("colls", 6),
+                       ("peak_rss", 11), ("rel_time", 9)]
+        (Provenance.header("bench attention") + [
+            "# \(backend.ranks) rank(s), backend \(backend.name); \(shape); median of \(repeats) after \(warmup) warm-up, slowest rank per repetition",
+            "# rank_spread: slowest rank's median over the fastest's; rel_time: time over the first algorithm's in the same direction",
+            columns.map { Report.pad($0.0, $0.1) }.joined(),
+        ]).forEach { print($0) }
+        for r in results {
+            let first = results.first { $0.direction == r.direction }!
+            let mask = r.decay.map { d in r.causal ? "causal λ=\(Set(d).count == 1 ? String(format: "%g", d[0]) : "per-head")" : "bidirectional" } ?? (r.causal ? "causal" : "full")
+            let cells = [r.algorithm.rawValue, r.direction, mask, r.layout.rawValue, String(format: "%.4f", r.timeS),
+                         String(format: "%.4f", r.timeMinS), String(format: "%.4f", r.timeMaxS), String(format: "%.2f", r.rankTimeMaxS / r.rankTimeMinS),
+                         String(format: "%.0f", r.tokensPerS), String(format: "%.1f", r.gflops), "\(r.bytesSent)", "\(r.messages)", "\(r.collectives)",
+                         SystemInfo.bytesText(r.peakRSSBytes), String(format: "%.2f", r.timeS / first.timeS)]
+            print(zip(cells, columns).map { Report.pad($0, $1.1) }.joined())
         }
     }
 }

@@ -19,14 +19,19 @@ struct Demo: ParsableCommand {
         guard heads % kvHeads == 0 else { throw ValidationError("--kv-heads \(kvHeads) does not divide --heads \(heads)") }
     }
 
+    /// The decay of the demo's linear-attention runs.
+    static let linearDecay = 0.99
+
     /// The runs of the demo: the one-rank baseline, then each distributed algorithm in each layout.
     func configs() -> [AttentionRunConfig] {
         let shape = AttentionShape(seqLen: seqLen, heads: heads, kvHeads: kvHeads, headDim: headDim)
         var runs: [AttentionRunConfig] = []
         for algorithm in AlgorithmName.allCases {
-            let layouts: [SequenceLayout] = algorithm == .dense ? [.contiguous] : SequenceLayout.allCases
+            let linear = algorithm.family == .linear
+            let layouts: [SequenceLayout] = algorithm == .dense || linear ? [.contiguous] : SequenceLayout.allCases
             for layout in layouts {
-                var c = AttentionRunConfig(algorithm: algorithm, shape: shape, options: AttentionOptions(causal: true, layout: layout))
+                let options = AttentionOptions(causal: true, layout: layout, decay: linear ? [Self.linearDecay] : [1])
+                var c = AttentionRunConfig(algorithm: algorithm, shape: shape, options: options)
                 c.seed = seed
                 c.backward = true
                 c.check = true
@@ -71,6 +76,7 @@ struct Demo: ParsableCommand {
         }
         print("# seqpar demo: every algorithm on one generated input, forward and backward, checked against the Double oracle")
         print("# B=1 L=\(seqLen) H=\(heads) G=\(kvHeads) D=\(headDim), causal, seed \(seed); \(backend.ranks) rank(s), backend \(backend.name)")
+        print("# softmax attention: dense, allgather, ring, rsa, ulysses; linear attention (decay \(Self.linearDecay), checked against the linear-attention oracle): lasp1, lasp2")
         print("# errors: max |x - oracle| / max |oracle|; tolerances: forward 2e-05, gradients 1e-04")
         let header = [("algorithm", 11), ("layout", 12), ("ranks", 6), ("fwd_s", 9), ("bwd_s", 9), ("fwd_err", 10), ("lse_err", 10),
                       ("dq_err", 10), ("dk_err", 10), ("dv_err", 10), ("sent_B/rank", 13), ("check", 6)]

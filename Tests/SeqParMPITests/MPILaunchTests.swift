@@ -107,6 +107,27 @@ enum Harness {
         }
     }
 
+    /// LASP-1 and LASP-2 under mpirun: causal with per-head decay and elu1, bidirectional, L not divisible by P;
+    /// LASP-2 sends one state per head per pass whatever L is, and matches the in-process run bit for bit.
+    @Test(arguments: [2, 3, 4]) func linearAttentionUnderMPI(np: Int) throws {
+        for algorithm in ["lasp1", "lasp2"] {
+            for extra in [["--decay", "0.9,0.95,0.99,1", "--feature-map", "elu1"], ["--bidirectional"]] {
+                let r = try Harness.mpirun(np, ["attention", "--algorithm", algorithm, "--seq-len", "301", "--heads", "4", "--kv-heads", "2",
+                                                "--head-dim", "32", "--backward", "--check"] + extra)
+                #expect(!r.timedOut && r.status == 0 && r.output.contains(": PASS"), "\(algorithm) \(extra): \(r.output)")
+            }
+        }
+        let args = ["attention", "--algorithm", "lasp2", "--seq-len", "1001", "--heads", "4", "--head-dim", "16", "--decay", "0.9",
+                    "--backward", "--check", "--json"]
+        let mpi = try Harness.mpirun(np, args), sim = try Harness.simulated(args + ["--ranks", "\(np)"])
+        func field(_ name: String, _ text: String) -> String? {
+            text.range(of: "\"\(name)\":[^,}]*", options: .regularExpression).map { String(text[$0]) }
+        }
+        #expect(field("forward_error", mpi.output) != nil && field("forward_error", mpi.output) == field("forward_error", sim.output), "\(mpi.output)\n\(sim.output)")
+        #expect(field("dk_error", mpi.output) == field("dk_error", sim.output), "\(mpi.output)\n\(sim.output)")
+        #expect(mpi.output.contains("\"bytes_sent\":[\(Array(repeating: "\(2 * 4 * 16 * 16 * 4)", count: np).joined(separator: ","))]"), "\(mpi.output)")
+    }
+
     /// Ring attention and RSA with each way of progressing the exchanges (a progress thread, MPI_Test between tiles,
     /// nothing until the wait): the same answer under MPI_THREAD_MULTIPLE.
     @Test(arguments: ["thread", "tests", "none"]) func ringProgressModesUnderMPI(mode: String) throws {
@@ -178,6 +199,13 @@ enum Harness {
         BadInput(arguments: ["attention", "--algorithm", "allgather", "--layout", "diagonal"], message: "layout"),
         BadInput(arguments: ["attention", "--algorithm", "allgather", "--out", "/nonexistent-dir/o.npy"], message: "does not exist"),
         // Impossible memory: refused before allocating, with the estimate and what would fit.
+        BadInput(arguments: ["attention", "--algorithm", "lasp2", "--decay", "1.5"], message: "--decay 1.5 is outside (0, 1]"),
+        BadInput(arguments: ["attention", "--algorithm", "lasp2", "--decay", "0.9,0.8", "--heads", "4"], message: "2 values for 4 heads"),
+        BadInput(arguments: ["attention", "--algorithm", "lasp2", "--decay", "0.9,x"], message: "--decay '0.9,x'"),
+        BadInput(arguments: ["attention", "--algorithm", "lasp1", "--layout", "zigzag"], message: "needs --layout contiguous"),
+        BadInput(arguments: ["attention", "--algorithm", "lasp2", "--bidirectional", "--decay", "0.9"], message: "--decay needs causal"),
+        BadInput(arguments: ["attention", "--algorithm", "ring", "--decay", "0.9"], message: "apply to linear attention"),
+        BadInput(arguments: ["attention", "--algorithm", "lasp2", "--scale", "0.5"], message: "no softmax scale"),
         BadInput(arguments: ["attention", "--algorithm", "allgather", "--seq-len", "50000000", "--heads", "32", "--head-dim", "128"], message: "use at most about --seq-len"),
     ]
 

@@ -6,6 +6,11 @@ import Testing
 struct Tolerance {
     var forward = 2e-5
     var gradient = 1e-4
+
+    /// Inputs x30: logits of about 10^3 carry fp32 rounding of about 10^-4 absolute from the sgemm itself, which the
+    /// softmax turns into relative error of that order; how much depends on the CPU's sgemm kernel (its summation
+    /// order): 3.3e-5 forward and 1.9e-4 gradients on a Zen core at L = 40, D = 64, under 2e-5 on others.
+    static let largeLogits = Tolerance(forward: 2e-4, gradient: 5e-4)
 }
 
 struct AttentionCase: CustomStringConvertible, Sendable {

@@ -11,26 +11,49 @@
 import Foundation
 
 public enum LinearOracle {
-    public struct Gradients: Sendable { public var dq: [Double], dk: [Double], dv: [Double] }
-
     static func phi(_ x: Double, _ map: FeatureMap) -> Double { map == .elu1 ? (x > 0 ? x + 1 : Foundation.exp(x)) : x }
     static func phiPrime(_ x: Double, _ map: FeatureMap) -> Double { map == .elu1 ? (x > 0 ? 1 : Foundation.exp(x)) : 1 }
 
-    /// One pass over every (s, j) pair of every (batch, head); `pair(b, h, g, s, j, w)` does the work.
+    /// One pass over every (s, j) pair of every (batch, head); `pair(b, h, s, j, w)` does the work. The (batch,
+    /// kv head) groups run in parallel: a task writes only its own heads' query rows and its own kv head's rows.
+    /// Pairs whose weight underflows to 0 contribute nothing and are skipped (the powers only shrink with distance).
+    @inline(__always)
     static func pairs(batch: Int, length: Int, heads: Int, kvHeads: Int, decay: [Double], causal: Bool,
-                      _ pair: (_ b: Int, _ h: Int, _ g: Int, _ s: Int, _ j: Int, _ w: Double) -> Void) {
-        for b in 0..<batch {
-            for h in 0..<heads {
-                let lambda = causal ? decay[h] : 1
-                // λ^n for every distance; pow underflows to 0 for long distances, which then contribute nothing.
-                let power = (0..<length).map { Foundation.pow(lambda, Double($0)) }
-                for s in 0..<length {
-                    for j in 0..<(causal ? s + 1 : length) where power[abs(s - j)] != 0 {
-                        pair(b, h, h / (heads / kvHeads), s, j, power[abs(s - j)])
+                      _ pair: (_ b: Int, _ h: Int, _ s: Int, _ j: Int, _ w: Double) -> Void) {
+        let group = heads / kvHeads
+        // The tasks write disjoint rows, so sharing the closure across threads is safe.
+        struct Shared: @unchecked Sendable { let pair: (Int, Int, Int, Int, Double) -> Void }
+        withoutActuallyEscaping(pair) { pair in
+            let shared = Shared(pair: pair)
+            DispatchQueue.concurrentPerform(iterations: batch * kvHeads) { task in
+                let (b, g) = (task / kvHeads, task % kvHeads)
+                for h in (g * group)..<((g + 1) * group) {
+                    let lambda = causal ? decay[h] : 1
+                    let power = (0..<length).map { Foundation.pow(lambda, Double($0)) }
+                    for s in 0..<length {
+                        var j = causal ? s : length - 1
+                        while j >= 0, power[abs(s - j)] != 0 {
+                            shared.pair(b, h, s, j, power[abs(s - j)])
+                            j -= 1
+                        }
                     }
                 }
             }
         }
+    }
+
+    /// Σ a[i] b[i] over n, four partial sums (the oracle's one concession to speed; still plain Double).
+    @inline(__always)
+    static func dot(_ a: UnsafeBufferPointer<Double>, _ i: Int, _ b: UnsafeBufferPointer<Double>, _ j: Int, _ n: Int) -> Double {
+        var (s0, s1, s2, s3) = (0.0, 0.0, 0.0, 0.0)
+        var d = 0
+        while d + 4 <= n {
+            s0 += a[i + d] * b[j + d]; s1 += a[i + d + 1] * b[j + d + 1]
+            s2 += a[i + d + 2] * b[j + d + 2]; s3 += a[i + d + 3] * b[j + d + 3]
+            d += 4
+        }
+        while d < n { s0 += a[i + d] * b[j + d]; d += 1 }
+        return (s0 + s1) + (s2 + s3)
     }
 
     public static func forward(q: Tensor, k: Tensor, v: Tensor, decay: [Double], featureMap: FeatureMap, causal: Bool) -> [Double] {
@@ -39,36 +62,44 @@ public enum LinearOracle {
         let fq = q.toArray().map { phi(Double($0), featureMap) }, fk = k.toArray().map { phi(Double($0), featureMap) }
         let dv = v.toArray().map(Double.init)
         var o = [Double](repeating: 0, count: q.count)
-        pairs(batch: batch, length: length, heads: heads, kvHeads: kvHeads, decay: decay, causal: causal) { b, h, g, s, j, w in
-            let qi = ((b * length + s) * heads + h) * dim, ki = ((b * length + j) * kvHeads + g) * dim
-            var dot = 0.0
-            for d in 0..<dim { dot += fq[qi + d] * fk[ki + d] }
-            for d in 0..<dim { o[qi + d] += w * dot * dv[ki + d] }
+        o.withUnsafeMutableBufferPointer { o in
+            fq.withUnsafeBufferPointer { fq in fk.withUnsafeBufferPointer { fk in dv.withUnsafeBufferPointer { dv in
+                pairs(batch: batch, length: length, heads: heads, kvHeads: kvHeads, decay: decay, causal: causal) { b, h, s, j, w in
+                    let g = h / (heads / kvHeads)
+                    let qi = ((b * length + s) * heads + h) * dim, ki = ((b * length + j) * kvHeads + g) * dim
+                    let c = w * dot(fq, qi, fk, ki, dim)
+                    for d in 0..<dim { o[qi + d] += c * dv[ki + d] }
+                }
+            } } }
         }
         return o
     }
 
     public static func backward(q: Tensor, k: Tensor, v: Tensor, gradOut: Tensor, decay: [Double], featureMap: FeatureMap,
-                                causal: Bool) -> Gradients {
+                                causal: Bool) -> DenseOracle.Gradients {
         let (batch, length, heads, dim) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3])
         let kvHeads = k.shape[2]
         let fq = q.toArray().map { phi(Double($0), featureMap) }, fk = k.toArray().map { phi(Double($0), featureMap) }
         let vv = v.toArray().map(Double.init), go = gradOut.toArray().map(Double.init)
         var dq = [Double](repeating: 0, count: q.count), dk = [Double](repeating: 0, count: k.count)
         var dv = [Double](repeating: 0, count: v.count)
-        pairs(batch: batch, length: length, heads: heads, kvHeads: kvHeads, decay: decay, causal: causal) { b, h, g, s, j, w in
-            let qi = ((b * length + s) * heads + h) * dim, ki = ((b * length + j) * kvHeads + g) * dim
-            var gv = 0.0, qk = 0.0
-            for d in 0..<dim { gv += go[qi + d] * vv[ki + d]; qk += fq[qi + d] * fk[ki + d] }
-            for d in 0..<dim {
-                dq[qi + d] += w * gv * fk[ki + d]
-                dk[ki + d] += w * gv * fq[qi + d]
-                dv[ki + d] += w * qk * go[qi + d]
-            }
-        }
+        dq.withUnsafeMutableBufferPointer { dq in dk.withUnsafeMutableBufferPointer { dk in dv.withUnsafeMutableBufferPointer { dv in
+            fq.withUnsafeBufferPointer { fq in fk.withUnsafeBufferPointer { fk in vv.withUnsafeBufferPointer { vv in go.withUnsafeBufferPointer { go in
+                pairs(batch: batch, length: length, heads: heads, kvHeads: kvHeads, decay: decay, causal: causal) { b, h, s, j, w in
+                    let g = h / (heads / kvHeads)
+                    let qi = ((b * length + s) * heads + h) * dim, ki = ((b * length + j) * kvHeads + g) * dim
+                    let (a, c) = (w * dot(go, qi, vv, ki, dim), w * dot(fq, qi, fk, ki, dim))
+                    for d in 0..<dim {
+                        dq[qi + d] += a * fk[ki + d]
+                        dk[ki + d] += a * fq[qi + d]
+                        dv[ki + d] += c * go[qi + d]
+                    }
+                }
+            } } } }
+        } } }
         let qs = q.toArray(), ks = k.toArray()
         for i in 0..<dq.count { dq[i] *= phiPrime(Double(qs[i]), featureMap) }
         for i in 0..<dk.count { dk[i] *= phiPrime(Double(ks[i]), featureMap) }
-        return Gradients(dq: dq, dk: dk, dv: dv)
+        return DenseOracle.Gradients(dq: dq, dk: dk, dv: dv)
     }
 }

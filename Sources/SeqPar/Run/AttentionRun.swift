@@ -41,7 +41,8 @@ public struct PhaseTime: Codable, Sendable {
 
 public struct CheckReport: Codable, Sendable {
     public var forwardError: Double
-    public var lseError: Double
+    /// nil for linear attention, which has no log-sum-exp.
+    public var lseError: Double?
     /// Each rank's own rows of o against the oracle's rows at its positions (scaled by the oracle's max magnitude).
     public var perRankForwardError: [Double]
     public var dqError: Double?
@@ -71,6 +72,9 @@ public struct AttentionRunReport: Encodable, Sendable {
     public var layout: SequenceLayout
     public var scale: Float
     public var backwardRun: Bool
+    /// Linear attention: the decay per head and the feature map (nil for softmax attention).
+    public var decay: [Double]?
+    public var featureMap: FeatureMap?
     /// Seconds per phase over ranks.
     public var timeS: [String: PhaseTime]
     public var forwardGflops: Double
@@ -84,7 +88,7 @@ public struct AttentionRunReport: Encodable, Sendable {
 
     enum CodingKeys: String, CodingKey {
         case bench, algorithm, backend, ranks, batch, seqLen, heads, kvHeads, headDim, causal, layout, scale
-        case backwardRun = "backward", timeS, forwardGflops, backwardGflops, memoryEstimateBytes, perRank, check
+        case backwardRun = "backward", decay, featureMap, timeS, forwardGflops, backwardGflops, memoryEstimateBytes, perRank, check
         case bytesSent, bytesReceived, peakRSSBytes
     }
 
@@ -95,6 +99,7 @@ public struct AttentionRunReport: Encodable, Sendable {
         try c.encode(batch, forKey: .batch); try c.encode(seqLen, forKey: .seqLen); try c.encode(heads, forKey: .heads)
         try c.encode(kvHeads, forKey: .kvHeads); try c.encode(headDim, forKey: .headDim); try c.encode(causal, forKey: .causal)
         try c.encode(layout, forKey: .layout); try c.encode(scale, forKey: .scale); try c.encode(backwardRun, forKey: .backwardRun)
+        try c.encodeIfPresent(decay, forKey: .decay); try c.encodeIfPresent(featureMap, forKey: .featureMap)
         try c.encode(timeS, forKey: .timeS); try c.encode(forwardGflops, forKey: .forwardGflops)
         try c.encodeIfPresent(backwardGflops, forKey: .backwardGflops)
         try c.encode(memoryEstimateBytes, forKey: .memoryEstimateBytes); try c.encode(perRank, forKey: .perRank)
@@ -262,7 +267,8 @@ public enum AttentionRun {
         var global: (o: Tensor, lse: Tensor, grads: AttentionGradients?)?
         if needGlobal {
             let o = try layout.gather(output.o, length: shape.seqLen, comm: comm)
-            let lse = try layout.gather(output.lse.swappingAxes12(), length: shape.seqLen, comm: comm)
+            // Linear attention has no log-sum-exp (its lse is empty).
+            let lse = config.algorithm.family == .softmax ? try layout.gather(output.lse.swappingAxes12(), length: shape.seqLen, comm: comm) : output.lse
             var g: AttentionGradients?
             if let gr = grads {
                 g = AttentionGradients(dq: try layout.gather(gr.dq, length: shape.seqLen, comm: comm),
@@ -279,14 +285,14 @@ public enum AttentionRun {
         if config.check {
             var verdict = [Double](repeating: 0, count: 6 + ranks)
             if rank == 0, let gl = global {
-                log("checking against the Double oracle (about \(String(format: "%.1f", oracleFlops(shape, causal: config.options.causal, backward: config.backward) / 1e9)) GFLOP)")
+                log("checking against the Double oracle (about \(String(format: "%.1f", oracleFlops(config) / 1e9)) GFLOP)")
                 let report = checkAgainstOracle(config: config, inputs: fileInputs, global: gl, ranks: ranks, cache: oracle)
-                verdict = [report.forwardError, report.lseError, report.dqError ?? -1, report.dkError ?? -1, report.dvError ?? -1,
+                verdict = [report.forwardError, report.lseError ?? -1, report.dqError ?? -1, report.dkError ?? -1, report.dvError ?? -1,
                            report.passed ? 1 : 0] + report.perRankForwardError
             }
             try verdict.withUnsafeMutableBufferPointer { try comm.broadcast($0, root: 0) }
             func opt(_ v: Double) -> Double? { v < 0 ? nil : v }
-            checkReport = CheckReport(forwardError: verdict[0], lseError: verdict[1], perRankForwardError: Array(verdict[6...]),
+            checkReport = CheckReport(forwardError: verdict[0], lseError: opt(verdict[1]), perRankForwardError: Array(verdict[6...]),
                                       dqError: opt(verdict[2]), dkError: opt(verdict[3]), dvError: opt(verdict[4]),
                                       forwardTolerance: config.forwardTolerance, gradientTolerance: config.gradientTolerance,
                                       passed: verdict[5] == 1)
@@ -326,32 +332,53 @@ public enum AttentionRun {
         let perRank = (0..<ranks).map { r in
             RankStats(rank: r, host: hosts[r], tokens: counts[r], forward: fwdAll[r], backward: bwdAll?[r], peakRSSBytes: rss[r])
         }
-        let fwdFlops = attentionFlops(shape, causal: config.options.causal)
-        let report = AttentionRunReport(
+        let fwdFlops = attentionFlops(shape, causal: config.options.causal, family: config.algorithm.family)
+        var report = AttentionRunReport(
             algorithm: config.algorithm, backend: backend, ranks: ranks, batch: shape.batch, seqLen: shape.seqLen,
             heads: shape.heads, kvHeads: shape.kvHeads, headDim: shape.headDim, causal: config.options.causal,
             layout: layout, scale: config.options.effectiveScale(headDim: shape.headDim), backwardRun: config.backward,
             timeS: timeS, forwardGflops: fwdFlops / max(timeS["forward"]!.max, 1e-12) / 1e9,
-            backwardGflops: timeS["backward"].map { 2.5 * fwdFlops / max($0.max, 1e-12) / 1e9 },
+            backwardGflops: timeS["backward"].map { backwardFlopsFactor(config.algorithm.family) * fwdFlops / max($0.max, 1e-12) / 1e9 },
             memoryEstimateBytes: estimate.total, perRank: perRank, check: checkReport)
+        if config.algorithm.family == .linear {
+            report.decay = config.options.decayPerHead(shape.heads).map(Double.init)
+            report.featureMap = config.options.featureMap
+        }
         if let c = checkReport, !c.passed {
             throw SeqParError.checkFailed(checkSummary(c))
         }
         return report
     }
 
-    /// Forward FLOPs: 4*B*H*L^2*D, half when causal (backward counts 2.5x this).
-    public static func attentionFlops(_ s: AttentionShape, causal: Bool) -> Double {
-        4 * Double(s.batch * s.heads * s.headDim) * Double(s.seqLen) * Double(s.seqLen) / (causal ? 2 : 1)
+    /// Forward FLOPs. Softmax: 4*B*H*L^2*D, half when causal. Linear, the chunk form's work per token and head:
+    /// 4D^2 bidirectional (state and state term); causal adds the block states and terms (4D^2) and the masked
+    /// intra-block products (4*blockRows*D).
+    public static func attentionFlops(_ s: AttentionShape, causal: Bool, family: AlgorithmName.Family = .softmax) -> Double {
+        let perHead = Double(s.batch * s.heads) * Double(s.seqLen)
+        let d = Double(s.headDim)
+        switch family {
+        case .softmax: return 4 * perHead * d * Double(s.seqLen) / (causal ? 2 : 1)
+        case .linear: return perHead * (causal ? 8 * d * d + 4 * Double(LinearAttention.blockRows) * d : 4 * d * d)
+        }
     }
 
-    static func oracleFlops(_ s: AttentionShape, causal: Bool, backward: Bool) -> Double {
-        attentionFlops(s, causal: causal) * (backward ? 4 : 1)
+    /// Backward FLOPs over forward FLOPs: softmax recomputes the scores and forms three products (2.5); linear runs
+    /// three chunk passes and their states (3).
+    public static func backwardFlopsFactor(_ family: AlgorithmName.Family) -> Double { family == .softmax ? 2.5 : 3 }
+
+    /// The Double oracle's work: softmax as the attention itself; linear, every pair of the definition.
+    static func oracleFlops(_ c: AttentionRunConfig) -> Double {
+        let s = c.shape
+        let passes: Double = c.backward ? 4 : 1
+        switch c.algorithm.family {
+        case .softmax: return attentionFlops(s, causal: c.options.causal) * passes
+        case .linear: return 4 * Double(s.batch * s.heads * s.headDim) * Double(s.seqLen) * Double(s.seqLen) / (c.options.causal ? 2 : 1) * passes
+        }
     }
 
     public static func checkSummary(_ c: CheckReport) -> String {
-        var parts = [String(format: "forward max relative error %.2e (tolerance %.0e)", c.forwardError, c.forwardTolerance),
-                     String(format: "lse %.2e", c.lseError)]
+        var parts = [String(format: "forward max relative error %.2e (tolerance %.0e)", c.forwardError, c.forwardTolerance)]
+        if let e = c.lseError { parts.append(String(format: "lse %.2e", e)) }
         for (name, e) in [("dq", c.dqError), ("dk", c.dkError), ("dv", c.dvError)] {
             if let e { parts.append(String(format: "%@ %.2e (tolerance %.0e)", name, e, c.gradientTolerance)) }
         }
@@ -443,12 +470,16 @@ public enum AttentionRun {
         if config.backward && dO == nil { dO = SeededInputs.gradOut(shape: s, positions: all, seed: config.seed) }
         let scale = Double(config.options.effectiveScale(headDim: s.headDim))
         let key = OracleCache.key(config)
-        let ref = cache?.forward[key] ?? DenseOracle.forward(q: g.q, k: g.k, v: g.v, causal: config.options.causal, scale: scale)
+        let linear = config.algorithm.family == .linear
+        let decay = config.options.decayPerHead(s.heads).map(Double.init)
+        let ref = cache?.forward[key] ?? (linear
+            ? DenseOracle.Forward(o: LinearOracle.forward(q: g.q, k: g.k, v: g.v, decay: decay, featureMap: config.options.featureMap, causal: config.options.causal), lse: [])
+            : DenseOracle.forward(q: g.q, k: g.k, v: g.v, causal: config.options.causal, scale: scale))
         cache?.forward[key] = ref
         let forwardError = relativeError(global.o, ref.o)
         // lse: absolute difference, relative to max(1, |lse|) (lse is a log, so its scale is its own).
         var lseDiff = 0.0, lseScale = 1.0
-        for b in 0..<s.batch {
+        for b in 0..<s.batch where !linear {
             for t in 0..<s.seqLen {
                 for h in 0..<s.heads {
                     let expected = ref.lse[(b * s.heads + h) * s.seqLen + t]
@@ -460,7 +491,7 @@ public enum AttentionRun {
                 }
             }
         }
-        let lseError = lseDiff / lseScale
+        let lseError = linear ? nil : lseDiff / lseScale
         // Each rank's rows, scaled by the oracle's max magnitude over the whole output.
         let oScale = max(ref.o.map(abs).max() ?? 0, Double.leastNormalMagnitude)
         let row = s.heads * s.headDim
@@ -479,10 +510,12 @@ public enum AttentionRun {
         }
         var report = CheckReport(forwardError: forwardError, lseError: lseError, perRankForwardError: perRank,
                                  forwardTolerance: config.forwardTolerance, gradientTolerance: config.gradientTolerance, passed: false)
-        var passed = forwardError <= config.forwardTolerance && lseError <= config.forwardTolerance * 10
+        var passed = forwardError <= config.forwardTolerance && (lseError ?? 0) <= config.forwardTolerance * 10
             && perRank.allSatisfy { $0 <= config.forwardTolerance }
         if let grads = global.grads, let d = dO {
-            let refG = cache?.gradients[key] ?? DenseOracle.backward(q: g.q, k: g.k, v: g.v, gradOut: d, causal: config.options.causal, scale: scale)
+            let refG = cache?.gradients[key] ?? (linear
+                ? LinearOracle.backward(q: g.q, k: g.k, v: g.v, gradOut: d, decay: decay, featureMap: config.options.featureMap, causal: config.options.causal)
+                : DenseOracle.backward(q: g.q, k: g.k, v: g.v, gradOut: d, causal: config.options.causal, scale: scale))
             cache?.gradients[key] = refG
             report.dqError = relativeError(grads.dq, refG.dq)
             report.dkError = relativeError(grads.dk, refG.dk)
@@ -503,6 +536,6 @@ public final class OracleCache: @unchecked Sendable {
 
     /// What the oracle depends on: the problem, not the algorithm, layout or rank count.
     static func key(_ c: AttentionRunConfig) -> String {
-        "\(c.shape) causal=\(c.options.causal) scale=\(c.options.effectiveScale(headDim: c.shape.headDim)) seed=\(c.seed) x\(c.inputScale) files=\(c.qPath ?? "")|\(c.kPath ?? "")|\(c.vPath ?? "")|\(c.gradOutPath ?? "")"
+        "\(c.algorithm.family) decay=\(c.options.decay) map=\(c.options.featureMap) \(c.shape) causal=\(c.options.causal) scale=\(c.options.effectiveScale(headDim: c.shape.headDim)) seed=\(c.seed) x\(c.inputScale) files=\(c.qPath ?? "")|\(c.kPath ?? "")|\(c.vPath ?? "")|\(c.gradOutPath ?? "")"
     }
 }

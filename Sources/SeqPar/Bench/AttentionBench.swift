@@ -1,0 +1,105 @@
+// Attention step benchmark: one algorithm's forward (and backward) step time across the ranks of a job, on seeded
+// inputs generated once. Each repetition starts at a barrier and lasts until the slowest rank is done (every rank's
+// time is gathered and the maximum taken): the time a training step would wait. Warm-up runs are excluded; the
+// figure is the median over repetitions, with the min and max beside it, and the spread over ranks.
+//
+// FLOPs are `AttentionRun.attentionFlops` (softmax: 4 B H L^2 D, half when causal; linear: the chunk form's work),
+// backward `backwardFlopsFactor` times that; tokens/s is L*B over the step time. Bytes are one step's payload per
+// rank (the most any rank sent). Memory is refused before allocating, as in `seqpar attention`.
+
+public struct AttentionBenchResult: Codable, Sendable {
+    public var bench = "attention"
+    public var algorithm: AlgorithmName
+    public var direction: String
+    public var ranks: Int
+    public var batch: Int, seqLen: Int, heads: Int, kvHeads: Int, headDim: Int
+    public var causal: Bool
+    public var layout: SequenceLayout
+    public var decay: [Double]?
+    public var featureMap: FeatureMap?
+    /// Median over repetitions of the slowest rank's time; min and max over repetitions.
+    public var timeS: Double, timeMinS: Double, timeMaxS: Double
+    /// Each rank's median time: fastest, mean and slowest rank.
+    public var rankTimeMinS: Double, rankTimeAvgS: Double, rankTimeMaxS: Double
+    public var tokensPerS: Double
+    public var gflops: Double
+    /// Payload one step sends, the most over ranks, and received.
+    public var bytesSent: Int, bytesReceived: Int
+    public var messages: Int, collectives: Int
+    /// Peak resident memory, the most over ranks (the whole process so far: inputs, earlier runs included).
+    public var peakRSSBytes: Int
+    public var repeats: Int, warmup: Int
+
+}
+
+public enum AttentionBench {
+    /// Times `algorithm` on this rank's part of a seeded problem; every rank returns the same results (forward, then
+    /// backward unless `backward` is false).
+    public static func measure(_ algorithm: AlgorithmName, shape: AttentionShape, options: AttentionOptions, comm: some Communicator,
+                               ranksPerHost: Int = 1, repeats: Int, warmup: Int, backward: Bool = true, seed: UInt64 = 0) throws -> [AttentionBenchResult] {
+        let (rank, ranks) = (comm.rank, comm.size)
+        var config = AttentionRunConfig(algorithm: algorithm, shape: shape, options: options)
+        config.backward = backward
+        var failure: Error?
+        do {
+            try shape.validate()
+            try algorithm.validate(ranks: ranks, shape: shape, options: options)
+            let estimate = MemoryEstimate.attention(config, ranks: ranks, rank: rank)
+            if let available = SystemInfo.availableMemory(), estimate.total * ranksPerHost > available {
+                throw SeqParError.outOfMemory(AttentionRun.outOfMemoryMessage(config, estimate: estimate, ranks: ranks, ranksPerHost: ranksPerHost, available: available))
+            }
+        } catch { failure = error }
+        try comm.agree(failure)
+
+        let positions = options.layout.positions(rank: rank, ranks: ranks, length: shape.seqLen)
+        let x = SeededInputs.attention(shape: shape, options: options, positions: positions, seed: seed)
+        let dO = SeededInputs.gradOut(shape: shape, positions: positions, seed: seed)
+        let implementation = algorithm.implementation
+
+        /// Runs `step` warmup + repeats times from a barrier; returns this rank's times and one step's counters.
+        func timeSteps(_ step: () throws -> Void) throws -> (times: [Double], counters: CommCounters) {
+            var times: [Double] = []
+            var counters = CommCounters()
+            for i in 0..<(warmup + repeats) {
+                try comm.barrier()
+                comm.resetCounters()
+                let t = SystemInfo.now()
+                try step()
+                let elapsed = SystemInfo.now() - t
+                if i == warmup { counters = comm.counters }
+                if i >= warmup { times.append(elapsed) }
+            }
+            return (times, counters)
+        }
+
+        var output: AttentionOutput?
+        let forward = try timeSteps { output = try implementation.forward(x, comm: comm) }
+        var runs = [("forward", forward)]
+        if backward, let out = output {
+            runs.append(("backward", try timeSteps { _ = try implementation.backward(x, output: out, gradOut: dO, comm: comm) }))
+        }
+        let rss = try comm.allReduce([SystemInfo.peakRSS()], op: .max)[0]
+        let family = algorithm.family
+        let flops = AttentionRun.attentionFlops(shape, causal: options.causal, family: family)
+        return try runs.map { direction, run in
+            // Slowest rank per repetition, and each rank's median.
+            let all = try comm.allGather(run.times)
+            let slowest = (0..<repeats).map { i in all.map { $0[i] }.max()! }
+            let perRank = all.map(KernelBench.median)
+            let t = KernelBench.median(slowest)
+            let c = run.counters
+            let traffic = try comm.allReduce([c.bytesSent, c.bytesReceived, c.messagesSent, c.collectives], op: .max)
+            let stepFlops = direction == "forward" ? flops : flops * AttentionRun.backwardFlopsFactor(family)
+            return AttentionBenchResult(
+                algorithm: algorithm, direction: direction, ranks: ranks, batch: shape.batch, seqLen: shape.seqLen, heads: shape.heads,
+                kvHeads: shape.kvHeads, headDim: shape.headDim, causal: options.causal, layout: options.layout,
+                decay: family == .linear ? options.decayPerHead(shape.heads).map(Double.init) : nil,
+                featureMap: family == .linear ? options.featureMap : nil,
+                timeS: t, timeMinS: slowest.min()!, timeMaxS: slowest.max()!,
+                rankTimeMinS: perRank.min()!, rankTimeAvgS: perRank.reduce(0, +) / Double(ranks), rankTimeMaxS: perRank.max()!,
+                tokensPerS: Double(shape.batch * shape.seqLen) / t, gflops: stepFlops / t / 1e9,
+                bytesSent: traffic[0], bytesReceived: traffic[1], messages: traffic[2], collectives: traffic[3],
+                peakRSSBytes: rss, repeats: repeats, warmup: warmup)
+        }
+    }
+}
