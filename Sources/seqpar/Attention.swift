@@ -10,8 +10,11 @@ struct Attention: ParsableCommand {
         (float32/float64, C order; q (seq, heads, head_dim) or (batch, seq, heads, head_dim), k and v with kv_heads).
         """)
 
-    @Option(help: "Algorithm: \(AlgorithmName.allCases.map(\.rawValue).joined(separator: ", ")).")
-    var algorithm: AlgorithmName
+    @Option(help: "Algorithm: \(AlgorithmChoice.allValueStrings.joined(separator: ", ")).")
+    var algorithm: AlgorithmChoice
+
+    @Option(help: "lasp2h: the hybrid stack's layers, L (linear, LASP-2) and S (softmax, allgather), e.g. LLLS.")
+    var layers: String?
 
     @Option(help: "Sequence length L (generated inputs; default 1024).") var seqLen: Int?
     @Option(help: "Query heads H (default 8).") var heads: Int?
@@ -61,15 +64,22 @@ struct Attention: ParsableCommand {
         if let g = kvHeads, let h = heads ?? Optional(8), h % g != 0 {
             throw ValidationError("--kv-heads \(g) does not divide --heads \(h): each kv head serves heads/kv-heads query heads")
         }
+        if case .hybrid = algorithm {
+            guard layers != nil else { throw ValidationError("--algorithm lasp2h needs --layers, a pattern of L (linear) and S (softmax) layers, e.g. LLLS") }
+            if !files.isEmpty || gradOut != nil { throw ValidationError("--algorithm lasp2h generates its input and weights from --seed: drop --q, --k, --v and --grad-out") }
+            if bidirectional { throw ValidationError("--algorithm lasp2h is a causal language model: drop --bidirectional") }
+        } else if layers != nil {
+            throw ValidationError("--layers describes the lasp2h hybrid stack: use it with --algorithm lasp2h")
+        }
         switch algorithm.family {
         case .softmax:
-            if bidirectional { throw ValidationError("--bidirectional is for linear attention; softmax attention (--algorithm \(algorithm.rawValue)) is bidirectional unless --causal: drop it") }
+            if bidirectional { throw ValidationError("--bidirectional is for linear attention; softmax attention (--algorithm \(algorithm)) is bidirectional unless --causal: drop it") }
             if decay != nil || featureMap != nil {
-                throw ValidationError("--decay and --feature-map apply to linear attention (lasp1, lasp2); --algorithm \(algorithm.rawValue) is softmax attention: drop them")
+                throw ValidationError("--decay and --feature-map apply to linear attention (lasp1, lasp2, lasp2h); --algorithm \(algorithm) is softmax attention: drop them")
             }
         case .linear:
             if causal && bidirectional { throw ValidationError("--causal and --bidirectional contradict each other: give one (linear attention is causal by default)") }
-            if scale != nil { throw ValidationError("--algorithm \(algorithm.rawValue) is unnormalised linear attention, which has no softmax scale: drop --scale") }
+            if scale != nil { throw ValidationError("--algorithm \(algorithm) is unnormalised linear attention, which has no softmax scale: drop --scale") }
         }
         _ = try decayValues()
         if gradOut != nil && !backward { throw ValidationError("--grad-out needs --backward") }
@@ -95,7 +105,7 @@ struct Attention: ParsableCommand {
         return values.map { $0! }
     }
 
-    func makeConfig() throws -> AttentionRunConfig {
+    func makeConfig(_ algorithm: AlgorithmName) throws -> AttentionRunConfig {
         let h = heads ?? 8
         let linear = algorithm.family == .linear
         var c = AttentionRunConfig(
@@ -113,8 +123,22 @@ struct Attention: ParsableCommand {
         return c
     }
 
+    func makeHybridConfig() throws -> HybridRunConfig {
+        let h = heads ?? 8
+        var c = HybridRunConfig(layers: layers ?? "", shape: AttentionShape(batch: batch ?? 1, seqLen: seqLen ?? 1024, heads: h, kvHeads: kvHeads ?? h, headDim: headDim ?? 64))
+        c.decay = try decayValues()
+        c.featureMap = featureMap ?? .identity
+        c.seed = seed
+        c.backward = backward
+        c.check = check
+        c.outPath = out
+        c.gradsPrefix = gradsPrefix
+        return c
+    }
+
     func run() throws {
-        let config = try makeConfig()
+        guard case .single(let name) = algorithm else { return try runHybrid() }
+        let config = try makeConfig(name)
         let json = self.json
         let report = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout) { comm, backend in
             try AttentionRun.execute(config, comm: comm, backend: backend.name, ranksPerHost: backend.ranksPerHost,
@@ -123,6 +147,31 @@ struct Attention: ParsableCommand {
         guard let report else { return }
         print(json ? Report.json(report) : Report.table(report))
     }
+
+    func runHybrid() throws {
+        let config = try makeHybridConfig()
+        let json = self.json
+        let report = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout) { comm, backend in
+            try HybridRun.execute(config, comm: comm, backend: backend.name, ranksPerHost: backend.ranksPerHost,
+                                  log: { if comm.rank == 0 && !json { printNote($0) } })
+        }
+        guard let report else { return }
+        print(json ? Report.json(report) : Report.table(report))
+    }
+}
+
+/// What `--algorithm` names: one attention algorithm, or the lasp2h hybrid stack.
+enum AlgorithmChoice: ExpressibleByArgument, CustomStringConvertible {
+    case single(AlgorithmName)
+    case hybrid
+
+    init?(argument: String) {
+        if argument == "lasp2h" { self = .hybrid } else if let a = AlgorithmName(rawValue: argument) { self = .single(a) } else { return nil }
+    }
+
+    static var allValueStrings: [String] { AlgorithmName.allCases.map(\.rawValue) + ["lasp2h"] }
+    var family: AlgorithmName.Family { if case .single(let a) = self { a.family } else { .linear } }
+    var description: String { if case .single(let a) = self { a.rawValue } else { "lasp2h" } }
 }
 
 extension AlgorithmName: ExpressibleByArgument {}

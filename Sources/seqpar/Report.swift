@@ -45,4 +45,24 @@ enum Report {
         }
         return lines.joined(separator: "\n")
     }
+
+    static func table(_ r: HybridRunReport) -> String {
+        var lines = [
+            "# seqpar attention: lasp2h hybrid stack \(r.layers) (L: linear attention, LASP-2; S: softmax attention, allgather), pre-norm, residual",
+            "# backend \(r.backend), \(r.ranks) rank(s); B=\(r.batch) L=\(r.seqLen) H=\(r.heads) G=\(r.kvHeads) D=\(r.headDim), causal, decay \(r.decay.map { String(format: "%g", $0) }.joined(separator: ",")), feature map \(r.featureMap.rawValue)",
+            "# memory estimate per rank \(SystemInfo.bytesText(r.memoryEstimateBytes)); \(String(format: "%.0f", r.tokensPerS)) tokens/s",
+            pad("phase", 10) + lpad("min_s", 12) + lpad("avg_s", 12) + lpad("max_s", 12),
+        ]
+        for phase in ["forward", "backward"] {
+            guard let t = r.timeS[phase] else { continue }
+            lines.append(pad(phase, 10) + [t.min, t.avg, t.max].map { lpad(String(format: "%.4f", $0), 12) }.joined())
+        }
+        lines.append(pad("rank", 6) + lpad("sent_B", 13) + lpad("recv_B", 13) + lpad("colls", 7) + lpad("msgs", 6) + lpad("peak_rss", 12))
+        for i in 0..<r.ranks {
+            lines.append(pad("\(i)", 6) + lpad("\(r.bytesSent[i])", 13) + lpad("\(r.bytesReceived[i])", 13) + lpad("\(r.collectives[i])", 7)
+                         + lpad("\(r.messages[i])", 6) + lpad(SystemInfo.bytesText(r.peakRSSBytes[i]), 12))
+        }
+        if let c = r.check { lines.append("check: " + c.summary + (c.passed ? ": PASS" : ": FAIL")) }
+        return lines.joined(separator: "\n")
+    }
 }

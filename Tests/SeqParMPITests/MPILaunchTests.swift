@@ -128,6 +128,13 @@ enum Harness {
         #expect(mpi.output.contains("\"bytes_sent\":[\(Array(repeating: "\(2 * 4 * 16 * 16 * 4)", count: np).joined(separator: ","))]"), "\(mpi.output)")
     }
 
+    /// LASP-2H: the hybrid stack under mpirun, forward and backward, checked against the Double stack.
+    @Test func hybridStackUnderMPI() throws {
+        let r = try Harness.mpirun(3, ["attention", "--algorithm", "lasp2h", "--layers", "LSLL", "--seq-len", "301", "--heads", "4",
+                                       "--kv-heads", "2", "--head-dim", "16", "--decay", "0.9", "--feature-map", "elu1", "--backward", "--check"])
+        #expect(!r.timedOut && r.status == 0 && r.output.contains(": PASS"), "\(r.output)")
+    }
+
     /// Ring attention and RSA with each way of progressing the exchanges (a progress thread, MPI_Test between tiles,
     /// nothing until the wait): the same answer under MPI_THREAD_MULTIPLE.
     @Test(arguments: ["thread", "tests", "none"]) func ringProgressModesUnderMPI(mode: String) throws {
@@ -206,6 +213,9 @@ enum Harness {
         BadInput(arguments: ["attention", "--algorithm", "lasp2", "--bidirectional", "--decay", "0.9"], message: "--decay needs causal"),
         BadInput(arguments: ["attention", "--algorithm", "ring", "--decay", "0.9"], message: "apply to linear attention"),
         BadInput(arguments: ["attention", "--algorithm", "lasp2", "--scale", "0.5"], message: "no softmax scale"),
+        BadInput(arguments: ["attention", "--algorithm", "lasp2h", "--layers", "LLX"], message: "'X' is not a layer"),
+        BadInput(arguments: ["attention", "--algorithm", "lasp2h"], message: "needs --layers"),
+        BadInput(arguments: ["attention", "--algorithm", "lasp2h", "--layers", "LS", "--decay", "2"], message: "--decay 2.0 is outside (0, 1]"),
         BadInput(arguments: ["attention", "--algorithm", "allgather", "--seq-len", "50000000", "--heads", "32", "--head-dim", "128"], message: "use at most about --seq-len"),
     ]
 

@@ -57,10 +57,22 @@ public enum LinearOracle {
     }
 
     public static func forward(q: Tensor, k: Tensor, v: Tensor, decay: [Double], featureMap: FeatureMap, causal: Bool) -> [Double] {
-        let (batch, length, heads, dim) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3])
-        let kvHeads = k.shape[2]
-        let fq = q.toArray().map { phi(Double($0), featureMap) }, fk = k.toArray().map { phi(Double($0), featureMap) }
-        let dv = v.toArray().map(Double.init)
+        forward(q: q.toArray().map(Double.init), k: k.toArray().map(Double.init), v: v.toArray().map(Double.init),
+                dims: DenseOracle.dims(q, k), decay: decay, featureMap: featureMap, causal: causal)
+    }
+
+    public static func backward(q: Tensor, k: Tensor, v: Tensor, gradOut: Tensor, decay: [Double], featureMap: FeatureMap,
+                                causal: Bool) -> DenseOracle.Gradients {
+        backward(q: q.toArray().map(Double.init), k: k.toArray().map(Double.init), v: v.toArray().map(Double.init),
+                 gradOut: gradOut.toArray().map(Double.init), dims: DenseOracle.dims(q, k), decay: decay, featureMap: featureMap, causal: causal)
+    }
+
+    /// The same on Double arrays with explicit (B, L, H, G, D).
+    public static func forward(q: [Double], k: [Double], v: [Double], dims x: (b: Int, l: Int, h: Int, g: Int, d: Int),
+                               decay: [Double], featureMap: FeatureMap, causal: Bool) -> [Double] {
+        let (batch, length, heads, dim, kvHeads) = (x.b, x.l, x.h, x.d, x.g)
+        let fq = q.map { phi($0, featureMap) }, fk = k.map { phi($0, featureMap) }
+        let dv = v
         var o = [Double](repeating: 0, count: q.count)
         o.withUnsafeMutableBufferPointer { o in
             fq.withUnsafeBufferPointer { fq in fk.withUnsafeBufferPointer { fk in dv.withUnsafeBufferPointer { dv in
@@ -75,12 +87,11 @@ public enum LinearOracle {
         return o
     }
 
-    public static func backward(q: Tensor, k: Tensor, v: Tensor, gradOut: Tensor, decay: [Double], featureMap: FeatureMap,
-                                causal: Bool) -> DenseOracle.Gradients {
-        let (batch, length, heads, dim) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3])
-        let kvHeads = k.shape[2]
-        let fq = q.toArray().map { phi(Double($0), featureMap) }, fk = k.toArray().map { phi(Double($0), featureMap) }
-        let vv = v.toArray().map(Double.init), go = gradOut.toArray().map(Double.init)
+    public static func backward(q: [Double], k: [Double], v: [Double], gradOut: [Double], dims x: (b: Int, l: Int, h: Int, g: Int, d: Int),
+                                decay: [Double], featureMap: FeatureMap, causal: Bool) -> DenseOracle.Gradients {
+        let (batch, length, heads, dim, kvHeads) = (x.b, x.l, x.h, x.d, x.g)
+        let fq = q.map { phi($0, featureMap) }, fk = k.map { phi($0, featureMap) }
+        let vv = v, go = gradOut
         var dq = [Double](repeating: 0, count: q.count), dk = [Double](repeating: 0, count: k.count)
         var dv = [Double](repeating: 0, count: v.count)
         dq.withUnsafeMutableBufferPointer { dq in dk.withUnsafeMutableBufferPointer { dk in dv.withUnsafeMutableBufferPointer { dv in
@@ -97,9 +108,8 @@ public enum LinearOracle {
                 }
             } } } }
         } } }
-        let qs = q.toArray(), ks = k.toArray()
-        for i in 0..<dq.count { dq[i] *= phiPrime(Double(qs[i]), featureMap) }
-        for i in 0..<dk.count { dk[i] *= phiPrime(Double(ks[i]), featureMap) }
+        for i in 0..<dq.count { dq[i] *= phiPrime(q[i], featureMap) }
+        for i in 0..<dk.count { dk[i] *= phiPrime(k[i], featureMap) }
         return DenseOracle.Gradients(dq: dq, dk: dk, dv: dv)
     }
 }

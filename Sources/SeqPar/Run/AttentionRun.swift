@@ -426,7 +426,7 @@ public enum AttentionRun {
     }
 
     /// Compares a digest of every rank's configuration; on a mismatch every rank throws, naming ranks and fields.
-    static func agreeOnConfiguration(_ config: AttentionRunConfig, comm: some Communicator) throws {
+    static func agreeOnConfiguration(_ config: some Encodable, comm: some Communicator) throws {
         let encoder = JSONEncoder()
         encoder.outputFormatting = .sortedKeys
         let json = String(decoding: try encoder.encode(config), as: UTF8.self)
