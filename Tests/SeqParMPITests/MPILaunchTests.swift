@@ -107,9 +107,9 @@ enum Harness {
         }
     }
 
-    /// LASP-1 and LASP-2 under mpirun: causal with per-head decay and elu1, bidirectional, L not divisible by P;
+    /// LASP-1 and LASP-2 under mpirun -np 1 to 4: causal with per-head decay and elu1, bidirectional, L not divisible by P;
     /// LASP-2 sends one state per head per pass whatever L is, and matches the in-process run bit for bit.
-    @Test(arguments: [2, 3, 4]) func linearAttentionUnderMPI(np: Int) throws {
+    @Test(arguments: [1, 2, 3, 4]) func linearAttentionUnderMPI(np: Int) throws {
         for algorithm in ["lasp1", "lasp2"] {
             for extra in [["--decay", "0.9,0.95,0.99,1", "--feature-map", "elu1"], ["--bidirectional"]] {
                 let r = try Harness.mpirun(np, ["attention", "--algorithm", algorithm, "--seq-len", "301", "--heads", "4", "--kv-heads", "2",

@@ -4,6 +4,7 @@
 // token per rank, D in 16/64/128, GQA, chunks of several blocks. Plus the oracle's own finite-difference check,
 // the communication pattern, LASP-1 = LASP-2 bit for bit, and long-decay stability.
 import Foundation
+import PropertyBased
 import Testing
 @testable import SeqPar
 
@@ -115,6 +116,22 @@ func checkLinear(_ c: LinearCase, tolerance: Tolerance = Tolerance()) throws -> 
             let sent = results.map { $0.counters.forward.messagesSent }.reduce(0, +)
             #expect(sent == (causal ? 1 : 2) * (ranks - 1), "LASP-1 \(causal ? "causal" : "bidirectional") forward sent \(sent) messages")
             #expect(results.allSatisfy { $0.counters.forward.collectives == 0 && $0.counters.backward.collectives == 0 })
+        }
+    }
+
+    /// Random shapes and rank counts (L from 1, so ranks may hold no token; GQA; decay in (0.5, 1]; either map):
+    /// LASP-2 and LASP-1 still match the definition.
+    @Test func randomShapesMatchOracle() async {
+        await propertyCheck(count: 25, input: Gen.int(in: 1...40), Gen.int(in: 1...6), Gen.int(in: 0...2), Gen.int(in: 1...24), Gen.int(in: 500...1000), Gen.bool) {
+            length, ranks, groups, dim, decayMilli, elu in
+            let kvHeads = 1 << groups
+            let shape = AttentionShape(seqLen: length, heads: 2 * kvHeads, kvHeads: kvHeads, headDim: dim)
+            for algorithm in [AlgorithmName.lasp2, .lasp1] {
+                #expect(throws: Never.self) {
+                    try checkLinear(LinearCase(algorithm: algorithm, ranks: ranks, shape: shape, decay: [Double(decayMilli) / 1000],
+                                               featureMap: elu ? .elu1 : .identity))
+                }
+            }
         }
     }
 
