@@ -141,7 +141,8 @@ public enum LinearAttention {
         let scratch = UnsafeMutablePointer<Float>.allocate(capacity: n * max(db, dc))
         let fullMask = UnsafeMutablePointer<Float>.allocate(capacity: n * n)
         let state = Tensor(zeros: [1, 1, db, dc])
-        defer { scores.deallocate(); scratch.deallocate(); fullMask.deallocate() }
+        // `stateView` is a raw view: keep the tensor alive to the end.
+        defer { scores.deallocate(); scratch.deallocate(); fullMask.deallocate(); withExtendedLifetime(state) {} }
         let blocks = Array(stride(from: 0, to: rows, by: n))
         let order = direction == .forward ? blocks : blocks.reversed()
         for h in 0..<heads {

@@ -32,55 +32,70 @@ public enum SoftmaxAttention {
     /// moves while this block computes).
     public static func forward(q: Tensor, qPositions: [Int], k: Tensor, v: Tensor, kPositions: [Int],
                                causal: Bool, scale: Float, progress: () -> Void = {}) -> AttentionOutput {
-        let (batch, cq, heads, dim) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3])
+        let (batch, cq, heads) = (q.shape[0], q.shape[1], q.shape[2])
         let (ck, kvHeads) = (k.shape[1], k.shape[2])
         precondition(heads % kvHeads == 0 && qPositions.count == cq && kPositions.count == ck)
         let group = heads / kvHeads
-        let o = Tensor(zeros: q.shape)
+        let o = Tensor(zeros: [batch, cq, heads, v.shape[3]])
         let lse = Tensor(zeros: [batch, heads, cq])
         let visible = visibleCounts(qPositions, kPositions, causal: causal)
-        let scores = UnsafeMutablePointer<Float>.allocate(capacity: tileRows * tileCols)
-        var rowMax = [Float](repeating: 0, count: tileRows), rowSum = [Float](repeating: 0, count: tileRows)
-        defer { scores.deallocate() }
+        let scratch = Scratch()
         for b in 0..<batch {
             for h in 0..<heads {
-                let (qh, kg, vg, oh) = (q.head(batch: b, h), k.head(batch: b, h / group), v.head(batch: b, h / group), o.head(batch: b, h))
-                let lseRow = lse.pointer + (b * heads + h) * cq
-                for i0 in stride(from: 0, to: cq, by: tileRows) {
-                    let i1 = min(i0 + tileRows, cq), rows = i1 - i0
-                    let reach = visible[i0..<i1].max()!
-                    for i in 0..<rows { rowMax[i] = -.infinity; rowSum[i] = 0 }
-                    for j0 in stride(from: 0, to: reach, by: tileCols) {
-                        let j1 = min(j0 + tileCols, reach), width = j1 - j0
-                        let s = Matrix(base: scores, rows: rows, cols: width)
-                        BLAS.gemm(qh.rows(i0..<i1), kg.rows(j0..<j1), transposeB: true, into: s, alpha: scale)
-                        for i in 0..<rows {
-                            let row = scores + i * width
-                            let valid = min(max(visible[i0 + i] - j0, 0), width)
-                            if valid == 0 { row.update(repeating: 0, count: width); continue }
-                            let newMax = max(rowMax[i], VectorMath.max(row, valid))
-                            let sum = VectorMath.expInPlace(row, valid, subtract: newMax)
-                            if valid < width { (row + valid).update(repeating: 0, count: width - valid) }
-                            if rowMax[i] != -.infinity && rowMax[i] != newMax {
-                                let alpha = VectorMath.exp(rowMax[i] - newMax)
-                                VectorMath.scale(oh.base + (i0 + i) * oh.ld, dim, by: alpha)
-                                rowSum[i] *= alpha
-                            }
-                            rowSum[i] += sum
-                            rowMax[i] = newMax
-                        }
-                        BLAS.gemm(s, vg.rows(j0..<j1), into: oh.rows(i0..<i1), beta: 1)
-                    }
-                    for i in 0..<rows {
-                        if rowSum[i] == 0 { lseRow[i0 + i] = -.infinity; continue }
-                        VectorMath.scale(oh.base + (i0 + i) * oh.ld, dim, by: 1 / rowSum[i])
-                        lseRow[i0 + i] = rowMax[i] + Float(log(Double(rowSum[i])))
-                    }
-                    progress()
-                }
+                forward(q: q.head(batch: b, h), k: k.head(batch: b, h / group), v: v.head(batch: b, h / group), visible: visible,
+                        scale: scale, into: o.head(batch: b, h), lse: lse.pointer + (b * heads + h) * cq, scratch: scratch, progress: progress)
             }
         }
         return AttentionOutput(o: o, lse: lse)
+    }
+
+    /// A score tile and per-row statistics, allocated once per call and reused across heads.
+    final class Scratch {
+        let scores = UnsafeMutablePointer<Float>.allocate(capacity: tileRows * tileCols)
+        var rowMax = [Float](repeating: 0, count: tileRows), rowSum = [Float](repeating: 0, count: tileRows)
+        deinit { scores.deallocate() }
+    }
+
+    /// One head: rows of `q` (Cq x Dk) against rows of `k` (Ck x Dk) and `v` (Ck x Dv, any leading dimension: a
+    /// column slice of a wider cache works), query row i seeing the first `visible[i]` keys; writes `o` (Cq x Dv,
+    /// zeroed by the caller) and `lse[0..<Cq]`. The tiles and online softmax of the file comment.
+    static func forward(q qh: Matrix, k kg: Matrix, v vg: Matrix, visible: [Int], scale: Float, into oh: Matrix,
+                        lse lseRow: UnsafeMutablePointer<Float>, scratch: Scratch, progress: () -> Void = {}) {
+        let (cq, dv) = (qh.rows, vg.cols)
+        precondition(qh.cols == kg.cols && kg.rows == vg.rows && oh.rows == cq && oh.cols == dv && visible.count == cq)
+        let scores = scratch.scores
+        for i0 in stride(from: 0, to: cq, by: tileRows) {
+            let i1 = min(i0 + tileRows, cq), rows = i1 - i0
+            let reach = visible[i0..<i1].max()!
+            for i in 0..<rows { scratch.rowMax[i] = -.infinity; scratch.rowSum[i] = 0 }
+            for j0 in stride(from: 0, to: reach, by: tileCols) {
+                let j1 = min(j0 + tileCols, reach), width = j1 - j0
+                let s = Matrix(base: scores, rows: rows, cols: width)
+                BLAS.gemm(qh.rows(i0..<i1), kg.rows(j0..<j1), transposeB: true, into: s, alpha: scale)
+                for i in 0..<rows {
+                    let row = scores + i * width
+                    let valid = min(max(visible[i0 + i] - j0, 0), width)
+                    if valid == 0 { row.update(repeating: 0, count: width); continue }
+                    let newMax = max(scratch.rowMax[i], VectorMath.max(row, valid))
+                    let sum = VectorMath.expInPlace(row, valid, subtract: newMax)
+                    if valid < width { (row + valid).update(repeating: 0, count: width - valid) }
+                    if scratch.rowMax[i] != -.infinity && scratch.rowMax[i] != newMax {
+                        let alpha = VectorMath.exp(scratch.rowMax[i] - newMax)
+                        VectorMath.scale(oh.base + (i0 + i) * oh.ld, dv, by: alpha)
+                        scratch.rowSum[i] *= alpha
+                    }
+                    scratch.rowSum[i] += sum
+                    scratch.rowMax[i] = newMax
+                }
+                BLAS.gemm(s, vg.rows(j0..<j1), into: oh.rows(i0..<i1), beta: 1)
+            }
+            for i in 0..<rows {
+                if scratch.rowSum[i] == 0 { lseRow[i0 + i] = -.infinity; continue }
+                VectorMath.scale(oh.base + (i0 + i) * oh.ld, dv, by: 1 / scratch.rowSum[i])
+                lseRow[i0 + i] = scratch.rowMax[i] + Float(log(Double(scratch.rowSum[i])))
+            }
+            progress()
+        }
     }
 
     /// Gradients of `sum(o * dO)`: dq (B, Cq, H, D), dk and dv (B, Ck, G, D), recomputing probabilities from lse.

@@ -1,0 +1,197 @@
+// Latent attention across ranks (DESIGN §4a; "TPLA: Tensor Parallel Latent Attention", Tang et al. 2025).
+//
+//   mla     one rank, the whole cache: the reference.
+//   tp-mla  heads split over ranks (P | H); every rank keeps the whole latent cache, L x (d_c + d_r), and reads all
+//           of it every step; one AllGather of the outputs. Exact.
+//   tpla    the latent dimension split over ranks (P | d_c): rank g keeps c[:, slice_g] (L x d_c/P) and the full
+//           k_r, and for every head computes its own softmax over its partial logits
+//           scale (q_c[slice_g] · c[slice_g] + q_r · k_r), its z over its slice and z W_UV,h[slice_g]; one
+//           all-reduce sums the P partial outputs. Each rank reads 1/P of the latent cache: the decode speed-up.
+//           At P = 1 it is MLA; beyond, an approximation, checked against its own definition (`LatentOracle`).
+// An orthogonal transform R (d_c x d_c) before slicing: c' = c R, q_c' = q_c R, W_UV,h' = R^T W_UV,h leaves MLA
+// unchanged and changes how TPLA's slices share the information. Each rank applies only its columns of R.
+
+/// The transform applied to the latent dimension before it is sliced.
+public enum LatentTransform: String, CaseIterable, Codable, Sendable {
+    case none
+    /// The normalised Sylvester Hadamard matrix H_{d_c} / sqrt(d_c): d_c must be a power of two.
+    case hadamard
+
+    /// R (d_c x d_c), or nil for `none`; throws when the size does not allow it.
+    public func matrix(latentDim d: Int) throws -> Tensor? {
+        switch self {
+        case .none: return nil
+        case .hadamard:
+            guard d > 0 && d & (d - 1) == 0 else {
+                throw SeqParError.invalidInput("--transform hadamard needs --latent-dim a power of two (Sylvester's construction); d_c = \(d) is not: use 512 or another power of two, or --transform none")
+            }
+            let r = Tensor(uninitialized: [d, d])
+            let s = 1 / Float(d).squareRoot()
+            for i in 0..<d { for j in 0..<d { r.pointer[i * d + j] = (i & j).nonzeroBitCount % 2 == 0 ? s : -s } }
+            return r
+        }
+    }
+}
+
+public enum LatentAlgorithm: String, CaseIterable, Codable, Sendable {
+    case mla
+    case tpMLA = "tp-mla"
+    case tpla
+
+    /// Throws when the algorithm cannot run on `ranks` ranks with `shape`, naming what would.
+    public func validate(ranks: Int, shape s: LatentShape) throws {
+        switch self {
+        case .mla:
+            guard ranks == 1 else {
+                throw SeqParError.invalidInput("--algorithm mla is the single-rank reference, and this job has \(ranks) ranks: run it with one rank, or choose tp-mla or tpla")
+            }
+        case .tpMLA:
+            guard s.heads % ranks == 0 else {
+                throw SeqParError.invalidInput("--algorithm tp-mla splits heads over ranks: \(ranks) ranks do not divide --heads \(s.heads); use a rank count in \(divisors(s.heads)), or tpla")
+            }
+        case .tpla:
+            guard s.latentDim % ranks == 0 else {
+                throw SeqParError.invalidInput("--algorithm tpla splits the latent dimension over ranks: \(ranks) ranks do not divide --latent-dim \(s.latentDim); use a rank count in \(divisors(s.latentDim))")
+            }
+        }
+    }
+}
+
+/// One rank's part: its cache rows [c' | k_r] (all of the latent columns, or its slice), its query rows, its heads
+/// and its rows of each head's W_UV.
+public struct LatentShard: @unchecked Sendable {
+    public var cache: Tensor
+    public var queries: Tensor
+    public var heads: Range<Int>
+    public var latentCols: Int
+    /// (heads.count, latentCols, d_v): this rank's rows of each of its heads' W_UV (transformed).
+    public var wUV: Tensor
+
+    /// Bytes of latent cache (latent and RoPE columns) this rank holds and reads every step.
+    public var cacheBytes: Int { cache.count * MemoryLayout<Float>.size }
+
+    /// Rank `rank`'s shard of `x` for `algorithm` on `ranks` ranks, transformed by `r` (d_c x d_c) when given.
+    public static func make(_ algorithm: LatentAlgorithm, _ x: LatentInputs, transform r: Tensor?, rank: Int, ranks: Int) -> LatentShard {
+        let s = x.shape
+        let (dc, dv) = (s.latentDim, s.vDim)
+        let heads = algorithm == .tpMLA ? (rank * s.heads / ranks)..<((rank + 1) * s.heads / ranks) : 0..<s.heads
+        let cols = algorithm == .tpla ? (rank * dc / ranks)..<((rank + 1) * dc / ranks) : 0..<dc
+        // Columns `cols` of R (or of the identity): the transformed latent columns this rank keeps.
+        func project(_ m: Matrix) -> Tensor {
+            let out = Tensor(uninitialized: [m.rows, cols.count])
+            if let r {
+                BLAS.gemm(m, r.matrix.cols(cols), into: out.matrix)
+            } else {
+                for i in 0..<m.rows { (out.pointer + i * cols.count).update(from: m.base + i * m.ld + cols.lowerBound, count: cols.count) }
+            }
+            return out
+        }
+        // Matrix views hold raw pointers: keep each tensor alive until its view is used.
+        let latent = project(x.latent.matrix)
+        let cache = withExtendedLifetime(latent) { LatentAttention.concatenate(latent.matrix, x.ropeK.matrix) }
+        // Query rows t * |heads| + h for this rank's heads.
+        let qc = Matrix(base: x.qLatent.pointer, rows: s.queries * s.heads, cols: dc)
+        let qr = Matrix(base: x.qRope.pointer, rows: s.queries * s.heads, cols: s.ropeDim)
+        let projected = project(qc)
+        let all = withExtendedLifetime(projected) { LatentAttention.concatenate(projected.matrix, qr) }
+        let queries = Tensor(uninitialized: [s.queries * heads.count, cols.count + s.ropeDim])
+        for t in 0..<s.queries {
+            let src = all.pointer + (t * s.heads + heads.lowerBound) * all.shape[1]
+            (queries.pointer + t * heads.count * all.shape[1]).update(from: src, count: heads.count * all.shape[1])
+        }
+        let w = Tensor(uninitialized: [heads.count, cols.count, dv])
+        for (i, h) in heads.enumerated() {
+            let wh = Matrix(base: x.wUV.pointer + h * dc * dv, rows: dc, cols: dv)
+            let out = Matrix(base: w.pointer + i * cols.count * dv, rows: cols.count, cols: dv)
+            if let r {
+                BLAS.gemm(r.matrix.cols(cols), transposeA: true, wh, into: out)
+            } else {
+                for j in 0..<cols.count { (out.base + j * dv).update(from: wh.base + (cols.lowerBound + j) * dv, count: dv) }
+            }
+        }
+        return LatentShard(cache: cache, queries: queries, heads: heads, latentCols: cols.count, wUV: w)
+    }
+
+    /// This rank's output (T, |heads|, d_v): its heads in full (mla, tp-mla) or every head's partial sum (tpla).
+    public func attend(vDim: Int, scale: Float) -> Tensor {
+        let n = latentCols
+        return LatentAttention.attend(queries: queries.matrix, cache: cache.matrix, latentCols: n, heads: heads.count,
+                                      wUV: { Matrix(base: wUV.pointer + $0 * n * vDim, rows: n, cols: vDim) }, vDim: vDim, scale: scale)
+    }
+}
+
+public enum LatentParallel {
+    /// Combines the ranks' outputs into the whole (T, H, d_v) on every rank: tp-mla gathers the head blocks, tpla
+    /// sums the partial outputs with one all-reduce; mla has nothing to combine.
+    public static func combine(_ algorithm: LatentAlgorithm, _ mine: Tensor, shape s: LatentShape, comm: some Communicator) throws -> Tensor {
+        switch algorithm {
+        case .mla: return mine
+        case .tpla:
+            try comm.allReduce(mine.buffer, op: .sum)
+            return mine
+        case .tpMLA:
+            let p = comm.size
+            let all = Tensor(uninitialized: [p * mine.count])
+            try comm.allGather(UnsafeBufferPointer(mine.buffer), into: all.buffer)
+            // (P, T, H/P, d_v) -> (T, H, d_v)
+            let hp = s.heads / p, block = hp * s.vDim
+            let out = Tensor(uninitialized: [s.queries, s.heads, s.vDim])
+            for g in 0..<p {
+                for t in 0..<s.queries {
+                    (out.pointer + (t * s.heads + g * hp) * s.vDim).update(from: all.pointer + (g * s.queries + t) * block, count: block)
+                }
+            }
+            return out
+        }
+    }
+}
+
+/// The Double definitions: TPLA over `slices` equal slices of the (transformed) latent dimension; one slice is MLA.
+public enum LatentOracle {
+    public static func tpla(_ x: LatentInputs, transform r: Tensor?, slices: Int, scale: Double) -> [Double] {
+        let s = x.shape
+        let (l, t, hN, dc, dr, dv) = (s.seqLen, s.queries, s.heads, s.latentDim, s.ropeDim, s.vDim)
+        var c = x.latent.toArray().map(Double.init), q = x.qLatent.toArray().map(Double.init), w = x.wUV.toArray().map(Double.init)
+        if let r {
+            let rd = r.toArray().map(Double.init)
+            // c R, q R (rows of d_c), R^T W_h.
+            func rows(_ a: [Double], _ n: Int) -> [Double] {
+                var out = [Double](repeating: 0, count: a.count)
+                for i in 0..<n { for k in 0..<dc where a[i * dc + k] != 0 { for j in 0..<dc { out[i * dc + j] += a[i * dc + k] * rd[k * dc + j] } } }
+                return out
+            }
+            c = rows(c, l); q = rows(q, t * hN)
+            var wt = [Double](repeating: 0, count: w.count)
+            for h in 0..<hN { for k in 0..<dc { for i in 0..<dc where rd[k * dc + i] != 0 { for j in 0..<dv { wt[(h * dc + i) * dv + j] += rd[k * dc + i] * w[(h * dc + k) * dv + j] } } } }
+            w = wt
+        }
+        let kr = x.ropeK.toArray().map(Double.init), qr = x.qRope.toArray().map(Double.init)
+        var o = [Double](repeating: 0, count: t * hN * dv)
+        let width = dc / slices
+        for g in 0..<slices {
+            let cols = (g * width)..<((g + 1) * width)
+            for ti in 0..<t {
+                for h in 0..<hN {
+                    let qi = (ti * hN + h)
+                    var logits = [Double](repeating: 0, count: l)
+                    for j in 0..<l {
+                        var acc = 0.0
+                        for d in cols { acc += q[qi * dc + d] * c[j * dc + d] }
+                        for d in 0..<dr { acc += qr[qi * dr + d] * kr[j * dr + d] }
+                        logits[j] = scale * acc
+                    }
+                    let m = logits.max() ?? 0
+                    let e = logits.map { _exp($0 - m) }
+                    let sum = e.reduce(0, +)
+                    for d in cols {
+                        var z = 0.0
+                        for j in 0..<l { z += e[j] * c[j * dc + d] }
+                        z /= sum
+                        for k in 0..<dv { o[qi * dv + k] += z * w[(h * dc + d) * dv + k] }
+                    }
+                }
+            }
+        }
+        return o
+    }
+}

@@ -1,0 +1,74 @@
+// MLA, TP-MLA and TPLA (latent attention for decoding): against the Double definitions (`LatentOracle`: MLA is
+// TPLA with one slice) on the in-process cluster, with and without the Hadamard transform; the transform leaves MLA
+// unchanged; TPLA at P = 1 is MLA; its communication is one all-reduce; sizes that cannot split are refused.
+import Testing
+@testable import SeqPar
+
+@Suite struct LatentAttentionTests {
+    struct Run: @unchecked Sendable { var o: Tensor; var counters: CommCounters }
+
+    static let shape = LatentShape(seqLen: 301, queries: 3, heads: 8, latentDim: 64, ropeDim: 16, vDim: 32)
+
+    func run(_ algorithm: LatentAlgorithm, ranks: Int, _ x: LatentInputs, transform: LatentTransform) throws -> [Run] {
+        let s = x.shape
+        let r = try transform.matrix(latentDim: s.latentDim)
+        return try InProcessCluster.run(ranks: ranks) { comm -> Run in
+            try algorithm.validate(ranks: comm.size, shape: s)
+            let shard = LatentShard.make(algorithm, x, transform: r, rank: comm.rank, ranks: comm.size)
+            comm.resetCounters()
+            let o = try LatentParallel.combine(algorithm, shard.attend(vDim: s.vDim, scale: s.defaultScale), shape: s, comm: comm)
+            return Run(o: o, counters: comm.counters)
+        }
+    }
+
+    @Test(arguments: [LatentTransform.none, .hadamard])
+    func mlaAndTPMLAMatchTheDefinition(transform: LatentTransform) throws {
+        let x = LatentInputs.seeded(Self.shape, seed: 1)
+        let reference = LatentOracle.tpla(x, transform: nil, slices: 1, scale: Double(Self.shape.defaultScale))
+        // The transform is folded into c, q_c and W_UV: MLA's output does not change.
+        let mla = try run(.mla, ranks: 1, x, transform: transform)[0].o
+        #expect(relativeError(mla, reference) <= 2e-5, "mla \(transform): \(relativeError(mla, reference))")
+        for ranks in [1, 2, 4, 8] {
+            for r in try run(.tpMLA, ranks: ranks, x, transform: transform) {
+                #expect(relativeError(r.o, reference) <= 2e-5, "tp-mla P=\(ranks) \(transform): \(relativeError(r.o, reference))")
+            }
+        }
+        // TPLA on one rank is MLA.
+        let tpla1 = try run(.tpla, ranks: 1, x, transform: transform)[0].o
+        #expect(relativeError(tpla1, reference) <= 2e-5, "tpla P=1 \(transform): \(relativeError(tpla1, reference))")
+    }
+
+    @Test(arguments: [2, 4, 8], [LatentTransform.none, .hadamard])
+    func tplaMatchesItsDefinition(ranks: Int, transform: LatentTransform) throws {
+        for outliers in [0, 4] {
+            let x = LatentInputs.seeded(Self.shape, seed: 2, outliers: outliers)
+            let expected = LatentOracle.tpla(x, transform: try transform.matrix(latentDim: 64), slices: ranks, scale: Double(Self.shape.defaultScale))
+            let mla = LatentOracle.tpla(x, transform: nil, slices: 1, scale: Double(Self.shape.defaultScale))
+            let runs = try run(.tpla, ranks: ranks, x, transform: transform)
+            for r in runs {
+                #expect(relativeError(r.o, expected) <= 2e-5, "tpla P=\(ranks) \(transform) outliers \(outliers): \(relativeError(r.o, expected))")
+                // One all-reduce of the (T, H, d_v) output per step, nothing else.
+                #expect(r.counters[.allReduce] == 1 && r.counters.collectives == 1 && r.counters.messagesSent == 0, "\(r.counters)")
+                #expect(r.counters.bytesSent == Self.shape.queries * Self.shape.heads * Self.shape.vDim * 4)
+            }
+            // An approximation: it differs from MLA (reported, never hidden), but stays finite.
+            #expect(relativeError(runs[0].o, mla) > 1e-3 && runs[0].o.firstNonFinite() == nil)
+        }
+    }
+
+    @Test func sizesThatCannotSplitAreRefused() throws {
+        let s = LatentShape(seqLen: 10, heads: 6, latentDim: 96, ropeDim: 8, vDim: 8)
+        #expect { try LatentAlgorithm.tpla.validate(ranks: 5, shape: s) } throws: { "\($0)".contains("5 ranks do not divide --latent-dim 96") }
+        #expect { try LatentAlgorithm.tpMLA.validate(ranks: 4, shape: s) } throws: { "\($0)".contains("4 ranks do not divide --heads 6") }
+        #expect { try LatentAlgorithm.mla.validate(ranks: 2, shape: s) } throws: { "\($0)".contains("single-rank reference") }
+        #expect { _ = try LatentTransform.hadamard.matrix(latentDim: 96) } throws: { "\($0)".contains("power of two") }
+    }
+
+    /// The Hadamard matrix is orthogonal: R R^T = I.
+    @Test func hadamardIsOrthogonal() throws {
+        let r = try LatentTransform.hadamard.matrix(latentDim: 64)!
+        let p = Tensor(zeros: [64, 64])
+        BLAS.gemm(r.matrix, r.matrix, transposeB: true, into: p.matrix)
+        for i in 0..<64 { for j in 0..<64 { #expect(abs(p.pointer[i * 64 + j] - (i == j ? 1 : 0)) < 1e-5) } }
+    }
+}
