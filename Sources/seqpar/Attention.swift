@@ -44,9 +44,57 @@ struct Attention: ParsableCommand {
     @Flag(help: "Compare with the dense Double oracle; exit 1 above tolerance (forward 2e-5, gradients 1e-4).") var check = false
     @Flag(help: "Print one JSON object instead of the table.") var json = false
 
+    @Option(help: "Latent attention (mla, tp-mla, tpla): latent dimension d_c (default 512).") var latentDim: Int?
+    @Option(help: "Latent attention: RoPE dimension d_r (default 64).") var ropeDim: Int?
+    @Option(help: "Latent attention: value dimension d_v (default 128).") var vDim: Int?
+    @Option(help: "Latent attention: query tokens T, each attending the whole cache (default 1: one decode step).") var queries: Int?
+    @Option(help: "Latent attention: orthogonal transform before slicing: none or hadamard.") var transform: LatentTransform?
+    @Option(help: "Latent attention: scale this many latent channels by 20 in the generated cache and queries.") var outlierChannels: Int?
+    @Option(help: "Latent cache c (.npy, (L, d_c)).") var latent: String?
+    @Option(help: "RoPE key cache k_r (.npy, (L, d_r)).") var ropeK: String?
+    @Option(help: "Absorbed queries q_c (.npy, (T, H, d_c)).") var qLatent: String?
+    @Option(help: "RoPE queries q_r (.npy, (T, H, d_r)).") var qRope: String?
+    @Option(help: "Value up-projection W_UV (.npy, (H, d_c, d_v)).") var wUv: String?
+
     @OptionGroup var rankOptions: RankOptions
 
+    /// The latent-attention options given, by flag name.
+    var latentOptionsGiven: [String] {
+        [("--latent-dim", latentDim != nil), ("--rope-dim", ropeDim != nil), ("--v-dim", vDim != nil), ("--queries", queries != nil),
+         ("--transform", transform != nil), ("--outlier-channels", outlierChannels != nil), ("--latent", latent != nil),
+         ("--rope-k", ropeK != nil), ("--q-latent", qLatent != nil), ("--q-rope", qRope != nil), ("--w-uv", wUv != nil)].filter(\.1).map(\.0)
+    }
+
+    func validateLatent() throws {
+        let softmaxOnly = [("--kv-heads", kvHeads != nil), ("--head-dim", headDim != nil), ("--batch", batch != nil), ("--causal", causal),
+                           ("--bidirectional", bidirectional), ("--layout", layout != .contiguous), ("--backward", backward),
+                           ("--decay", decay != nil), ("--feature-map", featureMap != nil), ("--layers", layers != nil),
+                           ("--q/--k/--v", q != nil || k != nil || v != nil), ("--grad-out", gradOut != nil), ("--grads-prefix", gradsPrefix != nil),
+                           ("--input-scale", inputScale != 1)].filter(\.1).map(\.0)
+        if !softmaxOnly.isEmpty {
+            throw ValidationError("\(softmaxOnly.joined(separator: ", ")) do not apply to latent attention (--algorithm \(algorithm), a decode step with every query attending the whole cache, forward only): drop them")
+        }
+        let files = [latent, ropeK, qLatent, qRope, wUv].compactMap { $0 }
+        if !files.isEmpty {
+            guard files.count == 5 else { throw ValidationError("give all five of --latent, --rope-k, --q-latent, --q-rope and --w-uv, or none (to generate inputs)") }
+            let sizes = [("--seq-len", seqLen != nil), ("--heads", heads != nil), ("--latent-dim", latentDim != nil), ("--rope-dim", ropeDim != nil),
+                         ("--v-dim", vDim != nil), ("--queries", queries != nil), ("--outlier-channels", outlierChannels != nil)].filter(\.1).map(\.0)
+            if !sizes.isEmpty { throw ValidationError("\(sizes.joined(separator: ", ")) conflict with the input files: the sizes come from the files; drop them") }
+            for path in files where !FileManager.default.fileExists(atPath: path) { throw ValidationError("\(path): no such file") }
+        }
+        for (name, value) in [("--seq-len", seqLen), ("--heads", heads), ("--latent-dim", latentDim), ("--v-dim", vDim), ("--queries", queries)] {
+            if let v = value, v < 1 { throw ValidationError("\(name) \(v): must be at least 1") }
+        }
+        if let r = ropeDim, r < 0 { throw ValidationError("--rope-dim \(r): must be 0 or more") }
+        if let n = outlierChannels, n < 0 || n > (latentDim ?? 512) { throw ValidationError("--outlier-channels \(n): between 0 and --latent-dim") }
+        if let s = scale, !(s.isFinite && s > 0) { throw ValidationError("--scale \(s): give a positive finite number") }
+    }
+
     func validate() throws {
+        if case .latent = algorithm { return try validateLatent() }
+        if !latentOptionsGiven.isEmpty {
+            throw ValidationError("\(latentOptionsGiven.joined(separator: ", ")) apply to latent attention (--algorithm mla, tp-mla or tpla): drop them, or choose one of those")
+        }
         let files = [q, k, v].compactMap { $0 }
         if !files.isEmpty {
             guard files.count == 3 else { throw ValidationError("give all three of --q, --k and --v, or none (to generate inputs)") }
@@ -136,7 +184,33 @@ struct Attention: ParsableCommand {
         return c
     }
 
+    func makeLatentConfig(_ a: LatentAlgorithm) -> LatentRunConfig {
+        var c = LatentRunConfig(algorithm: a, shape: LatentShape(seqLen: seqLen ?? 1024, queries: queries ?? 1, heads: heads ?? 8,
+                                                                 latentDim: latentDim ?? 512, ropeDim: ropeDim ?? 64, vDim: vDim ?? 128))
+        c.transform = transform ?? .none
+        c.scale = scale
+        c.seed = seed
+        c.outlierChannels = outlierChannels ?? 0
+        let files = [latent, ropeK, qLatent, qRope, wUv].compactMap { $0 }
+        c.files = files.isEmpty ? nil : files
+        c.check = check
+        c.outPath = out
+        return c
+    }
+
+    func runLatent(_ a: LatentAlgorithm) throws {
+        let config = makeLatentConfig(a)
+        let json = self.json
+        let report = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout) { comm, backend in
+            try LatentRun.execute(config, comm: comm, backend: backend.name, ranksPerHost: backend.ranksPerHost,
+                                  log: { if comm.rank == 0 && !json { printNote($0) } })
+        }
+        guard let report else { return }
+        print(json ? Report.json(report) : Report.table(report))
+    }
+
     func run() throws {
+        if case .latent(let a) = algorithm { return try runLatent(a) }
         guard case .single(let name) = algorithm else { return try runHybrid() }
         let config = try makeConfig(name)
         let json = self.json
@@ -160,19 +234,37 @@ struct Attention: ParsableCommand {
     }
 }
 
-/// What `--algorithm` names: one attention algorithm, or the lasp2h hybrid stack.
+/// What `--algorithm` names: one attention algorithm, the lasp2h hybrid stack, or a latent-attention algorithm.
 enum AlgorithmChoice: ExpressibleByArgument, CustomStringConvertible {
     case single(AlgorithmName)
     case hybrid
+    case latent(LatentAlgorithm)
 
     init?(argument: String) {
-        if argument == "lasp2h" { self = .hybrid } else if let a = AlgorithmName(rawValue: argument) { self = .single(a) } else { return nil }
+        if argument == "lasp2h" { self = .hybrid }
+        else if let a = AlgorithmName(rawValue: argument) { self = .single(a) }
+        else if let l = LatentAlgorithm(rawValue: argument) { self = .latent(l) }
+        else { return nil }
     }
 
-    static var allValueStrings: [String] { AlgorithmName.allCases.map(\.rawValue) + ["lasp2h"] }
-    var family: AlgorithmName.Family { if case .single(let a) = self { a.family } else { .linear } }
-    var description: String { if case .single(let a) = self { a.rawValue } else { "lasp2h" } }
+    static var allValueStrings: [String] { AlgorithmName.allCases.map(\.rawValue) + ["lasp2h"] + LatentAlgorithm.allCases.map(\.rawValue) }
+    var family: AlgorithmName.Family {
+        switch self {
+        case .single(let a): a.family
+        case .hybrid: .linear
+        case .latent: .softmax
+        }
+    }
+    var description: String {
+        switch self {
+        case .single(let a): a.rawValue
+        case .hybrid: "lasp2h"
+        case .latent(let l): l.rawValue
+        }
+    }
 }
+
+extension LatentTransform: ExpressibleByArgument {}
 
 extension AlgorithmName: ExpressibleByArgument {}
 extension SequenceLayout: ExpressibleByArgument {}

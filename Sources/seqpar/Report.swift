@@ -65,4 +65,29 @@ enum Report {
         if let c = r.check { lines.append("check: " + c.summary + (c.passed ? ": PASS" : ": FAIL")) }
         return lines.joined(separator: "\n")
     }
+
+    static func table(_ r: LatentRunReport) -> String {
+        var lines = [
+            "# seqpar attention: \(r.algorithm.rawValue), latent attention (absorbed MLA decode: every query attends the whole cache)",
+            "# backend \(r.backend), \(r.ranks) rank(s); L=\(r.seqLen) T=\(r.queries) H=\(r.heads) d_c=\(r.latentDim) d_r=\(r.ropeDim) d_v=\(r.vDim), transform \(r.transform.rawValue), scale \(r.scale)",
+            pad("phase", 10) + lpad("min_s", 12) + lpad("avg_s", 12) + lpad("max_s", 12),
+        ]
+        for phase in ["setup", "attend", "combine"] {
+            guard let t = r.timeS[phase] else { continue }
+            lines.append(pad(phase, 10) + [t.min, t.avg, t.max].map { lpad(String(format: "%.5f", $0), 12) }.joined())
+        }
+        lines.append(pad("rank", 6) + lpad("cache_B", 14) + lpad("sent_B", 12) + lpad("colls", 7) + lpad("peak_rss", 12))
+        for i in 0..<r.ranks {
+            lines.append(pad("\(i)", 6) + lpad("\(r.cacheBytes[i])", 14) + lpad("\(r.bytesSent[i])", 12) + lpad("\(r.collectives[i])", 7)
+                         + lpad(SystemInfo.bytesText(r.peakRSSBytes[i]), 12))
+        }
+        if let d = r.tplaVsMLA {
+            lines.append(String(format: "tpla vs mla: max relative difference %.3e (TPLA is an approximation for P > 1: each shard's softmax sees partial logits)", d))
+        }
+        if let c = r.check {
+            lines.append(String(format: "check: max relative error %.2e against the Double %@ definition (tolerance %.0e)", c.error, c.reference, c.tolerance)
+                         + (c.passed ? ": PASS" : ": FAIL"))
+        }
+        return lines.joined(separator: "\n")
+    }
 }

@@ -135,6 +135,19 @@ enum Harness {
         #expect(!r.timedOut && r.status == 0 && r.output.contains(": PASS"), "\(r.output)")
     }
 
+    /// Latent attention under mpirun: mla on one rank, tp-mla and tpla (with and without the Hadamard transform) on
+    /// 2 and 4, each against its Double definition; TPLA reports its distance from MLA.
+    @Test(arguments: [1, 2, 4]) func latentAttentionUnderMPI(np: Int) throws {
+        let base = ["attention", "--seq-len", "517", "--queries", "2", "--heads", "8", "--latent-dim", "64", "--rope-dim", "16", "--v-dim", "32", "--check"]
+        let runs: [[String]] = np == 1 ? [["--algorithm", "mla"], ["--algorithm", "tpla"]]
+            : [["--algorithm", "tp-mla"], ["--algorithm", "tpla"], ["--algorithm", "tpla", "--transform", "hadamard", "--outlier-channels", "4"]]
+        for extra in runs {
+            let r = try Harness.mpirun(np, base + extra)
+            #expect(!r.timedOut && r.status == 0 && r.output.contains(": PASS"), "\(extra): \(r.output)")
+            if extra.contains("tpla") { #expect(r.output.contains("tpla vs mla: max relative difference"), "\(r.output)") }
+        }
+    }
+
     /// Ring attention and RSA with each way of progressing the exchanges (a progress thread, MPI_Test between tiles,
     /// nothing until the wait): the same answer under MPI_THREAD_MULTIPLE.
     @Test(arguments: ["thread", "tests", "none"]) func ringProgressModesUnderMPI(mode: String) throws {
@@ -214,6 +227,12 @@ enum Harness {
         BadInput(arguments: ["attention", "--algorithm", "ring", "--decay", "0.9"], message: "apply to linear attention"),
         BadInput(arguments: ["attention", "--algorithm", "lasp2", "--scale", "0.5"], message: "no softmax scale"),
         BadInput(arguments: ["attention", "--algorithm", "lasp2h", "--layers", "LLX"], message: "'X' is not a layer"),
+        BadInput(arguments: ["attention", "--algorithm", "tpla", "--latent-dim", "64"], message: "3 ranks do not divide --latent-dim 64"),
+        BadInput(arguments: ["attention", "--algorithm", "tpla", "--latent-dim", "96", "--transform", "hadamard"], message: "power of two"),
+        BadInput(arguments: ["attention", "--algorithm", "tp-mla", "--heads", "8"], message: "3 ranks do not divide --heads 8"),
+        BadInput(arguments: ["attention", "--algorithm", "mla"], message: "single-rank reference"),
+        BadInput(arguments: ["attention", "--algorithm", "tpla", "--causal"], message: "do not apply to latent attention"),
+        BadInput(arguments: ["attention", "--algorithm", "ring", "--latent-dim", "64"], message: "apply to latent attention"),
         BadInput(arguments: ["attention", "--algorithm", "lasp2h"], message: "needs --layers"),
         BadInput(arguments: ["attention", "--algorithm", "lasp2h", "--layers", "LS", "--decay", "2"], message: "--decay 2.0 is outside (0, 1]"),
         BadInput(arguments: ["attention", "--algorithm", "allgather", "--seq-len", "50000000", "--heads", "32", "--head-dim", "128"], message: "use at most about --seq-len"),

@@ -11,7 +11,7 @@ import Testing
 
     func run(_ algorithm: LatentAlgorithm, ranks: Int, _ x: LatentInputs, transform: LatentTransform) throws -> [Run] {
         let s = x.shape
-        let r = try transform.matrix(latentDim: s.latentDim)
+        let r = try transform.matrix(latentDim: s.latentDim, cache: x.latent, slices: algorithm == .tpla ? ranks : 1)
         return try InProcessCluster.run(ranks: ranks) { comm -> Run in
             try algorithm.validate(ranks: comm.size, shape: s)
             let shard = LatentShard.make(algorithm, x, transform: r, rank: comm.rank, ranks: comm.size)
@@ -21,7 +21,7 @@ import Testing
         }
     }
 
-    @Test(arguments: [LatentTransform.none, .hadamard])
+    @Test(arguments: LatentTransform.allCases)
     func mlaAndTPMLAMatchTheDefinition(transform: LatentTransform) throws {
         let x = LatentInputs.seeded(Self.shape, seed: 1)
         let reference = LatentOracle.tpla(x, transform: nil, slices: 1, scale: Double(Self.shape.defaultScale))
@@ -38,11 +38,12 @@ import Testing
         #expect(relativeError(tpla1, reference) <= 2e-5, "tpla P=1 \(transform): \(relativeError(tpla1, reference))")
     }
 
-    @Test(arguments: [2, 4, 8], [LatentTransform.none, .hadamard])
+    @Test(arguments: [2, 4, 8], LatentTransform.allCases)
     func tplaMatchesItsDefinition(ranks: Int, transform: LatentTransform) throws {
         for outliers in [0, 4] {
             let x = LatentInputs.seeded(Self.shape, seed: 2, outliers: outliers)
-            let expected = LatentOracle.tpla(x, transform: try transform.matrix(latentDim: 64), slices: ranks, scale: Double(Self.shape.defaultScale))
+            let expected = LatentOracle.tpla(x, transform: try transform.matrix(latentDim: 64, cache: x.latent, slices: ranks), slices: ranks,
+                                             scale: Double(Self.shape.defaultScale))
             let mla = LatentOracle.tpla(x, transform: nil, slices: 1, scale: Double(Self.shape.defaultScale))
             let runs = try run(.tpla, ranks: ranks, x, transform: transform)
             for r in runs {
@@ -64,11 +65,23 @@ import Testing
         #expect { _ = try LatentTransform.hadamard.matrix(latentDim: 96) } throws: { "\($0)".contains("power of two") }
     }
 
-    /// The Hadamard matrix is orthogonal: R R^T = I.
-    @Test func hadamardIsOrthogonal() throws {
-        let r = try LatentTransform.hadamard.matrix(latentDim: 64)!
-        let p = Tensor(zeros: [64, 64])
-        BLAS.gemm(r.matrix, r.matrix, transposeB: true, into: p.matrix)
-        for i in 0..<64 { for j in 0..<64 { #expect(abs(p.pointer[i * 64 + j] - (i == j ? 1 : 0)) < 1e-5) } }
+    /// Both transforms are orthogonal (R R^T = I); PCA's columns are eigenvectors of c^T c, dealt round-robin: the
+    /// first column of each of the 4 slices holds the 4 largest components, in order.
+    @Test func transformsAreOrthogonal() throws {
+        let x = LatentInputs.seeded(Self.shape, seed: 3, outliers: 4)
+        for transform in [LatentTransform.hadamard, .pca] {
+            let r = try transform.matrix(latentDim: 64, cache: x.latent, slices: 4)!
+            let p = Tensor(zeros: [64, 64])
+            BLAS.gemm(r.matrix, r.matrix, transposeB: true, into: p.matrix)
+            for i in 0..<64 { for j in 0..<64 { #expect(abs(p.pointer[i * 64 + j] - (i == j ? 1 : 0)) < 1e-4, "\(transform) (\(i), \(j))") } }
+        }
+        // Rayleigh quotients |c r_col|^2 of PCA's columns: slice heads 0, 16, 32, 48 descend and top every other column.
+        let r = try LatentTransform.pca.matrix(latentDim: 64, cache: x.latent, slices: 4)!
+        let projected = Tensor(zeros: [Self.shape.seqLen, 64])
+        BLAS.gemm(x.latent.matrix, r.matrix, into: projected.matrix)
+        let energy = (0..<64).map { col in (0..<Self.shape.seqLen).map { Double(projected.pointer[$0 * 64 + col]) }.map { $0 * $0 }.reduce(0, +) }
+        let heads = [0, 16, 32, 48].map { energy[$0] }
+        #expect(heads == heads.sorted(by: >), "\(heads)")
+        #expect(heads.last! >= (energy.enumerated().filter { ![0, 16, 32, 48].contains($0.offset) }.map(\.element).max() ?? 0) * 0.999)
     }
 }

@@ -10,17 +10,26 @@
 //           At P = 1 it is MLA; beyond, an approximation, checked against its own definition (`LatentOracle`).
 // An orthogonal transform R (d_c x d_c) before slicing: c' = c R, q_c' = q_c R, W_UV,h' = R^T W_UV,h leaves MLA
 // unchanged and changes how TPLA's slices share the information. Each rank applies only its columns of R.
+import COpenBLAS
 
 /// The transform applied to the latent dimension before it is sliced.
 public enum LatentTransform: String, CaseIterable, Codable, Sendable {
     case none
     /// The normalised Sylvester Hadamard matrix H_{d_c} / sqrt(d_c): d_c must be a power of two.
     case hadamard
+    /// The eigenvectors of the cache's second moment c^T c (LAPACK dsyevd, in Double), by decreasing eigenvalue,
+    /// dealt round-robin to the `slices` shards: shard g's columns are components g, g + P, g + 2P, ..., so each
+    /// holds a balanced share of the variance.
+    case pca
 
-    /// R (d_c x d_c), or nil for `none`; throws when the size does not allow it.
-    public func matrix(latentDim d: Int) throws -> Tensor? {
+    /// R (d_c x d_c), or nil for `none`; throws when the size does not allow it. PCA needs the cache and the slice
+    /// count; every rank computes the same R from the same cache.
+    public func matrix(latentDim d: Int, cache: Tensor? = nil, slices: Int = 1) throws -> Tensor? {
         switch self {
         case .none: return nil
+        case .pca:
+            guard let c = cache, c.rank == 2, c.shape[1] == d else { preconditionFailure("pca needs the (L, d_c) cache") }
+            return try Self.pca(c, slices: slices)
         case .hadamard:
             guard d > 0 && d & (d - 1) == 0 else {
                 throw SeqParError.invalidInput("--transform hadamard needs --latent-dim a power of two (Sylvester's construction); d_c = \(d) is not: use 512 or another power of two, or --transform none")
@@ -30,6 +39,40 @@ public enum LatentTransform: String, CaseIterable, Codable, Sendable {
             for i in 0..<d { for j in 0..<d { r.pointer[i * d + j] = (i & j).nonzeroBitCount % 2 == 0 ? s : -s } }
             return r
         }
+    }
+
+    static func pca(_ c: Tensor, slices: Int) throws -> Tensor {
+        let (l, d) = (c.shape[0], c.shape[1])
+        // The second moment c^T c through sgemm, then Double for the eigensolver.
+        let m = Tensor(zeros: [d, d])
+        BLAS.gemm(c.matrix, transposeA: true, c.matrix, into: m.matrix)
+        var a = m.toArray().map(Double.init)  // symmetric: row-major = column-major
+        var w = [Double](repeating: 0, count: d)
+        var n = Int32(d), lda = Int32(d), info: Int32 = 0
+        var lwork: Int32 = -1, liwork: Int32 = -1
+        var workQuery = 0.0
+        var iworkQuery: Int32 = 0
+        dsyevd_("V", "U", &n, &a, &lda, &w, &workQuery, &lwork, &iworkQuery, &liwork, &info, 1, 1)
+        lwork = Int32(workQuery); liwork = iworkQuery
+        var work = [Double](repeating: 0, count: Int(max(lwork, 1)))
+        var iwork = [Int32](repeating: 0, count: Int(max(liwork, 1)))
+        dsyevd_("V", "U", &n, &a, &lda, &w, &work, &lwork, &iwork, &liwork, &info, 1, 1)
+        guard info == 0 else {
+            throw SeqParError.invalidInput("--transform pca: the eigensolver (LAPACK dsyevd) failed on the \(d) x \(d) second moment of \(l) cached tokens (info \(info)); use --transform hadamard or none")
+        }
+        // Column k of `a` (column-major) is the eigenvector of w[k], ascending. Order by decreasing eigenvalue and
+        // deal round-robin: output column g * (d / P) + i holds component g + i * P.
+        let order = Array((0..<d).reversed())
+        let perSlice = d / slices
+        let r = Tensor(zeros: [d, d])
+        for g in 0..<slices {
+            for i in 0..<perSlice {
+                let component = order[g + i * slices]
+                let column = g * perSlice + i
+                for row in 0..<d { r.pointer[row * d + column] = Float(a[component * d + row]) }
+            }
+        }
+        return r
     }
 }
 
