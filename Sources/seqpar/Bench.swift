@@ -5,7 +5,7 @@ import SeqPar
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks that print their figures next to a baseline measured in the same run.",
-        subcommands: [KernelBenchCommand.self, OverlapBenchCommand.self, AttentionBenchCommand.self])
+        subcommands: [KernelBenchCommand.self, OverlapBenchCommand.self, AttentionBenchCommand.self, LatentBenchCommand.self])
 }
 
 /// `#` lines that say where and how a benchmark ran.
@@ -224,3 +224,59 @@ struct AttentionBenchCommand: ParsableCommand {
         }
     }
 }
+
+struct LatentBenchCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "latent",
+        abstract: "Decode-step latency of latent attention (TP-MLA, TPLA) on one cache, with the cache bytes each rank reads per step.",
+        discussion: "Run it under mpirun (mpirun -np 4 seqpar bench latent --algorithm tp-mla tpla --seq-len 32768 --heads 16) or with --ranks N. speedup: the first algorithm's step time over each one's.")
+
+    @Option(parsing: .upToNextOption, help: "Algorithms, timed in this order (tp-mla, tpla; mla on one rank).") var algorithm: [LatentAlgorithm]
+    @Option(parsing: .upToNextOption, help: "Cached tokens L (one run per value).") var seqLen: [Int] = [32768]
+    @Option(parsing: .upToNextOption, help: "Heads H (one run per value).") var heads: [Int] = [16]
+    @Option(help: "Latent dimension d_c.") var latentDim = 512
+    @Option(help: "RoPE dimension d_r.") var ropeDim = 64
+    @Option(help: "Value dimension d_v.") var vDim = 128
+    @Option(help: "Query tokens per step.") var queries = 1
+    @Option(help: "Transform for TPLA: none, hadamard or pca (it does not change the cost).") var transform: LatentTransform = .none
+    @Option(help: "Timed steps (the median is reported).") var repeats = 20
+    @Option(help: "Untimed steps first.") var warmup = 3
+    @Flag(help: "One JSON object per figure instead of the table.") var json = false
+    @OptionGroup var rankOptions: RankOptions
+
+    func validate() throws {
+        guard !algorithm.isEmpty else { throw ValidationError("--algorithm: name at least one") }
+        for (name, v) in [("--latent-dim", latentDim), ("--v-dim", vDim), ("--queries", queries), ("--repeats", repeats)] + seqLen.map { ("--seq-len", $0) } + heads.map { ("--heads", $0) } where v < 1 {
+            throw ValidationError("\(name) \(v): must be at least 1")
+        }
+        guard ropeDim >= 0, warmup >= 0 else { throw ValidationError("--rope-dim and --warmup must be 0 or more") }
+    }
+
+    func run() throws {
+        let runs = seqLen.flatMap { l in heads.map { h in LatentShape(seqLen: l, queries: queries, heads: h, latentDim: latentDim, ropeDim: ropeDim, vDim: vDim) } }
+        let (algorithms, transform, repeats, warmup) = (algorithm, self.transform, self.repeats, self.warmup)
+        let out = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout) { comm, backend in
+            (try runs.flatMap { s in
+                try algorithms.map { try LatentBench.measure($0, shape: s, transform: transform, comm: comm, ranksPerHost: backend.ranksPerHost, repeats: repeats, warmup: warmup) }
+            }, backend)
+        }
+        guard let (results, backend) = out else { return }
+        if json { results.forEach { print(Report.json($0)) }; return }
+        let columns = [("algorithm", 10), ("L", 8), ("H", 5), ("step_s", 11), ("min_s", 11), ("max_s", 11), ("attend_s", 11),
+                       ("cache_B/rank", 14), ("cache_GB/s", 11), ("sent_B", 9), ("peak_rss", 11), ("speedup", 8)]
+        (Provenance.header("bench latent") + [
+            "# \(backend.ranks) rank(s), backend \(backend.name); T=\(queries) d_c=\(latentDim) d_r=\(ropeDim) d_v=\(vDim), transform \(transform.rawValue); median of \(repeats) steps after \(warmup), slowest rank",
+            "# cache_B/rank: latent cache each rank reads per step; speedup: the first algorithm's step time over this one's (same L, H)",
+            columns.map { Report.pad($0.0, $0.1) }.joined(),
+        ]).forEach { print($0) }
+        for r in results {
+            let first = results.first { $0.seqLen == r.seqLen && $0.heads == r.heads }!
+            let cells = [r.algorithm.rawValue, "\(r.seqLen)", "\(r.heads)", String(format: "%.6f", r.timeS), String(format: "%.6f", r.timeMinS),
+                         String(format: "%.6f", r.timeMaxS), String(format: "%.6f", r.attendS), "\(r.cacheBytesPerRank)", String(format: "%.1f", r.cacheGBps),
+                         "\(r.bytesSent)", SystemInfo.bytesText(r.peakRSSBytes), String(format: "%.2f", first.timeS / r.timeS)]
+            print(zip(cells, columns).map { Report.pad($0, $1.1) }.joined())
+        }
+    }
+}
+
+extension LatentAlgorithm: ExpressibleByArgument {}
