@@ -148,6 +148,19 @@ enum Harness {
         }
     }
 
+    /// seqpar decode end to end under mpirun -np 2: ring prefill checked against one process, the handoff, and
+    /// decode steps; TP-MLA's decode equals MLA; a TPLA step is one all-reduce.
+    @Test func decodeUnderMPI() throws {
+        let base = ["decode", "--prompt-len", "301", "--steps", "3", "--heads", "8", "--model-dim", "64", "--latent-dim", "64",
+                    "--rope-dim", "8", "--nope-dim", "16", "--v-dim", "16", "--check"]
+        for extra in [["--algorithm", "tpla", "--transform", "pca"], ["--algorithm", "tp-mla"]] {
+            let r = try Harness.mpirun(2, base + extra)
+            #expect(!r.timedOut && r.status == 0 && r.output.contains(": PASS"), "\(extra): \(r.output)")
+        }
+        let r = try Harness.mpirun(2, base + ["--algorithm", "tpla", "--json"])
+        #expect(r.output.contains("\"step_collectives\":1") && r.output.contains("\"step_messages\":0"), "\(r.output)")
+    }
+
     /// Ring attention and RSA with each way of progressing the exchanges (a progress thread, MPI_Test between tiles,
     /// nothing until the wait): the same answer under MPI_THREAD_MULTIPLE.
     @Test(arguments: ["thread", "tests", "none"]) func ringProgressModesUnderMPI(mode: String) throws {
@@ -231,6 +244,8 @@ enum Harness {
         BadInput(arguments: ["attention", "--algorithm", "tpla", "--latent-dim", "96", "--transform", "hadamard"], message: "power of two"),
         BadInput(arguments: ["attention", "--algorithm", "tp-mla", "--heads", "8"], message: "3 ranks do not divide --heads 8"),
         BadInput(arguments: ["attention", "--algorithm", "mla"], message: "single-rank reference"),
+        BadInput(arguments: ["decode", "--rope-dim", "7"], message: "must be even"),
+        BadInput(arguments: ["decode", "--latent-dim", "100"], message: "3 ranks do not divide --latent-dim 100"),
         BadInput(arguments: ["attention", "--algorithm", "tpla", "--causal"], message: "do not apply to latent attention"),
         BadInput(arguments: ["attention", "--algorithm", "ring", "--latent-dim", "64"], message: "apply to latent attention"),
         BadInput(arguments: ["attention", "--algorithm", "lasp2h"], message: "needs --layers"),

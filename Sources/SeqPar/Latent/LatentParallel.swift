@@ -42,10 +42,16 @@ public enum LatentTransform: String, CaseIterable, Codable, Sendable {
     }
 
     static func pca(_ c: Tensor, slices: Int) throws -> Tensor {
-        let (l, d) = (c.shape[0], c.shape[1])
+        let d = c.shape[1]
         // The second moment c^T c through sgemm, then Double for the eigensolver.
         let m = Tensor(zeros: [d, d])
         BLAS.gemm(c.matrix, transposeA: true, c.matrix, into: m.matrix)
+        return try pca(secondMoment: m, tokens: c.shape[0], slices: slices)
+    }
+
+    /// PCA from a second moment c^T c (d_c x d_c) summed over `tokens` cached tokens (on several ranks: all-reduced).
+    public static func pca(secondMoment m: Tensor, tokens l: Int, slices: Int) throws -> Tensor {
+        let d = m.shape[0]
         var a = m.toArray().map(Double.init)  // symmetric: row-major = column-major
         var w = [Double](repeating: 0, count: d)
         var n = Int32(d), lda = Int32(d), info: Int32 = 0
@@ -113,38 +119,45 @@ public struct LatentShard: @unchecked Sendable {
     /// Bytes of latent cache (latent and RoPE columns) this rank holds and reads every step.
     public var cacheBytes: Int { cache.count * MemoryLayout<Float>.size }
 
-    /// Rank `rank`'s shard of `x` for `algorithm` on `ranks` ranks, transformed by `r` (d_c x d_c) when given.
-    public static func make(_ algorithm: LatentAlgorithm, _ x: LatentInputs, transform r: Tensor?, rank: Int, ranks: Int) -> LatentShard {
-        let s = x.shape
-        let (dc, dv) = (s.latentDim, s.vDim)
-        let heads = algorithm == .tpMLA ? (rank * s.heads / ranks)..<((rank + 1) * s.heads / ranks) : 0..<s.heads
-        let cols = algorithm == .tpla ? (rank * dc / ranks)..<((rank + 1) * dc / ranks) : 0..<dc
-        // Columns `cols` of R (or of the identity): the transformed latent columns this rank keeps.
-        func project(_ m: Matrix) -> Tensor {
-            let out = Tensor(uninitialized: [m.rows, cols.count])
-            if let r {
-                BLAS.gemm(m, r.matrix.cols(cols), into: out.matrix)
-            } else {
-                for i in 0..<m.rows { (out.pointer + i * cols.count).update(from: m.base + i * m.ld + cols.lowerBound, count: cols.count) }
+    /// The heads and latent columns rank `rank` of `ranks` keeps for `algorithm`.
+    public static func split(_ algorithm: LatentAlgorithm, heads: Int, latentDim dc: Int, rank: Int, ranks: Int) -> (heads: Range<Int>, cols: Range<Int>) {
+        (algorithm == .tpMLA ? (rank * heads / ranks)..<((rank + 1) * heads / ranks) : 0..<heads,
+         algorithm == .tpla ? (rank * dc / ranks)..<((rank + 1) * dc / ranks) : 0..<dc)
+    }
+
+    /// Columns `cols` of m R (or of m itself without a transform): (m.rows, cols.count).
+    public static func columns(_ m: Matrix, transform r: Tensor?, cols: Range<Int>) -> Tensor {
+        let out = Tensor(uninitialized: [m.rows, cols.count])
+        if let r {
+            BLAS.gemm(m, r.matrix.cols(cols), into: out.matrix)
+        } else {
+            for i in 0..<m.rows { (out.pointer + i * cols.count).update(from: m.base + i * m.ld + cols.lowerBound, count: cols.count) }
+        }
+        return out
+    }
+
+    /// Query rows t * |heads| + h: [q_c R[:, cols] | q_r] for `heads`, from q_c (T, H, d_c) and q_r (T, H, d_r).
+    public static func queryRows(qLatent: Tensor, qRope: Tensor, transform r: Tensor?, cols: Range<Int>, heads: Range<Int>) -> Tensor {
+        let (t, h, dc, dr) = (qLatent.shape[0], qLatent.shape[1], qLatent.shape[2], qRope.shape[2])
+        let projected = columns(Matrix(base: qLatent.pointer, rows: t * h, cols: dc), transform: r, cols: cols)
+        let width = cols.count + dr
+        let queries = Tensor(uninitialized: [t * heads.count, width])
+        for ti in 0..<t {
+            for (i, head) in heads.enumerated() {
+                let (row, dst) = (ti * h + head, queries.pointer + (ti * heads.count + i) * width)
+                dst.update(from: projected.pointer + row * cols.count, count: cols.count)
+                (dst + cols.count).update(from: qRope.pointer + row * dr, count: dr)
             }
-            return out
         }
-        // Matrix views hold raw pointers: keep each tensor alive until its view is used.
-        let latent = project(x.latent.matrix)
-        let cache = withExtendedLifetime(latent) { LatentAttention.concatenate(latent.matrix, x.ropeK.matrix) }
-        // Query rows t * |heads| + h for this rank's heads.
-        let qc = Matrix(base: x.qLatent.pointer, rows: s.queries * s.heads, cols: dc)
-        let qr = Matrix(base: x.qRope.pointer, rows: s.queries * s.heads, cols: s.ropeDim)
-        let projected = project(qc)
-        let all = withExtendedLifetime(projected) { LatentAttention.concatenate(projected.matrix, qr) }
-        let queries = Tensor(uninitialized: [s.queries * heads.count, cols.count + s.ropeDim])
-        for t in 0..<s.queries {
-            let src = all.pointer + (t * s.heads + heads.lowerBound) * all.shape[1]
-            (queries.pointer + t * heads.count * all.shape[1]).update(from: src, count: heads.count * all.shape[1])
-        }
+        return queries
+    }
+
+    /// Rows `cols` of each of `heads`' R^T W_UV,h: (|heads|, cols.count, d_v), from W_UV (H, d_c, d_v).
+    public static func valueRows(_ wUV: Tensor, transform r: Tensor?, cols: Range<Int>, heads: Range<Int>) -> Tensor {
+        let (dc, dv) = (wUV.shape[1], wUV.shape[2])
         let w = Tensor(uninitialized: [heads.count, cols.count, dv])
         for (i, h) in heads.enumerated() {
-            let wh = Matrix(base: x.wUV.pointer + h * dc * dv, rows: dc, cols: dv)
+            let wh = Matrix(base: wUV.pointer + h * dc * dv, rows: dc, cols: dv)
             let out = Matrix(base: w.pointer + i * cols.count * dv, rows: cols.count, cols: dv)
             if let r {
                 BLAS.gemm(r.matrix.cols(cols), transposeA: true, wh, into: out)
@@ -152,7 +165,18 @@ public struct LatentShard: @unchecked Sendable {
                 for j in 0..<cols.count { (out.base + j * dv).update(from: wh.base + (cols.lowerBound + j) * dv, count: dv) }
             }
         }
-        return LatentShard(cache: cache, queries: queries, heads: heads, latentCols: cols.count, wUV: w)
+        return w
+    }
+
+    /// Rank `rank`'s shard of `x` for `algorithm` on `ranks` ranks, transformed by `r` (d_c x d_c) when given.
+    public static func make(_ algorithm: LatentAlgorithm, _ x: LatentInputs, transform r: Tensor?, rank: Int, ranks: Int) -> LatentShard {
+        let s = x.shape
+        let (heads, cols) = split(algorithm, heads: s.heads, latentDim: s.latentDim, rank: rank, ranks: ranks)
+        // Matrix views hold raw pointers: keep each tensor alive until its view is used.
+        let latent = columns(x.latent.matrix, transform: r, cols: cols)
+        let cache = withExtendedLifetime(latent) { LatentAttention.concatenate(latent.matrix, x.ropeK.matrix) }
+        return LatentShard(cache: cache, queries: queryRows(qLatent: x.qLatent, qRope: x.qRope, transform: r, cols: cols, heads: heads),
+                           heads: heads, latentCols: cols.count, wUV: valueRows(x.wUV, transform: r, cols: cols, heads: heads))
     }
 
     /// This rank's output (T, |heads|, d_v): its heads in full (mla, tp-mla) or every head's partial sum (tpla).

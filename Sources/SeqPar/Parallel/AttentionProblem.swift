@@ -111,7 +111,7 @@ public struct AttentionGradients: @unchecked Sendable {
 /// Seeded inputs: element (b, t, h, d) of a tensor depends only on the seed, the tensor's stream and its global
 /// index, so every rank generates exactly its own rows and the global tensors do not depend on P or the backend.
 public enum SeededInputs {
-    public enum Stream: UInt64, Sendable { case q = 1, k = 2, v = 3, gradOut = 4, hidden = 5, gradHidden = 6 }
+    public enum Stream: UInt64, Sendable { case q = 1, k = 2, v = 3, gradOut = 4, hidden = 5, gradHidden = 6, decodeHidden = 7 }
 
     /// Rows `positions` of the global (batch, length, heads, dim) tensor of `stream`, times `scale`.
     public static func tensor(_ stream: Stream, seed: UInt64, batch: Int, length: Int, heads: Int, dim: Int,

@@ -1,0 +1,128 @@
+// Prefill -> decode handoff for an MLA layer (`seqpar decode`), as every rank runs it.
+//
+// Model (random weights from the seed, the same on every rank; d = model width):
+//   c = x W_DKV (d_c),  k_r = RoPE(x W_KR) (d_r),  [q_nope | q_r] = x W_Q per head (d_n + d_r, q_r RoPE'd),
+//   prefill (decompressed): k_h = [c W_UK,h | k_r], v_h = c W_UV,h, causal softmax attention with scale
+//   1/sqrt(d_n + d_r);  decode (absorbed): q_c,h = W_UK,h q_nope,h, then MLA over the latent cache (LatentAttention).
+// 1. Prefill: the prompt's L tokens sequence-sharded (`layout`), ring attention on the decompressed heads (exact).
+//    Values are zero-padded to the key width when d_v < d_n + d_r (the padding columns come out 0 and are dropped).
+// 2. Handoff: each rank's cache rows c R (R the transform; PCA from the all-reduced second moment c^T c) and k_r go
+//    to their decode layout in one collective: TPLA, an all-to-all (rank g gets [c R[:, slice_g] | k_r] of every
+//    row); TP-MLA, an all-gather (every rank keeps the whole cache).
+// 3. Decode: T steps; step t's token (hidden state from the seed, position L + t) is projected on every rank, its
+//    latent slice and RoPE key appended to the local cache, and one TPLA (or TP-MLA) step runs: one all-reduce (or
+//    AllGather) of the (H, d_v) output. Nothing else travels.
+// The reference is single-process MLA decoding over the same cache (exact), on rank 0.
+
+public struct DecodeConfig: Codable, Sendable, Equatable {
+    public var algorithm: LatentAlgorithm = .tpla
+    public var promptLength = 4096
+    public var steps = 16
+    public var modelDim = 1024
+    public var heads = 16
+    public var latentDim = 512
+    public var ropeDim = 64
+    public var nopeDim = 128
+    public var vDim = 128
+    public var transform: LatentTransform = .none
+    public var layout: SequenceLayout = .zigzag
+    public var seed: UInt64 = 0
+    public var check = false
+
+    public init() {}
+
+    public var attentionShape: AttentionShape { AttentionShape(seqLen: promptLength, heads: heads, headDim: nopeDim + ropeDim) }
+    public var scale: Float { 1 / Float(nopeDim + ropeDim).squareRoot() }
+
+    public func validate(ranks: Int) throws {
+        for (name, value) in [("prompt-len", promptLength), ("steps", steps), ("model-dim", modelDim), ("heads", heads),
+                              ("latent-dim", latentDim), ("nope-dim", nopeDim), ("v-dim", vDim)] where value < 1 {
+            throw SeqParError.invalidInput("--\(name) is \(value); it must be at least 1")
+        }
+        guard ropeDim >= 2 && ropeDim % 2 == 0 else {
+            throw SeqParError.invalidInput("--rope-dim \(ropeDim): RoPE rotates pairs of dimensions, so it must be even and at least 2")
+        }
+        guard vDim <= nopeDim + ropeDim else {
+            throw SeqParError.invalidInput("--v-dim \(vDim) is wider than the keys (--nope-dim + --rope-dim = \(nopeDim + ropeDim)): the prefill's ring attention carries values at the key width; lower --v-dim")
+        }
+        try algorithm.validate(ranks: ranks, shape: LatentShape(seqLen: promptLength, heads: heads, latentDim: latentDim, ropeDim: ropeDim, vDim: vDim))
+        if transform == .hadamard { _ = try transform.matrix(latentDim: latentDim) }
+    }
+}
+
+/// The layer's weights, seeded.
+public struct MLAWeights: @unchecked Sendable {
+    /// (d, d_c), (d, d_r), (d, H (d_n + d_r)), (H, d_c, d_n), (H, d_c, d_v).
+    public var wDKV: Tensor, wKR: Tensor, wQ: Tensor, wUK: Tensor, wUV: Tensor
+
+    public init(_ c: DecodeConfig) {
+        func w(_ stream: UInt64, _ shape: [Int], fanIn: Int) -> Tensor {
+            let rng = CounterRandom(seed: c.seed, stream: 2000 + stream)
+            let t = Tensor(uninitialized: shape)
+            let s = 1 / Float(fanIn).squareRoot()
+            for i in 0..<t.count { t.pointer[i] = rng.normal(i) * s }
+            return t
+        }
+        wDKV = w(0, [c.modelDim, c.latentDim], fanIn: c.modelDim)
+        wKR = w(1, [c.modelDim, c.ropeDim], fanIn: c.modelDim)
+        wQ = w(2, [c.modelDim, c.heads * (c.nopeDim + c.ropeDim)], fanIn: c.modelDim)
+        wUK = w(3, [c.heads, c.latentDim, c.nopeDim], fanIn: c.latentDim)
+        wUV = w(4, [c.heads, c.latentDim, c.vDim], fanIn: c.latentDim)
+    }
+}
+
+/// Projections of token rows at `positions`: latent c, RoPE'd k_r, and the per-head queries.
+public struct Projected: @unchecked Sendable {
+    var c: Tensor       // (n, d_c)
+    var kr: Tensor      // (n, d_r)
+    var q: Tensor       // (n, H, d_n + d_r), q_r RoPE'd
+
+    init(_ x: Tensor, positions: [Int], weights w: MLAWeights, config c: DecodeConfig) {
+        let n = positions.count
+        let xm = Matrix(base: x.pointer, rows: n, cols: c.modelDim)
+        self.c = Tensor(zeros: [n, c.latentDim])
+        kr = Tensor(zeros: [n, c.ropeDim])
+        q = Tensor(zeros: [n, c.heads, c.nopeDim + c.ropeDim])
+        BLAS.gemm(xm, w.wDKV.matrix, into: self.c.matrix)
+        BLAS.gemm(xm, w.wKR.matrix, into: kr.matrix)
+        BLAS.gemm(xm, w.wQ.matrix, into: Matrix(base: q.pointer, rows: n, cols: c.heads * (c.nopeDim + c.ropeDim)))
+        for (i, p) in positions.enumerated() {
+            Self.rope(kr.pointer + i * c.ropeDim, c.ropeDim, position: p)
+            for h in 0..<c.heads { Self.rope(q.pointer + (i * c.heads + h) * (c.nopeDim + c.ropeDim) + c.nopeDim, c.ropeDim, position: p) }
+        }
+    }
+
+    /// Rotates pairs (2i, 2i+1) by position * 10000^(-2i/n).
+    static func rope(_ p: UnsafeMutablePointer<Float>, _ n: Int, position: Int) {
+        for i in 0..<(n / 2) {
+            let angle = Double(position) * Foundation.pow(10000, -2 * Double(i) / Double(n))
+            let (cs, sn) = (Float(Foundation.cos(angle)), Float(Foundation.sin(angle)))
+            let (a, b) = (p[2 * i], p[2 * i + 1])
+            p[2 * i] = a * cs - b * sn
+            p[2 * i + 1] = a * sn + b * cs
+        }
+    }
+
+    /// Absorbed latent queries q_c,h = W_UK,h q_nope,h for each row and head: (n, H, d_c).
+    func absorbed(_ w: MLAWeights, _ c: DecodeConfig) -> Tensor {
+        let n = q.shape[0]
+        let out = Tensor(zeros: [n, c.heads, c.latentDim])
+        let width = c.nopeDim + c.ropeDim
+        for h in 0..<c.heads {
+            let qn = Matrix(base: q.pointer + h * width, rows: n, cols: c.nopeDim, ld: c.heads * width)
+            let wuk = Matrix(base: w.wUK.pointer + h * c.latentDim * c.nopeDim, rows: c.latentDim, cols: c.nopeDim)
+            BLAS.gemm(qn, wuk, transposeB: true, into: Matrix(base: out.pointer + h * c.latentDim, rows: n, cols: c.latentDim, ld: c.heads * c.latentDim))
+        }
+        return out
+    }
+
+    /// RoPE queries (n, H, d_r), copied out of q.
+    func ropeQueries(_ c: DecodeConfig) -> Tensor {
+        let n = q.shape[0], width = c.nopeDim + c.ropeDim
+        let out = Tensor(uninitialized: [n, c.heads, c.ropeDim])
+        for r in 0..<(n * c.heads) { (out.pointer + r * c.ropeDim).update(from: q.pointer + r * width + c.nopeDim, count: c.ropeDim) }
+        return out
+    }
+}
+
+import Foundation
