@@ -135,12 +135,13 @@ enum Harness {
         #expect(!r.timedOut && r.status == 0 && r.output.contains(": PASS"), "\(r.output)")
     }
 
-    /// Latent attention under mpirun: mla on one rank, tp-mla and tpla (with and without the Hadamard transform) on
+    /// Latent attention under mpirun: mla on one rank, tp-mla and tpla (no transform, Hadamard, PCA) on
     /// 2 and 4, each against its Double definition; TPLA reports its distance from MLA.
     @Test(arguments: [1, 2, 4]) func latentAttentionUnderMPI(np: Int) throws {
         let base = ["attention", "--seq-len", "517", "--queries", "2", "--heads", "8", "--latent-dim", "64", "--rope-dim", "16", "--v-dim", "32", "--check"]
         let runs: [[String]] = np == 1 ? [["--algorithm", "mla"], ["--algorithm", "tpla"]]
-            : [["--algorithm", "tp-mla"], ["--algorithm", "tpla"], ["--algorithm", "tpla", "--transform", "hadamard", "--outlier-channels", "4"]]
+            : [["--algorithm", "tp-mla"], ["--algorithm", "tpla"], ["--algorithm", "tpla", "--transform", "hadamard", "--outlier-channels", "4"],
+               ["--algorithm", "tpla", "--transform", "pca"]]
         for extra in runs {
             let r = try Harness.mpirun(np, base + extra)
             #expect(!r.timedOut && r.status == 0 && r.output.contains(": PASS"), "\(extra): \(r.output)")

@@ -1,6 +1,7 @@
 // The prefill -> decode handoff: every cache element lands on the right rank at its global row (L not divisible by
 // P, zigzag prefill), the prefill across ranks equals one process, TP-MLA's decode equals single-process MLA
 // decoding, TPLA at P = 1 is MLA, and a TPLA step makes one all-reduce and nothing else.
+import Foundation
 import Testing
 @testable import SeqPar
 
@@ -65,6 +66,27 @@ import Testing
             #expect(r.stepCollectives == 1 && r.stepMessages == 0 && r.stepBytesSent == c.heads * c.vDim * 4, "\(r)")
             #expect(r.prefillError! <= 2e-5 && r.differenceFromMLA.isFinite)
             #expect(r.cacheBytes.allSatisfy { $0 == (c.promptLength + c.steps) * (c.latentDim / ranks + c.ropeDim) * 4 })
+        }
+    }
+
+    /// Weights read from .npy files give the same run as the seeded weights they were written from; a file whose
+    /// shape disagrees with the others is refused, naming it.
+    @Test func weightsFromFiles() throws {
+        let c = Self.config(.tpla)
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("seqpar-weights-\(getpid())").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let w = MLAWeights(c)
+        for (name, t) in zip(MLAWeights.fileNames, [w.wDKV, w.wKR, w.wQ, w.wUK, w.wUV, w.wO]) { try NPY.write(t, to: dir + "/" + name + ".npy") }
+        var edited = c
+        (edited.modelDim, edited.heads, edited.weightsDirectory) = (1, 1, dir)  // the files set the sizes
+        let fromFiles = edited
+        let a = try InProcessCluster.run(ranks: 2) { try DecodeRun.execute(c, comm: $0, backend: "test") }[0]
+        let b = try InProcessCluster.run(ranks: 2) { try DecodeRun.execute(fromFiles, comm: $0, backend: "test") }[0]
+        #expect(a.differenceFromMLA == b.differenceFromMLA && a.prefillError == b.prefillError && b.config.heads == c.heads)
+        try NPY.write(Tensor(zeros: [3, 3]), to: dir + "/W_O.npy")
+        #expect { _ = try InProcessCluster.run(ranks: 2) { try DecodeRun.execute(fromFiles, comm: $0, backend: "test") } } throws: {
+            "\($0)".contains("W_O.npy has shape [3, 3]")
         }
     }
 

@@ -11,7 +11,7 @@
 //    row); TP-MLA, an all-gather (every rank keeps the whole cache).
 // 3. Decode: T steps; step t's token (hidden state from the seed, position L + t) is projected on every rank, its
 //    latent slice and RoPE key appended to the local cache, and one TPLA (or TP-MLA) step runs: one all-reduce (or
-//    AllGather) of the (H, d_v) output. Nothing else travels.
+//    AllGather) of the (H, d_v) output, then the layer's output y = o W_O. Nothing else travels.
 // The reference is single-process MLA decoding over the same cache (exact), on rank 0.
 
 public struct DecodeConfig: Codable, Sendable, Equatable {
@@ -28,6 +28,8 @@ public struct DecodeConfig: Codable, Sendable, Equatable {
     public var layout: SequenceLayout = .zigzag
     public var seed: UInt64 = 0
     public var check = false
+    /// A directory with W_DKV.npy ... W_O.npy: the sizes come from them (otherwise weights come from the seed).
+    public var weightsDirectory: String?
 
     public init() {}
 
@@ -50,10 +52,34 @@ public struct DecodeConfig: Codable, Sendable, Equatable {
     }
 }
 
-/// The layer's weights, seeded.
+/// The layer's weights: seeded, or read from a directory of .npy files named after them.
 public struct MLAWeights: @unchecked Sendable {
-    /// (d, d_c), (d, d_r), (d, H (d_n + d_r)), (H, d_c, d_n), (H, d_c, d_v).
-    public var wDKV: Tensor, wKR: Tensor, wQ: Tensor, wUK: Tensor, wUV: Tensor
+    /// W_DKV (d, d_c), W_KR (d, d_r), W_Q (d, H (d_n + d_r)), W_UK (H, d_c, d_n), W_UV (H, d_c, d_v), W_O (H d_v, d).
+    public var wDKV: Tensor, wKR: Tensor, wQ: Tensor, wUK: Tensor, wUV: Tensor, wO: Tensor
+
+    public static let fileNames = ["W_DKV", "W_KR", "W_Q", "W_UK", "W_UV", "W_O"]
+
+    /// Reads DIR/W_DKV.npy ... DIR/W_O.npy; returns them with `config`'s sizes set from their shapes, or throws naming
+    /// the file whose shape disagrees.
+    public static func read(directory: String, into config: inout DecodeConfig) throws -> MLAWeights {
+        let t = try fileNames.map { try NPY.read(directory + "/" + $0 + ".npy") }
+        for (i, rank) in [2, 2, 2, 3, 3, 2].enumerated() where t[i].rank != rank {
+            throw SeqParError.invalidInput("\(directory)/\(fileNames[i]).npy has shape \(t[i].shape); it must have \(rank) dimensions (see seqpar decode --help)")
+        }
+        let (d, dc, dr, h) = (t[0].shape[0], t[0].shape[1], t[1].shape[1], t[3].shape[0])
+        let dn = t[3].shape[2], dv = t[4].shape[2]
+        let expected = [[d, dc], [d, dr], [d, h * (dn + dr)], [h, dc, dn], [h, dc, dv], [h * dv, d]]
+        for i in 1..<6 where t[i].shape != expected[i] {
+            throw SeqParError.invalidInput("\(directory)/\(fileNames[i]).npy has shape \(t[i].shape), but the other weights make it \(expected[i]) (d = \(d), d_c = \(dc), d_r = \(dr), H = \(h), d_n = \(dn), d_v = \(dv))")
+        }
+        (config.modelDim, config.latentDim, config.ropeDim, config.heads, config.nopeDim, config.vDim) = (d, dc, dr, h, dn, dv)
+        for (i, w) in t.enumerated() { try w.requireFinite("\(directory)/\(fileNames[i]).npy") }
+        return MLAWeights(wDKV: t[0], wKR: t[1], wQ: t[2], wUK: t[3], wUV: t[4], wO: t[5])
+    }
+
+    init(wDKV: Tensor, wKR: Tensor, wQ: Tensor, wUK: Tensor, wUV: Tensor, wO: Tensor) {
+        (self.wDKV, self.wKR, self.wQ, self.wUK, self.wUV, self.wO) = (wDKV, wKR, wQ, wUK, wUV, wO)
+    }
 
     public init(_ c: DecodeConfig) {
         func w(_ stream: UInt64, _ shape: [Int], fanIn: Int) -> Tensor {
@@ -68,6 +94,14 @@ public struct MLAWeights: @unchecked Sendable {
         wQ = w(2, [c.modelDim, c.heads * (c.nopeDim + c.ropeDim)], fanIn: c.modelDim)
         wUK = w(3, [c.heads, c.latentDim, c.nopeDim], fanIn: c.latentDim)
         wUV = w(4, [c.heads, c.latentDim, c.vDim], fanIn: c.latentDim)
+        wO = w(5, [c.heads * c.vDim, c.modelDim], fanIn: c.heads * c.vDim)
+    }
+
+    /// The layer's output y = o W_O (1 x d) for one token's o (1, H, d_v).
+    func output(_ o: Tensor) -> Tensor {
+        let y = Tensor(zeros: [1, wO.shape[1]])
+        BLAS.gemm(Matrix(base: o.pointer, rows: 1, cols: o.count), wO.matrix, into: y.matrix)
+        return y
     }
 }
 

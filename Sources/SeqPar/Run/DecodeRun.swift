@@ -17,17 +17,24 @@ public struct DecodeReport: Codable, Sendable {
     public var stepBytesSent: Int, stepCollectives: Int, stepMessages: Int
     /// Prefill output (gathered) against the same prefill computed in one process (fp32 kernel), with --check.
     public var prefillError: Double?
-    /// Decode outputs against single-process MLA decoding over the same cache: max over steps of the relative error.
+    /// Decode outputs y = o W_O against single-process MLA decoding over the same cache: max over steps of the
+    /// relative error.
     public var differenceFromMLA: Double
     public var passed: Bool?
 }
 
 public enum DecodeRun {
-    public static func execute(_ config: DecodeConfig, comm: some Communicator, backend: String, ranksPerHost: Int = 1,
+    public static func execute(_ initial: DecodeConfig, comm: some Communicator, backend: String, ranksPerHost: Int = 1,
                                log: (String) -> Void = { _ in }) throws -> DecodeReport {
         let (rank, ranks) = (comm.rank, comm.size)
-        try AttentionRun.agreeOnConfiguration(config, comm: comm)
+        var config = initial
         var failure: Error?
+        var weights: MLAWeights?
+        do {
+            if let dir = config.weightsDirectory { weights = try MLAWeights.read(directory: dir, into: &config) }
+        } catch { failure = error }
+        try comm.agree(failure)
+        try AttentionRun.agreeOnConfiguration(config, comm: comm)
         do {
             try config.validate(ranks: ranks)
             let f = MemoryLayout<Float>.size
@@ -42,7 +49,7 @@ public enum DecodeRun {
         } catch { failure = error }
         try comm.agree(failure)
 
-        let w = MLAWeights(config)
+        let w = weights ?? MLAWeights(config)
         let (dc, dr, dn, dv, hN) = (config.latentDim, config.ropeDim, config.nopeDim, config.vDim, config.heads)
         let kd = dn + dr
         let promptLength = config.promptLength
@@ -114,7 +121,7 @@ public enum DecodeRun {
                 let mla = LatentShard(cache: reference.rows(0..<(position + 1)),
                                       queries: LatentShard.queryRows(qLatent: qc, qRope: qr, transform: nil, cols: 0..<dc, heads: 0..<hN),
                                       heads: 0..<hN, latentCols: dc, wUV: w.wUV).attend(vDim: dv, scale: config.scale)
-                difference = max(difference, relativeError(o, mla.toArray().map(Double.init)))
+                difference = max(difference, relativeError(w.output(o), w.output(mla).toArray().map(Double.init)))
             }
         }
 
