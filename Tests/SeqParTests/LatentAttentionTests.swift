@@ -1,6 +1,7 @@
 // MLA, TP-MLA and TPLA (latent attention for decoding): against the Double definitions (`LatentOracle`: MLA is
 // TPLA with one slice) on the in-process cluster, with and without the Hadamard transform; the transform leaves MLA
 // unchanged; TPLA at P = 1 is MLA; its communication is one all-reduce; sizes that cannot split are refused.
+import Foundation
 import Testing
 @testable import SeqPar
 
@@ -55,6 +56,33 @@ import Testing
             // An approximation: it differs from MLA (reported, never hidden), but stays finite.
             #expect(relativeError(runs[0].o, mla) > 1e-3 && runs[0].o.firstNonFinite() == nil)
         }
+    }
+
+    /// Inputs from .npy files give the same output file as the generated inputs they were written from; a file
+    /// whose shape disagrees with the others is refused on every rank, naming it.
+    @Test func inputsFromFiles() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("seqpar-latent-\(getpid())").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let x = LatentInputs.seeded(Self.shape, seed: 4)
+        let names = ["c", "kr", "qc", "qr", "wuv"]
+        for (name, t) in zip(names, [x.latent, x.ropeK, x.qLatent, x.qRope, x.wUV]) { try NPY.write(t, to: "\(dir)/\(name).npy") }
+        var generated = LatentRunConfig(algorithm: .tpla, shape: Self.shape)
+        (generated.seed, generated.transform, generated.outPath, generated.check) = (4, .hadamard, "\(dir)/generated.npy", true)
+        var fromFiles = generated
+        (fromFiles.shape, fromFiles.files, fromFiles.outPath) = (LatentShape(seqLen: 1, heads: 1, latentDim: 1, ropeDim: 0, vDim: 1),
+                                                                 names.map { "\(dir)/\($0).npy" }, "\(dir)/files.npy")
+        for config in [generated, fromFiles] {
+            let reports = try InProcessCluster.run(ranks: 4) { try LatentRun.execute(config, comm: $0, backend: "test") }
+            #expect(reports[0].check?.passed == true && reports[0].seqLen == Self.shape.seqLen)
+        }
+        #expect(try NPY.read("\(dir)/generated.npy").toArray() == NPY.read("\(dir)/files.npy").toArray())
+        try NPY.write(Tensor(zeros: [8, 32, 5]), to: "\(dir)/wuv.npy")
+        let bad = fromFiles
+        let errors = try InProcessCluster.run(ranks: 2) { comm -> String in
+            do { _ = try LatentRun.execute(bad, comm: comm, backend: "test"); return "no error" } catch { return "\(error)" }
+        }
+        for e in errors { #expect(e.contains("wuv.npy (--w-uv) has shape [8, 32, 5], but the others make it [8, 64, 5]"), "\(e)") }
     }
 
     @Test func sizesThatCannotSplitAreRefused() throws {
