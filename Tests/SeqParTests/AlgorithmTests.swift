@@ -172,6 +172,20 @@ import Testing
         #expect(a.map(\.bitPattern) == b.map(\.bitPattern))
     }
 
+    /// Every distributed algorithm, forward and backward, gives the same bits on a re-run (reductions in a fixed
+    /// order; ring accumulators add in step order whatever the timing).
+    @Test(arguments: [AlgorithmName.allgather, .ring, .rsa, .ulysses, .lasp1, .lasp2])
+    func everyAlgorithmIsDeterministic(algorithm: AlgorithmName) throws {
+        let s = AttentionShape(seqLen: 45, heads: 3, kvHeads: 3, headDim: 16)
+        let options = algorithm.family == .linear ? AttentionOptions(causal: true, decay: [0.9])
+                                                  : AttentionOptions(causal: true, layout: .zigzag)
+        func once() throws -> [[UInt32]] {
+            let g = try runOnCluster(algorithm.implementation, ranks: 3, shape: s, options: options, seed: 2)[0].gathered
+            return [g.o, g.dq, g.dk, g.dv].map { $0.toArray().map(\.bitPattern) }
+        }
+        #expect(try once() == once(), "\(algorithm) differs between runs")
+    }
+
     /// Seeded inputs do not depend on the number of ranks or the layout.
     @Test func seededInputsIndependentOfRanks() {
         let s = AttentionShape(batch: 2, seqLen: 11, heads: 2, kvHeads: 1, headDim: 4)
