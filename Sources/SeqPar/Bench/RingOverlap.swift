@@ -92,7 +92,7 @@ public enum RingOverlap {
         }
 
         let forward: [(name: String, body: () throws -> Void)] = [
-            ("comm", { try Ring.circulate(RingAttention.pack(x.k, x.v), shape: packedShape, tag: RingAttention.kvTag, comm: comm) { _, _, _, _, _ in } }),
+            ("comm", { try Ring.circulate(RingAttention.pack(x.k, x.v), shape: packedShape, tag: RingAttention.kvTag, comm: comm) { _, _, _, _ in } }),
             ("compute", {
                 _ = RingAttention.pack(x.k, x.v)
                 let acc = AttentionOutput(o: Tensor(zeros: x.q.shape), lse: Tensor(zeros: [shape.batch, shape.heads, x.tokens]))
@@ -109,8 +109,7 @@ public enum RingOverlap {
 
         let backwardVariants: [(name: String, body: () throws -> Void)] = [
             ("comm", {
-                try Ring.circulate(RingAttention.pack(x.k, x.v), shape: packedShape, tag: RingAttention.kvTag, accumulate: true,
-                                   splitOwn: true, comm: comm) { _, _, _, _, _ in }
+                try Ring.circulate(RingAttention.pack(x.k, x.v), shape: packedShape, tag: RingAttention.kvTag, accumulate: true, comm: comm) { _, _, _, _ in }
             }),
             ("compute", {
                 _ = RingAttention.pack(x.k, x.v)

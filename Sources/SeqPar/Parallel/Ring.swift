@@ -62,32 +62,12 @@ final class ProgressThread: @unchecked Sendable {
 }
 
 enum Ring {
-    /// Which keys of the block in hand a body call covers. With `splitOwn`, the own block is computed in two halves,
-    /// the first at step 0 and the second after the last step (see `circulate`); every other call is `whole`.
-    enum Part {
-        case whole, first, second
-        func range(_ n: Int) -> Range<Int> {
-            switch self {
-            case .whole: 0..<n
-            case .first: 0..<(n / 2)
-            case .second: (n / 2)..<n
-            }
-        }
-    }
-
     /// Runs the pass; returns this rank's own accumulator when `accumulate` is set.
     /// `shape(rank)` is the shape of rank `rank`'s block.
-    /// With `splitOwn` (needs `accumulate`), accumulators do not start at home: the accumulator of block b starts
-    /// empty at rank b+1, visits the P-1 other ranks one step behind its block and ends at home, while the owner
-    /// computes its own block in two halves, at step 0 (hiding the first K/V exchange) and after the last step
-    /// (hiding the last accumulator's trip home, which otherwise has no compute to overlap). P-1 accumulator
-    /// messages instead of P.
     @discardableResult
-    static func circulate(_ own: Tensor, shape: (Int) -> [Int], tag: Int, accumulate: Bool = false, splitOwn: Bool = false,
+    static func circulate(_ own: Tensor, shape: (Int) -> [Int], tag: Int, accumulate: Bool = false,
                           progress mode: RingProgress = .standard, comm: some Communicator,
-                          _ body: (_ source: Int, _ block: Tensor, _ accumulator: (() throws -> Tensor)?, _ part: Part,
-                                   _ progress: () -> Void) throws -> Void) throws -> Tensor? {
-        precondition(!splitOwn || accumulate, "splitOwn needs accumulators")
+                          _ body: (_ source: Int, _ block: Tensor, _ accumulator: (() throws -> Tensor)?, _ progress: () -> Void) throws -> Void) throws -> Tensor? {
         let (rank, ranks) = (comm.rank, comm.size)
         let (nextRank, prevRank) = ((rank + 1) % ranks, (rank - 1 + ranks) % ranks)
         let sizes = (0..<ranks).map { shape($0).reduce(1, *) }
@@ -96,39 +76,14 @@ enum Ring {
         func view(_ base: Tensor, _ r: Int) -> Tensor { base.rows(0..<sizes[r]).reshaped(shape(r)) }
         var current = own, currentBase: Tensor?
         // The accumulator of the block in hand, its base buffer, and the exchange bringing it (and sending the last).
-        // With splitOwn, the own block's accumulator stays home (`ownLocal`) and the travelling ones start at step 1.
-        let ownLocal = splitOwn ? Tensor(zeros: [sizes[rank]]).reshaped(shape(rank)) : nil
-        var accumulatorBase = accumulate && !splitOwn ? Tensor(zeros: [largest]) : nil
-        var accumulator = splitOwn ? ownLocal : accumulatorBase.map { view($0, rank) }
+        var accumulatorBase = accumulate ? Tensor(zeros: [largest]) : nil
+        var accumulator = accumulatorBase.map { view($0, rank) }
         var accumulatorRequests: [CommRequest] = []
         var sentAccumulatorBase: Tensor?
-        var homecoming: Tensor?
         func settleAccumulator() throws {
             for r in accumulatorRequests { try r.wait() }
             accumulatorRequests = []
             if let sent = sentAccumulatorBase { freeAccumulators.append(sent); sentAccumulatorBase = nil }
-        }
-        /// One body call with `requests` (and the accumulator exchanges) in flight, progressed as `mode` says.
-        func run(_ source: Int, _ block: Tensor, _ part: Part, _ requests: [CommRequest]) throws {
-            let inFlight = requests + accumulatorRequests
-            if mode == .thread && !inFlight.isEmpty {
-                // Only the thread waits on the requests; the body waits on the thread for its accumulator.
-                let waiter = ProgressThread(first: accumulatorRequests, then: requests)
-                let getAccumulator: (() throws -> Tensor)? = accumulator.map { acc in { try waiter.waitFirst(); return acc } }
-                do { try body(source, block, getAccumulator, part, {}) } catch { try? waiter.join(); throw error }
-                try waiter.join()
-            } else {
-                let getAccumulator: (() throws -> Tensor)? = accumulator.map { acc in { try settleAccumulator(); return acc } }
-                var failure: Error?
-                let progress = {
-                    guard failure == nil, mode == .tests else { return }
-                    do { for r in inFlight { try r.test() } } catch { failure = error }
-                }
-                try body(source, block, getAccumulator, part, progress)
-                if let f = failure { throw f }
-                for r in requests { try r.wait() }
-            }
-            try settleAccumulator()
         }
         for step in 0..<ranks {
             let source = (rank - step + ranks) % ranks
@@ -141,35 +96,39 @@ enum Ring {
                 requests.append(try comm.isend(UnsafeBufferPointer(current.buffer), to: nextRank, tag: tag))
                 nextBase = base
             }
-            if splitOwn && step == 1 {
-                // This rank is the first to visit block r-1: its accumulator starts here, empty.
-                accumulatorBase = Tensor(zeros: [largest])
-                accumulator = view(accumulatorBase!, source)
+            let inFlight = requests + accumulatorRequests
+            if mode == .thread && !inFlight.isEmpty {
+                // Only the thread waits on the requests; the body waits on the thread for its accumulator.
+                let waiter = ProgressThread(first: accumulatorRequests, then: requests)
+                let getAccumulator: (() throws -> Tensor)? = accumulator.map { acc in { try waiter.waitFirst(); return acc } }
+                do { try body(source, current, getAccumulator, {}) } catch { try? waiter.join(); throw error }
+                try waiter.join()
+            } else {
+                let getAccumulator: (() throws -> Tensor)? = accumulator.map { acc in { try settleAccumulator(); return acc } }
+                var failure: Error?
+                let progress = {
+                    guard failure == nil, mode == .tests else { return }
+                    do { for r in inFlight { try r.test() } } catch { failure = error }
+                }
+                try body(source, current, getAccumulator, progress)
+                if let f = failure { throw f }
+                for r in requests { try r.wait() }
             }
-            try run(source, current, splitOwn && step == 0 ? .first : .whole, requests)
-            if let acc = accumulator, let accBase = accumulatorBase, ranks > 1, !(splitOwn && step == 0) {
-                // Send the accumulator on; receive the next block's (or, after the last step, our own one's coming home).
+            try settleAccumulator()
+            if let acc = accumulator, let accBase = accumulatorBase, ranks > 1 {
                 let base = freeAccumulators.popLast() ?? Tensor(uninitialized: [largest])
                 let incoming = view(base, nextSource)
                 accumulatorRequests = [try comm.irecv(incoming.buffer, from: prevRank, tag: tag + 1),
                                        try comm.isend(UnsafeBufferPointer(acc.buffer), to: nextRank, tag: tag + 1)]
                 sentAccumulatorBase = accBase
                 (accumulatorBase, accumulator) = (base, incoming)
-                if splitOwn && step == ranks - 1 { homecoming = incoming }
             }
             if let n = nextBase {
                 if let old = currentBase { free.append(old) }
                 (currentBase, current) = (n, view(n, nextSource))
             }
         }
-        guard let home = ownLocal else {
-            try settleAccumulator()
-            return accumulator
-        }
-        // The own block's second half, while the last accumulators travel; then add the one that came home.
-        accumulator = home
-        try run(rank, own, .second, [])
-        if let h = homecoming { BLAS.axpy(h, into: home) }
-        return home
+        try settleAccumulator()
+        return accumulator
     }
 }

@@ -6,13 +6,10 @@
 // the next rank, computes its queries against the block with the blockwise kernel (testing the exchange between query
 // tiles so MPI moves it meanwhile), merges (o, lse) in log space, then waits. Causal: a block entirely after every
 // local query is skipped; the kernel masks the rest. With --layout zigzag every rank does the same causal work.
-// Backward: K and V travel again (sent ahead of the compute); dK and dV accumulators travel one step behind their
-// block, each rank adding its queries' contribution after its kernel (so the accumulator's transfer overlaps the next
-// kernel). The accumulator of block b starts empty at rank b+1 and reaches home after visiting the P-1 other ranks;
-// the owner computes its own block in two halves of its keys, the first before any block arrives and the second
-// while the last accumulators travel home (`Ring.circulate`'s `splitOwn`), so no transfer is left without compute to
-// hide behind. dQ stays local.
-// Communication: forward P-1 messages per rank (one packed K/V block each); backward P-1 K/V blocks plus P-1 dK/dV
+// Backward: K and V travel again (sent ahead of the compute); dK and dV accumulators travel with their block, one step
+// behind, each rank adding its queries' contribution after its kernel (so the accumulator's transfer overlaps the
+// kernel too); after P steps every accumulator is home. dQ stays local.
+// Communication: forward P-1 messages per rank (one packed K/V block each); backward P-1 K/V blocks plus P dK/dV
 // blocks. Memory per rank grows as C * G * D (two K/V blocks, two gradient blocks), not L.
 
 public struct RingAttention: AttentionAlgorithm {
@@ -51,7 +48,7 @@ public struct RingAttention: AttentionAlgorithm {
         let (ranks, layout, length) = (comm.size, x.options.layout, x.shape.seqLen)
         let acc = AttentionOutput(o: Tensor(zeros: x.q.shape), lse: Tensor(zeros: [x.shape.batch, x.shape.heads, x.tokens]))
         acc.lse.fill(-.infinity)
-        try Ring.circulate(Self.pack(x.k, x.v), shape: { [Self.packedCount(x, rank: $0, ranks: ranks)] }, tag: Self.kvTag, progress: self.progress, comm: comm) { source, block, _, _, progress in
+        try Ring.circulate(Self.pack(x.k, x.v), shape: { [Self.packedCount(x, rank: $0, ranks: ranks)] }, tag: Self.kvTag, progress: self.progress, comm: comm) { source, block, _, progress in
             let keys = layout.positions(rank: source, ranks: ranks, length: length)
             if Self.skips(x, keys: keys) { return }
             let (k, v) = Self.unpack(block, x, tokens: keys.count)
@@ -65,45 +62,18 @@ public struct RingAttention: AttentionAlgorithm {
         let (ranks, layout, length) = (comm.size, x.options.layout, x.shape.seqLen)
         let dq = Tensor(zeros: x.q.shape)
         let home = try Ring.circulate(Self.pack(x.k, x.v), shape: { [Self.packedCount(x, rank: $0, ranks: ranks)] }, tag: Self.kvTag,
-                                      accumulate: true, splitOwn: true, progress: self.progress, comm: comm) { source, block, grad, part, progress in
+                                      accumulate: true, progress: self.progress, comm: comm) { source, block, grad, progress in
             let keys = layout.positions(rank: source, ranks: ranks, length: length)
-            let range = part.range(keys.count)
-            let partKeys = Array(keys[range])
-            if partKeys.isEmpty || Self.skips(x, keys: partKeys) { return }
+            if Self.skips(x, keys: keys) { return }
             let (k, v) = Self.unpack(block, x, tokens: keys.count)
-            let whole = range.count == keys.count
-            let g = SoftmaxAttention.backward(q: x.q, qPositions: x.positions, k: whole ? k : k.tokens(range), v: whole ? v : v.tokens(range),
-                                              kPositions: partKeys, output: output, gradOut: gradOut, causal: x.options.causal,
-                                              scale: x.scale, progress: progress)
+            let g = SoftmaxAttention.backward(q: x.q, qPositions: x.positions, k: k, v: v, kPositions: keys, output: output,
+                                              gradOut: gradOut, causal: x.options.causal, scale: x.scale, progress: progress)
             BLAS.axpy(g.dq, into: dq)
             let (dk, dv) = Self.unpack(try grad!(), x, tokens: keys.count)
-            dk.addTokens(g.dk, at: range.lowerBound)
-            dv.addTokens(g.dv, at: range.lowerBound)
+            BLAS.axpy(g.dk, into: dk)
+            BLAS.axpy(g.dv, into: dv)
         }
         let (dk, dv) = Self.unpack(home!, x, tokens: x.tokens)
         return AttentionGradients(dq: dq, dk: dk, dv: dv)
-    }
-}
-
-extension Tensor {
-    /// A copy of tokens `range` (axis 1) of a (B, C, ...) tensor: (B, range.count, ...).
-    func tokens(_ range: Range<Int>) -> Tensor {
-        let (batch, length, row) = (shape[0], shape[1], shape.dropFirst(2).reduce(1, *))
-        var outShape = shape
-        outShape[1] = range.count
-        let out = Tensor(uninitialized: outShape)
-        for b in 0..<batch {
-            (out.pointer + b * range.count * row).update(from: pointer + (b * length + range.lowerBound) * row, count: range.count * row)
-        }
-        return out
-    }
-
-    /// Adds `part` (B, n, ...) into tokens start..<start+n (axis 1) of this (B, C, ...) tensor.
-    func addTokens(_ part: Tensor, at start: Int) {
-        let (batch, length, row, n) = (shape[0], shape[1], shape.dropFirst(2).reduce(1, *), part.shape[1])
-        for b in 0..<batch {
-            let (src, dst) = (part.pointer + b * n * row, pointer + (b * length + start) * row)
-            VectorMath.update(dst, with: src, n * row) { $0 + $1 }
-        }
     }
 }

@@ -39,7 +39,7 @@ public struct RingSelfAttention: AttentionAlgorithm {
     func scores(_ x: LocalAttention, blocks: Blocks, comm: some Communicator) throws -> Tensor {
         let (batch, heads, group) = (x.shape.batch, x.shape.heads, x.shape.groupSize)
         let s = Tensor(zeros: [batch, heads, x.tokens, x.shape.seqLen])
-        try Ring.circulate(x.k, shape: { x.shape.kvShape(tokens: blocks.positions[$0].count) }, tag: Self.keyTag, comm: comm) { source, k, _, _, progress in
+        try Ring.circulate(x.k, shape: { x.shape.kvShape(tokens: blocks.positions[$0].count) }, tag: Self.keyTag, comm: comm) { source, k, _, progress in
             let cols = blocks.columns(source)
             let visible = SoftmaxAttention.visibleCounts(x.positions, blocks.positions[source], causal: x.options.causal)
             for b in 0..<batch {
@@ -74,7 +74,7 @@ public struct RingSelfAttention: AttentionAlgorithm {
         }
         // Pass 2.
         let o = Tensor(zeros: x.q.shape)
-        try Ring.circulate(x.v, shape: { x.shape.kvShape(tokens: blocks.positions[$0].count) }, tag: Self.valueTag, comm: comm) { source, v, _, _, progress in
+        try Ring.circulate(x.v, shape: { x.shape.kvShape(tokens: blocks.positions[$0].count) }, tag: Self.valueTag, comm: comm) { source, v, _, progress in
             if RingAttention.skips(x, keys: blocks.positions[source]) { return }
             for b in 0..<batch {
                 for h in 0..<heads {
@@ -112,7 +112,7 @@ public struct RingSelfAttention: AttentionAlgorithm {
         let kvShape = { (m: Int) in x.shape.kvShape(tokens: blocks.positions[m].count) }
         // V ring: dV, and P -> dS in place.
         let dp = Tensor(zeros: [x.tokens * (blocks.positions.map(\.count).max() ?? 0)])
-        let dv = try Ring.circulate(x.v, shape: kvShape, tag: Self.valueTag, accumulate: true, comm: comm) { source, v, accumulator, _, progress in
+        let dv = try Ring.circulate(x.v, shape: kvShape, tag: Self.valueTag, accumulate: true, comm: comm) { source, v, accumulator, progress in
             if RingAttention.skips(x, keys: blocks.positions[source]) { return }
             let dvBlock = try accumulator!()
             let cols = blocks.columns(source)
@@ -133,7 +133,7 @@ public struct RingSelfAttention: AttentionAlgorithm {
         }!
         // K ring: dQ and dK from dS.
         let dq = Tensor(zeros: x.q.shape)
-        let dk = try Ring.circulate(x.k, shape: kvShape, tag: Self.keyTag, accumulate: true, comm: comm) { source, k, accumulator, _, progress in
+        let dk = try Ring.circulate(x.k, shape: kvShape, tag: Self.keyTag, accumulate: true, comm: comm) { source, k, accumulator, progress in
             if RingAttention.skips(x, keys: blocks.positions[source]) { return }
             let dkBlock = try accumulator!()
             let cols = blocks.columns(source)
