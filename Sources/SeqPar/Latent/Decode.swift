@@ -13,6 +13,7 @@
 //    latent slice and RoPE key appended to the local cache, and one TPLA (or TP-MLA) step runs: one all-reduce (or
 //    AllGather) of the (H, d_v) output, then the layer's output y = o W_O. Nothing else travels.
 // The reference is single-process MLA decoding over the same cache (exact), on rank 0.
+import Foundation
 
 public struct DecodeConfig: Codable, Sendable, Equatable {
     public var algorithm: LatentAlgorithm = .tpla
@@ -158,5 +159,3 @@ public struct Projected: @unchecked Sendable {
         return out
     }
 }
-
-import Foundation
