@@ -12,10 +12,7 @@ set -euo pipefail
 part=${1:?"give a part: decode or accuracy"}
 OUT=${OUT:-benchmarks/results/latent}
 mkdir -p "$OUT"
-BIN=${SEQPAR:-$( [ -x .device/bin/seqpar ] && echo .device/bin/seqpar || echo .build/release/seqpar )}
-export OPENBLAS_NUM_THREADS=1
-MPIRUN="$(command -v orterun || command -v mpirun) ${MPIRUN_FLAGS:-}"
-[ "$(id -u)" = 0 ] && MPIRUN="$MPIRUN --allow-run-as-root"
+. "$(dirname "$0")/common.sh"
 tag=${TAG:-$(hostname)}
 
 case "$part" in

@@ -144,8 +144,10 @@ struct Attention: ParsableCommand {
     }
 
     /// The values of --decay (default 1).
-    func decayValues() throws -> [Double] {
-        guard let text = decay else { return [1] }
+    func decayValues() throws -> [Double] { try decay.map(Self.parseDecay) ?? [1] }
+
+    /// A --decay value: comma-separated numbers (their range is the algorithms' check).
+    static func parseDecay(_ text: String) throws -> [Double] {
         let values = text.split(separator: ",", omittingEmptySubsequences: false).map { Double($0.trimmingCharacters(in: .whitespaces)) }
         guard !values.isEmpty, values.allSatisfy({ $0 != nil }) else {
             throw ValidationError("--decay '\(text)': give numbers in (0, 1], one for every head or one per head, separated by commas (e.g. 0.95 or 0.9,0.95,0.99,1)")
@@ -198,40 +200,37 @@ struct Attention: ParsableCommand {
         return c
     }
 
-    func runLatent(_ a: LatentAlgorithm) throws {
-        let config = makeLatentConfig(a)
-        let json = self.json
-        let report = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout) { comm, backend in
-            try LatentRun.execute(config, comm: comm, backend: backend.name, ranksPerHost: backend.ranksPerHost,
-                                  log: { if comm.rank == 0 && !json { printNote($0) } })
-        }
-        guard let report else { return }
-        print(json ? Report.json(report) : Report.table(report))
-    }
-
     func run() throws {
-        if case .latent(let a) = algorithm { return try runLatent(a) }
-        guard case .single(let name) = algorithm else { return try runHybrid() }
-        let config = try makeConfig(name)
-        let json = self.json
-        let report = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout) { comm, backend in
-            try AttentionRun.execute(config, comm: comm, backend: backend.name, ranksPerHost: backend.ranksPerHost,
-                                     log: { if comm.rank == 0 && !json { printNote($0) } })
+        switch algorithm {
+        case .single(let name):
+            let config = try makeConfig(name)
+            try launch(table: Report.table) { comm, backend, log in
+                try AttentionRun.execute(config, comm: comm, backend: backend.name, ranksPerHost: backend.ranksPerHost, log: log)
+            }
+        case .hybrid:
+            let config = try makeHybridConfig()
+            try launch(table: Report.table) { comm, backend, log in
+                try HybridRun.execute(config, comm: comm, backend: backend.name, ranksPerHost: backend.ranksPerHost, log: log)
+            }
+        case .latent(let a):
+            let config = makeLatentConfig(a)
+            try launch(table: Report.table) { comm, backend, log in
+                try LatentRun.execute(config, comm: comm, backend: backend.name, ranksPerHost: backend.ranksPerHost, log: log)
+            }
         }
-        guard let report else { return }
-        print(json ? Report.json(report) : Report.table(report))
     }
 
-    func runHybrid() throws {
-        let config = try makeHybridConfig()
+    /// Runs `execute` on every rank (notes from rank 0 to stderr unless --json) and prints rank 0's report.
+    func launch<R: Encodable>(table: (R) -> String,
+                              _ execute: @escaping @Sendable (any Communicator, Backend, (String) -> Void) throws -> R) throws {
         let json = self.json
         let report = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout) { comm, backend in
-            try HybridRun.execute(config, comm: comm, backend: backend.name, ranksPerHost: backend.ranksPerHost,
-                                  log: { if comm.rank == 0 && !json { printNote($0) } })
+            try execute(comm, backend, { if comm.rank == 0 && !json { printNote($0) } })
         }
         guard let report else { return }
-        print(json ? Report.json(report) : Report.table(report))
+        print(json ? Report.json(report) : table(report))
     }
+
 }
 
 /// What `--algorithm` names: one attention algorithm, the lasp2h hybrid stack, or a latent-attention algorithm.

@@ -176,20 +176,12 @@ struct AttentionBenchCommand: ParsableCommand {
             throw ValidationError("\(name) \(v): must be at least 1")
         }
         guard warmup >= 0 else { throw ValidationError("--warmup \(warmup): must be 0 or more") }
-        _ = try decayValues()
-    }
-
-    func decayValues() throws -> [Double] {
-        let values = decay.split(separator: ",", omittingEmptySubsequences: false).map { Double($0.trimmingCharacters(in: .whitespaces)) }
-        guard values.allSatisfy({ $0 != nil }) else {
-            throw ValidationError("--decay '\(decay)': give numbers in (0, 1], one for every head or one per head, separated by commas")
-        }
-        return values.map { $0! }
+        _ = try Attention.parseDecay(decay)
     }
 
     func options(_ a: AlgorithmName) throws -> AttentionOptions {
         a.family == .linear
-            ? AttentionOptions(causal: !bidirectional, layout: .contiguous, decay: try decayValues(), featureMap: featureMap)
+            ? AttentionOptions(causal: !bidirectional, layout: .contiguous, decay: try Attention.parseDecay(decay), featureMap: featureMap)
             : AttentionOptions(causal: causal, layout: layout)
     }
 

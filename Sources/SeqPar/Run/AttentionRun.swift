@@ -37,6 +37,18 @@ public struct AttentionRunConfig: Codable, Sendable, Equatable {
 
 public struct PhaseTime: Codable, Sendable {
     public var min: Double, avg: Double, max: Double
+
+    /// Every rank's seconds per phase, gathered: min, mean and max over ranks for each phase with a time (nil: the
+    /// phase did not run). Collective: every rank passes the same phases.
+    public static func overRanks(_ times: [(String, Double?)], comm: some Communicator) throws -> [String: PhaseTime] {
+        var out: [String: PhaseTime] = [:]
+        for (name, value) in times {
+            guard let v = value else { continue }
+            let all = try comm.allGather([v]).map { $0[0] }
+            out[name] = PhaseTime(min: all.min()!, avg: all.reduce(0, +) / Double(all.count), max: all.max()!)
+        }
+        return out
+    }
 }
 
 public struct CheckReport: Codable, Sendable {
@@ -318,12 +330,7 @@ public enum AttentionRun {
         // 9. Figures from every rank.
         let times: [(String, Double?)] = [("setup", tSetup), ("forward", tForward), ("backward", tBackward), ("gather", tGather),
                                           ("check", config.check ? tCheck : nil)]
-        var timeS: [String: PhaseTime] = [:]
-        for (name, value) in times {
-            guard let v = value else { continue }
-            let all = try comm.allGather([v]).map { $0[0] }
-            timeS[name] = PhaseTime(min: all.min()!, avg: all.reduce(0, +) / Double(all.count), max: all.max()!)
-        }
+        let timeS = try PhaseTime.overRanks(times, comm: comm)
         let hosts = try comm.allGatherStrings(SystemInfo.hostName)
         let rss = try comm.allGather([SystemInfo.peakRSS()]).map { $0[0] }
         let counts = layout.counts(ranks: ranks, length: shape.seqLen)

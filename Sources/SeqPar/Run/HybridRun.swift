@@ -106,7 +106,7 @@ public enum HybridRun {
         comm.resetCounters()
         var t = SystemInfo.now()
         let (y, cache) = try model.forward(x, positions: positions, comm: comm)
-        var times: [(String, Double)] = [("forward", SystemInfo.now() - t)]
+        var times: [(String, Double?)] = [("forward", SystemInfo.now() - t)]
         var backward: (dx: Tensor, dWeights: [HybridStack.Weights])?
         if config.backward {
             try comm.barrier()
@@ -154,11 +154,7 @@ public enum HybridRun {
         }
         try comm.agree(failure)
 
-        var timeS: [String: PhaseTime] = [:]
-        for (name, v) in times {
-            let all = try comm.allGather([v]).map { $0[0] }
-            timeS[name] = PhaseTime(min: all.min()!, avg: all.reduce(0, +) / Double(all.count), max: all.max()!)
-        }
+        let timeS = try PhaseTime.overRanks(times, comm: comm)
         let traffic = try comm.allGather([counters.bytesSent, counters.bytesReceived, counters.collectives, counters.messagesSent])
         let rss = try comm.allGather([SystemInfo.peakRSS()]).map { $0[0] }
         let report = HybridRunReport(

@@ -143,11 +143,7 @@ public enum LatentRun {
         }
         try comm.agree(failure)
 
-        var timeS: [String: PhaseTime] = [:]
-        for (name, v) in [("setup", tSetup), ("attend", tAttend), ("combine", tCombine)] {
-            let all = try comm.allGather([v]).map { $0[0] }
-            timeS[name] = PhaseTime(min: all.min()!, avg: all.reduce(0, +) / Double(all.count), max: all.max()!)
-        }
+        let timeS = try PhaseTime.overRanks([("setup", tSetup), ("attend", tAttend), ("combine", tCombine)], comm: comm)
         let stats = try comm.allGather([shard.cacheBytes, counters.bytesSent, counters.collectives, SystemInfo.peakRSS()])
         let check = config.check ? LatentCheckReport(reference: config.algorithm == .tpla ? "tpla" : "mla", error: verdict[1],
                                                       tolerance: config.tolerance, passed: verdict[2] == 1) : nil
