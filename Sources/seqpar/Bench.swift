@@ -35,20 +35,27 @@ enum Provenance {
 struct KernelBenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "kernel",
-        abstract: "Blockwise softmax kernel forward and backward GFLOP/s on one rank, over OpenBLAS sgemm GFLOP/s measured in the same run.")
+        abstract: "Kernel GFLOP/s on one rank (blockwise softmax, chunkwise linear), over OpenBLAS sgemm GFLOP/s measured in the same run, with the shares of time in sgemm, exp and the rest.",
+        discussion: """
+        Under mpirun -np P (or --ranks P) every rank runs the same figures at once, as the ranks of a job would share \
+        the host's cores and memory; the time is the slowest rank's. The linear kernel is causal with --decay.
+        """)
 
     enum Mask: String, ExpressibleByArgument, CaseIterable { case both, causal, full }
 
+    @Option(parsing: .upToNextOption, help: "Kernels: softmax, linear.") var kernel: [BenchKernel] = [.softmax]
     @Option(parsing: .upToNextOption, help: "Sequence lengths.") var seqLen: [Int] = [4096, 16384]
     @Option(parsing: .upToNextOption, help: "Head dimensions.") var headDim: [Int] = [64, 128]
     @Option(help: "Query heads (and kv heads).") var heads = 1
-    @Option(help: "Masks to run: both, causal or full.") var mask: Mask = .both
+    @Option(help: "Masks to run for the softmax kernel: both, causal or full.") var mask: Mask = .both
+    @Option(help: "Decay of the linear kernel, in (0, 1].") var decay: Float = 0.99
     @Option(help: "Timed runs per figure (the median is reported).") var repeats = 3
     @Option(help: "Untimed runs before timing.") var warmup = 1
     @Option(help: "BLAS threads for the kernel and the sgemm baseline.") var threads = 1
     @Option(help: "Side of the square sgemm baseline.") var sgemmSize = 2048
     @Flag(help: "Forward only.") var forwardOnly = false
     @Flag(help: "One JSON object per figure instead of the table.") var json = false
+    @OptionGroup var rankOptions: RankOptions
 
     func validate() throws {
         for (name, values) in [("--seq-len", seqLen), ("--head-dim", headDim)] {
@@ -58,39 +65,56 @@ struct KernelBenchCommand: ParsableCommand {
             throw ValidationError("\(name) \(v): must be at least 1")
         }
         guard warmup >= 0 else { throw ValidationError("--warmup \(warmup): must be 0 or more") }
+        guard !kernel.isEmpty else { throw ValidationError("--kernel: name at least one of softmax, linear") }
+        guard decay > 0, decay <= 1 else { throw ValidationError("--decay \(decay): must be in (0, 1]") }
     }
 
     func run() throws {
-        BLAS.threads = threads
         let masks: [Bool] = mask == .both ? [false, true] : [mask == .causal]
-        // Refuse before allocating what the machine does not have: q, k, v, o, dO, dq, dk, dv at the longest length.
-        let need = 8 * heads * seqLen.max()! * headDim.max()! * MemoryLayout<Float>.size + 3 * sgemmSize * sgemmSize * MemoryLayout<Float>.size
-        if let available = SystemInfo.availableMemory(), need > available {
-            throw SeqParError.outOfMemory("the kernel benchmark needs about \(SystemInfo.bytesText(need)) and this machine has \(SystemInfo.bytesText(available)) available: lower --seq-len, --heads or --sgemm-size")
-        }
-        let sgemm = KernelBench.sgemmGflops(n: sgemmSize, repeats: repeats, warmup: warmup)
-        if !json {
-            (Provenance.header("bench kernel") + [
-                String(format: "# baseline: OpenBLAS sgemm %dx%dx%d: %.1f GFLOP/s", sgemmSize, sgemmSize, sgemmSize, sgemm),
-                "# FLOPs: forward 4*H*L^2*D (half when causal), backward 2.5x forward; time: median of \(repeats) after \(warmup) warm-up",
-                ["kernel", "direction", "L", "H", "D", "mask", "time_s", "GFLOP/s", "sgemm_GFLOP/s", "ratio"].map { Report.pad($0, 15) }.joined(),
-            ]).forEach { print($0) }
-        }
-        for d in headDim {
-            for l in seqLen {
-                for causal in masks {
-                    let shape = AttentionShape(seqLen: l, heads: heads, headDim: d)
-                    for r in KernelBench.softmax(shape: shape, causal: causal, sgemmGflops: sgemm, repeats: repeats, warmup: warmup, backward: !forwardOnly) {
-                        if json { print(Report.json(r)); continue }
-                        print(["softmax", r.direction, "\(l)", "\(heads)", "\(d)", causal ? "causal" : "full", String(format: "%.4f", r.timeS),
-                               String(format: "%.1f", r.gflops), String(format: "%.1f", r.sgemmGflops), String(format: "%.2f", r.ratio)]
-                            .map { Report.pad($0, 15) }.joined())
-                    }
-                }
+        let figures = kernel.flatMap { k in headDim.flatMap { d in seqLen.flatMap { l in (k == .softmax ? masks : [true]).map { (k, d, l, $0) } } } }
+        let (heads, threads, sgemmSize, repeats, warmup, decay, backward) = (self.heads, self.threads, sgemmSize, repeats, warmup, decay, !forwardOnly)
+        let (longest, widest) = (seqLen.max()!, headDim.max()!)
+        let out = try Launch.run(ranks: rankOptions.ranks, timeout: max(rankOptions.timeout, 3600)) { comm, backend in
+            BLAS.threads = threads
+            // Refuse before allocating what the machine does not have: q, k, v, o, dO, dq, dk, dv at the longest length.
+            var failure: Error?
+            let need = (8 * heads * longest * widest + 3 * sgemmSize * sgemmSize) * MemoryLayout<Float>.size
+            if let available = SystemInfo.availableMemory(), need * backend.ranksPerHost > available {
+                failure = SeqParError.outOfMemory("the kernel benchmark needs about \(SystemInfo.bytesText(need)) per rank x \(backend.ranksPerHost) rank(s) and this machine has \(SystemInfo.bytesText(available)) available: lower --seq-len, --heads or --sgemm-size, or run fewer ranks")
             }
+            try comm.agree(failure)
+            try comm.barrier()
+            let sgemm = try comm.allReduce([KernelBench.sgemmGflops(n: sgemmSize, repeats: repeats, warmup: warmup)], op: .min)[0]
+            let results = try figures.flatMap { k, d, l, causal in
+                try KernelBench.measure(k, shape: AttentionShape(seqLen: l, heads: heads, headDim: d), causal: causal, decay: decay,
+                                        sgemmGflops: sgemm, repeats: repeats, warmup: warmup, backward: backward, comm: comm,
+                                        profileInTurns: backend.name == "in-process")
+            }
+            return (results, backend, sgemm)
+        }
+        guard let (results, backend, sgemm) = out else { return }
+        if json { results.forEach { print(Report.json($0)) }; return }
+        let columns = [("kernel", 18), ("direction", 10), ("L", 7), ("H", 4), ("D", 5), ("mask", 14), ("time_s", 10), ("GFLOP/s", 9),
+                       ("rank_min-max", 14), ("sgemm", 8), ("ratio", 7), ("gemm", 6), ("exp", 6), ("other", 6)]
+        (Provenance.header("bench kernel") + [
+            "# \(backend.ranks) rank(s) at once, backend \(backend.name), \(threads) BLAS thread(s) each; time: the slowest rank's median of \(repeats) after \(warmup) warm-up",
+            String(format: "# baseline: OpenBLAS sgemm %dx%dx%d: %.1f GFLOP/s (the slowest rank's)", sgemmSize, sgemmSize, sgemmSize, sgemm),
+            "# FLOPs: softmax forward 4*H*L^2*D (half when causal), backward 2.5x; linear (chunk form, blocks of \(LinearAttention.blockRows)) 8*H*L*D^2 + 4*H*L*\(LinearAttention.blockRows)*D, backward 3x",
+            "# gemm, exp, other: shares of one profiled run's time (sgemm timed per call; exponentials counted x their cost per element in this run)",
+            columns.map { Report.pad($0.0, $0.1) }.joined(),
+        ]).forEach { print($0) }
+        for r in results {
+            let mask = r.decay.map { String(format: "causal λ=%g", $0) } ?? (r.causal ? "causal" : "full")
+            let cells = [r.kernel, r.direction, "\(r.seqLen)", "\(r.heads)", "\(r.headDim)", mask, String(format: "%.4f", r.timeS),
+                         String(format: "%.1f", r.gflops), String(format: "%.1f-%.1f", r.rankGflopsMin, r.rankGflopsMax),
+                         String(format: "%.1f", r.sgemmGflops), String(format: "%.2f", r.ratio),
+                         String(format: "%.0f%%", 100 * r.gemmFraction), String(format: "%.0f%%", 100 * r.expFraction), String(format: "%.0f%%", 100 * r.otherFraction)]
+            print(zip(cells, columns).map { Report.pad($0, $1.1) }.joined())
         }
     }
 }
+
+extension BenchKernel: ExpressibleByArgument {}
 
 struct OverlapBenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(

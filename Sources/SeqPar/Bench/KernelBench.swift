@@ -4,12 +4,17 @@
 // FLOPs: forward 4 B H L^2 D (two products of L x L x D), half when causal; backward 2.5 times the forward (five
 // products instead of two), the FlashAttention convention. The sgemm baseline is a square n x n x n product (2 n^3
 // FLOPs), the rate BLAS reaches on a well-shaped problem: the ceiling a kernel built from BLAS tiles aims at.
-// Every figure is the median of `repeats` timed runs after `warmup` untimed ones.
+// The linear kernel is the chunkwise causal linear attention of one rank (LASP-2 on one rank: the masked intra-block
+// products and the running state, `AttentionRun.attentionFlops` for its FLOPs), forward and backward.
+// Every figure is the median of `repeats` timed runs after `warmup` untimed ones. One more, profiled, run splits the
+// time into sgemm, exponentials and the rest (`KernelProfile`).
 
 public struct KernelBenchResult: Codable, Sendable {
     public var bench = "kernel"
     public var kernel: String
     public var direction: String
+    /// Ranks that ran the kernel at the same time (each its own problem, one per core under mpirun): the rate a
+    /// rank gets with its host's other cores busy. Time is the slowest rank's median.
     public var ranks = 1
     public var batch: Int, seqLen: Int, heads: Int, kvHeads: Int, headDim: Int
     public var causal: Bool
@@ -21,6 +26,23 @@ public struct KernelBenchResult: Codable, Sendable {
     public var ratio: Double
     public var blasThreads: Int
     public var repeats: Int
+    /// Shares of the profiled run's time: inside sgemm, in exponentials (count x cost per element), the rest.
+    public var gemmFraction: Double, expFraction: Double, otherFraction: Double
+    /// Linear kernel only: the decay per head.
+    public var decay: Float?
+    /// The fastest and slowest rank's GFLOP/s.
+    public var rankGflopsMin: Double, rankGflopsMax: Double
+}
+
+/// The kernels `seqpar bench kernel` times.
+public enum BenchKernel: String, CaseIterable, Codable, Sendable {
+    /// The blockwise softmax kernel (SoftmaxAttention).
+    case softmax
+    /// Chunkwise causal linear attention (LinearAttention through LASP-2 on one rank).
+    case linear
+
+    /// The name in figures and JSON.
+    public var name: String { self == .softmax ? "blockwise_softmax" : "chunkwise_linear" }
 }
 
 public enum KernelBench {
@@ -55,31 +77,55 @@ public enum KernelBench {
         return 2 * Double(n) * Double(n) * Double(n) / t.median / 1e9
     }
 
-    /// Forward and backward of the blockwise kernel on one generated (B, L, H, D) problem.
-    public static func softmax(shape s: AttentionShape, causal: Bool, sgemmGflops: Double, repeats: Int, warmup: Int,
-                               backward: Bool = true) -> [KernelBenchResult] {
-        let options = AttentionOptions(causal: causal)
+    /// Forward and backward of `kernel` on one generated (B, L, H, D) problem; softmax uses `causal`, linear is
+    /// causal with `decay`.
+    /// Every rank of `comm` runs the same measurement at once (starting at a barrier); the figures are the slowest rank's.
+    public static func measure(_ kernel: BenchKernel, shape s: AttentionShape, causal: Bool, decay: Float = 1, sgemmGflops: Double,
+                               repeats: Int, warmup: Int, backward: Bool = true, comm: some Communicator, profileInTurns: Bool = false) throws -> [KernelBenchResult] {
+        let family: AlgorithmName.Family = kernel == .softmax ? .softmax : .linear
+        let options = kernel == .softmax ? AttentionOptions(causal: causal) : AttentionOptions(causal: true, decay: [Double(decay)])
         let all = Array(0..<s.seqLen)
         let x = SeededInputs.attention(shape: s, options: options, positions: all, seed: 3)
         let dO = SeededInputs.gradOut(shape: s, positions: all, seed: 3)
-        let flops = AttentionRun.attentionFlops(s, causal: causal)
-        func result(_ direction: String, _ t: Timing, _ f: Double) -> KernelBenchResult {
-            KernelBenchResult(kernel: "blockwise_softmax", direction: direction, batch: s.batch, seqLen: s.seqLen, heads: s.heads,
-                              kvHeads: s.kvHeads, headDim: s.headDim, causal: causal, timeS: t.median, timeMinS: t.min, timeMaxS: t.max,
-                              gflops: f / t.median / 1e9, sgemmGflops: sgemmGflops, ratio: f / t.median / 1e9 / sgemmGflops,
-                              blasThreads: BLAS.threads, repeats: repeats)
+        let flops = AttentionRun.attentionFlops(s, causal: options.causal, family: family)
+        let expCost = KernelProfile.expSecondsPerElement()
+        let solo = InProcessCluster(size: 1).makeCommunicators()[0]
+        let implementation = (kernel == .softmax ? AlgorithmName.dense : AlgorithmName.lasp2).implementation
+
+        func result(_ direction: String, _ f: Double, _ body: () throws -> Void) throws -> KernelBenchResult {
+            var failure: Error?
+            let call = { do { try body() } catch { failure = error } }
+            try comm.barrier()
+            let mine = time(repeats: repeats, warmup: warmup, call)
+            // The profile's counters are per process: simulated ranks (threads of one process) take turns.
+            var p = (seconds: 1.0, gemmSeconds: 0.0, expElements: 0)
+            for turn in 0..<(profileInTurns ? comm.size : 1) {
+                if profileInTurns { try comm.barrier() }
+                if !profileInTurns || turn == comm.rank { p = KernelProfile.measure(call) }
+            }
+            if profileInTurns { try comm.barrier() }
+            if let failure { throw failure }
+            // The slowest rank's median (min and max with it), and the profile's shares averaged over ranks.
+            let rankMedians = try comm.allGather([mine.median]).map { $0[0] }
+            let slowest = rankMedians.indices.max { rankMedians[$0] < rankMedians[$1] }!
+            let spread = try comm.allGather([mine.median, mine.min, mine.max])[slowest]
+            let t = Timing(median: spread[0], min: spread[1], max: spread[2])
+            let shares = try comm.allReduce([Double(p.expElements) * expCost / p.seconds, p.gemmSeconds / p.seconds], op: .sum).map { $0 / Double(comm.size) }
+            let expShare = min(shares[0], 1)
+            let gemmShare = min(shares[1], 1 - expShare)
+            return KernelBenchResult(kernel: kernel.name, direction: direction, ranks: comm.size, batch: s.batch, seqLen: s.seqLen, heads: s.heads,
+                                     kvHeads: s.kvHeads, headDim: s.headDim, causal: options.causal, timeS: t.median, timeMinS: t.min, timeMaxS: t.max,
+                                     gflops: f / t.median / 1e9, sgemmGflops: sgemmGflops, ratio: f / t.median / 1e9 / sgemmGflops,
+                                     blasThreads: BLAS.threads, repeats: repeats, gemmFraction: gemmShare, expFraction: expShare,
+                                     otherFraction: 1 - gemmShare - expShare, decay: kernel == .linear ? decay : nil,
+                                     rankGflopsMin: f / rankMedians.max()! / 1e9, rankGflopsMax: f / rankMedians.min()! / 1e9)
         }
         var output: AttentionOutput!
-        let forward = time(repeats: repeats, warmup: warmup) {
-            output = SoftmaxAttention.forward(q: x.q, qPositions: all, k: x.k, v: x.v, kPositions: all, causal: causal, scale: x.scale)
-        }
-        var results = [result("forward", forward, flops)]
+        var results = [try result("forward", flops) { output = try implementation.forward(x, comm: solo) }]
         if backward {
-            let t = time(repeats: repeats, warmup: warmup) {
-                _ = SoftmaxAttention.backward(q: x.q, qPositions: all, k: x.k, v: x.v, kPositions: all, output: output,
-                                              gradOut: dO, causal: causal, scale: x.scale)
-            }
-            results.append(result("backward", t, 2.5 * flops))
+            results.append(try result("backward", flops * AttentionRun.backwardFlopsFactor(family)) {
+                _ = try implementation.backward(x, output: output, gradOut: dO, comm: solo)
+            })
         }
         return results
     }

@@ -30,6 +30,7 @@ public enum FeatureMap: String, CaseIterable, Codable, Sendable {
         guard self == .elu1 else { return x }
         let out = Tensor(uninitialized: x.shape)
         out.pointer.update(from: x.pointer, count: x.count)
+        KernelProfile.countExp(x.count)
         VectorMath.update(out.pointer, with: x.pointer, x.count) { _, v in VectorMath.exp(v).replacing(with: v + 1, where: v .> 0) }
         return out
     }
@@ -38,6 +39,7 @@ public enum FeatureMap: String, CaseIterable, Codable, Sendable {
     public func backward(_ grad: Tensor, input x: Tensor) {
         guard self == .elu1 else { return }
         precondition(grad.count == x.count)
+        KernelProfile.countExp(x.count)
         VectorMath.update(grad.pointer, with: x.pointer, x.count) { g, v in g * VectorMath.exp(v).replacing(with: 1, where: v .> 0) }
     }
 }

@@ -62,9 +62,11 @@ public enum BLAS {
             }
             return
         }
+        let started = KernelProfile.gemmStart()
         cblas_sgemm(CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans,
                     blasint(m), blasint(n), blasint(k), alpha, a.base, blasint(max(a.ld, 1)),
                     b.base, blasint(max(b.ld, 1)), beta, c.base, blasint(max(c.ld, 1)))
+        KernelProfile.gemmEnd(started)
     }
 
     /// `y += alpha * x` over whole tensors of the same size (cblas_saxpy).

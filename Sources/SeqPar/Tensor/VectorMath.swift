@@ -57,6 +57,7 @@ public enum VectorMath {
     @inline(__always)
     @discardableResult
     public static func expInPlace(_ p: UnsafeMutablePointer<Float>, _ n: Int, scale a: Float = 1, subtract b: Float) -> Float {
+        KernelProfile.countExp(n)
         var acc = V(repeating: 0)
         var i = 0
         let va = V(repeating: a), vb = V(repeating: b)

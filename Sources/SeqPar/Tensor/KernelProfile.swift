@@ -1,0 +1,63 @@
+// Where a kernel's time goes, for `seqpar bench kernel`: time inside OpenBLAS sgemm (each call timed; a tile
+// product is tens of microseconds, so the clock's cost is noise), exponentials (counted, not timed: a row of 128 is
+// a few dozen nanoseconds, as short as a clock read, so the count is multiplied by the cost per element measured
+// on rows of the same length in the same run), and the rest by subtraction. Off unless a benchmark turns it on:
+// then each hook costs one branch on a plain flag.
+import Foundation
+import Synchronization
+
+public enum KernelProfile {
+    /// Set only outside timed regions, by `measure`, while no kernel runs on another thread.
+    nonisolated(unsafe) static var on = false
+    static let gemmNanoseconds = Atomic<Int>(0)
+    static let expElements = Atomic<Int>(0)
+
+    @inline(__always) static func countExp(_ n: Int) {
+        if on { expElements.add(n, ordering: .relaxed) }
+    }
+
+    @inline(__always) static func gemmStart() -> UInt64 { on ? DispatchClock.nanoseconds() : 0 }
+
+    @inline(__always) static func gemmEnd(_ start: UInt64) {
+        if start != 0 { gemmNanoseconds.add(Int(DispatchClock.nanoseconds() - start), ordering: .relaxed) }
+    }
+
+    /// One profiled call of `body`: its wall time, the seconds inside sgemm, and the exponentials evaluated.
+    public static func measure(_ body: () -> Void) -> (seconds: Double, gemmSeconds: Double, expElements: Int) {
+        gemmNanoseconds.store(0, ordering: .relaxed)
+        expElements.store(0, ordering: .relaxed)
+        on = true
+        let t = SystemInfo.now()
+        body()
+        let seconds = SystemInfo.now() - t
+        on = false
+        return (seconds, Double(gemmNanoseconds.load(ordering: .relaxed)) * 1e-9, expElements.load(ordering: .relaxed))
+    }
+
+    /// Seconds per element of `VectorMath.expInPlace` on rows of `rowLength` already in cache, as the kernel calls it.
+    public static func expSecondsPerElement(rowLength: Int = 128) -> Double {
+        let rows = 4096
+        let buffer = UnsafeMutablePointer<Float>.allocate(capacity: rowLength)
+        defer { buffer.deallocate() }
+        var best = Double.infinity
+        var sink: Float = 0
+        for _ in 0..<5 {
+            let t = SystemInfo.now()
+            for r in 0..<rows {
+                for j in 0..<rowLength { buffer[j] = Float((j + r) % 17) * -0.25 }
+                sink += VectorMath.expInPlace(buffer, rowLength, subtract: 0.5)
+            }
+            let fill = SystemInfo.now()
+            for r in 0..<rows { for j in 0..<rowLength { buffer[j] = Float((j + r) % 17) * -0.25 } }
+            let fillTime = SystemInfo.now() - fill
+            best = min(best, max((fill - t) - fillTime, 0) / Double(rows * rowLength))
+        }
+        precondition(sink.isFinite)
+        return best
+    }
+}
+
+/// Monotonic nanoseconds (clock_gettime through Dispatch).
+enum DispatchClock {
+    @inline(__always) static func nanoseconds() -> UInt64 { DispatchTime.now().uptimeNanoseconds }
+}
