@@ -1,11 +1,12 @@
 import ArgumentParser
 import Foundation
 import SeqPar
+import SeqParMPI
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks that print their figures next to a baseline measured in the same run.",
-        subcommands: [KernelBenchCommand.self, OverlapBenchCommand.self, AttentionBenchCommand.self, LatentBenchCommand.self])
+        subcommands: [KernelBenchCommand.self, CommBenchCommand.self, OverlapBenchCommand.self, AttentionBenchCommand.self, LatentBenchCommand.self])
 }
 
 /// `#` lines that say where and how a benchmark ran.
@@ -115,6 +116,62 @@ struct KernelBenchCommand: ParsableCommand {
 }
 
 extension BenchKernel: ExpressibleByArgument {}
+
+struct CommBenchCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "comm",
+        abstract: "SeqPar's exchanges (ping-pong, ring step, AllGather, all-to-all) per message size, next to plain MPI doing the same in the same run, OSU style.",
+        discussion: """
+        Run it under mpirun (mpirun -np 2 seqpar bench comm); with --ranks N it times the in-process backend, which \
+        has no MPI baseline. pingpong: half a round trip between ranks 0 and 1; ring: every rank sends SIZE to the \
+        next and receives from the previous; allgather: every rank contributes SIZE; alltoall: every rank sends SIZE \
+        in all. ratio: SeqPar's time over plain MPI's.
+        """)
+
+    @Option(parsing: .upToNextOption, help: "Operations: pingpong, ring, allgather, alltoall.") var operation: [CommBench.Operation] = CommBench.Operation.allCases
+    @Option(parsing: .upToNextOption, help: "Message sizes in bytes (default 8 B to 64 MiB, x8 apart).") var size: [Int] = CommBench.defaultSizes
+    @Option(help: "Timed runs per figure (the median is reported).") var repeats = 5
+    @Flag(help: "One JSON object per figure instead of the table.") var json = false
+    @OptionGroup var rankOptions: RankOptions
+
+    func validate() throws {
+        guard !operation.isEmpty else { throw ValidationError("--operation: name at least one of pingpong, ring, allgather, alltoall") }
+        guard !size.isEmpty, size.allSatisfy({ (1...(1 << 30)).contains($0) }) else { throw ValidationError("--size: give sizes from 1 byte to 1 GiB") }
+        guard repeats >= 1 else { throw ValidationError("--repeats \(repeats): must be at least 1") }
+    }
+
+    func run() throws {
+        let (operations, sizes, repeats) = (operation, size, repeats)
+        let out = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout) { comm, backend in
+            var failure: Error?
+            let need = operations.map { op in CommBench.bufferBytes(op, bytes: sizes.max()!, ranks: comm.size) }.max()!
+            if let available = SystemInfo.availableMemory(), need * backend.ranksPerHost > available {
+                failure = SeqParError.outOfMemory("the largest message needs \(SystemInfo.bytesText(need)) of buffers per rank x \(backend.ranksPerHost) rank(s), more than the \(SystemInfo.bytesText(available)) available: give smaller --size values")
+            }
+            try comm.agree(failure)
+            let baseline = backend.name == "mpi" ? MPIBaseline.make() : nil
+            return (try CommBench.measure(operations, sizes: sizes, comm: comm, baseline: baseline, repeats: repeats), backend)
+        }
+        guard let (results, backend) = out else { return }
+        if json { results.forEach { print(Report.json($0)) }; return }
+        let columns = [("operation", 11), ("bytes", 11), ("iters", 7), ("time_us", 12), ("MB/s", 11), ("mpi_time_us", 12), ("mpi_MB/s", 11), ("ratio", 7)]
+        (Provenance.header("bench comm") + [
+            "# \(backend.ranks) rank(s), backend \(backend.name), " + (backend.name == "mpi" ? "\(backend.ranksPerHost) on this host" : "no plain-MPI baseline"),
+            "# time: the slowest rank's mean per call, median of \(repeats) runs; pingpong is half a round trip; MB/s = bytes moved per rank / time (allgather: (P-1) x bytes received)",
+            "# baseline: plain MPI_Send/MPI_Recv, MPI_Sendrecv, MPI_Allgather, MPI_Alltoall on MPI_COMM_WORLD, same sizes, same run; ratio = time / mpi_time",
+            columns.map { Report.pad($0.0, $0.1) }.joined(),
+        ]).forEach { print($0) }
+        if backend.ranks < 2 { printNote("pingpong needs 2 ranks or more: skipped") }
+        for r in results {
+            let cells = [r.operation, "\(r.bytes)", "\(r.iterations)", String(format: "%.2f", r.timeS * 1e6), String(format: "%.1f", r.bandwidthBps / 1e6),
+                         r.mpiTimeS.map { String(format: "%.2f", $0 * 1e6) } ?? "-", r.mpiBandwidthBps.map { String(format: "%.1f", $0 / 1e6) } ?? "-",
+                         r.timeRatio.map { String(format: "%.2f", $0) } ?? "-"]
+            print(zip(cells, columns).map { Report.pad($0, $1.1) }.joined())
+        }
+    }
+}
+
+extension CommBench.Operation: ExpressibleByArgument {}
 
 struct OverlapBenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
