@@ -26,6 +26,17 @@ enum Provenance {
         return p.terminationStatus == 0 && !out.isEmpty ? out : "unknown"
     }
 
+    /// Where the ranks ran: hosts with their rank counts, and each rank's CPUs (or "none" when every rank may use
+    /// every CPU of its host).
+    static func placementLines(_ placement: [(host: String, cpus: String)]) -> [String] {
+        var hosts: [String: Int] = [:]
+        for p in placement { hosts[p.host, default: 0] += 1 }
+        let all = SystemInfo.cpuList(Array(0..<SystemInfo.onlineCPUs))
+        let bound = placement.contains { $0.cpus != all }
+        return ["# hosts \(hosts.count): " + hosts.sorted { $0.key < $1.key }.map { "\($0.key) (\($0.value) rank(s))" }.joined(separator: ", "),
+                "# binding: " + (bound ? placement.enumerated().map { "\($0.offset):\($0.element.cpus)" }.joined(separator: " ") : "none (every rank may run on every cpu)")]
+    }
+
     static func header(_ title: String) -> [String] {
         ["# seqpar \(title)",
          "# host \(SystemInfo.hostName), \(SystemInfo.onlineCPUs) cpus online, cpus allowed \(SystemInfo.cpuList(SystemInfo.allowedCPUs()))",
@@ -247,11 +258,15 @@ struct AttentionBenchCommand: ParsableCommand {
     @Option(help: "Timed repetitions (the median is reported).") var repeats = 5
     @Option(help: "Untimed repetitions first.") var warmup = 1
     @Flag(help: "Forward only.") var forwardOnly = false
+    @Flag(help: "Skip the single-rank baseline (dense, or the linear kernel on one rank) and so the efficiency column.") var noBaseline = false
+    @Option(help: "Run the baseline at this length instead of --seq-len (efficiency then compares GFLOP/s).") var baselineSeqLen: Int?
+    @Flag(help: "Also measure ring attention's communication overlap (t_comm, t_compute, t_fused; slower).") var overlap = false
     @Flag(help: "One JSON object per figure instead of the table.") var json = false
     @OptionGroup var rankOptions: RankOptions
 
     func validate() throws {
         guard !algorithm.isEmpty else { throw ValidationError("--algorithm: name at least one") }
+        if let b = baselineSeqLen, b < 1 { throw ValidationError("--baseline-seq-len \(b): must be at least 1") }
         for (name, v) in [("--seq-len", seqLen), ("--heads", heads), ("--kv-heads", kvHeads ?? heads), ("--head-dim", headDim),
                           ("--batch", batch), ("--repeats", repeats)] where v < 1 {
             throw ValidationError("\(name) \(v): must be at least 1")
@@ -269,21 +284,42 @@ struct AttentionBenchCommand: ParsableCommand {
     func run() throws {
         let shape = AttentionShape(batch: batch, seqLen: seqLen, heads: heads, kvHeads: kvHeads ?? heads, headDim: headDim)
         let runs = try algorithm.map { ($0, try options($0)) }
-        let (repeats, warmup, backward) = (self.repeats, self.warmup, !forwardOnly)
+        let (repeats, warmup, backward, measureOverlap) = (self.repeats, self.warmup, !forwardOnly, overlap)
+        // One baseline per family present, on the first such algorithm's options, contiguous.
+        let baselineShape = AttentionShape(batch: batch, seqLen: baselineSeqLen ?? seqLen, heads: heads, kvHeads: kvHeads ?? heads, headDim: headDim)
+        let baselines: [(AlgorithmName.Family, AttentionOptions)] = noBaseline ? [] : [AlgorithmName.Family.softmax, .linear].compactMap { f in
+            runs.first { $0.0.family == f }.map { _, o in var o = o; o.layout = .contiguous; return (f, o) }
+        }
         let out = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout) { comm, backend in
-            (try runs.flatMap { a, o in
+            let placement = try AttentionBench.placement(comm: comm)
+            var results = try runs.flatMap { a, o in
                 try AttentionBench.measure(a, shape: shape, options: o, comm: comm, ranksPerHost: backend.ranksPerHost,
                                            repeats: repeats, warmup: warmup, backward: backward)
-            }, backend)
+            }
+            let overlaps = try measureOverlap ? runs.filter { $0.0 == .ring }.prefix(1).flatMap { _, o in
+                try RingOverlap.measure(shape: shape, options: o, comm: comm, repeats: repeats, warmup: warmup, backward: backward, modes: [.standard])
+            } : []
+            var missing: [String] = []
+            for (family, o) in baselines {
+                let b = try AttentionBench.baseline(shape: baselineShape, options: o, family: family, comm: comm, ranksPerHost: backend.ranksPerHost,
+                                                    repeats: repeats, warmup: warmup, backward: backward)
+                if b == nil { missing.append("\(family)") }
+                results = results.map { $0.algorithm.family == family ? AttentionBench.annotate([$0], baseline: b, overlap: overlaps)[0] : $0 }
+            }
+            if baselines.isEmpty { results = AttentionBench.annotate(results, baseline: nil, overlap: overlaps) }
+            return (results, backend, placement, missing)
         }
-        guard let (results, backend) = out else { return }
+        guard let (results, backend, placement, missing) = out else { return }
+        for family in missing { printNote("no \(family) baseline: one rank would not fit the whole sequence in memory; give --baseline-seq-len N for a shorter one") }
         if json { results.forEach { print(Report.json($0)) }; return }
         let columns = [("algorithm", 11), ("direction", 10), ("mask", 14), ("layout", 11), ("time_s", 10), ("min_s", 10), ("max_s", 10),
-                       ("rank_spread", 12), ("tokens/s", 11), ("GFLOP/s", 9), ("sent_B/rank", 13), ("msgs", 6), ("colls", 6),
+                       ("rank_spread", 12), ("tokens/s", 11), ("GFLOP/s", 9), ("efficiency", 11), ("overlap", 8), ("sent_B/rank", 13), ("msgs", 6), ("colls", 6),
                        ("peak_rss", 11), ("rel_time", 9)]
-        (Provenance.header("bench attention") + [
+        let baselineNote = results.compactMap { r in r.baselineTimeS.map { String(format: "%@ %@ %.4f s", r.algorithm.family == .softmax ? "dense" : "linear", r.direction, $0) } }
+        (Provenance.header("bench attention") + Provenance.placementLines(placement) + [
             "# \(backend.ranks) rank(s), backend \(backend.name); \(shape); median of \(repeats) after \(warmup) warm-up, slowest rank per repetition",
             "# rank_spread: slowest rank's median over the fastest's; rel_time: time over the first algorithm's in the same direction",
+            "# efficiency: GFLOP/s over ranks x the one-rank baseline's (same launch" + (baselineSeqLen.map { ", L=\($0)" } ?? "") + "): " + (Array(Set(baselineNote)).sorted().joined(separator: ", ").nonEmpty ?? "none ran"),
             columns.map { Report.pad($0.0, $0.1) }.joined(),
         ]).forEach { print($0) }
         for r in results {
@@ -291,7 +327,8 @@ struct AttentionBenchCommand: ParsableCommand {
             let mask = r.decay.map { d in r.causal ? "causal λ=\(Set(d).count == 1 ? String(format: "%g", d[0]) : "per-head")" : "bidirectional" } ?? (r.causal ? "causal" : "full")
             let cells = [r.algorithm.rawValue, r.direction, mask, r.layout.rawValue, String(format: "%.4f", r.timeS),
                          String(format: "%.4f", r.timeMinS), String(format: "%.4f", r.timeMaxS), String(format: "%.2f", r.rankTimeMaxS / r.rankTimeMinS),
-                         String(format: "%.0f", r.tokensPerS), String(format: "%.1f", r.gflops), "\(r.bytesSent)", "\(r.messages)", "\(r.collectives)",
+                         String(format: "%.0f", r.tokensPerS), String(format: "%.1f", r.gflops),
+                         r.efficiency.map { String(format: "%.2f", $0) } ?? "-", r.overlap.map { String(format: "%.0f%%", 100 * $0) } ?? "-", "\(r.bytesSent)", "\(r.messages)", "\(r.collectives)",
                          SystemInfo.bytesText(r.peakRSSBytes), String(format: "%.2f", r.timeS / first.timeS)]
             print(zip(cells, columns).map { Report.pad($0, $1.1) }.joined())
         }
@@ -353,3 +390,8 @@ struct LatentBenchCommand: ParsableCommand {
 }
 
 extension LatentAlgorithm: ExpressibleByArgument {}
+
+extension String {
+    /// nil for the empty string.
+    var nonEmpty: String? { isEmpty ? nil : self }
+}

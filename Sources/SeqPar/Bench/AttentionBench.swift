@@ -29,10 +29,69 @@ public struct AttentionBenchResult: Codable, Sendable {
     /// Peak resident memory, the most over ranks (the whole process so far: inputs, earlier runs included).
     public var peakRSSBytes: Int
     public var repeats: Int, warmup: Int
+    /// Scaling efficiency: this step's GFLOP/s over `ranks` times the single-rank baseline's (dense for softmax, the
+    /// chunkwise kernel on one rank for linear), measured in the same launch; nil where no baseline ran. At the same L
+    /// this is T_1 / (P T_P).
+    public var efficiency: Double?
+    public var baselineSeqLen: Int?, baselineTimeS: Double?, baselineGflops: Double?
+    /// Ring attention's communication overlap (`RingOverlap`, the standard progress mode), where measured.
+    public var overlap: Double?
+}
 
+/// The single-rank baseline of a scaling figure, per direction.
+public struct AttentionBaseline: Sendable {
+    public var seqLen: Int
+    public var forwardS: Double, backwardS: Double?
+    public var forwardGflops: Double, backwardGflops: Double?
 }
 
 public enum AttentionBench {
+    /// The single-rank baseline at `shape`: dense (softmax) or LASP-2 on one rank (the chunkwise linear kernel), run
+    /// by rank 0 alone on a one-rank communicator while the others wait; nil on every rank when it would not fit in
+    /// rank 0's share of memory. Every rank returns the same figures.
+    public static func baseline(shape: AttentionShape, options: AttentionOptions, family: AlgorithmName.Family, comm: some Communicator,
+                                ranksPerHost: Int = 1, repeats: Int, warmup: Int, backward: Bool = true) throws -> AttentionBaseline? {
+        let algorithm: AlgorithmName = family == .softmax ? .dense : .lasp2
+        var config = AttentionRunConfig(algorithm: algorithm, shape: shape, options: options)
+        config.backward = backward
+        let need = MemoryEstimate.attention(config, ranks: 1, rank: 0).total
+        var times = [-1.0, -1.0]  // -1: not measured
+        if comm.rank == 0, SystemInfo.availableMemory().map({ need * ranksPerHost <= $0 }) ?? true {
+            let solo = InProcessCluster(size: 1).makeCommunicators()[0]
+            let r = try measure(algorithm, shape: shape, options: options, comm: solo, repeats: repeats, warmup: warmup, backward: backward)
+            times = [r[0].timeS, r.count > 1 ? r[1].timeS : -1]
+        }
+        times = try comm.allReduce(times, op: .max)
+        guard times[0] > 0 else { return nil }
+        let flops = AttentionRun.attentionFlops(shape, causal: options.causal, family: family)
+        let b = times[1] > 0 ? times[1] : nil
+        return AttentionBaseline(seqLen: shape.seqLen, forwardS: times[0], backwardS: b, forwardGflops: flops / times[0] / 1e9,
+                                 backwardGflops: b.map { flops * AttentionRun.backwardFlopsFactor(family) / $0 / 1e9 })
+    }
+
+    /// Each rank's host and the CPUs it may run on, in rank order.
+    public static func placement(comm: some Communicator) throws -> [(host: String, cpus: String)] {
+        try comm.allGatherStrings(SystemInfo.hostName + " " + SystemInfo.cpuList(SystemInfo.allowedCPUs())).map {
+            let parts = $0.split(separator: " ", maxSplits: 1).map(String.init)
+            return (parts[0], parts.count > 1 ? parts[1] : "")
+        }
+    }
+
+    /// Fills `efficiency` from `baseline` and `overlap` from ring overlap results, matching directions.
+    public static func annotate(_ results: [AttentionBenchResult], baseline: AttentionBaseline?, overlap: [OverlapResult]) -> [AttentionBenchResult] {
+        results.map { r in
+            var r = r
+            if let b = baseline, let g = r.direction == "forward" ? b.forwardGflops : b.backwardGflops {
+                r.efficiency = r.gflops / (Double(r.ranks) * g)
+                r.baselineSeqLen = b.seqLen
+                r.baselineTimeS = r.direction == "forward" ? b.forwardS : b.backwardS
+                r.baselineGflops = g
+            }
+            if r.algorithm == .ring, let o = overlap.first(where: { $0.direction == r.direction }) { r.overlap = o.overlap }
+            return r
+        }
+    }
+
     /// Times `algorithm` on this rank's part of a seeded problem; every rank returns the same results (forward, then
     /// backward unless `backward` is false).
     public static func measure(_ algorithm: AlgorithmName, shape: AttentionShape, options: AttentionOptions, comm: some Communicator,

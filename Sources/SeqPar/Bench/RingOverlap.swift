@@ -55,7 +55,8 @@ public enum RingOverlap {
     }
 
     public static func measure(shape: AttentionShape, options: AttentionOptions, comm: some Communicator,
-                               repeats: Int, warmup: Int, backward: Bool = true) throws -> [OverlapResult] {
+                               repeats: Int, warmup: Int, backward: Bool = true,
+                               modes: [RingProgress] = RingProgress.allCases) throws -> [OverlapResult] {
         let (rank, ranks) = (comm.rank, comm.size)
         let layout = options.layout, length = shape.seqLen
         let positions = layout.positions(rank: rank, ranks: ranks, length: length)
@@ -79,15 +80,15 @@ public enum RingOverlap {
         func result(_ direction: String, _ times: [String: [Double]]) -> OverlapResult {
             let (tc, tk) = (times["comm"]!, times["compute"]!)
             var fused: [String: Double] = [:], overlaps: [String: Double] = [:]
-            for mode in RingProgress.allCases {
+            for mode in modes {
                 let tf = times[mode.rawValue]!
                 fused[mode.rawValue] = KernelBench.median(tf)
                 overlaps[mode.rawValue] = KernelBench.median(tf.indices.map { OverlapResult.overlap(comm: tc[$0], compute: tk[$0], fused: tf[$0]) })
             }
-            let standard = RingProgress.standard.rawValue
+            let standard = (modes.contains(.standard) ? RingProgress.standard : modes[0]).rawValue
             return OverlapResult(direction: direction, ranks: ranks, seqLen: length, heads: shape.heads, kvHeads: shape.kvHeads, headDim: shape.headDim,
                                  causal: options.causal, layout: layout, blockBytes: (counts.max() ?? 0) * MemoryLayout<Float>.size,
-                                 tCommS: KernelBench.median(tc), tComputeS: KernelBench.median(tk), progress: .standard, tFusedS: fused[standard]!, overlap: overlaps[standard]!,
+                                 tCommS: KernelBench.median(tc), tComputeS: KernelBench.median(tk), progress: RingProgress(rawValue: standard)!, tFusedS: fused[standard]!, overlap: overlaps[standard]!,
                                  tFusedByProgress: fused, overlapByProgress: overlaps, repeats: repeats)
         }
 
@@ -103,7 +104,7 @@ public enum RingOverlap {
                                                                        causal: options.causal, scale: x.scale))
                 }
             }),
-        ] + RingProgress.allCases.map { mode in (mode.rawValue, { _ = try RingAttention(progress: mode).forward(x, comm: comm) }) }
+        ] + modes.map { mode in (mode.rawValue, { _ = try RingAttention(progress: mode).forward(x, comm: comm) }) }
         var results = [result("forward", try interleaved(comm, repeats: repeats, warmup: warmup, forward))]
         guard backward else { return results }
 
@@ -125,7 +126,7 @@ public enum RingOverlap {
                     BLAS.axpy(g.dv, into: dv)
                 }
             }),
-        ] + RingProgress.allCases.map { mode in (mode.rawValue, { _ = try RingAttention(progress: mode).backward(x, output: output, gradOut: dO, comm: comm) }) }
+        ] + modes.map { mode in (mode.rawValue, { _ = try RingAttention(progress: mode).backward(x, output: output, gradOut: dO, comm: comm) }) }
         results.append(result("backward", try interleaved(comm, repeats: repeats, warmup: warmup, backwardVariants)))
         return results
     }
