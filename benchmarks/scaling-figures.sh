@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The scaling figures (issue 6), one command per part, for the 16-core device machine (../shared/device/README.md)
+# or any machine with the binary. Results go under $RESULTS (default benchmarks/results/scaling).
+#
+#   benchmarks/scaling-figures.sh calibrate  kernel rates with 1, 4 and 16 ranks at once (bench kernel, softmax and
+#                                            linear, D 64, L 4096/16384) and bench comm at 2 and 16 ranks: what
+#                                            seqpar model is calibrated from
+#   benchmarks/scaling-figures.sh weak       launch/scaling weak: 2048 tokens per rank, H 16, D 64, causal, every
+#                                            algorithm, 1..16 ranks
+#   benchmarks/scaling-figures.sh strong     launch/scaling strong: L 8192, H 16, D 64, causal, every algorithm
+#   benchmarks/scaling-figures.sh strong64k  launch/scaling strong: ring (zigzag) and LASP-2 at L 65536, H 1, D 64
+#   benchmarks/scaling-figures.sh peer       PyTorch SDPA with 16 threads vs SeqPar ring on 16 ranks vs dense on one
+#                                            rank with 16 BLAS threads, L 16384, H 16, D 64, causal
+#
+# SEQPAR is the binary (default .device/bin/seqpar, else .build/release/seqpar); MPIRUN_FLAGS is added to mpirun.
+set -euo pipefail
+part=${1:?"give a part: calibrate, weak, strong, strong64k or peer"}
+RESULTS=${RESULTS:-benchmarks/results/scaling}
+RANKS=${RANKS:-1 2 4 8 16}
+mkdir -p "$RESULTS"
+. "$(dirname "$0")/common.sh"
+export SEQPAR="$BIN"
+
+case "$part" in
+calibrate)
+    for np in 1 4 16; do
+        echo "# $MPIRUN -np $np --bind-to core $BIN bench kernel --kernel softmax linear --seq-len 4096 16384 --head-dim 64 --mask full --repeats 2 --warmup 1 --json" >&2
+        $MPIRUN -np "$np" --bind-to core "$BIN" bench kernel --kernel softmax linear --seq-len 4096 16384 --head-dim 64 --mask full --repeats 2 --warmup 1 --json
+    done > "$RESULTS/calibration-kernel.jsonl"
+    for np in 2 16; do
+        echo "# $MPIRUN -np $np --bind-to core $BIN bench comm --size 8 512 32768 262144 2097152 16777216 --json" >&2
+        $MPIRUN -np "$np" --bind-to core "$BIN" bench comm --size 8 512 32768 262144 2097152 16777216 --json
+    done > "$RESULTS/calibration-comm.jsonl"
+    ;;
+weak)
+    launch/scaling weak --ranks "$RANKS" --tokens-per-rank 2048 --heads 16 --head-dim 64 --repeats 2 --warmup 1 --out "$RESULTS/weak"
+    ;;
+strong)
+    launch/scaling strong --ranks "$RANKS" --seq-len 8192 --heads 16 --head-dim 64 --repeats 2 --warmup 1 --decode-len 262144 --out "$RESULTS/strong"
+    ;;
+strong64k)
+    launch/scaling strong --ranks "$RANKS" --algorithms "ring:zigzag lasp2" --seq-len 65536 --heads 1 --head-dim 64 --repeats 2 --warmup 1 --out "$RESULTS/strong64k"
+    ;;
+peer)
+    {
+        echo "# python3 benchmarks/peers/torch_sdpa.py --seq-len 16384 --heads 16 --head-dim 64 --causal --threads 16 --repeats 3"
+        python3 benchmarks/peers/torch_sdpa.py --seq-len 16384 --heads 16 --head-dim 64 --causal --threads 16 --repeats 3
+        echo "# $MPIRUN -np 16 --bind-to core $BIN bench attention --algorithm ring --layout zigzag --causal --seq-len 16384 --heads 16 --head-dim 64 --forward-only --no-baseline --repeats 3 --json"
+        $MPIRUN -np 16 --bind-to core "$BIN" bench attention --algorithm ring --layout zigzag --causal --seq-len 16384 --heads 16 --head-dim 64 --forward-only --no-baseline --repeats 3 --json
+        echo "# OPENBLAS_NUM_THREADS=16 $BIN bench attention --algorithm dense --causal --seq-len 16384 --heads 16 --head-dim 64 --forward-only --no-baseline --repeats 3 --json"
+        OPENBLAS_NUM_THREADS=16 "$BIN" bench attention --algorithm dense --causal --seq-len 16384 --heads 16 --head-dim 64 --forward-only --no-baseline --repeats 3 --json
+    } > "$RESULTS/peer.jsonl"
+    ;;
+*) echo "unknown part '$part': give calibrate, weak, strong, strong64k or peer" >&2; exit 2 ;;
+esac
