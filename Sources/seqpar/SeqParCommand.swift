@@ -10,7 +10,7 @@ struct SeqParCommand: ParsableCommand {
         Under `mpirun -np P seqpar ...` every rank is an MPI process. Without an MPI launcher, `--ranks N` runs N \
         simulated ranks as threads of one process (the same algorithms, communicating through memory).
         """,
-        subcommands: [Demo.self, Attention.self, DecodeCommand.self, Bench.self, ReportCommand.self, Info.self, SelfTest.self])
+        subcommands: [Demo.self, Attention.self, DecodeCommand.self, Bench.self, ReportCommand.self, ModelCommand.self, Info.self, SelfTest.self])
 }
 
 /// Options shared by every subcommand that runs ranks.

@@ -97,7 +97,7 @@ public enum KernelBench {
             let call = { do { try body() } catch { failure = error } }
             try comm.barrier()
             let mine = time(repeats: repeats, warmup: warmup, call)
-            // The profile's counters are per process: simulated ranks (threads of one process) take turns.
+            // One profiled call at a time per process: simulated ranks (threads of one process) take turns.
             var p = (seconds: 1.0, gemmSeconds: 0.0, expElements: 0)
             for turn in 0..<(profileInTurns ? comm.size : 1) {
                 if profileInTurns { try comm.barrier() }

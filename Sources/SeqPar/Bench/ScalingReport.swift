@@ -16,6 +16,7 @@ public struct ScalingPoint: Codable, Sendable, Equatable {
     public var ranks: Int
     public var seqLen: Int
     public var heads: Int
+    public var kvHeads: Int?
     public var headDim: Int?
     public var causal: Bool?
     public var layout: String?

@@ -5,12 +5,20 @@
 // then each hook costs one branch on a plain flag.
 import Foundation
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 public enum KernelProfile {
-    /// Set only outside timed regions, by `measure`, while no kernel runs on another thread.
-    nonisolated(unsafe) static var on = false
+    /// Set by `measure` around its call; only the thread that called it is counted (other threads of the process,
+    /// such as simulated ranks or concurrent tests, run their kernels unprofiled).
+    nonisolated(unsafe) static var profiling = false
+    nonisolated(unsafe) static var owner = pthread_self()
+    @inline(__always) static var on: Bool { profiling && pthread_equal(owner, pthread_self()) != 0 }
     static let gemmNanoseconds = Atomic<Int>(0)
     static let expElements = Atomic<Int>(0)
+    /// One profiled call at a time in this process.
+    static let lock = NSLock()
 
     @inline(__always) static func countExp(_ n: Int) {
         if on { expElements.add(n, ordering: .relaxed) }
@@ -24,13 +32,16 @@ public enum KernelProfile {
 
     /// One profiled call of `body`: its wall time, the seconds inside sgemm, and the exponentials evaluated.
     public static func measure(_ body: () -> Void) -> (seconds: Double, gemmSeconds: Double, expElements: Int) {
+        lock.lock()
+        defer { lock.unlock() }
         gemmNanoseconds.store(0, ordering: .relaxed)
         expElements.store(0, ordering: .relaxed)
-        on = true
+        owner = pthread_self()
+        profiling = true
         let t = SystemInfo.now()
         body()
         let seconds = SystemInfo.now() - t
-        on = false
+        profiling = false
         return (seconds, Double(gemmNanoseconds.load(ordering: .relaxed)) * 1e-9, expElements.load(ordering: .relaxed))
     }
 

@@ -1,0 +1,362 @@
+// An alpha-beta cost model of one attention step per algorithm, calibrated from `seqpar bench` output, so a user can
+// pick an algorithm for L, H, D, P and a network before renting a cluster.
+//
+// Calibration (JSON lines of the benches, any mix):
+//   bench kernel   GFLOP/s of the blockwise softmax and chunkwise linear kernels with k ranks busy at once on a
+//                  host (k = 1, 4, 16 ...): the compute rate a rank gets when its host's other cores work too
+//   bench comm     time per call against message size for ring, allgather, alltoall (and pingpong) at P ranks:
+//                  each fitted as t = alpha + n * gamma (weighted least squares, relative error)
+//   bench attention / latent, one rank
+//                  each algorithm's own rate on one rank over the kernel's at its length: RSA materialises its score
+//                  rows, Ulysses permutes heads; one factor per algorithm and direction (1 where none is given)
+//   bench overlap  ring attention's measured overlap omega per direction (default 0.8)
+//
+// Step time for L tokens over P ranks, C = L/P tokens per rank, B = 1, rate R = kernel rate at k = min(P, ranks per
+// host) busy ranks and C tokens (interpolated in log k and log C, clamped to the measured range) times the
+// algorithm's factor; F = 4 H L^2 D (half causal) for softmax, H L (8 D^2 + 4*128 D) for linear (backward 2.5x, 3x):
+//   ring       per step compute c, exchange m = alpha + 2 G C D 4 gamma (K and V; backward also dK, dV and one more
+//              hop home); a step costs c + m - omega min(c, m). zigzag (or no mask): c = F/P^2 per step, P steps;
+//              contiguous causal: the last rank's half diagonal block then P-1 full blocks of 4 H C^2 D
+//   rsa        two rings (K, then V), messages of G C D 4 bytes, same overlap rule, compute F/P at RSA's rate
+//   ulysses    all-to-all of (H + 2G) C D 4 bytes, F/P, all-to-all of H C D 4 bytes back (backward: twice each)
+//   allgather  allgather of 2 G C D 4 bytes per rank, then the slowest rank's compute: contiguous causal
+//              4 H D C (L - C/2), zigzag F/P, no mask 4 H D C L
+//   lasp2      F/P + one allgather of H D^2 4 bytes per rank (backward: two)
+//   lasp1      F/P + P-1 dependent point-to-point hops of H D^2 4 bytes (backward: twice)
+//   tpla       decode: the one-rank step scaled by the cache share (d_c/P + d_r)/(d_c + d_r) and by the memory
+//              contention of k busy ranks (the linear kernel's rate ratio at its longest length, which is
+//              bandwidth-bound), plus an all-reduce of H T d_v 4 bytes
+// Collectives at a measured P use that P's fit (log-interpolated between measured P); elsewhere, and always under
+// --network, Hockney's forms from the point-to-point link: allgather (P-1)(alpha + n gamma), all-to-all
+// (P-1)(alpha + n/P gamma), all-reduce 2 (P-1)(alpha + n/P gamma).
+import Foundation
+
+public struct CostModel: Sendable {
+    /// A kernel's measured rate.
+    public struct KernelRate: Sendable, Equatable {
+        public var kernel: String, direction: String
+        public var ranksAtOnce: Int, seqLen: Int
+        public var gflops: Double
+    }
+
+    /// t = alpha + n * gamma for one operation at one rank count.
+    public struct Link: Sendable, Equatable {
+        public var alpha: Double, gamma: Double
+        public func time(_ bytes: Double) -> Double { alpha + bytes * gamma }
+    }
+
+    public var kernelRates: [KernelRate] = []
+    /// Fits per operation ("ring", "allgather", "alltoall", "pingpong") and rank count.
+    public var links: [String: [Int: Link]] = [:]
+    /// Per algorithm and direction: its one-rank rate over the kernel's ("ring forward" -> 1.02).
+    public var algorithmFactors: [String: Double] = [:]
+    /// One-rank TPLA decode step and its shape, for the decode prediction.
+    public var decodeOneRank: (timeS: Double, seqLen: Int, latentDim: Int, ropeDim: Int)?
+    public var overlap: [String: Double] = ["forward": 0.8, "backward": 0.8]
+    /// A causal diagonal block's rate over the full-mask kernel rate, by block length and direction (from one-rank
+    /// ring or dense figures; 1 without them).
+    public var diagonalEfficiency: [String: [(Double, Double)]] = [:]
+
+    func diagonal(_ direction: String, _ tokens: Double) -> Double {
+        Self.interpolateLog(diagonalEfficiency[direction] ?? [], at: tokens) ?? 1
+    }
+    /// A network that replaces every measured link (Hockney forms throughout).
+    public var network: Link?
+
+    public init() {}
+
+    // MARK: calibration
+
+    /// Fits t = alpha + n gamma to (bytes, seconds), minimising relative error; alpha and gamma at least 0.
+    public static func fit(_ points: [(bytes: Double, seconds: Double)]) throws -> Link {
+        guard points.count >= 2, Set(points.map(\.bytes)).count >= 2 else {
+            throw SeqParError.invalidInput("a link fit needs two message sizes or more (got \(points.count) point(s)): run seqpar bench comm with several --size values")
+        }
+        var (sw, sx, sy, sxx, sxy) = (0.0, 0.0, 0.0, 0.0, 0.0)
+        for p in points {
+            let w = 1 / (p.seconds * p.seconds)
+            sw += w; sx += w * p.bytes; sy += w * p.seconds; sxx += w * p.bytes * p.bytes; sxy += w * p.bytes * p.seconds
+        }
+        let det = sw * sxx - sx * sx
+        var gamma = (sw * sxy - sx * sy) / det
+        var alpha = (sy - gamma * sx) / sw
+        if alpha < 0 { alpha = 0; gamma = sxy / sxx }
+        if gamma < 0 { gamma = 0; alpha = sy / sw }
+        return Link(alpha: alpha, gamma: gamma)
+    }
+
+    /// Parses "bw=25GB/s,lat=2us" (bw in GB/s, MB/s, Gb/s or B/s; lat in s, ms, us or ns).
+    public static func parseNetwork(_ text: String) throws -> Link {
+        var bw: Double?, lat: Double?
+        for part in text.split(separator: ",") {
+            let kv = part.split(separator: "=", maxSplits: 1).map { $0.trimmingCharacters(in: .whitespaces) }
+            guard kv.count == 2 else { throw SeqParError.invalidInput("--network \"\(text)\": \"\(part)\" is not key=value: write e.g. \"bw=25GB/s,lat=2us\"") }
+            let v = kv[1].lowercased()
+            let number = Double(v.prefix { "0123456789.e+-".contains($0) }) ?? .nan
+            let unit = String(v.drop { "0123456789.e+-".contains($0) })
+            switch kv[0].lowercased() {
+            case "bw":
+                let scale: [String: Double] = ["gb/s": 1e9, "gib/s": 1073741824, "mb/s": 1e6, "kb/s": 1e3, "b/s": 1, "gbit/s": 1.25e8]
+                guard let s = scale[unit] else {
+                    throw SeqParError.invalidInput("--network bw=\(kv[1]): give a unit, one of GB/s, GiB/s, MB/s, kB/s, B/s, Gbit/s")
+                }
+                bw = number * s
+            case "lat":
+                let scale: [String: Double] = ["s": 1, "ms": 1e-3, "us": 1e-6, "ns": 1e-9]
+                guard let s = scale[unit] else { throw SeqParError.invalidInput("--network lat=\(kv[1]): give a unit, one of s, ms, us, ns") }
+                lat = number * s
+            default: throw SeqParError.invalidInput("--network: unknown key \"\(kv[0])\": the keys are bw and lat")
+            }
+        }
+        guard let b = bw, let l = lat, b.isFinite, b > 0, l.isFinite, l >= 0 else {
+            throw SeqParError.invalidInput("--network \"\(text)\": give both a positive bandwidth and a latency, e.g. \"bw=25GB/s,lat=2us\"")
+        }
+        return Link(alpha: l, gamma: 1 / b)
+    }
+
+    /// Reads bench JSON lines (kernel, comm, overlap, one-rank attention and latent figures); other lines are
+    /// skipped, malformed JSON is an error naming the line.
+    public mutating func calibrate(_ text: String, name: String) throws {
+        var comm: [String: [Int: [(Double, Double)]]] = [:]
+        var oneRank: [(algorithm: String, direction: String, seqLen: Int, heads: Int, gflops: Double)] = []
+        var used = 0
+        for (i, raw) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+            let line = raw.trimmingCharacters(in: .whitespaces)
+            guard line.hasPrefix("{") else { continue }
+            guard let object = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] else {
+                throw SeqParError.invalidInput("\(name) line \(i + 1): malformed JSON")
+            }
+            func number(_ key: String) throws -> Double {
+                guard let v = object[key] as? NSNumber else { throw SeqParError.invalidInput("\(name) line \(i + 1): the field \"\(key)\" is missing or not a number") }
+                return v.doubleValue
+            }
+            func string(_ key: String) throws -> String {
+                guard let v = object[key] as? String else { throw SeqParError.invalidInput("\(name) line \(i + 1): the field \"\(key)\" is missing or not text") }
+                return v
+            }
+            switch object["bench"] as? String {
+            case "kernel":
+                kernelRates.append(KernelRate(kernel: try string("kernel"), direction: try string("direction"), ranksAtOnce: Int(try number("ranks")),
+                                              seqLen: Int(try number("seq_len")), gflops: try number("gflops")))
+            case "comm":
+                comm[try string("operation"), default: [:]][Int(try number("ranks")), default: []].append((try number("bytes"), try number("time_s")))
+            case "overlap":
+                overlap[try string("direction")] = min(max(try number("overlap"), 0), 1)
+            case "attention" where Int(try number("ranks")) == 1:
+                oneRank.append((try string("algorithm"), try string("direction"), Int(try number("seq_len")), Int(try number("heads")), try number("gflops")))
+            case "latent" where Int(try number("ranks")) == 1:
+                decodeOneRank = (try number("time_s"), Int(try number("seq_len")), Int(try number("latent_dim")), Int(try number("rope_dim")))
+            default: continue
+            }
+            used += 1
+        }
+        guard used > 0 else {
+            throw SeqParError.invalidInput("\(name): no bench figures in it: give the --json output of seqpar bench kernel, comm, overlap, attention or latent")
+        }
+        for (op, byRanks) in comm { for (p, pts) in byRanks { links[op, default: [:]][p] = try Self.fit(pts.map { (bytes: $0.0, seconds: $0.1) }) } }
+        // Softmax: the one-rank ring (or dense) figure is the blockwise kernel on one causal (or full) block of L:
+        // its rate over the kernel's full-mask rate is the diagonal block's efficiency; other algorithms' rates are
+        // taken relative to it. Linear: each algorithm's one-rank rate over the kernel's at the same size.
+        for o in oneRank {
+            guard let family = AlgorithmName(rawValue: o.algorithm)?.family else { continue }
+            let elements = family == .linear ? o.seqLen * o.heads : o.seqLen
+            guard let r = kernelRate(family, o.direction, ranksAtOnce: 1, tokens: elements) else { continue }
+            if family == .softmax, ["ring", "dense"].contains(o.algorithm) {
+                diagonalEfficiency[o.direction, default: []].append((Double(o.seqLen), o.gflops / r))
+            }
+        }
+        for o in oneRank {
+            guard let family = AlgorithmName(rawValue: o.algorithm)?.family, !["ring", "dense"].contains(o.algorithm) else { continue }
+            if family == .softmax, let base = oneRank.first(where: { ["ring", "dense"].contains($0.algorithm) && $0.direction == o.direction && $0.seqLen == o.seqLen && $0.heads == o.heads }) {
+                algorithmFactors["\(o.algorithm) \(o.direction)"] = o.gflops / base.gflops
+            } else if family == .linear, let r = kernelRate(family, o.direction, ranksAtOnce: 1, tokens: o.seqLen * o.heads) {
+                algorithmFactors["\(o.algorithm) \(o.direction)"] = o.gflops / r
+            }
+        }
+    }
+
+    // MARK: lookups
+
+    /// Linear interpolation of `f` at `x` over sorted (x, f) in log x, clamped to the ends.
+    static func interpolateLog(_ points: [(Double, Double)], at x: Double) -> Double? {
+        let s = points.sorted { $0.0 < $1.0 }
+        guard let first = s.first, let last = s.last else { return nil }
+        if x <= first.0 { return first.1 }
+        if x >= last.0 { return last.1 }
+        let j = s.firstIndex { $0.0 >= x }!
+        let (a, b) = (s[j - 1], s[j])
+        let t = (log(x) - log(a.0)) / (log(b.0) - log(a.0))
+        return a.1 + t * (b.1 - a.1)
+    }
+
+    /// The kernel's GFLOP/s with `ranksAtOnce` busy ranks at `tokens` per rank, interpolated (nil without figures).
+    public func kernelRate(_ family: AlgorithmName.Family, _ direction: String, ranksAtOnce k: Int, tokens: Int) -> Double? {
+        let name = family == .softmax ? BenchKernel.softmax.name : BenchKernel.linear.name
+        let mine = kernelRates.filter { $0.kernel == name && $0.direction == direction }
+        let byRanks = Dictionary(grouping: mine, by: \.ranksAtOnce).compactMap { k, rs in
+            Self.interpolateLog(rs.map { (Double($0.seqLen), $0.gflops) }, at: Double(max(tokens, 1))).map { (Double(k), $0) }
+        }
+        return Self.interpolateLog(byRanks, at: Double(max(k, 1)))
+    }
+
+    /// The point-to-point link at `ranks`: the network, else the ring fit (log-interpolated over measured P), else
+    /// the ping-pong fit.
+    func pointToPoint(_ ranks: Int) throws -> Link {
+        if let n = network { return n }
+        for op in ["ring", "pingpong"] { if let l = interpolatedLink(op, ranks) { return l } }
+        throw SeqParError.invalidInput("no communication figures: calibrate with seqpar bench comm --json output, or give --network")
+    }
+
+    func interpolatedLink(_ op: String, _ ranks: Int) -> Link? {
+        guard let fits = links[op], !fits.isEmpty else { return nil }
+        let pts = fits.sorted { $0.key < $1.key }
+        guard let a = Self.interpolateLog(pts.map { (Double($0.key), $0.value.alpha) }, at: Double(ranks)),
+              let g = Self.interpolateLog(pts.map { (Double($0.key), $0.value.gamma) }, at: Double(ranks)) else { return nil }
+        return Link(alpha: a, gamma: g)
+    }
+
+    /// A collective's time for `bytes` (allgather: per-rank contribution; alltoall and allreduce: per-rank buffer):
+    /// the measured fit within the measured range of P (without --network), else Hockney's form.
+    func collective(_ op: String, bytes: Double, ranks p: Int) throws -> Double {
+        if p <= 1 { return 0 }
+        if network == nil, let fits = links[op], let lo = fits.keys.min(), let hi = fits.keys.max(), p >= lo, p <= hi,
+           let l = interpolatedLink(op, p) {
+            return l.time(bytes)
+        }
+        let link = try pointToPoint(p)
+        let n = Double(p)
+        switch op {
+        case "allgather": return (n - 1) * link.time(bytes)
+        case "alltoall": return (n - 1) * link.time(bytes / n)
+        default: return 2 * (n - 1) * link.time(bytes / n)  // allreduce: reduce-scatter + allgather
+        }
+    }
+
+    // MARK: prediction
+
+    public struct Problem: Sendable {
+        public var algorithm: String
+        public var seqLen: Int, heads: Int, kvHeads: Int, headDim: Int
+        public var causal = true
+        public var layout: SequenceLayout = .contiguous
+        public var direction = "forward"
+        public var ranks: Int
+        public var ranksPerHost: Int
+        /// Decode only.
+        public var queries = 1, latentDim = 512, ropeDim = 64, vDim = 128
+
+        public init(algorithm: String, seqLen: Int, heads: Int, kvHeads: Int? = nil, headDim: Int, causal: Bool = true,
+                    layout: SequenceLayout = .contiguous, direction: String = "forward", ranks: Int, ranksPerHost: Int) {
+            self.algorithm = algorithm; self.seqLen = seqLen; self.heads = heads; self.kvHeads = kvHeads ?? heads; self.headDim = headDim
+            self.causal = causal; self.layout = layout; self.direction = direction; self.ranks = ranks; self.ranksPerHost = ranksPerHost
+        }
+    }
+
+    public struct Prediction: Sendable, Equatable {
+        public var timeS: Double
+        /// Compute on the critical path, communication, and how much of it stays exposed.
+        public var computeS: Double, commS: Double, exposedCommS: Double
+    }
+
+    /// The predicted step time; errors for a problem the algorithm cannot run or the calibration does not cover.
+    public func predict(_ q: Problem) throws -> Prediction {
+        let p = q.ranks, backward = q.direction == "backward"
+        guard p >= 1, q.seqLen >= p, q.heads >= 1, q.headDim >= 1, q.kvHeads >= 1, q.heads % q.kvHeads == 0 else {
+            throw SeqParError.invalidInput("model: L=\(q.seqLen), H=\(q.heads), G=\(q.kvHeads), D=\(q.headDim), P=\(p): need L >= P, G dividing H, all positive")
+        }
+        let (h, g, d, l) = (Double(q.heads), Double(q.kvHeads), Double(q.headDim), Double(q.seqLen))
+        let c = l / Double(p), pd = Double(p), k = min(p, max(q.ranksPerHost, 1))
+        let f = 4.0
+        if q.algorithm == "tpla" { return try predictDecode(q, k: k) }
+        guard let name = AlgorithmName(rawValue: q.algorithm) else {
+            throw SeqParError.invalidInput("model: unknown algorithm \"\(q.algorithm)\": give dense, allgather, ring, rsa, ulysses, lasp1, lasp2 or tpla")
+        }
+        if name == .dense && p != 1 { throw SeqParError.invalidInput("model: dense runs on one rank") }
+        if name == .ulysses && (q.heads % p != 0 || q.kvHeads % p != 0) {
+            throw SeqParError.invalidInput("model: ulysses needs P (\(p)) to divide the heads (\(q.heads)) and kv heads (\(q.kvHeads))")
+        }
+        let elements = name.family == .linear ? Int(c) * q.heads : Int(c)
+        guard let kernel = kernelRate(name.family, q.direction, ranksAtOnce: k, tokens: elements) else {
+            throw SeqParError.invalidInput("model: no \(name.family) kernel figures for \(q.direction): calibrate with seqpar bench kernel --kernel softmax linear --json output")
+        }
+        let rate = kernel * 1e9 * (algorithmFactors["\(q.algorithm) \(q.direction)"] ?? 1)
+        let factor = backward ? AttentionRun.backwardFlopsFactor(name.family) : 1
+        let total = AttentionRun.attentionFlops(AttentionShape(seqLen: q.seqLen, heads: q.heads, kvHeads: q.kvHeads, headDim: q.headDim),
+                                                causal: name.family == .linear ? true : q.causal, family: name.family) * factor
+        /// Seconds for a causal diagonal block of n tokens (all heads).
+        func diagonalBlock(_ n: Double) -> Double { 2 * h * n * n * d * factor / (rate * diagonal(q.direction, n)) }
+        let omega = overlap[q.direction] ?? 0.8
+        let kvBytes = 2 * g * c * d * 4
+        func overlapped(_ steps: Double, compute cs: Double, comm m: Double) -> (Double, Double) {
+            (steps * (cs + m - omega * min(cs, m)), steps * max(m - omega * min(cs, m), 0))
+        }
+        switch name {
+        case .dense:
+            let t = q.causal ? diagonalBlock(l) : total / rate
+            return Prediction(timeS: t, computeS: t, commS: 0, exposedCommS: 0)
+        case .ring:
+            let link = try pointToPoint(p)
+            let m = p == 1 ? 0 : link.time(backward ? 2 * kvBytes : kvBytes)
+            let home = backward && p > 1 ? link.time(kvBytes) : 0
+            let block = f * h * c * c * d * factor / rate
+            // Own block first (a causal diagonal), then P-1 blocks as they arrive: whole blocks on the last rank of
+            // the contiguous layout, half blocks under zigzag, whole blocks without a mask.
+            let first = !q.causal ? block : q.layout == .zigzag ? 2 * diagonalBlock(c / 2) + block / 4 : diagonalBlock(c)
+            let perStep = !q.causal || q.layout == .contiguous ? block : block / 2
+            let steps = pd - 1
+            let (t, exposed) = overlapped(steps, compute: perStep, comm: m)
+            return Prediction(timeS: first + t + home, computeS: first + steps * perStep, commS: steps * m + home, exposedCommS: exposed + home)
+        case .rsa:
+            let link = try pointToPoint(p)
+            let m = p == 1 ? 0 : link.time(kvBytes / 2)
+            let perStep = total / pd / (2 * pd) / rate
+            let passes = backward ? 4.0 : 2.0
+            let (t, exposed) = overlapped(passes * (pd - 1), compute: perStep, comm: m)
+            let compute = total / pd / rate
+            return Prediction(timeS: compute - passes * (pd - 1) * perStep + t, computeS: compute, commS: passes * (pd - 1) * m, exposedCommS: exposed)
+        case .ulysses:
+            let times = backward ? 2.0 : 1
+            let comm = times * (try collective("alltoall", bytes: (h + 2 * g) * c * d * 4, ranks: p) + collective("alltoall", bytes: h * c * d * 4, ranks: p))
+            // H/P heads over the whole sequence: one diagonal block of L per head group.
+            let compute = q.causal ? diagonalBlock(l) / pd : total / pd / rate
+            return Prediction(timeS: compute + comm, computeS: compute, commS: comm, exposedCommS: comm)
+        case .allgather:
+            let comm = try collective("allgather", bytes: kvBytes, ranks: p) * (backward ? 2 : 1)
+            let compute: Double = !q.causal ? f * h * d * c * l * factor / rate
+                : q.layout == .zigzag ? 2 * diagonalBlock(c / 2) + f * h * d * (c / 2) * (l - c) * factor / rate
+                : diagonalBlock(c) + f * h * d * c * (l - c) * factor / rate
+            return Prediction(timeS: compute + comm, computeS: compute, commS: comm, exposedCommS: comm)
+        case .lasp1, .lasp2:
+            let state = h * d * d * 4
+            let hops = backward ? 2.0 : 1
+            let comm = name == .lasp2 ? hops * (try collective("allgather", bytes: state, ranks: p))
+                : hops * (pd - 1) * (try pointToPoint(p)).time(state)
+            // With P > 1 a rank also forms its state K^T V and adds q S_<r: 4 H C D^2 more (the one-rank
+            // calibration run does neither).
+            let compute = (total / pd + (p > 1 ? 4 * h * c * d * d * factor : 0)) / rate
+            return Prediction(timeS: compute + comm, computeS: compute, commS: comm, exposedCommS: comm)
+        }
+    }
+
+    func predictDecode(_ q: Problem, k: Int) throws -> Prediction {
+        guard let one = decodeOneRank else {
+            throw SeqParError.invalidInput("model: tpla needs a one-rank decode figure: calibrate with seqpar bench latent --algorithm tpla --json on one rank")
+        }
+        guard q.latentDim % q.ranks == 0 || q.ranks == 1 else { throw SeqParError.invalidInput("model: tpla needs P (\(q.ranks)) to divide d_c (\(q.latentDim))") }
+        let share = (Double(one.latentDim) / Double(q.ranks) + Double(one.ropeDim)) / Double(one.latentDim + one.ropeDim)
+        let contention = kernelRate(.linear, "forward", ranksAtOnce: 1, tokens: 1 << 30).flatMap { r1 in
+            kernelRate(.linear, "forward", ranksAtOnce: k, tokens: 1 << 30).map { r1 / $0 } } ?? 1
+        let compute = one.timeS * Double(q.seqLen) / Double(one.seqLen) * share * contention
+        let comm = try collective("allreduce", bytes: Double(q.heads * q.queries * q.vDim * 4), ranks: q.ranks)
+        return Prediction(timeS: compute + comm, computeS: compute, commS: comm, exposedCommS: comm)
+    }
+
+    /// The model's prediction for a measured figure, or nil where it does not apply.
+    public func predict(_ point: ScalingPoint, ranksPerHost: Int) throws -> Prediction? {
+        var q = Problem(algorithm: point.bench == "latent" ? "tpla" : point.algorithm, seqLen: point.seqLen, heads: point.heads,
+                        headDim: point.headDim ?? 64, causal: point.causal ?? true, layout: SequenceLayout(rawValue: point.layout ?? "contiguous") ?? .contiguous,
+                        direction: point.direction, ranks: point.ranks, ranksPerHost: ranksPerHost)
+        if let kv = point.kvHeads { q.kvHeads = kv }
+        return try predict(q)
+    }
+}

@@ -1,0 +1,218 @@
+// The benchmark tools' own arithmetic: the scaling report's reader, CSV and SVG writers (a malformed or empty file
+// is a clear error), the cost model's fits and formulas against hand-computed values, and the benches' figures on the
+// in-process backend (shares that add up, a baseline that gives an efficiency).
+import Foundation
+import Testing
+@testable import SeqPar
+
+func line(_ fields: [String: Any]) -> String {
+    String(decoding: try! JSONSerialization.data(withJSONObject: fields, options: [.sortedKeys]), as: UTF8.self)
+}
+
+func figure(_ algorithm: String, ranks: Int, seqLen: Int, time: Double, gflops: Double? = nil, bench: String = "attention") -> String {
+    var f: [String: Any] = ["bench": bench, "algorithm": algorithm, "direction": "forward", "ranks": ranks, "seq_len": seqLen,
+                            "heads": 4, "head_dim": 64, "causal": true, "layout": "zigzag", "time_s": time]
+    if let g = gflops { f["gflops"] = g }
+    return line(f)
+}
+
+@Suite struct ScalingReportTests {
+    @Test func emptyAndMalformedFilesAreClearErrors() {
+        #expect(throws: SeqParError.self) { try ScalingReport.parse("\n# only a comment\n", name: "sweep.jsonl") }
+        do { _ = try ScalingReport.parse("", name: "sweep.jsonl"); Issue.record("an empty file was accepted") } catch {
+            #expect("\(error)".hasPrefix("sweep.jsonl: no figures in it"))
+        }
+        for (text, needle) in [
+            (figure("ring", ranks: 1, seqLen: 8, time: 1) + "\nnot json", "line 2: not a JSON object"),
+            ("{\"bench\": \"attention\", ", "line 1: malformed JSON"),
+            (line(["bench": "attention", "algorithm": "ring", "direction": "forward", "ranks": 2, "seq_len": 8, "heads": 1]), "\"time_s\" is missing"),
+            (line(["bench": "attention", "algorithm": "ring", "direction": "forward", "ranks": "two", "seq_len": 8, "heads": 1, "time_s": 1]), "\"ranks\" has the wrong type"),
+            (line(["bench": "kernel", "algorithm": "ring", "direction": "forward", "ranks": 1, "seq_len": 8, "heads": 1, "time_s": 1]), "bench \"kernel\" is not a scaling figure"),
+            (figure("ring", ranks: 0, seqLen: 8, time: 1), "each must be positive"),
+            (figure("ring", ranks: 1, seqLen: 8, time: -1), "each must be positive"),
+        ] {
+            do {
+                _ = try ScalingReport.parse(text, name: "f")
+                Issue.record("accepted: \(text)")
+            } catch {
+                #expect("\(error)".contains(needle), "\(error) should say \(needle)")
+            }
+        }
+        #expect(throws: SeqParError.self) { try ScalingReport.load("/nonexistent/sweep.jsonl") }
+    }
+
+    @Test func efficiencyComesFromTheOneRankPoint() throws {
+        let text = [figure("ring", ranks: 1, seqLen: 1024, time: 8, gflops: 10), figure("ring", ranks: 4, seqLen: 1024, time: 2.5, gflops: 32),
+                    figure("ring", ranks: 4, seqLen: 4096, time: 40, gflops: 32)].joined(separator: "\n")
+        let strong = ScalingReport.withEfficiency(try ScalingReport.parse(text, name: "s"), mode: .strong)
+        #expect(abs(strong[1].efficiency! - 8 / (4 * 2.5)) < 1e-12)
+        #expect(strong[2].efficiency == nil)  // no one-rank point at L = 4096
+        let weak = ScalingReport.withEfficiency(try ScalingReport.parse(text, name: "w"), mode: .weak)
+        #expect(abs(weak[2].efficiency! - 32 / (4 * 10.0)) < 1e-12)
+        // Decode figures carry no GFLOP/s: weak efficiency is T_1 / T_P.
+        let decode = [figure("tpla", ranks: 1, seqLen: 100, time: 0.02, bench: "latent"), figure("tpla", ranks: 2, seqLen: 200, time: 0.025, bench: "latent")]
+        let d = ScalingReport.withEfficiency(try ScalingReport.parse(decode.joined(separator: "\n"), name: "d"), mode: .weak)
+        #expect(abs(d[1].efficiency! - 0.8) < 1e-12)
+        #expect(d[1].series == "tpla decode forward")
+    }
+
+    @Test func csvHasOneRowPerFigureInOrder() throws {
+        let text = [figure("ulysses", ranks: 2, seqLen: 64, time: 0.5), figure("ring", ranks: 2, seqLen: 64, time: 1), figure("ring", ranks: 1, seqLen: 32, time: 1)]
+        let csv = ScalingReport.csv(try ScalingReport.parse(text.joined(separator: "\n"), name: "c")).split(separator: "\n").map(String.init)
+        #expect(csv.count == 4)
+        #expect(csv[0] == ScalingReport.csvColumns.joined(separator: ","))
+        let rows = csv.dropFirst().map { $0.split(separator: ",", omittingEmptySubsequences: false).map(String.init) }
+        #expect(rows.allSatisfy { $0.count == ScalingReport.csvColumns.count })
+        let ranks = ScalingReport.csvColumns.firstIndex(of: "ranks")!, series = ScalingReport.csvColumns.firstIndex(of: "series")!
+        let tokens = ScalingReport.csvColumns.firstIndex(of: "tokens_per_rank")!
+        #expect(rows.map { $0[series] } == ["ring zigzag causal forward", "ring zigzag causal forward", "ulysses zigzag causal forward"])
+        #expect(rows.map { $0[ranks] } == ["1", "2", "2"])
+        #expect(rows.map { $0[tokens] } == ["32", "32", "32"])
+    }
+
+    @Test func svgDrawsEverySeriesAndRefusesWhatItCannotPlot() throws {
+        let series = [SVGPlot.Series(name: "ring <zigzag> & co", points: [(1, 1), (2, 0.9), (16, 0.8)]), SVGPlot.Series(name: "lasp2", points: [(1, 1), (16, 0.95)])]
+        let svg = try SVGPlot.render(title: "t", xLabel: "ranks", yLabel: "efficiency", series: series, xScale: .log2, yRange: 0...1.2, reference: 1)
+        #expect(svg.hasPrefix("<svg") && svg.hasSuffix("</svg>\n"))
+        #expect(svg.components(separatedBy: "<polyline").count - 1 == 2)
+        #expect(svg.components(separatedBy: "<circle").count - 1 == 5)
+        #expect(svg.contains("ring &lt;zigzag&gt; &amp; co") && !svg.contains("<zigzag>"))
+        for tick in ["1", "2", "4", "8", "16"] { #expect(svg.contains(">\(tick)</text>")) }
+        #expect(throws: SeqParError.self) { try SVGPlot.render(title: "t", xLabel: "x", yLabel: "y", series: []) }
+        #expect(throws: SeqParError.self) {
+            try SVGPlot.render(title: "t", xLabel: "x", yLabel: "y", series: [.init(name: "a", points: [(0, 1)])], xScale: .log2)
+        }
+        #expect(throws: SeqParError.self) {
+            try SVGPlot.render(title: "t", xLabel: "x", yLabel: "y", series: [.init(name: "a", points: [(1, .nan)])])
+        }
+    }
+}
+
+@Suite struct CostModelTests {
+    /// A model with one kernel rate everywhere and one link for every operation.
+    func flatModel(gflops: Double = 100, alpha: Double = 2e-6, bandwidth: Double = 1e10) -> CostModel {
+        var m = CostModel()
+        for kernel in ["blockwise_softmax", "chunkwise_linear"] { for dir in ["forward", "backward"] { for k in [1, 16] {
+            m.kernelRates.append(.init(kernel: kernel, direction: dir, ranksAtOnce: k, seqLen: 4096, gflops: gflops))
+        } } }
+        m.network = CostModel.Link(alpha: alpha, gamma: 1 / bandwidth)
+        return m
+    }
+
+    @Test func fitRecoversAlphaAndGamma() throws {
+        let link = try CostModel.fit([8.0, 4096, 1048576, 16777216].map { (bytes: $0, seconds: 3e-6 + $0 * 2e-10) })
+        #expect(abs(link.alpha - 3e-6) / 3e-6 < 1e-6)
+        #expect(abs(link.gamma - 2e-10) / 2e-10 < 1e-6)
+        #expect(throws: SeqParError.self) { try CostModel.fit([(bytes: 8, seconds: 1e-6)]) }
+    }
+
+    @Test func networkStrings() throws {
+        let l = try CostModel.parseNetwork("bw=25GB/s,lat=2us")
+        #expect(abs(l.alpha - 2e-6) < 1e-18 && abs(l.gamma - 1 / 25e9) < 1e-24)
+        let bits = try CostModel.parseNetwork("lat=500ns, bw=100Gbit/s")
+        #expect(abs(bits.gamma - 1 / 12.5e9) < 1e-24 && abs(bits.alpha - 5e-7) < 1e-18)
+        for bad in ["bw=25,lat=2us", "bw=25GB/s", "speed=1GB/s,lat=1us", "bw=25GB/s,lat=2 parsecs", "bw=-1GB/s,lat=1us", "nonsense"] {
+            #expect(throws: SeqParError.self, "\(bad)") { try CostModel.parseNetwork(bad) }
+        }
+    }
+
+    @Test func ringStepsOverlapAsTheFormulaSays() throws {
+        var m = flatModel()
+        m.overlap["forward"] = 0.5
+        let (l, h, d, p) = (8192, 4, 64, 4)
+        let q = CostModel.Problem(algorithm: "ring", seqLen: l, heads: h, headDim: d, causal: false, ranks: p, ranksPerHost: 16)
+        let c = Double(l / p)
+        let block = 4 * Double(h) * c * c * Double(d) / 100e9
+        let m1 = 2e-6 + 2 * Double(h) * c * Double(d) * 4 / 1e10
+        let expected = block + 3 * (block + m1 - 0.5 * min(block, m1))
+        let r = try m.predict(q)
+        #expect(abs(r.timeS - expected) / expected < 1e-12)
+        #expect(abs(r.commS - 3 * m1) / (3 * m1) < 1e-12)
+        // With no overlap, compute and communication add up.
+        m.overlap["forward"] = 0
+        let serial = try m.predict(q)
+        #expect(abs(serial.timeS - (serial.computeS + serial.commS)) / serial.timeS < 1e-12)
+    }
+
+    @Test func collectivesFollowHockneyAndLaspBytesDoNotGrowWithL() throws {
+        let m = flatModel()
+        let ag = try m.collective("allgather", bytes: 1000, ranks: 8)
+        #expect(abs(ag - 7 * (2e-6 + 1000 / 1e10)) < 1e-15)
+        let a2a = try m.collective("alltoall", bytes: 8000, ranks: 8)
+        #expect(abs(a2a - 7 * (2e-6 + 1000 / 1e10)) < 1e-15)
+        func lasp2(_ l: Int) throws -> CostModel.Prediction {
+            try m.predict(.init(algorithm: "lasp2", seqLen: l, heads: 8, headDim: 128, ranks: 64, ranksPerHost: 16))
+        }
+        #expect(try lasp2(1 << 16).commS == lasp2(1 << 22).commS)
+        let lasp1 = try m.predict(.init(algorithm: "lasp1", seqLen: 1 << 16, heads: 8, headDim: 128, ranks: 64, ranksPerHost: 16))
+        #expect(abs(lasp1.commS - 63 * (2e-6 + 8 * 128 * 128 * 4 / 1e10)) < 1e-12)
+    }
+
+    @Test func refusals() throws {
+        let m = flatModel()
+        #expect(throws: SeqParError.self) { try m.predict(.init(algorithm: "ulysses", seqLen: 4096, heads: 8, headDim: 64, ranks: 16, ranksPerHost: 16)) }
+        #expect(throws: SeqParError.self) { try m.predict(.init(algorithm: "dense", seqLen: 4096, heads: 8, headDim: 64, ranks: 2, ranksPerHost: 16)) }
+        #expect(throws: SeqParError.self) { try m.predict(.init(algorithm: "flash", seqLen: 4096, heads: 8, headDim: 64, ranks: 2, ranksPerHost: 16)) }
+        #expect(throws: SeqParError.self) { try m.predict(.init(algorithm: "ring", seqLen: 2, heads: 8, headDim: 64, ranks: 4, ranksPerHost: 16)) }
+        #expect(throws: SeqParError.self) { try CostModel().predict(.init(algorithm: "ring", seqLen: 64, heads: 1, headDim: 8, ranks: 2, ranksPerHost: 1)) }
+        var empty = CostModel()
+        #expect(throws: SeqParError.self) { try empty.calibrate("# nothing\n", name: "c") }
+        #expect(throws: SeqParError.self) { try empty.calibrate("{\"bench\": \"kernel\"}", name: "c") }
+    }
+
+    @Test func calibrationReadsKernelCommAndOneRankFigures() throws {
+        var m = CostModel()
+        let kernel = [1, 16].flatMap { k in [4096, 16384].map { l in
+            line(["bench": "kernel", "kernel": "blockwise_softmax", "direction": "forward", "ranks": k, "seq_len": l, "gflops": k == 1 ? 60.0 : 30.0])
+        } }
+        let comm = [8.0, 65536, 4194304].map { (b: Double) -> String in line(["bench": "comm", "operation": "ring", "ranks": 2, "bytes": b, "time_s": 1e-6 + b * 1e-10]) }
+        let oneRank = [line(["bench": "attention", "algorithm": "ring", "direction": "forward", "ranks": 1, "seq_len": 4096, "heads": 4, "gflops": 45.0]),
+                       line(["bench": "attention", "algorithm": "rsa", "direction": "forward", "ranks": 1, "seq_len": 4096, "heads": 4, "gflops": 15.0])]
+        try m.calibrate((kernel + comm + oneRank).joined(separator: "\n"), name: "c")
+        #expect(m.kernelRate(.softmax, "forward", ranksAtOnce: 1, tokens: 8192) == 60)
+        #expect(abs(m.kernelRate(.softmax, "forward", ranksAtOnce: 4, tokens: 8192)! - 45) < 1e-9)  // halfway in log k
+        #expect(abs(m.links["ring"]![2]!.alpha - 1e-6) < 1e-12)
+        #expect(abs(m.algorithmFactors["rsa forward"]! - 1.0 / 3) < 1e-12)
+        #expect(abs(m.diagonal("forward", 4096) - 0.75) < 1e-12)
+    }
+}
+
+@Suite struct BenchFigureTests {
+    @Test(arguments: BenchKernel.allCases) func kernelSharesAddUp(kernel: BenchKernel) throws {
+        let solo = InProcessCluster(size: 1).makeCommunicators()[0]
+        let results = try KernelBench.measure(kernel, shape: AttentionShape(seqLen: 256, heads: 1, headDim: 32), causal: true, sgemmGflops: 1,
+                                              repeats: 1, warmup: 0, comm: solo)
+        #expect(results.map(\.direction) == ["forward", "backward"])
+        for r in results {
+            #expect(r.gemmFraction > 0 && r.expFraction >= 0 && r.otherFraction >= 0)
+            #expect(abs(r.gemmFraction + r.expFraction + r.otherFraction - 1) < 1e-12)
+            #expect(r.gflops > 0 && r.rankGflopsMin <= r.rankGflopsMax)
+            if kernel == .softmax { #expect(r.expFraction > 0) } else { #expect(r.expFraction == 0) }
+        }
+    }
+
+    @Test func commBenchOnTheInProcessBackend() throws {
+        let results = try InProcessCluster.run(ranks: 3, timeout: 60) { comm in
+            try CommBench.measure(CommBench.Operation.allCases, sizes: [8, 3000], comm: comm, baseline: nil, repeats: 1)
+        }
+        let r = results[0]
+        #expect(r.map(\.operation) == ["pingpong", "pingpong", "ring", "ring", "allgather", "allgather", "alltoall", "alltoall"])
+        #expect(r.allSatisfy { $0.timeS > 0 && $0.bandwidthBps > 0 && $0.mpiTimeS == nil && $0.ranks == 3 })
+        #expect(r[7].bytes == 3000)  // 1000 per rank
+    }
+
+    @Test func attentionBenchGivesAnEfficiencyAgainstItsBaseline() throws {
+        let shape = AttentionShape(seqLen: 256, heads: 2, headDim: 32)
+        let options = AttentionOptions(causal: true, layout: .zigzag)
+        let results = try InProcessCluster.run(ranks: 2, timeout: 60) { comm -> [AttentionBenchResult] in
+            let r = try AttentionBench.measure(.ring, shape: shape, options: options, comm: comm, repeats: 1, warmup: 0)
+            let b = try AttentionBench.baseline(shape: shape, options: AttentionOptions(causal: true), family: .softmax, comm: comm, repeats: 1, warmup: 0)
+            return AttentionBench.annotate(r, baseline: b, overlap: [])
+        }
+        for r in results[0] {
+            let g = try #require(r.baselineGflops)
+            #expect(abs(r.efficiency! - r.gflops / (2 * g)) < 1e-12)
+            #expect(r.baselineSeqLen == 256 && r.overlap == nil)
+        }
+    }
+}
