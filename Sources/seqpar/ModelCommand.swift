@@ -126,7 +126,7 @@ struct ModelCurves: ParsableCommand {
         try reportingErrors {
             let m = try model.model()
             let rankList = (0...20).map { 1 << $0 }.filter { $0 <= maxRanks }
-            let lengths = (16...24).map { 1 << $0 }.filter { $0 <= max(seqLen, 1 << 16) }
+            let lengths = Array(Set((16...24).map { 1 << $0 }.filter { $0 < seqLen } + [seqLen])).sorted()
             var rows = ["algorithm,ranks,seq_len,heads,head_dim,time_s,compute_s,comm_s,exposed_comm_s"]
             var byRanks: [SVGPlot.Series] = [], byLength: [SVGPlot.Series] = []
             func problem(_ a: String, _ l: Int, _ p: Int) -> CostModel.Problem {
