@@ -1,2 +1,2 @@
-# 2026-11-24T15:50:11Z on vm, commit ba7cd5c
-launch/scaling strong --ranks "1 2 4 8 16" --algorithms "ring:zigzag lasp2" --seq-len 65536 --heads 1 --head-dim 64 --repeats 2 --warmup 1 --bind core --out /root/out/scaling/strong64k
+# 2026-11-24T16:29:55Z on vm, commit c607ebd
+launch/scaling strong --ranks "1 2 4 8 16" --algorithms "ring:zigzag lasp2" --seq-len 65536 --heads 1 --head-dim 64 --repeats 2 --warmup 1 --bind core --out /root/out/s4/strong64k
