@@ -9,6 +9,10 @@ struct Run {
     var status: Int32
     var output: String
     var timedOut: Bool
+    /// Wall time from start to exit.
+    var seconds: Double = 0
+    /// When the `during` action of `Harness.run` finished, in seconds from the start (nil if it never did).
+    var actionAt: Double?
 }
 
 enum Harness {
@@ -43,7 +47,10 @@ enum Harness {
         return env
     }()
 
-    static func run(_ arguments: [String], timeout: Double = 180, directory: URL? = nil, environment: [String: String] = [:]) throws -> Run {
+    /// `during`: from `after` seconds on, `action` is called every 50 ms while the command runs until it returns true
+    /// (a fault a test injects mid-run: a signal, a cut link).
+    static func run(_ arguments: [String], timeout: Double = 180, directory: URL? = nil, environment: [String: String] = [:],
+                    during: (after: Double, action: () -> Bool)? = nil) throws -> Run {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         p.arguments = arguments
@@ -58,23 +65,45 @@ enum Harness {
         let sink = Sink()
         let reader = Thread { sink.data = pipe.fileHandleForReading.readDataToEndOfFile() }
         reader.start()
+        let start = Date()
         let deadline = Date(timeIntervalSinceNow: timeout)
-        while p.isRunning && Date() < deadline { Thread.sleep(forTimeInterval: 0.05) }
+        var actionAt: Double?
+        while p.isRunning && Date() < deadline {
+            if let d = during, actionAt == nil, -start.timeIntervalSinceNow >= d.after, d.action() { actionAt = -start.timeIntervalSinceNow }
+            Thread.sleep(forTimeInterval: 0.05)
+        }
         let timedOut = p.isRunning
         if timedOut { kill(-p.processIdentifier, SIGKILL); p.terminate(); kill(p.processIdentifier, SIGKILL) }
         p.waitUntilExit()
+        let seconds = -start.timeIntervalSinceNow
         while !reader.isFinished { Thread.sleep(forTimeInterval: 0.01) }
-        return Run(status: p.terminationStatus, output: String(decoding: sink.data, as: UTF8.self), timedOut: timedOut)
+        return Run(status: p.terminationStatus, output: String(decoding: sink.data, as: UTF8.self), timedOut: timedOut,
+                   seconds: seconds, actionAt: actionAt)
     }
 
-    static func mpirun(_ np: Int, _ arguments: [String], timeout: Double = 180, environment: [String: String] = [:]) throws -> Run {
+    static func mpirun(_ np: Int, _ arguments: [String], timeout: Double = 180, environment: [String: String] = [:],
+                       during: (after: Double, action: () -> Bool)? = nil) throws -> Run {
         try run(["mpirun", "-np", "\(np)"] + environment.keys.sorted().flatMap { ["-x", $0] } + [binary] + arguments,
-                timeout: timeout, environment: environment)
+                timeout: timeout, environment: environment, during: during)
     }
 
     static func simulated(_ arguments: [String], timeout: Double = 180) throws -> Run {
         try run([binary] + arguments, timeout: timeout)
     }
+
+    /// Processes whose environment holds SEQPAR_TEST_TAG=`tag` (and, given `rank`, OMPI_COMM_WORLD_RANK=`rank`):
+    /// a test tags its launch to find its ranks, to signal one, or to show that none is left.
+    static func processes(tagged tag: String, rank: Int? = nil) -> [Int32] {
+        let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+        return entries.compactMap(Int32.init).filter { pid in
+            guard pid != getpid(), let env = FileManager.default.contents(atPath: "/proc/\(pid)/environ") else { return false }
+            let vars = env.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
+            return vars.contains("SEQPAR_TEST_TAG=\(tag)") && (rank.map { vars.contains("OMPI_COMM_WORLD_RANK=\($0)") } ?? true)
+        }
+    }
+
+    /// A tag no other launch uses.
+    static func uniqueTag() -> String { "\(getpid())-\(UInt32.random(in: 0...UInt32.max))" }
 
     static var mpirunAvailable: Bool {
         ((try? run(["mpirun", "--version"], timeout: 30))?.status ?? 1) == 0
