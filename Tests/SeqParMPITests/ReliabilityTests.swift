@@ -78,6 +78,15 @@ import Testing
         #expect(!r.timedOut && r.status != 0 && r.output.contains("SEQPAR_FAULT=explode:rank=1: give stall:rank=R"), "\(r.output)")
     }
 
+    /// One token over 3 ranks (two hold none), forward and backward: dQ and dK are exactly zero, and the check passes.
+    @Test func oneTokenOverThreeRanks() throws {
+        for algorithm in ["allgather", "ring", "rsa", "lasp2"] {
+            let r = try Harness.mpirun(3, ["attention", "--algorithm", algorithm, "--seq-len", "1", "--heads", "2", "--head-dim", "8", "--backward", "--check"],
+                                       timeout: 60)
+            #expect(!r.timedOut && r.status == 0 && r.output.contains(": PASS"), "\(algorithm): \(r.output)")
+        }
+    }
+
     // MARK: determinism
 
     struct Rerun: Sendable, CustomStringConvertible {
