@@ -261,7 +261,6 @@ enum Harness {
         BadInput(arguments: ["attention", "--algorithm", "allgather", "--q", "/nonexistent/q.npy", "--k", "/nonexistent/k.npy", "--v", "/nonexistent/v.npy"], message: "no such file"),
         BadInput(arguments: ["attention", "--algorithm", "allgather", "--layout", "diagonal"], message: "layout"),
         BadInput(arguments: ["attention", "--algorithm", "allgather", "--out", "/nonexistent-dir/o.npy"], message: "does not exist"),
-        // Impossible memory: refused before allocating, with the estimate and what would fit.
         BadInput(arguments: ["attention", "--algorithm", "lasp2", "--decay", "1.5"], message: "--decay 1.5 is outside (0, 1]"),
         BadInput(arguments: ["attention", "--algorithm", "lasp2", "--decay", "0.9,0.8", "--heads", "4"], message: "2 values for 4 heads"),
         BadInput(arguments: ["attention", "--algorithm", "lasp2", "--decay", "0.9,x"], message: "--decay '0.9,x'"),
@@ -280,7 +279,25 @@ enum Harness {
         BadInput(arguments: ["attention", "--algorithm", "ring", "--latent-dim", "64"], message: "apply to latent attention"),
         BadInput(arguments: ["attention", "--algorithm", "lasp2h"], message: "needs --layers"),
         BadInput(arguments: ["attention", "--algorithm", "lasp2h", "--layers", "LS", "--decay", "2"], message: "--decay 2.0 is outside (0, 1]"),
+        // Impossible memory: refused before allocating, with the estimate and what would fit.
         BadInput(arguments: ["attention", "--algorithm", "allgather", "--seq-len", "50000000", "--heads", "32", "--head-dim", "128"], message: "use at most about --seq-len"),
+        // kv heads that do not divide heads, for every algorithm that takes them.
+        BadInput(arguments: ["attention", "--algorithm", "ring", "--heads", "4", "--kv-heads", "3"], message: "--kv-heads 3 does not divide --heads 4"),
+        BadInput(arguments: ["attention", "--algorithm", "rsa", "--heads", "4", "--kv-heads", "3"], message: "--kv-heads 3 does not divide --heads 4"),
+        BadInput(arguments: ["attention", "--algorithm", "ulysses", "--heads", "6", "--kv-heads", "4"], message: "--kv-heads 4 does not divide --heads 6"),
+        BadInput(arguments: ["attention", "--algorithm", "lasp1", "--heads", "4", "--kv-heads", "3"], message: "--kv-heads 3 does not divide --heads 4"),
+        BadInput(arguments: ["attention", "--algorithm", "lasp2", "--heads", "4", "--kv-heads", "3"], message: "--kv-heads 3 does not divide --heads 4"),
+        BadInput(arguments: ["attention", "--algorithm", "lasp2h", "--layers", "LS", "--heads", "4", "--kv-heads", "3"], message: "--kv-heads 3 does not divide --heads 4"),
+        // Ulysses: P divides H, but a rank's heads would straddle kv heads.
+        BadInput(arguments: ["attention", "--algorithm", "ulysses", "--heads", "6", "--kv-heads", "2"], message: "those straddle kv heads"),
+        // Decay at and beyond the edges of (0, 1], and not a number.
+        BadInput(arguments: ["attention", "--algorithm", "lasp1", "--decay", "0"], message: "--decay 0.0 is outside (0, 1]"),
+        BadInput(arguments: ["attention", "--algorithm", "lasp2", "--decay=-0.5"], message: "--decay -0.5 is outside (0, 1]"),
+        BadInput(arguments: ["attention", "--algorithm", "lasp2", "--decay", "nan"], message: "--decay nan is outside (0, 1]"),
+        BadInput(arguments: ["attention", "--algorithm", "lasp2", "--heads", "2", "--decay", "0.9,inf"], message: "--decay inf is outside (0, 1]"),
+        BadInput(arguments: ["attention", "--algorithm", "ring", "--head-dim", "0"], message: "--head-dim 0: must be at least 1"),
+        BadInput(arguments: ["attention", "--algorithm", "ring", "--timeout", "0"], message: "--timeout must be a positive number of seconds"),
+        BadInput(arguments: ["decode", "--steps", "0"], message: "--steps is 0"),
     ]
 
     @Test(arguments: badInputs) func badOptionsFailClearlyUnderMPI(_ bad: BadInput) throws {
