@@ -340,16 +340,28 @@ enum Harness {
         var withNaN = good
         withNaN[4 * 8 + 1 * 4 + 2] = .nan  // token 4, head 1, dim 2
         let k = npy("k.npy", shape: shape, values: good), v = npy("v.npy", shape: shape, values: good)
-        let cases: [(q: String, message: String)] = [
-            (npy("nan.npy", shape: shape, values: withNaN), "holds nan at (batch, token, head, dim) [0, 4, 1, 2]"),
-            (npy("trunc.npy", shape: shape, values: good, truncate: 10), "truncated"),
-            (npy("fortran.npy", fortran: true, shape: shape, values: good), "Fortran-order"),
-            (npy("int.npy", descr: "<i4", shape: shape, values: good), "dtype '<i4' is not supported"),
-            (npy("short.npy", shape: [5, 2, 4], values: Array(good.prefix(40))), "disagree"),
-            (npy("rank2.npy", shape: [6, 8], values: good), "expected (seq, heads, head_dim)"),
+        var withInf = good
+        withInf[5 * 8 + 0 * 4 + 3] = -.infinity  // token 5, head 0, dim 3
+        let fifo = dir.appendingPathComponent("fifo.npy").path
+        #expect(mkfifo(fifo, 0o600) == 0)
+        let garbage = dir.appendingPathComponent("garbage.npy").path
+        FileManager.default.createFile(atPath: garbage, contents: Data((0..<300).map { UInt8(truncatingIfNeeded: $0 &* 131 &+ 7) }))
+        let cases: [(q: String, k: String?, v: String?, message: String)] = [
+            (npy("nan.npy", shape: shape, values: withNaN), nil, nil, "holds nan at (batch, token, head, dim) [0, 4, 1, 2]"),
+            (npy("q.npy", shape: shape, values: good), nil, npy("inf.npy", shape: shape, values: withInf), "holds -inf at (batch, token, head, dim) [0, 5, 0, 3]"),
+            (npy("trunc.npy", shape: shape, values: good, truncate: 10), nil, nil, "truncated"),
+            (npy("fortran.npy", fortran: true, shape: shape, values: good), nil, nil, "Fortran-order"),
+            (npy("int.npy", descr: "<i4", shape: shape, values: good), nil, nil, "dtype '<i4' is not supported"),
+            (npy("half.npy", descr: "<f2", shape: [6, 2, 2], values: good), nil, nil, "dtype '<f2' is not supported"),
+            (npy("big.npy", descr: ">f4", shape: shape, values: good), nil, nil, "big-endian"),
+            (garbage, nil, nil, "not a .npy file"),
+            (fifo, nil, nil, "not a regular file"),
+            (npy("short.npy", shape: [5, 2, 4], values: Array(good.prefix(40))), nil, nil, "disagree"),
+            (npy("q.npy", shape: shape, values: good), nil, npy("v3.npy", shape: [6, 3, 4], values: good + good.prefix(24)), "must have the same shape"),
+            (npy("rank2.npy", shape: [6, 8], values: good), nil, nil, "expected (seq, heads, head_dim)"),
         ]
         for c in cases {
-            let args = ["attention", "--algorithm", "allgather", "--q", c.q, "--k", k, "--v", v]
+            let args = ["attention", "--algorithm", "allgather", "--q", c.q, "--k", c.k ?? k, "--v", c.v ?? v]
             let r = try Harness.mpirun(3, args, timeout: 60)
             #expect(!r.timedOut && r.status != 0 && r.output.contains(c.message), "mpirun, \(c.q): \(r.output)")
             let s = try Harness.simulated(args + ["--ranks", "3"], timeout: 60)
