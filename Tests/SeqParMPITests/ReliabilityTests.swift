@@ -78,6 +78,25 @@ import Testing
         #expect(!r.timedOut && r.status != 0 && r.output.contains("SEQPAR_FAULT=explode:rank=1: give stall:rank=R"), "\(r.output)")
     }
 
+    /// Ranks started with different options (an MPMD launch: rank 0 with one command line, ranks 1-2 with another):
+    /// the agreement at the start stops every rank, naming rank 1 and each differing option, before any work.
+    @Test func ranksThatDisagreeStopTogether() throws {
+        let tag = Harness.uniqueTag()
+        let common = ["attention", "--algorithm", "ring", "--heads", "2", "--head-dim", "16"]
+        let r = try Harness.run(["mpirun", "-x", "SEQPAR_TEST_TAG", "-np", "1", Harness.binary] + common + ["--seq-len", "100", "--seed", "1", ":",
+                                 "-np", "2", Harness.binary] + common + ["--seq-len", "101", "--seed", "2", "--causal"],
+                                timeout: 60, environment: ["SEQPAR_TEST_TAG": tag])
+        #expect(!r.timedOut && r.status != 0, "\(r.output)")
+        for rank in 0..<3 {
+            #expect(r.output.contains("seqpar: error: (rank \(rank) of 3) rank 1: ranks disagree on the run's configuration"), "\(r.output)")
+        }
+        for field in ["\"seqLen\": 100", "\"seqLen\": 101", "\"causal\": 0", "\"causal\": 1", "seed: rank 0 has 1, rank 1 has 2"] {
+            #expect(r.output.contains(field), "expected \(field) in: \(r.output)")
+        }
+        #expect(r.seconds < 10, "ended after \(r.seconds) s")
+        #expect(Harness.processes(tagged: tag).isEmpty)
+    }
+
     /// One token over 3 ranks (two hold none), forward and backward: dQ and dK are exactly zero, and the check passes.
     @Test func oneTokenOverThreeRanks() throws {
         for algorithm in ["allgather", "ring", "rsa", "lasp2"] {
