@@ -281,6 +281,11 @@ enum Harness {
         BadInput(arguments: ["attention", "--algorithm", "lasp2h", "--layers", "LS", "--decay", "2"], message: "--decay 2.0 is outside (0, 1]"),
         // Impossible memory: refused before allocating, with the estimate and what would fit.
         BadInput(arguments: ["attention", "--algorithm", "allgather", "--seq-len", "50000000", "--heads", "32", "--head-dim", "128"], message: "use at most about --seq-len"),
+        BadInput(arguments: ["attention", "--algorithm", "rsa", "--seq-len", "400000"], message: "score rows B*H*C*L (kept for backward)"),
+        BadInput(arguments: ["attention", "--algorithm", "ring", "--seq-len", "300000000"], message: "use at most about --seq-len"),
+        BadInput(arguments: ["attention", "--algorithm", "lasp2", "--seq-len", "300000000"], message: "use at most about --seq-len"),
+        BadInput(arguments: ["attention", "--algorithm", "tpla", "--seq-len", "300000000", "--latent-dim", "96"], message: "the latent run needs about"),
+        BadInput(arguments: ["decode", "--prompt-len", "300000000", "--latent-dim", "96"], message: "use a shorter --prompt-len or more machines"),
         // kv heads that do not divide heads, for every algorithm that takes them.
         BadInput(arguments: ["attention", "--algorithm", "ring", "--heads", "4", "--kv-heads", "3"], message: "--kv-heads 3 does not divide --heads 4"),
         BadInput(arguments: ["attention", "--algorithm", "rsa", "--heads", "4", "--kv-heads", "3"], message: "--kv-heads 3 does not divide --heads 4"),
