@@ -89,12 +89,14 @@ final class Watchdog: @unchecked Sendable {
         let period = max(0.05, min(1, timeout / 10))
         while true {
             Thread.sleep(forTimeInterval: period)
-            let now = DispatchTime.now().uptimeNanoseconds
+            // The clock is read under the lock: every registered start is then no later than `now`.
             lock.lock()
+            let now = DispatchTime.now().uptimeNanoseconds
             let oldest = slots.compactMap { $0 }.min { $0.since < $1.since }
             lock.unlock()
-            guard let o = oldest, Double(now - o.since) / 1e9 > timeout else { continue }
-            fire(o.site, waited: Double(now - o.since) / 1e9)
+            guard let o = oldest else { continue }
+            let waited = Double(now - min(now, o.since)) / 1e9
+            if waited > timeout { fire(o.site, waited: waited) }
         }
     }
 
