@@ -4,6 +4,8 @@
 // `CommError.mpi(routine:code:message:)` naming the routine. The communicator is a duplicate of MPI_COMM_WORLD with
 // MPI_ERRORS_RETURN set, so errors come back as codes instead of aborting inside MPI, and SeqPar's traffic never
 // matches a user's messages on COMM_WORLD. Counts travel as Int32 (MPI's `int`): a larger message is an error.
+// MPI's blocking calls have no timeout: each one here runs under the `Watchdog`, which aborts the job when a wait
+// exceeds --timeout, naming the rank and what it waited for.
 import CMPI
 import Foundation
 import SeqPar
@@ -152,7 +154,7 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
     public let size: Int
     private var counts = CommCounters()
     private let countsLock = NSLock()
-    /// Set by `MPIEnvironment.watch(timeout:)`: every blocking call below is timed.
+    /// Set by `MPIEnvironment.init(timeout:)`: every blocking call below is timed.
     var watchdog: Watchdog?
     /// SEQPAR_FAULT (testing only) and the calls counted for it.
     var fault: FaultInjection?
@@ -187,8 +189,7 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
 
     /// Runs a blocking MPI call under the watchdog.
     @inline(__always) private func blocking<R>(_ site: WaitSite, _ body: () throws -> R) rethrows -> R {
-        guard let w = watchdog else { return try body() }
-        return try w.watch(site, body)
+        try watchdog.watchIfSet(site, body)
     }
 
     // MARK: point-to-point
@@ -212,11 +213,7 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         func wait() throws {
             if completed { return }
             var status = MPI_Status()
-            if let w = watchdog {
-                try w.watch(site) { try check(MPI_Wait(&request, &status), "MPI_Wait") }
-            } else {
-                try check(MPI_Wait(&request, &status), "MPI_Wait")
-            }
+            try watchdog.watchIfSet(site) { try check(MPI_Wait(&request, &status), "MPI_Wait") }
             try complete(&status)
         }
 
