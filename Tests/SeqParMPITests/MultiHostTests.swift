@@ -73,6 +73,24 @@ struct MultiHostTests {
         #expect(!hosts.contains("netns-hosts \(NetnsHosts.prefix)"), "/etc/hosts keeps lines of the test: \(hosts)")
     }
 
+    /// The rank on host 2 stops communicating (SEQPAR_FAULT) in the forward ring: the ranks on hosts 1 and 3 time out
+    /// after --timeout 5, naming what they waited for, and the abort reaches every host.
+    @Test func stalledRankAcrossHostsTimesOut() throws {
+        defer { _ = try? NetnsHosts.command(["down"]) }
+        let up = try NetnsHosts.command(["up", "-n", "3"])
+        #expect(up.status == 0, "\(up.output)")
+        let r = try Harness.run([NetnsHosts.script, "run", "-n", "3", "--prefix", NetnsHosts.prefix, "--no-setup", "--", "-x", "SEQPAR_FAULT",
+                                 Harness.binary, "attention", "--algorithm", "ring", "--seq-len", "301", "--heads", "4", "--head-dim", "32",
+                                 "--timeout", "5"], timeout: 90, environment: ["SEQPAR_FAULT": "stall:rank=1:after=5", "OPENBLAS_NUM_THREADS": "1"])
+        #expect(!r.timedOut && r.status != 0, "\(r.output)")
+        #expect(r.output.contains("rank 1: SEQPAR_FAULT: stalling"), "\(r.output)")
+        #expect(r.output.range(of: #"seqpar: rank [02]: timed out after 5 s waiting for (a message from rank 1|rank 1 to take a message)"#,
+                               options: .regularExpression) != nil, "\(r.output)")
+        #expect(r.seconds > 5 && r.seconds < 5 + 10, "ended after \(r.seconds) s")
+        let left = NetnsHosts.leftovers()
+        #expect(left.isEmpty, "processes left after the job ended: \(left)")
+    }
+
     struct Fault: Sendable, CustomStringConvertible {
         var name: String
         /// Seconds the job may take to end after the fault.
