@@ -4,6 +4,8 @@
 // `CommError.mpi(routine:code:message:)` naming the routine. The communicator is a duplicate of MPI_COMM_WORLD with
 // MPI_ERRORS_RETURN set, so errors come back as codes instead of aborting inside MPI, and SeqPar's traffic never
 // matches a user's messages on COMM_WORLD. Counts travel as Int32 (MPI's `int`): a larger message is an error.
+// MPI's blocking calls have no timeout: each one here runs under the `Watchdog`, which aborts the job when a wait
+// exceeds --timeout, naming the rank and what it waited for.
 import CMPI
 import Foundation
 import SeqPar
@@ -32,8 +34,11 @@ public final class MPIEnvironment: @unchecked Sendable {
     public let world: MPICommunicator
     private var finalized = false
 
-    /// Initialises MPI (unless something else already did) asking for `requested` thread support.
-    public init(requested: ThreadLevel = .multiple) throws {
+    /// Initialises MPI (unless something else already did) asking for `requested` thread support. With a `timeout`,
+    /// a blocking call that waits longer than that many seconds aborts the job naming what it waited for
+    /// (`Watchdog`). Reads SEQPAR_FAULT (`FaultInjection`, testing only).
+    public init(requested: ThreadLevel = .multiple, timeout: Double? = nil) throws {
+        let fault = try FaultInjection.fromEnvironment()
         var flag: Int32 = 0
         try check(MPI_Initialized(&flag), "MPI_Initialized")
         var provided: Int32 = 0
@@ -46,11 +51,19 @@ public final class MPIEnvironment: @unchecked Sendable {
         }
         threadLevel = ThreadLevel(mpi: provided)
         try check(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler")
+        var r: Int32 = 0, s: Int32 = 0
+        try check(MPI_Comm_rank(MPI_COMM_WORLD, &r), "MPI_Comm_rank")
+        try check(MPI_Comm_size(MPI_COMM_WORLD, &s), "MPI_Comm_size")
+        watchdog = timeout.map { Watchdog(timeout: $0, rank: Int(r), ranks: Int(s)) }
         var dup: MPI_Comm? = nil
-        try check(MPI_Comm_dup(MPI_COMM_WORLD, &dup), "MPI_Comm_dup")
+        try watchdog.watchIfSet(.collective("MPI_Comm_dup", bytes: 0)) { try check(MPI_Comm_dup(MPI_COMM_WORLD, &dup), "MPI_Comm_dup") }
         try check(MPI_Comm_set_errhandler(dup, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler")
         world = try MPICommunicator(comm: dup)
+        world.watchdog = watchdog
+        world.fault = fault
     }
+
+    let watchdog: Watchdog?
 
     /// Finalises MPI if this environment initialised it. Call once, after the last communication.
     public func finalize() {
@@ -60,7 +73,7 @@ public final class MPIEnvironment: @unchecked Sendable {
         MPI_Finalized(&done)
         guard done == 0 else { return }
         world.free()
-        if initializedHere { MPI_Finalize() }
+        if initializedHere { watchdog.watchIfSet(WaitSite(kind: .finalize, routine: "MPI_Finalize")) { _ = MPI_Finalize() } }
     }
 
     /// MPI_Get_library_version's text, first line.
@@ -141,6 +154,11 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
     public let size: Int
     private var counts = CommCounters()
     private let countsLock = NSLock()
+    /// Set by `MPIEnvironment.init(timeout:)`: every blocking call below is timed.
+    var watchdog: Watchdog?
+    /// SEQPAR_FAULT (testing only) and the calls counted for it.
+    var fault: FaultInjection?
+    private var calls = 0
 
     init(comm: MPI_Comm?) throws {
         self.comm = comm
@@ -162,15 +180,32 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         countsLock.withLock { counts.record(op, sent: sent, received: received) }
     }
 
+    /// Called first by every communication call; only an injected fault does anything here.
+    @inline(__always) private func enter(_ routine: StaticString) {
+        guard let f = fault else { return }
+        let n = countsLock.withLock { calls += 1; return calls }
+        f.before(call: n, routine: routine, rank: rank)
+    }
+
+    /// Runs a blocking MPI call under the watchdog.
+    @inline(__always) private func blocking<R>(_ site: WaitSite, _ body: () throws -> R) rethrows -> R {
+        try watchdog.watchIfSet(site, body)
+    }
+
     // MARK: point-to-point
 
     final class Request: CommRequest {
         var request: MPI_Request?
         let expected: (count: Int32, type: MPI_Datatype, what: String)?
         let onComplete: () -> Void
-        init(_ request: MPI_Request?, expected: (Int32, MPI_Datatype, String)?, onComplete: @escaping () -> Void) {
+        let watchdog: Watchdog?
+        let site: WaitSite
+        init(_ request: MPI_Request?, expected: (Int32, MPI_Datatype, String)?, watchdog: Watchdog?, site: WaitSite,
+             onComplete: @escaping () -> Void) {
             self.request = request
             self.expected = expected
+            self.watchdog = watchdog
+            self.site = site
             self.onComplete = onComplete
         }
         private var completed = false
@@ -178,7 +213,7 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         func wait() throws {
             if completed { return }
             var status = MPI_Status()
-            try check(MPI_Wait(&request, &status), "MPI_Wait")
+            try watchdog.watchIfSet(site) { try check(MPI_Wait(&request, &status), "MPI_Wait") }
             try complete(&status)
         }
 
@@ -205,8 +240,12 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
     }
 
     public func send<T: CommElement>(_ buffer: UnsafeBufferPointer<T>, to destination: Int, tag: Int) throws {
+        enter("MPI_Send")
         try checkPeer(destination, "send to")
-        try check(MPI_Send(buffer.baseAddress, try int32(buffer.count, "MPI_Send"), datatype(T.kind), Int32(destination), Int32(tag), comm), "MPI_Send")
+        let n = try int32(buffer.count, "MPI_Send")
+        try blocking(WaitSite(kind: .send, routine: "MPI_Send", peer: destination, tag: tag, bytes: buffer.count * MemoryLayout<T>.stride)) {
+            try check(MPI_Send(buffer.baseAddress, n, datatype(T.kind), Int32(destination), Int32(tag), comm), "MPI_Send")
+        }
         record(.send, sent: buffer.count * MemoryLayout<T>.stride)
     }
 
@@ -215,33 +254,41 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
     }
 
     public func isend<T: CommElement>(_ buffer: UnsafeBufferPointer<T>, to destination: Int, tag: Int) throws -> CommRequest {
+        enter("MPI_Isend")
         try checkPeer(destination, "send to")
         var request: MPI_Request? = nil
         try check(MPI_Isend(buffer.baseAddress, try int32(buffer.count, "MPI_Isend"), datatype(T.kind), Int32(destination), Int32(tag), comm, &request), "MPI_Isend")
         let bytes = buffer.count * MemoryLayout<T>.stride
-        return Request(request, expected: nil) { [self] in record(.send, sent: bytes) }
+        let site = WaitSite(kind: .send, routine: "MPI_Wait", started: "MPI_Isend", peer: destination, tag: tag, bytes: bytes)
+        return Request(request, expected: nil, watchdog: watchdog, site: site) { [self] in record(.send, sent: bytes) }
     }
 
     public func irecv<T: CommElement>(_ buffer: UnsafeMutableBufferPointer<T>, from source: Int, tag: Int) throws -> CommRequest {
+        enter("MPI_Irecv")
         try checkPeer(source, "receive from")
         var request: MPI_Request? = nil
         let n = try int32(buffer.count, "MPI_Irecv")
         try check(MPI_Irecv(buffer.baseAddress, n, datatype(T.kind), Int32(source), Int32(tag), comm, &request), "MPI_Irecv")
         let bytes = buffer.count * MemoryLayout<T>.stride
-        return Request(request, expected: (n, datatype(T.kind), "rank \(rank) receiving from rank \(source) (tag \(tag))")) { [self] in
+        let site = WaitSite(kind: .receive, routine: "MPI_Wait", started: "MPI_Irecv", peer: source, tag: tag, bytes: bytes)
+        return Request(request, expected: (n, datatype(T.kind), "rank \(rank) receiving from rank \(source) (tag \(tag))"),
+                       watchdog: watchdog, site: site) { [self] in
             record(.recv, received: bytes)
         }
     }
 
     public func sendRecv<T: CommElement>(_ send: UnsafeBufferPointer<T>, to destination: Int,
                                          _ recv: UnsafeMutableBufferPointer<T>, from source: Int, tag: Int) throws {
+        enter("MPI_Sendrecv")
         try checkPeer(destination, "send to")
         try checkPeer(source, "receive from")
         var status = MPI_Status()
         let type = datatype(T.kind)
-        let n = try int32(recv.count, "MPI_Sendrecv")
-        try check(MPI_Sendrecv(send.baseAddress, try int32(send.count, "MPI_Sendrecv"), type, Int32(destination), Int32(tag),
-                               recv.baseAddress, n, type, Int32(source), Int32(tag), comm, &status), "MPI_Sendrecv")
+        let n = try int32(recv.count, "MPI_Sendrecv"), sn = try int32(send.count, "MPI_Sendrecv")
+        try blocking(WaitSite(kind: .receive, routine: "MPI_Sendrecv", peer: source, tag: tag, bytes: recv.count * MemoryLayout<T>.stride)) {
+            try check(MPI_Sendrecv(send.baseAddress, sn, type, Int32(destination), Int32(tag),
+                                   recv.baseAddress, n, type, Int32(source), Int32(tag), comm, &status), "MPI_Sendrecv")
+        }
         var got: Int32 = 0
         try check(MPI_Get_count(&status, type, &got), "MPI_Get_count")
         guard got == n else {
@@ -258,9 +305,12 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         guard recv.count == send.count * size else {
             throw CommError.invalidArgument("allGather: receive buffer of \(recv.count) elements, expected \(size) x \(send.count)")
         }
+        enter("MPI_Allgather")
         let n = try int32(send.count, "MPI_Allgather"), type = datatype(T.kind)
-        try check(MPI_Allgather(send.baseAddress, n, type, recv.baseAddress, n, type, comm), "MPI_Allgather")
         let b = send.count * MemoryLayout<T>.stride
+        try blocking(.collective("MPI_Allgather", bytes: b)) {
+            try check(MPI_Allgather(send.baseAddress, n, type, recv.baseAddress, n, type, comm), "MPI_Allgather")
+        }
         record(.allGather, sent: b, received: b * (size - 1))
     }
 
@@ -268,12 +318,14 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         guard recv.count == send.count * size else {
             throw CommError.invalidArgument("iallGather: receive buffer of \(recv.count) elements, expected \(size) x \(send.count)")
         }
+        enter("MPI_Iallgather")
         let n = try int32(send.count, "MPI_Iallgather"), type = datatype(T.kind)
         var request: MPI_Request? = nil
         try check(MPI_Iallgather(send.baseAddress, n, type, recv.baseAddress, n, type, comm, &request), "MPI_Iallgather")
         let b = send.count * MemoryLayout<T>.stride
         record(.allGather, sent: b, received: b * (size - 1))
-        return Request(request, expected: nil) {}
+        return Request(request, expected: nil, watchdog: watchdog,
+                       site: WaitSite(kind: .collective, routine: "MPI_Wait", started: "MPI_Iallgather", bytes: b)) {}
     }
 
     public func allGatherV<T: CommElement>(_ send: UnsafeBufferPointer<T>, into recv: UnsafeMutableBufferPointer<T>, counts: [Int]) throws {
@@ -281,17 +333,23 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         guard send.count == counts[rank], recv.count == counts.reduce(0, +) else {
             throw CommError.invalidArgument("allGatherV on rank \(rank): sends \(send.count) (counts say \(counts[rank])), receive buffer \(recv.count) (counts sum to \(counts.reduce(0, +)))")
         }
+        enter("MPI_Allgatherv")
         let c = try int32s(counts, "MPI_Allgatherv"), type = datatype(T.kind)
         let d = try displacements(c, "MPI_Allgatherv")
-        try check(MPI_Allgatherv(send.baseAddress, c[rank], type, recv.baseAddress, c, d, type, comm), "MPI_Allgatherv")
         let s = MemoryLayout<T>.stride
+        try blocking(.collective("MPI_Allgatherv", bytes: send.count * s)) {
+            try check(MPI_Allgatherv(send.baseAddress, c[rank], type, recv.baseAddress, c, d, type, comm), "MPI_Allgatherv")
+        }
         record(.allGatherV, sent: send.count * s, received: (recv.count - send.count) * s)
     }
 
     public func allReduce<T: CommElement>(_ buffer: UnsafeMutableBufferPointer<T>, op: ReduceOp) throws {
-        try check(MPI_Allreduce(UnsafeRawPointer(MPI_IN_PLACE), buffer.baseAddress, try int32(buffer.count, "MPI_Allreduce"),
-                                datatype(T.kind), mpiOp(op), comm), "MPI_Allreduce")
+        enter("MPI_Allreduce")
+        let n = try int32(buffer.count, "MPI_Allreduce")
         let b = buffer.count * MemoryLayout<T>.stride
+        try blocking(.collective("MPI_Allreduce", bytes: b)) {
+            try check(MPI_Allreduce(UnsafeRawPointer(MPI_IN_PLACE), buffer.baseAddress, n, datatype(T.kind), mpiOp(op), comm), "MPI_Allreduce")
+        }
         record(.allReduce, sent: b, received: b * (size - 1))
     }
 
@@ -301,9 +359,12 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         guard send.count == counts.reduce(0, +), recv.count == counts[rank] else {
             throw CommError.invalidArgument("reduceScatter on rank \(rank): sends \(send.count) (counts sum to \(counts.reduce(0, +))), receive buffer \(recv.count) (counts say \(counts[rank]))")
         }
+        enter("MPI_Reduce_scatter")
         let c = try int32s(counts, "MPI_Reduce_scatter")
-        try check(MPI_Reduce_scatter(send.baseAddress, recv.baseAddress, c, datatype(T.kind), mpiOp(op), comm), "MPI_Reduce_scatter")
         let s = MemoryLayout<T>.stride
+        try blocking(.collective("MPI_Reduce_scatter", bytes: send.count * s)) {
+            try check(MPI_Reduce_scatter(send.baseAddress, recv.baseAddress, c, datatype(T.kind), mpiOp(op), comm), "MPI_Reduce_scatter")
+        }
         record(.reduceScatter, sent: (send.count - recv.count) * s, received: recv.count * s * (size - 1))
     }
 
@@ -311,8 +372,11 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         guard send.count % size == 0, recv.count == send.count else {
             throw CommError.invalidArgument("allToAll on rank \(rank): send \(send.count) and receive \(recv.count) elements; both must be equal and divisible by \(size) ranks")
         }
+        enter("MPI_Alltoall")
         let n = try int32(send.count / size, "MPI_Alltoall"), type = datatype(T.kind)
-        try check(MPI_Alltoall(send.baseAddress, n, type, recv.baseAddress, n, type, comm), "MPI_Alltoall")
+        try blocking(.collective("MPI_Alltoall", bytes: send.count * MemoryLayout<T>.stride)) {
+            try check(MPI_Alltoall(send.baseAddress, n, type, recv.baseAddress, n, type, comm), "MPI_Alltoall")
+        }
         let b = (send.count - send.count / size) * MemoryLayout<T>.stride
         record(.allToAll, sent: b, received: b)
     }
@@ -327,25 +391,33 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         let sc = try int32s(sendCounts, "MPI_Alltoallv"), rc = try int32s(recvCounts, "MPI_Alltoallv")
         let sd = try displacements(sc, "MPI_Alltoallv"), rd = try displacements(rc, "MPI_Alltoallv")
         let type = datatype(T.kind)
-        try check(MPI_Alltoallv(send.baseAddress, sc, sd, type, recv.baseAddress, rc, rd, type, comm), "MPI_Alltoallv")
+        enter("MPI_Alltoallv")
+        try blocking(.collective("MPI_Alltoallv", bytes: send.count * MemoryLayout<T>.stride)) {
+            try check(MPI_Alltoallv(send.baseAddress, sc, sd, type, recv.baseAddress, rc, rd, type, comm), "MPI_Alltoallv")
+        }
         let s = MemoryLayout<T>.stride, own = sendCounts[rank] * s
         record(.allToAllV, sent: send.count * s - own, received: recv.count * s - recvCounts[rank] * s)
     }
 
     public func broadcast<T: CommElement>(_ buffer: UnsafeMutableBufferPointer<T>, root: Int) throws {
+        enter("MPI_Bcast")
         try checkPeer(root, "broadcast root")
-        try check(MPI_Bcast(buffer.baseAddress, try int32(buffer.count, "MPI_Bcast"), datatype(T.kind), Int32(root), comm), "MPI_Bcast")
+        let n = try int32(buffer.count, "MPI_Bcast")
         let b = buffer.count * MemoryLayout<T>.stride
+        try blocking(.collective("MPI_Bcast", bytes: rank == root ? b : 0)) {
+            try check(MPI_Bcast(buffer.baseAddress, n, datatype(T.kind), Int32(root), comm), "MPI_Bcast")
+        }
         record(.broadcast, sent: rank == root ? b * (size - 1) : 0, received: rank == root ? 0 : b)
     }
 
     public func barrier() throws {
-        try check(MPI_Barrier(comm), "MPI_Barrier")
+        enter("MPI_Barrier")
+        try blocking(.collective("MPI_Barrier", bytes: 0)) { try check(MPI_Barrier(comm), "MPI_Barrier") }
         record(.barrier)
     }
 
     public func abort(_ message: String) {
         FileHandle.standardError.write(Data("seqpar: rank \(rank): aborting the job: \(message)\n".utf8))
-        MPI_Abort(MPI_COMM_WORLD, 1)
+        Watchdog.abortJob()
     }
 }

@@ -44,7 +44,7 @@ enum Launch {
             }
         }
         let env: MPIEnvironment
-        do { env = try MPIEnvironment() } catch {
+        do { env = try MPIEnvironment(timeout: timeout) } catch {
             printError("cannot start MPI: \(error)")
             throw ExitCode.failure
         }

@@ -9,6 +9,10 @@ struct Run {
     var status: Int32
     var output: String
     var timedOut: Bool
+    /// Wall time from start to exit.
+    var seconds: Double = 0
+    /// When the `during` action of `Harness.run` finished, in seconds from the start (nil if it never did).
+    var actionAt: Double?
 }
 
 enum Harness {
@@ -43,7 +47,10 @@ enum Harness {
         return env
     }()
 
-    static func run(_ arguments: [String], timeout: Double = 180, directory: URL? = nil, environment: [String: String] = [:]) throws -> Run {
+    /// `during`: from `after` seconds on, `action` is called every 50 ms while the command runs until it returns true
+    /// (a fault a test injects mid-run: a signal, a cut link).
+    static func run(_ arguments: [String], timeout: Double = 180, directory: URL? = nil, environment: [String: String] = [:],
+                    during: (after: Double, action: () -> Bool)? = nil) throws -> Run {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         p.arguments = arguments
@@ -58,23 +65,45 @@ enum Harness {
         let sink = Sink()
         let reader = Thread { sink.data = pipe.fileHandleForReading.readDataToEndOfFile() }
         reader.start()
+        let start = Date()
         let deadline = Date(timeIntervalSinceNow: timeout)
-        while p.isRunning && Date() < deadline { Thread.sleep(forTimeInterval: 0.05) }
+        var actionAt: Double?
+        while p.isRunning && Date() < deadline {
+            if let d = during, actionAt == nil, -start.timeIntervalSinceNow >= d.after, d.action() { actionAt = -start.timeIntervalSinceNow }
+            Thread.sleep(forTimeInterval: 0.05)
+        }
         let timedOut = p.isRunning
         if timedOut { kill(-p.processIdentifier, SIGKILL); p.terminate(); kill(p.processIdentifier, SIGKILL) }
         p.waitUntilExit()
+        let seconds = -start.timeIntervalSinceNow
         while !reader.isFinished { Thread.sleep(forTimeInterval: 0.01) }
-        return Run(status: p.terminationStatus, output: String(decoding: sink.data, as: UTF8.self), timedOut: timedOut)
+        return Run(status: p.terminationStatus, output: String(decoding: sink.data, as: UTF8.self), timedOut: timedOut,
+                   seconds: seconds, actionAt: actionAt)
     }
 
-    static func mpirun(_ np: Int, _ arguments: [String], timeout: Double = 180, environment: [String: String] = [:]) throws -> Run {
+    static func mpirun(_ np: Int, _ arguments: [String], timeout: Double = 180, environment: [String: String] = [:],
+                       during: (after: Double, action: () -> Bool)? = nil) throws -> Run {
         try run(["mpirun", "-np", "\(np)"] + environment.keys.sorted().flatMap { ["-x", $0] } + [binary] + arguments,
-                timeout: timeout, environment: environment)
+                timeout: timeout, environment: environment, during: during)
     }
 
     static func simulated(_ arguments: [String], timeout: Double = 180) throws -> Run {
         try run([binary] + arguments, timeout: timeout)
     }
+
+    /// Processes whose environment holds SEQPAR_TEST_TAG=`tag` (and, given `rank`, OMPI_COMM_WORLD_RANK=`rank`):
+    /// a test tags its launch to find its ranks, to signal one, or to show that none is left.
+    static func processes(tagged tag: String, rank: Int? = nil) -> [Int32] {
+        let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+        return entries.compactMap(Int32.init).filter { pid in
+            guard pid != getpid(), let env = FileManager.default.contents(atPath: "/proc/\(pid)/environ") else { return false }
+            let vars = env.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
+            return vars.contains("SEQPAR_TEST_TAG=\(tag)") && (rank.map { vars.contains("OMPI_COMM_WORLD_RANK=\($0)") } ?? true)
+        }
+    }
+
+    /// A tag no other launch uses.
+    static func uniqueTag() -> String { "\(getpid())-\(UInt32.random(in: 0...UInt32.max))" }
 
     static var mpirunAvailable: Bool {
         ((try? run(["mpirun", "--version"], timeout: 30))?.status ?? 1) == 0
@@ -232,7 +261,6 @@ enum Harness {
         BadInput(arguments: ["attention", "--algorithm", "allgather", "--q", "/nonexistent/q.npy", "--k", "/nonexistent/k.npy", "--v", "/nonexistent/v.npy"], message: "no such file"),
         BadInput(arguments: ["attention", "--algorithm", "allgather", "--layout", "diagonal"], message: "layout"),
         BadInput(arguments: ["attention", "--algorithm", "allgather", "--out", "/nonexistent-dir/o.npy"], message: "does not exist"),
-        // Impossible memory: refused before allocating, with the estimate and what would fit.
         BadInput(arguments: ["attention", "--algorithm", "lasp2", "--decay", "1.5"], message: "--decay 1.5 is outside (0, 1]"),
         BadInput(arguments: ["attention", "--algorithm", "lasp2", "--decay", "0.9,0.8", "--heads", "4"], message: "2 values for 4 heads"),
         BadInput(arguments: ["attention", "--algorithm", "lasp2", "--decay", "0.9,x"], message: "--decay '0.9,x'"),
@@ -251,7 +279,30 @@ enum Harness {
         BadInput(arguments: ["attention", "--algorithm", "ring", "--latent-dim", "64"], message: "apply to latent attention"),
         BadInput(arguments: ["attention", "--algorithm", "lasp2h"], message: "needs --layers"),
         BadInput(arguments: ["attention", "--algorithm", "lasp2h", "--layers", "LS", "--decay", "2"], message: "--decay 2.0 is outside (0, 1]"),
+        // Impossible memory: refused before allocating, with the estimate and what would fit.
         BadInput(arguments: ["attention", "--algorithm", "allgather", "--seq-len", "50000000", "--heads", "32", "--head-dim", "128"], message: "use at most about --seq-len"),
+        BadInput(arguments: ["attention", "--algorithm", "rsa", "--seq-len", "400000"], message: "score rows B*H*C*L (kept for backward)"),
+        BadInput(arguments: ["attention", "--algorithm", "ring", "--seq-len", "300000000"], message: "use at most about --seq-len"),
+        BadInput(arguments: ["attention", "--algorithm", "lasp2", "--seq-len", "300000000"], message: "use at most about --seq-len"),
+        BadInput(arguments: ["attention", "--algorithm", "tpla", "--seq-len", "300000000", "--latent-dim", "96"], message: "the latent run needs about"),
+        BadInput(arguments: ["decode", "--prompt-len", "300000000", "--latent-dim", "96"], message: "use a shorter --prompt-len or more machines"),
+        // kv heads that do not divide heads, for every algorithm that takes them.
+        BadInput(arguments: ["attention", "--algorithm", "ring", "--heads", "4", "--kv-heads", "3"], message: "--kv-heads 3 does not divide --heads 4"),
+        BadInput(arguments: ["attention", "--algorithm", "rsa", "--heads", "4", "--kv-heads", "3"], message: "--kv-heads 3 does not divide --heads 4"),
+        BadInput(arguments: ["attention", "--algorithm", "ulysses", "--heads", "6", "--kv-heads", "4"], message: "--kv-heads 4 does not divide --heads 6"),
+        BadInput(arguments: ["attention", "--algorithm", "lasp1", "--heads", "4", "--kv-heads", "3"], message: "--kv-heads 3 does not divide --heads 4"),
+        BadInput(arguments: ["attention", "--algorithm", "lasp2", "--heads", "4", "--kv-heads", "3"], message: "--kv-heads 3 does not divide --heads 4"),
+        BadInput(arguments: ["attention", "--algorithm", "lasp2h", "--layers", "LS", "--heads", "4", "--kv-heads", "3"], message: "--kv-heads 3 does not divide --heads 4"),
+        // Ulysses: P divides H, but a rank's heads would straddle kv heads.
+        BadInput(arguments: ["attention", "--algorithm", "ulysses", "--heads", "6", "--kv-heads", "2"], message: "those straddle kv heads"),
+        // Decay at and beyond the edges of (0, 1], and not a number.
+        BadInput(arguments: ["attention", "--algorithm", "lasp1", "--decay", "0"], message: "--decay 0.0 is outside (0, 1]"),
+        BadInput(arguments: ["attention", "--algorithm", "lasp2", "--decay=-0.5"], message: "--decay -0.5 is outside (0, 1]"),
+        BadInput(arguments: ["attention", "--algorithm", "lasp2", "--decay", "nan"], message: "--decay nan is outside (0, 1]"),
+        BadInput(arguments: ["attention", "--algorithm", "lasp2", "--heads", "2", "--decay", "0.9,inf"], message: "--decay inf is outside (0, 1]"),
+        BadInput(arguments: ["attention", "--algorithm", "ring", "--head-dim", "0"], message: "--head-dim 0: must be at least 1"),
+        BadInput(arguments: ["attention", "--algorithm", "ring", "--timeout", "0"], message: "--timeout must be a positive number of seconds"),
+        BadInput(arguments: ["decode", "--steps", "0"], message: "--steps is 0"),
     ]
 
     @Test(arguments: badInputs) func badOptionsFailClearlyUnderMPI(_ bad: BadInput) throws {
@@ -294,16 +345,28 @@ enum Harness {
         var withNaN = good
         withNaN[4 * 8 + 1 * 4 + 2] = .nan  // token 4, head 1, dim 2
         let k = npy("k.npy", shape: shape, values: good), v = npy("v.npy", shape: shape, values: good)
-        let cases: [(q: String, message: String)] = [
-            (npy("nan.npy", shape: shape, values: withNaN), "holds nan at (batch, token, head, dim) [0, 4, 1, 2]"),
-            (npy("trunc.npy", shape: shape, values: good, truncate: 10), "truncated"),
-            (npy("fortran.npy", fortran: true, shape: shape, values: good), "Fortran-order"),
-            (npy("int.npy", descr: "<i4", shape: shape, values: good), "dtype '<i4' is not supported"),
-            (npy("short.npy", shape: [5, 2, 4], values: Array(good.prefix(40))), "disagree"),
-            (npy("rank2.npy", shape: [6, 8], values: good), "expected (seq, heads, head_dim)"),
+        var withInf = good
+        withInf[5 * 8 + 0 * 4 + 3] = -.infinity  // token 5, head 0, dim 3
+        let fifo = dir.appendingPathComponent("fifo.npy").path
+        #expect(mkfifo(fifo, 0o600) == 0)
+        let garbage = dir.appendingPathComponent("garbage.npy").path
+        FileManager.default.createFile(atPath: garbage, contents: Data((0..<300).map { UInt8(truncatingIfNeeded: $0 &* 131 &+ 7) }))
+        let cases: [(q: String, k: String?, v: String?, message: String)] = [
+            (npy("nan.npy", shape: shape, values: withNaN), nil, nil, "holds nan at (batch, token, head, dim) [0, 4, 1, 2]"),
+            (npy("q.npy", shape: shape, values: good), nil, npy("inf.npy", shape: shape, values: withInf), "holds -inf at (batch, token, head, dim) [0, 5, 0, 3]"),
+            (npy("trunc.npy", shape: shape, values: good, truncate: 10), nil, nil, "truncated"),
+            (npy("fortran.npy", fortran: true, shape: shape, values: good), nil, nil, "Fortran-order"),
+            (npy("int.npy", descr: "<i4", shape: shape, values: good), nil, nil, "dtype '<i4' is not supported"),
+            (npy("half.npy", descr: "<f2", shape: [6, 2, 2], values: good), nil, nil, "dtype '<f2' is not supported"),
+            (npy("big.npy", descr: ">f4", shape: shape, values: good), nil, nil, "big-endian"),
+            (garbage, nil, nil, "not a .npy file"),
+            (fifo, nil, nil, "not a regular file"),
+            (npy("short.npy", shape: [5, 2, 4], values: Array(good.prefix(40))), nil, nil, "disagree"),
+            (npy("q.npy", shape: shape, values: good), nil, npy("v3.npy", shape: [6, 3, 4], values: good + good.prefix(24)), "must have the same shape"),
+            (npy("rank2.npy", shape: [6, 8], values: good), nil, nil, "expected (seq, heads, head_dim)"),
         ]
         for c in cases {
-            let args = ["attention", "--algorithm", "allgather", "--q", c.q, "--k", k, "--v", v]
+            let args = ["attention", "--algorithm", "allgather", "--q", c.q, "--k", c.k ?? k, "--v", c.v ?? v]
             let r = try Harness.mpirun(3, args, timeout: 60)
             #expect(!r.timedOut && r.status != 0 && r.output.contains(c.message), "mpirun, \(c.q): \(r.output)")
             let s = try Harness.simulated(args + ["--ranks", "3"], timeout: 60)

@@ -24,6 +24,23 @@ import Testing
         #expect(Date().timeIntervalSince(start) < 10)
     }
 
+    /// The agreement at the start of every run: one rank with another sequence length and seed stops every rank,
+    /// naming that rank and each differing field.
+    @Test func ranksThatDisagreeOnTheConfigurationAllThrow() throws {
+        struct Config: Encodable { var seqLen: Int; var seed: UInt64; var algorithm = "ring" }
+        let results = try InProcessCluster.run(ranks: 4, timeout: 30) { comm -> String in
+            do {
+                try AttentionRun.agreeOnConfiguration(Config(seqLen: comm.rank == 2 ? 101 : 100, seed: comm.rank == 2 ? 7 : 0), comm: comm)
+                return "agreed"
+            } catch let e as SeqParError {
+                return "\(e)"
+            }
+        }
+        for text in results {
+            #expect(text.hasPrefix("rank 2: ranks disagree on the run's configuration (seed: rank 0 has 0, rank 2 has 7; seqLen: rank 0 has 100, rank 2 has 101)"), "\(text)")
+        }
+    }
+
     @Test func aReceiveNobodySendsTimesOut() throws {
         #expect {
             _ = try InProcessCluster.run(ranks: 2, timeout: 1) { comm in

@@ -25,6 +25,16 @@ import Testing
         #expect(abs(scaled.o[0] - (3 + 5 * e * e) / (1 + e * e)) < 1e-14)
     }
 
+    /// The error every check reports: relative to the oracle's largest magnitude, and absolute where the oracle is
+    /// zero everywhere (one token: softmax over a single key has no gradient, so dQ and dK are exactly 0 and the
+    /// kernel's rounding residue is all there is).
+    @Test func relativeErrorAgainstAZeroOracleIsAbsolute() {
+        #expect(relativeError(Tensor(shape: [3], values: [1, 2.5, -4]), [1, 2, -4]) == 0.5 / 4)
+        #expect(relativeError(Tensor(shape: [2], values: [3e-8, -1e-8]), [0, 0]) == Double(Float(3e-8)))
+        #expect(relativeError(Tensor(shape: [2], values: [0, 0]), [0, 0]) == 0)
+        #expect(relativeError(Tensor(shape: [1], values: [.nan]), [0]).isNaN)
+    }
+
     /// GQA: with kv heads shared, query heads 0 and 1 read kv head 0, heads 2 and 3 read kv head 1; equal to
     /// running plain multi-head attention on K/V with each kv head repeated.
     @Test func groupedQueryAttentionMatchesRepeatedHeads() {

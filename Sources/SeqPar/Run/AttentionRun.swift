@@ -436,6 +436,8 @@ public enum AttentionRun {
     static func agreeOnConfiguration(_ config: some Encodable, comm: some Communicator) throws {
         let encoder = JSONEncoder()
         encoder.outputFormatting = .sortedKeys
+        // A NaN or infinite option (--decay nan) must reach the checks that name it, not fail the encoding.
+        encoder.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
         let json = String(decoding: try encoder.encode(config), as: UTF8.self)
         var hash: UInt64 = 0xCBF2_9CE4_8422_2325
         for byte in json.utf8 { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01B3 }

@@ -16,6 +16,12 @@ public enum NPY {
 
     /// Reads an array from `path`.
     public static func read(_ path: String) throws -> Tensor {
+        // Only regular files: a pipe or a device (/dev/zero, a FIFO nobody writes) would block or never end.
+        var info = stat()
+        if stat(path, &info) == 0 && (info.st_mode & S_IFMT) != S_IFREG {
+            let what = (info.st_mode & S_IFMT) == S_IFDIR ? "a directory" : "not a regular file (a pipe, socket or device)"
+            throw NPYError(file: path, problem: "is \(what); give the path of a .npy file")
+        }
         guard let data = FileManager.default.contents(atPath: path) else {
             let why = FileManager.default.fileExists(atPath: path) ? "cannot be read (permissions?)" : "no such file"
             throw NPYError(file: path, problem: why)
