@@ -116,10 +116,13 @@ public enum AttentionBench {
         let implementation = algorithm.implementation
 
         /// Runs `step` warmup + repeats times from a barrier; returns this rank's times and one step's counters.
-        func timeSteps(_ step: () throws -> Void) throws -> (times: [Double], counters: CommCounters) {
+        /// `before` runs untimed ahead of each step (the forward drops the previous step's output there, so two
+        /// outputs, with RSA's kept score rows, never live at once).
+        func timeSteps(before: () -> Void = {}, _ step: () throws -> Void) throws -> (times: [Double], counters: CommCounters) {
             var times: [Double] = []
             var counters = CommCounters()
             for i in 0..<(warmup + repeats) {
+                before()
                 try comm.barrier()
                 comm.resetCounters()
                 let t = SystemInfo.now()
@@ -132,7 +135,7 @@ public enum AttentionBench {
         }
 
         var output: AttentionOutput?
-        let forward = try timeSteps { output = try implementation.forward(x, comm: comm) }
+        let forward = try timeSteps(before: { output = nil }) { output = try implementation.forward(x, comm: comm) }
         var runs = [("forward", forward)]
         if backward, let out = output {
             runs.append(("backward", try timeSteps { _ = try implementation.backward(x, output: out, gradOut: dO, comm: comm) }))
