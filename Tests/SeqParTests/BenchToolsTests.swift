@@ -172,7 +172,8 @@ func figure(_ algorithm: String, ranks: Int, seqLen: Int, time: Double, gflops: 
         #expect(m.kernelRate(.softmax, "forward", ranksAtOnce: 1, tokens: 8192) == 60)
         #expect(abs(m.kernelRate(.softmax, "forward", ranksAtOnce: 4, tokens: 8192)! - 45) < 1e-9)  // halfway in log k
         #expect(abs(m.links["ring"]![2]!.alpha - 1e-6) < 1e-12)
-        #expect(abs(m.algorithmFactors["rsa forward"]! - 1.0 / 3) < 1e-12)
+        #expect(abs(m.algorithmFactor("rsa", "forward") - 1.0 / 3) < 1e-12)
+        #expect(m.algorithmFactor("ulysses", "forward") == 1)  // no figure: the kernel's rate
         #expect(abs(m.diagonal("forward", 4096) - 0.75) < 1e-12)
     }
 }

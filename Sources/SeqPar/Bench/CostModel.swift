@@ -49,7 +49,14 @@ public struct CostModel: Sendable {
     /// Fits per operation ("ring", "allgather", "alltoall", "pingpong") and rank count.
     public var links: [String: [Int: Link]] = [:]
     /// Per algorithm and direction: its one-rank rate over the kernel's ("ring forward" -> 1.02).
-    public var algorithmFactors: [String: Double] = [:]
+    /// Several one-rank figures of one algorithm (other L or H) give one factor: their geometric mean, whatever the
+    /// order of the files.
+    public var algorithmFactors: [String: [Double]] = [:]
+
+    func algorithmFactor(_ algorithm: String, _ direction: String) -> Double {
+        guard let fs = algorithmFactors["\(algorithm) \(direction)"], !fs.isEmpty else { return 1 }
+        return exp(fs.map { log($0) }.reduce(0, +) / Double(fs.count))
+    }
     /// One-rank TPLA decode step and its shape, for the decode prediction.
     public var decodeOneRank: (timeS: Double, seqLen: Int, latentDim: Int, ropeDim: Int)?
     public var overlap: [String: Double] = ["forward": 0.8, "backward": 0.8]
@@ -168,9 +175,9 @@ public struct CostModel: Sendable {
         for o in oneRank {
             guard let family = AlgorithmName(rawValue: o.algorithm)?.family, !["ring", "dense"].contains(o.algorithm) else { continue }
             if family == .softmax, let base = oneRank.first(where: { ["ring", "dense"].contains($0.algorithm) && $0.direction == o.direction && $0.seqLen == o.seqLen && $0.heads == o.heads }) {
-                algorithmFactors["\(o.algorithm) \(o.direction)"] = o.gflops / base.gflops
+                algorithmFactors["\(o.algorithm) \(o.direction)", default: []].append(o.gflops / base.gflops)
             } else if family == .linear, let r = kernelRate(family, o.direction, ranksAtOnce: 1, tokens: o.seqLen * o.heads) {
-                algorithmFactors["\(o.algorithm) \(o.direction)"] = o.gflops / r
+                algorithmFactors["\(o.algorithm) \(o.direction)", default: []].append(o.gflops / r)
             }
         }
     }
@@ -279,7 +286,7 @@ public struct CostModel: Sendable {
         guard let kernel = kernelRate(name.family, q.direction, ranksAtOnce: k, tokens: elements) else {
             throw SeqParError.invalidInput("model: no \(name.family) kernel figures for \(q.direction): calibrate with seqpar bench kernel --kernel softmax linear --json output")
         }
-        let rate = kernel * 1e9 * (algorithmFactors["\(q.algorithm) \(q.direction)"] ?? 1)
+        let rate = kernel * 1e9 * algorithmFactor(q.algorithm, q.direction)
         let factor = backward ? AttentionRun.backwardFlopsFactor(name.family) : 1
         let total = AttentionRun.attentionFlops(AttentionShape(seqLen: q.seqLen, heads: q.heads, kvHeads: q.kvHeads, headDim: q.headDim),
                                                 causal: name.family == .linear ? true : q.causal, family: name.family) * factor
