@@ -19,7 +19,9 @@ let targetCPU: String? = {
     guard let info = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8),
           let flags = info.split(separator: "\n").first(where: { $0.hasPrefix("flags") }) else { return nil }
     let set = Set(flags.split(separator: " "))
-    return set.contains("avx2") && set.contains("fma") ? "haswell" : nil
+    // Everything `haswell` may emit: a VM that masks any of these gets a portable build instead of SIGILL.
+    let needed = ["avx", "avx2", "fma", "bmi1", "bmi2", "abm", "movbe", "f16c", "popcnt"]  // abm: LZCNT
+    return needed.allSatisfy { set.contains(Substring($0)) } ? "haswell" : nil
     #else
     return nil
     #endif

@@ -27,9 +27,11 @@ struct ReportCommand: ParsableCommand {
             let points = ScalingReport.withEfficiency(try files.flatMap(ScalingReport.load), mode: mode)
             let name = title ?? "\(mode.rawValue) scaling"
             let csv = ScalingReport.csv(points)
+            // 0 to 1.2, or higher where a point is superlinear (never clipped).
+            let top = max(1.2, (points.compactMap(\.efficiency).max() ?? 0) * 1.05)
             let efficiency = try SVGPlot.render(
                 title: "\(name): efficiency", xLabel: "ranks", yLabel: "scaling efficiency",
-                series: ScalingReport.series(points, x: { Double($0.ranks) }, y: \.efficiency), xScale: .log2, yRange: 0...1.2, reference: 1)
+                series: ScalingReport.series(points, x: { Double($0.ranks) }, y: \.efficiency), xScale: .log2, yRange: 0...top, reference: 1)
             let time = mode == .weak
                 ? try SVGPlot.render(title: "\(name): step time", xLabel: "sequence length L (tokens per rank fixed)", yLabel: "step time (s)",
                                      series: ScalingReport.series(points, x: { Double($0.seqLen) }, y: \.timeS), xScale: .log2, yScale: .log10)

@@ -92,25 +92,27 @@ public struct CostModel: Sendable {
         return Link(alpha: alpha, gamma: gamma)
     }
 
-    /// Parses "bw=25GB/s,lat=2us" (bw in GB/s, MB/s, Gb/s or B/s; lat in s, ms, us or ns).
+    /// Parses "bw=25GB/s,lat=2us" (bw in GB/s, GiB/s, MB/s, kB/s, B/s, or bits: Gb/s, Gbit/s, Mb/s; lat in s, ms, us or ns).
     public static func parseNetwork(_ text: String) throws -> Link {
         var bw: Double?, lat: Double?
         for part in text.split(separator: ",") {
             let kv = part.split(separator: "=", maxSplits: 1).map { $0.trimmingCharacters(in: .whitespaces) }
             guard kv.count == 2 else { throw SeqParError.invalidInput("--network \"\(text)\": \"\(part)\" is not key=value: write e.g. \"bw=25GB/s,lat=2us\"") }
-            let v = kv[1].lowercased()
-            let number = Double(v.prefix { "0123456789.e+-".contains($0) }) ?? .nan
-            let unit = String(v.drop { "0123456789.e+-".contains($0) })
+            let v = kv[1]
+            let number = Double(v.prefix { "0123456789.eE+-".contains($0) }) ?? .nan
+            let unit = String(v.drop { "0123456789.eE+-".contains($0) })
             switch kv[0].lowercased() {
             case "bw":
-                let scale: [String: Double] = ["gb/s": 1e9, "gib/s": 1073741824, "mb/s": 1e6, "kb/s": 1e3, "b/s": 1, "gbit/s": 1.25e8]
+                // Bytes in capitals (GB/s), bits spelled out or lower-case b (Gbit/s, Gb/s, as NICs are quoted).
+                let scale: [String: Double] = ["GB/s": 1e9, "GiB/s": 1073741824, "MB/s": 1e6, "kB/s": 1e3, "B/s": 1,
+                                               "Gbit/s": 1.25e8, "Gb/s": 1.25e8, "Gbps": 1.25e8, "Mbit/s": 1.25e5, "Mb/s": 1.25e5]
                 guard let s = scale[unit] else {
-                    throw SeqParError.invalidInput("--network bw=\(kv[1]): give a unit, one of GB/s, GiB/s, MB/s, kB/s, B/s, Gbit/s")
+                    throw SeqParError.invalidInput("--network bw=\(kv[1]): give a unit, one of GB/s, GiB/s, MB/s, kB/s, B/s (bytes) or Gb/s, Gbit/s, Mb/s (bits)")
                 }
                 bw = number * s
             case "lat":
-                let scale: [String: Double] = ["s": 1, "ms": 1e-3, "us": 1e-6, "ns": 1e-9]
-                guard let s = scale[unit] else { throw SeqParError.invalidInput("--network lat=\(kv[1]): give a unit, one of s, ms, us, ns") }
+                let scale: [String: Double] = ["s": 1, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9]
+                guard let s = scale[unit.lowercased()] else { throw SeqParError.invalidInput("--network lat=\(kv[1]): give a unit, one of s, ms, us, ns") }
                 lat = number * s
             default: throw SeqParError.invalidInput("--network: unknown key \"\(kv[0])\": the keys are bw and lat")
             }
@@ -143,15 +145,18 @@ public struct CostModel: Sendable {
             }
             switch object["bench"] as? String {
             case "kernel":
-                kernelRates.append(KernelRate(kernel: try string("kernel"), direction: try string("direction"), ranksAtOnce: Int(try number("ranks")),
-                                              seqLen: Int(try number("seq_len")), gflops: try number("gflops")))
+                // The linear kernel's rate follows its working set, tokens x heads (the model looks it up that way).
+                let kernel = try string("kernel")
+                let heads = kernel == BenchKernel.linear.name ? Int((object["heads"] as? NSNumber)?.intValue ?? 1) : 1
+                kernelRates.append(KernelRate(kernel: kernel, direction: try string("direction"), ranksAtOnce: Int(try number("ranks")),
+                                              seqLen: Int(try number("seq_len")) * heads, gflops: try number("gflops")))
             case "comm":
                 comm[try string("operation"), default: [:]][Int(try number("ranks")), default: []].append((try number("bytes"), try number("time_s")))
             case "overlap":
                 overlap[try string("direction")] = min(max(try number("overlap"), 0), 1)
-            case "attention" where Int(try number("ranks")) == 1:
+            case "attention" where Int(try number("ranks")) == 1 && (object["causal"] as? Bool ?? true):
                 oneRank.append((try string("algorithm"), try string("direction"), Int(try number("seq_len")), Int(try number("heads")), try number("gflops")))
-            case "latent" where Int(try number("ranks")) == 1:
+            case "latent" where Int(try number("ranks")) == 1 && object["algorithm"] as? String == "tpla":
                 decodeOneRank = (try number("time_s"), Int(try number("seq_len")), Int(try number("latent_dim")), Int(try number("rope_dim")))
             default: continue
             }
@@ -316,8 +321,8 @@ public struct CostModel: Sendable {
         case .rsa:
             let link = try pointToPoint(p)
             let m = p == 1 ? 0 : link.time(kvBytes / 2)
-            let perStep = total / pd / (2 * pd) / rate
             let passes = backward ? 4.0 : 2.0
+            let perStep = total / pd / (passes * pd) / rate
             let (t, exposed) = overlapped(passes * (pd - 1), compute: perStep, comm: m)
             let compute = total / pd / rate
             return Prediction(timeS: compute - passes * (pd - 1) * perStep + t, computeS: compute, commS: passes * (pd - 1) * m, exposedCommS: exposed)
@@ -330,7 +335,7 @@ public struct CostModel: Sendable {
         case .allgather:
             let comm = try collective("allgather", bytes: kvBytes, ranks: p) * (backward ? 2 : 1)
             let compute: Double = !q.causal ? f * h * d * c * l * factor / rate
-                : q.layout == .zigzag ? 2 * diagonalBlock(c / 2) + f * h * d * (c / 2) * (l - c) * factor / rate
+                : q.layout == .zigzag ? 2 * diagonalBlock(c / 2) + f * h * d * (c / 2) * (l - c / 2) * factor / rate
                 : diagonalBlock(c) + f * h * d * c * (l - c) * factor / rate
             return Prediction(timeS: compute + comm, computeS: compute, commS: comm, exposedCommS: comm)
         case .lasp1, .lasp2:
@@ -360,6 +365,7 @@ public struct CostModel: Sendable {
 
     /// The model's prediction for a measured figure, or nil where it does not apply.
     public func predict(_ point: ScalingPoint, ranksPerHost: Int) throws -> Prediction? {
+        guard point.bench != "latent" || point.algorithm == "tpla" else { return nil }  // the model has TPLA decode only
         var q = Problem(algorithm: point.bench == "latent" ? "tpla" : point.algorithm, seqLen: point.seqLen, heads: point.heads,
                         headDim: point.headDim ?? 64, causal: point.causal ?? true, layout: SequenceLayout(rawValue: point.layout ?? "contiguous") ?? .contiguous,
                         direction: point.direction, ranks: point.ranks, ranksPerHost: ranksPerHost)

@@ -88,7 +88,7 @@ public enum KernelBench {
         let x = SeededInputs.attention(shape: s, options: options, positions: all, seed: 3)
         let dO = SeededInputs.gradOut(shape: s, positions: all, seed: 3)
         let flops = AttentionRun.attentionFlops(s, causal: options.causal, family: family)
-        let expCost = KernelProfile.expSecondsPerElement()
+        let expCost = KernelProfile.expSecondsPerElement(rowLength: SoftmaxAttention.tileCols)
         let solo = InProcessCluster(size: 1).makeCommunicators()[0]
         let implementation = (kernel == .softmax ? AlgorithmName.dense : AlgorithmName.lasp2).implementation
 

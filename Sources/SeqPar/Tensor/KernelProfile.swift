@@ -1,7 +1,7 @@
 // Where a kernel's time goes, for `seqpar bench kernel`: time inside OpenBLAS sgemm (each call timed; a tile
 // product is tens of microseconds, so the clock's cost is noise), exponentials (counted, not timed: a row of 128 is
 // a few dozen nanoseconds, as short as a clock read, so the count is multiplied by the cost per element measured
-// on rows of the same length in the same run), and the rest by subtraction. Off unless a benchmark turns it on:
+// on rows of the kernel's key-tile length in the same run), and the rest by subtraction. Off unless a benchmark turns it on:
 // then each hook costs one branch on a plain flag.
 import Foundation
 import Synchronization
@@ -45,9 +45,10 @@ public enum KernelProfile {
         return (seconds, Double(gemmNanoseconds.load(ordering: .relaxed)) * 1e-9, expElements.load(ordering: .relaxed))
     }
 
-    /// Seconds per element of `VectorMath.expInPlace` on rows of `rowLength` already in cache, as the kernel calls it.
+    /// Seconds per element of `VectorMath.expInPlace` on rows of `rowLength` already in cache, as the kernel calls it
+    /// (the softmax kernel's rows are key tiles of `SoftmaxAttention.tileCols`; elu1's exp is counted at this cost too).
     public static func expSecondsPerElement(rowLength: Int = 128) -> Double {
-        let rows = 4096
+        let rows = max(1, (1 << 19) / rowLength)
         let buffer = UnsafeMutablePointer<Float>.allocate(capacity: rowLength)
         defer { buffer.deallocate() }
         var best = Double.infinity
