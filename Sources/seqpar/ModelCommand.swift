@@ -66,8 +66,9 @@ struct ModelPredict: ParsableCommand {
             for a in algorithm { for l in seqLen { for p in ranks {
                 let q = CostModel.Problem(algorithm: a, seqLen: l, heads: heads, kvHeads: kvHeads, headDim: headDim, causal: !full, layout: layout,
                                           direction: backward ? "backward" : "forward", ranks: p, ranksPerHost: model.ranksPerHost)
-                guard let r = try? m.predict(q) else {
-                    print(zip([a, "\(p)", "\(l)", "n/a"], columns).map { Report.pad($0, $1.1) }.joined()); continue
+                let r: CostModel.Prediction
+                do { r = try m.predict(q) } catch {
+                    print(zip([a, "\(p)", "\(l)", "n/a"], columns).map { Report.pad($0, $1.1) }.joined() + "(\(error))"); continue
                 }
                 let cells = [a, "\(p)", "\(l)", String(format: "%.4g", r.timeS), String(format: "%.4g", r.computeS), String(format: "%.4g", r.commS),
                              String(format: "%.4g", r.exposedCommS), String(format: "%.4g", Double(l) / r.timeS)]
@@ -89,8 +90,9 @@ struct ModelValidate: ParsableCommand {
             var m = try model.model()
             var points: [ScalingPoint] = []
             for path in measured {
-                points += try ScalingReport.load(path)
-                if oneRankFactors, let data = FileManager.default.contents(atPath: path) { try m.calibrate(String(decoding: data, as: UTF8.self), name: path) }
+                let text = try ScalingReport.text(of: path)
+                points += try ScalingReport.parse(text, name: path)
+                if oneRankFactors { try m.calibrate(text, name: path) }
             }
             let columns = [("series", 38), ("ranks", 6), ("L", 9), ("measured_s", 12), ("predicted_s", 12), ("error", 8)]
             print("# seqpar model validate: calibration \(model.calibration.joined(separator: " "))\(oneRankFactors ? " + one-rank figures" : ""); error = predicted / measured - 1; tolerance \(Int(tolerance * 100))%")

@@ -23,7 +23,7 @@ struct ReportCommand: ParsableCommand {
     }
 
     func run() throws {
-        do {
+        try reportingErrors {
             let points = ScalingReport.withEfficiency(try files.flatMap(ScalingReport.load), mode: mode)
             let name = title ?? "\(mode.rawValue) scaling"
             let csv = ScalingReport.csv(points)
@@ -50,9 +50,6 @@ struct ReportCommand: ParsableCommand {
                              p.efficiency.map { String(format: "%.2f", $0) } ?? "-", p.overlap.map { String(format: "%.0f%%", 100 * $0) } ?? "-"]
                 print(zip(cells, columns).map { Report.pad($0, $1.1) }.joined())
             }
-        } catch {
-            printError("\(error)")
-            throw ExitCode.failure
         }
     }
 }

@@ -78,12 +78,17 @@ public enum ScalingReport {
         return points
     }
 
-    /// Reads `path` and parses it.
-    public static func load(_ path: String) throws -> [ScalingPoint] {
+    /// The text of `path`; an unreadable path is an error naming it.
+    public static func text(of path: String) throws -> String {
         guard let data = FileManager.default.contents(atPath: path) else {
             throw SeqParError.invalidInput("\(path): cannot read the file: check the path")
         }
-        return try parse(String(decoding: data, as: UTF8.self), name: path)
+        return String(decoding: data, as: UTF8.self)
+    }
+
+    /// Reads `path` and parses it.
+    public static func load(_ path: String) throws -> [ScalingPoint] {
+        try parse(text(of: path), name: path)
     }
 
     /// Points with their scaling efficiency taken from the series' one-rank point where the sweep has one (strong:
