@@ -58,29 +58,32 @@ import Testing
     }
 
     /// ring: forward sends exactly P-1 packed K/V blocks per rank and no collective; backward P-1 K/V blocks and
-    /// P dK/dV blocks (none at P = 1).
+    /// P-1 dK/dV blocks (those of ranks r-1, ..., r-P+1: the own block's never leaves; none at P = 1).
     @Test(arguments: [1, 2, 3, 4]) func ringCommunicationPattern(ranks: Int) throws {
         let s = AttentionShape(seqLen: 26, heads: 2, kvHeads: 1, headDim: 16)
         let counters = try checkAttention(AttentionCase(algorithm: .ring, ranks: ranks, shape: s, causal: true, layout: .zigzag))
         let counts = SequenceLayout.zigzag.counts(ranks: ranks, length: 26)
         for (r, (fwd, bwd)) in counters.enumerated() {
             #expect(fwd.messagesSent == ranks - 1 && fwd.collectives == 0, "rank \(r) forward \(fwd)")
-            #expect(bwd.messagesSent == (ranks == 1 ? 0 : 2 * ranks - 1) && bwd.collectives == 0, "rank \(r) backward \(bwd)")
+            #expect(bwd.messagesSent == 2 * (ranks - 1) && bwd.collectives == 0, "rank \(r) backward \(bwd)")
             // The blocks this rank forwards: its own, then those of ranks r-1, r-2, ... (P-1 of them).
             let forwarded = (0..<(ranks - 1)).map { counts[(r - $0 + ranks) % ranks] }.reduce(0, +)
             #expect(fwd.bytesSent == forwarded * 2 * s.kvHeads * s.headDim * 4, "rank \(r) forward bytes")
+            // Backward: the same K/V blocks, and the accumulators of blocks r-1, ..., r-P+1 after adding to them.
+            let accumulated = (1..<max(ranks, 1)).map { counts[(r - $0 + ranks) % ranks] }.reduce(0, +)
+            #expect(bwd.bytesSent == (forwarded + accumulated) * 2 * s.kvHeads * s.headDim * 4, "rank \(r) backward bytes")
         }
     }
 
     /// rsa: forward circulates K, then V: 2(P-1) messages per rank (C*G*D floats each) and no collective;
-    /// backward 2(P-1) K/V messages plus 2P accumulators (dV, dK) coming home.
+    /// backward 2(P-1) K/V messages plus 2(P-1) accumulators (dV, dK; the own block's stay home).
     @Test(arguments: [1, 2, 3, 4]) func rsaCommunicationPattern(ranks: Int) throws {
         let s = AttentionShape(seqLen: 26, heads: 2, kvHeads: 1, headDim: 16)
         let counters = try checkAttention(AttentionCase(algorithm: .rsa, ranks: ranks, shape: s, causal: true, layout: .zigzag))
         let counts = SequenceLayout.zigzag.counts(ranks: ranks, length: 26)
         for (r, (fwd, bwd)) in counters.enumerated() {
             #expect(fwd.messagesSent == 2 * (ranks - 1) && fwd.collectives == 0, "rank \(r) forward \(fwd)")
-            #expect(bwd.messagesSent == (ranks == 1 ? 0 : 4 * ranks - 2) && bwd.collectives == 0, "rank \(r) backward \(bwd)")
+            #expect(bwd.messagesSent == 4 * (ranks - 1) && bwd.collectives == 0, "rank \(r) backward \(bwd)")
             let forwarded = (0..<(ranks - 1)).map { counts[(r - $0 + ranks) % ranks] }.reduce(0, +)
             #expect(fwd.bytesSent == 2 * forwarded * s.kvHeads * s.headDim * 4, "rank \(r) forward bytes")
         }
@@ -92,7 +95,7 @@ import Testing
         var c = AttentionCase(algorithm: .ring, ranks: ranks, shape: AttentionShape(seqLen: 45, heads: 4, kvHeads: 2, headDim: 16), causal: true, layout: .zigzag)
         c.ringProgress = mode
         for (fwd, bwd) in try checkAttention(c) {
-            #expect(fwd.messagesSent == ranks - 1 && bwd.messagesSent == 2 * ranks - 1)
+            #expect(fwd.messagesSent == ranks - 1 && bwd.messagesSent == 2 * (ranks - 1))
         }
     }
 
@@ -101,7 +104,7 @@ import Testing
         var c = AttentionCase(algorithm: .rsa, ranks: ranks, shape: AttentionShape(seqLen: 31, heads: 2, kvHeads: 1, headDim: 16), causal: true, layout: .zigzag)
         c.dropSaved = true
         let counters = try checkAttention(c)
-        for (_, bwd) in counters { #expect(bwd.messagesSent == (ranks == 1 ? 0 : 5 * ranks - 3)) }
+        for (_, bwd) in counters { #expect(bwd.messagesSent == 5 * (ranks - 1)) }
     }
 
     /// ulysses: one all-to-all in and one back, forward and backward; no point-to-point messages.

@@ -109,6 +109,49 @@ import Testing
         #expect(relativeError(grads.dv, refG.dv) < gradTol, "dv \(relativeError(grads.dv, refG.dv))")
     }
 
+    /// Backward in shares of its work (ring attention's own block in two halves): the shares add up to the whole,
+    /// checked against the Double oracle; every (batch, head, query tile) unit lands in exactly one half, both halves
+    /// hold work, and an empty share does nothing.
+    @Test(arguments: [false, true]) func backwardInSharesAddsUpToTheWhole(causal: Bool) throws {
+        let s = AttentionShape(batch: 2, seqLen: 3 * SoftmaxAttention.tileRows + 77, heads: 2, kvHeads: 1, headDim: 16)
+        let all = Array(0..<s.seqLen)
+        let x = SeededInputs.attention(shape: s, options: AttentionOptions(), positions: all, seed: 6)
+        let dO = SeededInputs.gradOut(shape: s, positions: all, seed: 6)
+        let out = SoftmaxAttention.forward(q: x.q, qPositions: all, k: x.k, v: x.v, kPositions: all, causal: causal, scale: 0.25)
+        func part(_ work: Range<Double>) -> AttentionGradients {
+            SoftmaxAttention.backward(q: x.q, qPositions: all, k: x.k, v: x.v, kPositions: all, output: out, gradOut: dO,
+                                      causal: causal, scale: 0.25, work: work)
+        }
+        let shares = [part(0..<0.3), part(0.3..<0.5), part(0.5..<1)]
+        let sum = AttentionGradients(dq: Tensor(zeros: x.q.shape), dk: Tensor(zeros: x.k.shape), dv: Tensor(zeros: x.v.shape))
+        for g in shares { BLAS.axpy(g.dq, into: sum.dq); BLAS.axpy(g.dk, into: sum.dk); BLAS.axpy(g.dv, into: sum.dv) }
+        let refG = DenseOracle.backward(q: x.q, k: x.k, v: x.v, gradOut: dO, causal: causal, scale: 0.25)
+        let tol = Tolerance().gradient
+        #expect(relativeError(sum.dq, refG.dq) < tol, "dq \(relativeError(sum.dq, refG.dq))")
+        #expect(relativeError(sum.dk, refG.dk) < tol, "dk \(relativeError(sum.dk, refG.dk))")
+        #expect(relativeError(sum.dv, refG.dv) < tol, "dv \(relativeError(sum.dv, refG.dv))")
+        // dq rows of a unit are written only by the call that computes it.
+        let (first, second) = (part(0..<0.5), part(0.5..<1))
+        let rowWidth = s.headDim, tiles = (s.seqLen + SoftmaxAttention.tileRows - 1) / SoftmaxAttention.tileRows
+        var inFirst = 0, inSecond = 0
+        for b in 0..<s.batch {
+            for h in 0..<s.heads {
+                for t in 0..<tiles {
+                    let rows = (t * SoftmaxAttention.tileRows)..<min((t + 1) * SoftmaxAttention.tileRows, s.seqLen)
+                    func touched(_ g: AttentionGradients) -> Bool {
+                        rows.contains { i in (0..<rowWidth).contains { g.dq.pointer[((b * s.seqLen + i) * s.heads + h) * rowWidth + $0] != 0 } }
+                    }
+                    let (a, c) = (touched(first), touched(second))
+                    #expect(a != c, "unit b\(b) h\(h) tile \(t): first \(a), second \(c)")
+                    if a { inFirst += 1 } else if c { inSecond += 1 }
+                }
+            }
+        }
+        #expect(inFirst > 0 && inSecond > 0)
+        let none = part(0.4..<0.4)
+        #expect(none.dq.toArray().allSatisfy { $0 == 0 } && none.dk.toArray().allSatisfy { $0 == 0 })
+    }
+
     /// Keys in two blocks, merged in log space, equal the kernel over all keys; a block no query sees (-inf) is a no-op.
     @Test func lseMergeOfKeyBlocksEqualsTheWhole() {
         let s = AttentionShape(seqLen: 200, heads: 2, headDim: 16)

@@ -14,9 +14,10 @@
 // Step time for L tokens over P ranks, C = L/P tokens per rank, B = 1, rate R = kernel rate at k = min(P, ranks per
 // host) busy ranks and C tokens (interpolated in log k and log C, clamped to the measured range) times the
 // algorithm's factor; F = 4 H L^2 D (half causal) for softmax, H L (8 D^2 + 4*128 D) for linear (backward 2.5x, 3x):
-//   ring       per step compute c, exchange m = alpha + 2 G C D 4 gamma (K and V; backward also dK, dV and one more
-//              hop home); a step costs c + m - omega min(c, m). zigzag (or no mask): c = F/P^2 per step, P steps;
-//              contiguous causal: the last rank's half diagonal block then P-1 full blocks of 4 H C^2 D
+//   ring       per step compute c, exchange m = alpha + 2 G C D 4 gamma (K and V; backward also dK, dV, and one more
+//              hop home behind half the own block); a step costs c + m - omega min(c, m). zigzag (or no mask):
+//              c = F/P^2 per step, P steps; contiguous causal: the last rank's half diagonal block then P-1 full
+//              blocks of 4 H C^2 D
 //   rsa        two rings (K, then V), messages of G C D 4 bytes, same overlap rule, compute F/P at RSA's rate
 //   ulysses    all-to-all of (H + 2G) C D 4 bytes, F/P, all-to-all of H C D 4 bytes back (backward: twice each)
 //   allgather  allgather of 2 G C D 4 bytes per rank, then the slowest rank's compute: contiguous causal
@@ -309,7 +310,7 @@ public struct CostModel: Sendable {
         case .ring:
             let link = try pointToPoint(p)
             let m = p == 1 ? 0 : link.time(backward ? 2 * kvBytes : kvBytes)
-            let home = backward && p > 1 ? link.time(kvBytes) : 0
+            let homeHop = backward && p > 1 ? link.time(kvBytes) : 0
             let block = f * h * c * c * d * factor / rate
             // Own block first (a causal diagonal), then P-1 blocks as they arrive: whole blocks on the last rank of
             // the contiguous layout, half blocks under zigzag, whole blocks without a mask.
@@ -317,7 +318,9 @@ public struct CostModel: Sendable {
             let perStep = !q.causal || q.layout == .contiguous ? block : block / 2
             let steps = pd - 1
             let (t, exposed) = overlapped(steps, compute: perStep, comm: m)
-            return Prediction(timeS: first + t + home, computeS: first + steps * perStep, commS: steps * m + home, exposedCommS: exposed + home)
+            // Backward keeps half the own block back to hide the accumulators' last hop home behind.
+            let home = homeHop - omega * min(first / 2, homeHop)
+            return Prediction(timeS: first + t + home, computeS: first + steps * perStep, commS: steps * m + homeHop, exposedCommS: exposed + home)
         case .rsa:
             let link = try pointToPoint(p)
             let m = p == 1 ? 0 : link.time(kvBytes / 2)

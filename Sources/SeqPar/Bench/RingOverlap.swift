@@ -115,10 +115,13 @@ public enum RingOverlap {
             ("compute", {
                 _ = RingAttention.pack(x.k, x.v)
                 let dq = Tensor(zeros: x.q.shape)
-                for source in order where !RingAttention.skips(x, keys: blocks[source].keys) {
+                // RingAttention's order: the first share of the own block, the other blocks, the rest of the own block.
+                let own = ranks == 1 ? [(rank, 0.0..<1)] : [(rank, 0.0..<RingAttention.ownFirstShare)]
+                let work = own + order.dropFirst().map { ($0, 0.0..<1) } + (ranks == 1 ? [] : [(rank, RingAttention.ownFirstShare..<1)])
+                for (source, share) in work where !RingAttention.skips(x, keys: blocks[source].keys) {
                     let b = blocks[source]
                     let g = SoftmaxAttention.backward(q: x.q, qPositions: x.positions, k: b.k, v: b.v, kPositions: b.keys, output: output,
-                                                      gradOut: dO, causal: options.causal, scale: x.scale)
+                                                      gradOut: dO, causal: options.causal, scale: x.scale, work: share)
                     let acc = Tensor(zeros: [2 * g.dk.count])
                     let (dk, dv) = RingAttention.unpack(acc, x, tokens: b.keys.count)
                     BLAS.axpy(g.dq, into: dq)

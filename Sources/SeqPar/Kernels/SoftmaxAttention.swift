@@ -101,9 +101,12 @@ public enum SoftmaxAttention {
     /// Gradients of `sum(o * dO)`: dq (B, Cq, H, D), dk and dv (B, Ck, G, D), recomputing probabilities from lse.
     /// `output` is the forward result over the same keys, or over a superset of them (ring attention passes the
     /// final output and lse and calls this once per key block: the gradients then add up across blocks).
+    /// `work` selects a share of the call's work: its units are (batch, head, query tile), in that order, each costing
+    /// rows x visible keys; a unit belongs to the share holding the middle of its cost. Calls whose shares partition
+    /// 0..<1 add up to the whole (ring attention computes its own block in two such halves; see `RingAttention`).
     public static func backward(q: Tensor, qPositions: [Int], k: Tensor, v: Tensor, kPositions: [Int],
                                 output: AttentionOutput, gradOut dO: Tensor, causal: Bool, scale: Float,
-                                progress: () -> Void = {}) -> AttentionGradients {
+                                work: Range<Double> = 0..<1, progress: () -> Void = {}) -> AttentionGradients {
         let (batch, cq, heads, dim) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3])
         let (ck, kvHeads) = (k.shape[1], k.shape[2])
         precondition(dO.shape == q.shape && output.o.shape == q.shape)
@@ -114,16 +117,21 @@ public enum SoftmaxAttention {
         let dp = UnsafeMutablePointer<Float>.allocate(capacity: tileRows * tileCols)
         var rowDot = [Float](repeating: 0, count: tileRows)
         defer { p.deallocate(); dp.deallocate() }
+        let tiles = stride(from: 0, to: cq, by: tileRows).map { i0 in (rows: min(tileRows, cq - i0), reach: visible[i0..<min(i0 + tileRows, cq)].max()!) }
+        let perHead = tiles.reduce(0.0) { $0 + Double($1.rows * $1.reach) }
+        let total = perHead * Double(batch * heads)
         for b in 0..<batch {
             for h in 0..<heads {
+                var done = perHead * Double(b * heads + h)
                 let g = h / group
                 let (qh, kg, vg) = (q.head(batch: b, h), k.head(batch: b, g), v.head(batch: b, g))
                 let (oh, doh, dqh, dkg, dvg) = (output.o.head(batch: b, h), dO.head(batch: b, h), dq.head(batch: b, h), dk.head(batch: b, g), dv.head(batch: b, g))
                 let lseRow = output.lse.pointer + (b * heads + h) * cq
-                for i0 in stride(from: 0, to: cq, by: tileRows) {
-                    let i1 = min(i0 + tileRows, cq), rows = i1 - i0
-                    let reach = visible[i0..<i1].max()!
-                    if reach == 0 { continue }
+                for (t, tile) in tiles.enumerated() {
+                    let (i0, rows, reach) = (t * tileRows, tile.rows, tile.reach)
+                    let i1 = i0 + rows, cost = Double(rows * reach)
+                    defer { done += cost }
+                    if reach == 0 || !work.contains((done + cost / 2) / total) { continue }
                     for i in i0..<i1 { rowDot[i - i0] = VectorMath.dot(doh.base + i * doh.ld, oh.base + i * oh.ld, dim) }
                     for j0 in stride(from: 0, to: reach, by: tileCols) {
                         let j1 = min(j0 + tileCols, reach), width = j1 - j0

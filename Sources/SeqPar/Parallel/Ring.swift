@@ -7,11 +7,13 @@ import Foundation
 // OpenMPI's shared-memory transport moves a large message only inside MPI calls, so something must call MPI while
 // the kernel runs (`RingProgress`): the body's `progress` (called between tiles) tests the requests, or a thread
 // waits on them. The copies are CPU work: a progress thread hides them only on a core the kernel does not use.
-// With `accumulate`, a zeroed accumulator of each block's shape travels one step behind its block (dK and dV in a
-// backward pass): the body adds this rank's contribution, the accumulator moves on after the body, and after P steps
-// each rank holds the accumulator of its own block: P more messages. The accumulator's exchange is posted after the
-// body and completes during the next step's compute: the body asks for its accumulator (`accumulator()`, which waits
-// for it to arrive) only when it is ready to add, after its kernel.
+// With `accumulate`, an accumulator of each block's shape travels one step behind its block (dK and dV in a
+// backward pass): the body adds this rank's contribution and the accumulator moves on after the body. The own block's
+// accumulator stays home; the accumulator of rank b's block starts empty at rank b+1, visits the other P-1 ranks and
+// comes home after the last step: P-1 more messages. Each accumulator's exchange is posted after the body and
+// completes during the next step's compute: the body asks for its accumulator (`accumulator()`, which waits for it to
+// arrive) only when it is ready to add, after its kernel. The last trip home has no next step to hide behind, so the
+// caller can keep work back from step 0 for a `tail` that runs while it travels.
 // Receive buffers are allocated once per pass (the largest block's size) and recycled, without zero-filling: their
 // pages are first touched by the transfer, which then overlaps the compute too.
 
@@ -64,9 +66,16 @@ final class ProgressThread: @unchecked Sendable {
 enum Ring {
     /// Runs the pass; returns this rank's own accumulator when `accumulate` is set.
     /// `shape(rank)` is the shape of rank `rank`'s block.
+    /// With `accumulate`, the own block's accumulator stays home (the body gets it at step 0), and the accumulator of
+    /// the block of rank b starts empty at rank b+1 (step 1), visits the P-1 ranks other than b one step behind its
+    /// block, and comes home after the last step, where it is added to the home one: P-1 accumulator messages.
+    /// `tail`, if given, runs after the last step while the last accumulators travel home (with `progress` for
+    /// them): work kept back from step 0 (ring attention's second half of its own block), so that trip has compute to
+    /// hide behind as the first K/V exchange has; it may add to the home accumulator it is given.
     @discardableResult
     static func circulate(_ own: Tensor, shape: (Int) -> [Int], tag: Int, accumulate: Bool = false,
                           progress mode: RingProgress = .standard, comm: some Communicator,
+                          tail: ((_ home: Tensor?, _ progress: () -> Void) throws -> Void)? = nil,
                           _ body: (_ source: Int, _ block: Tensor, _ accumulator: (() throws -> Tensor)?, _ progress: () -> Void) throws -> Void) throws -> Tensor? {
         let (rank, ranks) = (comm.rank, comm.size)
         let (nextRank, prevRank) = ((rank + 1) % ranks, (rank - 1 + ranks) % ranks)
@@ -75,15 +84,41 @@ enum Ring {
         var free: [Tensor] = [], freeAccumulators: [Tensor] = []
         func view(_ base: Tensor, _ r: Int) -> Tensor { base.rows(0..<sizes[r]).reshaped(shape(r)) }
         var current = own, currentBase: Tensor?
-        // The accumulator of the block in hand, its base buffer, and the exchange bringing it (and sending the last).
-        var accumulatorBase = accumulate ? Tensor(zeros: [largest]) : nil
-        var accumulator = accumulatorBase.map { view($0, rank) }
+        // The own block's accumulator (never sent); the accumulator of the block in hand, its base buffer, and the
+        // exchange bringing it (and sending the previous one).
+        let home = accumulate ? Tensor(zeros: [sizes[rank]]).reshaped(shape(rank)) : nil
+        var accumulator = home, accumulatorBase: Tensor?
         var accumulatorRequests: [CommRequest] = []
         var sentAccumulatorBase: Tensor?
         func settleAccumulator() throws {
             for r in accumulatorRequests { try r.wait() }
             accumulatorRequests = []
             if let sent = sentAccumulatorBase { freeAccumulators.append(sent); sentAccumulatorBase = nil }
+        }
+        /// Runs the body on `block` (or, without one, the tail) with `requests` and the accumulator exchange in flight,
+        /// progressed as `mode` says; returns when all have completed.
+        func overlapped(_ requests: [CommRequest], _ block: (source: Int, tensor: Tensor)?) throws {
+            let inFlight = requests + accumulatorRequests
+            if mode == .thread && !inFlight.isEmpty {
+                // Only the thread waits on the requests; the work waits on the thread for its accumulator.
+                let waiter = ProgressThread(first: accumulatorRequests, then: requests)
+                let getAccumulator: (() throws -> Tensor)? = accumulator.map { acc in { try waiter.waitFirst(); return acc } }
+                do {
+                    if let block { try body(block.source, block.tensor, getAccumulator, {}) } else { try tail?(home, {}) }
+                } catch { try? waiter.join(); throw error }
+                try waiter.join()
+            } else {
+                let getAccumulator: (() throws -> Tensor)? = accumulator.map { acc in { try settleAccumulator(); return acc } }
+                var failure: Error?
+                let progress = {
+                    guard failure == nil, mode == .tests else { return }
+                    do { for r in inFlight { try r.test() } } catch { failure = error }
+                }
+                if let block { try body(block.source, block.tensor, getAccumulator, progress) } else { try tail?(home, progress) }
+                if let f = failure { throw f }
+                for r in requests { try r.wait() }
+            }
+            try settleAccumulator()
         }
         for step in 0..<ranks {
             let source = (rank - step + ranks) % ranks
@@ -96,26 +131,14 @@ enum Ring {
                 requests.append(try comm.isend(UnsafeBufferPointer(current.buffer), to: nextRank, tag: tag))
                 nextBase = base
             }
-            let inFlight = requests + accumulatorRequests
-            if mode == .thread && !inFlight.isEmpty {
-                // Only the thread waits on the requests; the body waits on the thread for its accumulator.
-                let waiter = ProgressThread(first: accumulatorRequests, then: requests)
-                let getAccumulator: (() throws -> Tensor)? = accumulator.map { acc in { try waiter.waitFirst(); return acc } }
-                do { try body(source, current, getAccumulator, {}) } catch { try? waiter.join(); throw error }
-                try waiter.join()
-            } else {
-                let getAccumulator: (() throws -> Tensor)? = accumulator.map { acc in { try settleAccumulator(); return acc } }
-                var failure: Error?
-                let progress = {
-                    guard failure == nil, mode == .tests else { return }
-                    do { for r in inFlight { try r.test() } } catch { failure = error }
-                }
-                try body(source, current, getAccumulator, progress)
-                if let f = failure { throw f }
-                for r in requests { try r.wait() }
+            if accumulate && step == 1 {
+                // This rank is the first to visit block r-1: its accumulator starts here, empty.
+                accumulatorBase = Tensor(zeros: [largest])
+                accumulator = view(accumulatorBase!, source)
             }
-            try settleAccumulator()
-            if let acc = accumulator, let accBase = accumulatorBase, ranks > 1 {
+            try overlapped(requests, (source, current))
+            if step > 0, let acc = accumulator, let accBase = accumulatorBase {
+                // Send the accumulator on; receive the next block's (after the last step: our own one's, coming home).
                 let base = freeAccumulators.popLast() ?? Tensor(uninitialized: [largest])
                 let incoming = view(base, nextSource)
                 accumulatorRequests = [try comm.irecv(incoming.buffer, from: prevRank, tag: tag + 1),
@@ -128,7 +151,10 @@ enum Ring {
                 (currentBase, current) = (n, view(n, nextSource))
             }
         }
-        try settleAccumulator()
-        return accumulator
+        let homecoming = ranks > 1 ? accumulator : nil
+        accumulator = home
+        if tail != nil { try overlapped([], nil) } else { try settleAccumulator() }
+        if let home, let homecoming { BLAS.axpy(homecoming, into: home) }
+        return home
     }
 }

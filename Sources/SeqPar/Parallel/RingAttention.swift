@@ -6,10 +6,13 @@
 // the next rank, computes its queries against the block with the blockwise kernel (testing the exchange between query
 // tiles so MPI moves it meanwhile), merges (o, lse) in log space, then waits. Causal: a block entirely after every
 // local query is skipped; the kernel masks the rest. With --layout zigzag every rank does the same causal work.
-// Backward: K and V travel again (sent ahead of the compute); dK and dV accumulators travel with their block, one step
-// behind, each rank adding its queries' contribution after its kernel (so the accumulator's transfer overlaps the
-// kernel too); after P steps every accumulator is home. dQ stays local.
-// Communication: forward P-1 messages per rank (one packed K/V block each); backward P-1 K/V blocks plus P dK/dV
+// Backward: K and V travel again (sent ahead of the compute); dK and dV accumulators travel one step behind their
+// block, each rank adding its queries' contribution after its kernel (so the accumulator's transfer overlaps the next
+// kernel). The accumulator of rank b's block starts empty at rank b+1 and reaches home after the last step; the owner
+// computes its own block in two halves of its work (query tiles), the first before any block arrives and the second
+// while the last accumulators travel home, so every transfer has compute to hide behind (`Ring.circulate`'s `tail`).
+// dQ stays local.
+// Communication: forward P-1 messages per rank (one packed K/V block each); backward P-1 K/V blocks plus P-1 dK/dV
 // blocks. Memory per rank grows as C * G * D (two K/V blocks, two gradient blocks), not L.
 
 public struct RingAttention: AttentionAlgorithm {
@@ -59,21 +62,36 @@ public struct RingAttention: AttentionAlgorithm {
     }
 
     public func backward(_ x: LocalAttention, output: AttentionOutput, gradOut: Tensor, comm: some Communicator) throws -> AttentionGradients {
-        let (ranks, layout, length) = (comm.size, x.options.layout, x.shape.seqLen)
+        let (rank, ranks, layout, length) = (comm.rank, comm.size, x.options.layout, x.shape.seqLen)
         let dq = Tensor(zeros: x.q.shape)
-        let home = try Ring.circulate(Self.pack(x.k, x.v), shape: { [Self.packedCount(x, rank: $0, ranks: ranks)] }, tag: Self.kvTag,
-                                      accumulate: true, progress: self.progress, comm: comm) { source, block, grad, progress in
+        /// This rank's queries against one block: `work` of the kernel (see `SoftmaxAttention.backward`), dQ added
+        /// here, dK and dV into `grad` (the block's accumulator) once the kernel is done.
+        func contribute(_ source: Int, _ block: Tensor, _ grad: () throws -> Tensor, work: Range<Double>, _ progress: () -> Void) throws {
             let keys = layout.positions(rank: source, ranks: ranks, length: length)
             if Self.skips(x, keys: keys) { return }
             let (k, v) = Self.unpack(block, x, tokens: keys.count)
-            let g = SoftmaxAttention.backward(q: x.q, qPositions: x.positions, k: k, v: v, kPositions: keys, output: output,
-                                              gradOut: gradOut, causal: x.options.causal, scale: x.scale, progress: progress)
+            let g = SoftmaxAttention.backward(q: x.q, qPositions: x.positions, k: k, v: v, kPositions: keys, output: output, gradOut: gradOut,
+                                              causal: x.options.causal, scale: x.scale, work: work, progress: progress)
             BLAS.axpy(g.dq, into: dq)
-            let (dk, dv) = Self.unpack(try grad!(), x, tokens: keys.count)
+            let (dk, dv) = Self.unpack(try grad(), x, tokens: keys.count)
             BLAS.axpy(g.dk, into: dk)
             BLAS.axpy(g.dv, into: dv)
+        }
+        // The own block in two halves of its work: the first while the first K/V block arrives, the second while the
+        // last dK/dV accumulators travel home (one rank computes alone: all of it at once).
+        let ownBlock = Self.pack(x.k, x.v)
+        let firstHalf = ranks == 1 ? 0..<1 : 0..<Self.ownFirstShare
+        let home = try Ring.circulate(ownBlock, shape: { [Self.packedCount(x, rank: $0, ranks: ranks)] }, tag: Self.kvTag,
+                                      accumulate: true, progress: self.progress, comm: comm,
+                                      tail: ranks == 1 ? nil : { home, progress in
+                                          try contribute(rank, ownBlock, { home! }, work: Self.ownFirstShare..<1, progress)
+                                      }) { source, block, grad, progress in
+            try contribute(source, block, grad!, work: source == rank ? firstHalf : 0..<1, progress)
         }
         let (dk, dv) = Self.unpack(home!, x, tokens: x.tokens)
         return AttentionGradients(dq: dq, dk: dk, dv: dv)
     }
+
+    /// The share of its own block's backward work a rank does at the first step (the rest at the end).
+    static let ownFirstShare = 0.5
 }

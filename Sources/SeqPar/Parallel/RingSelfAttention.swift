@@ -8,7 +8,7 @@
 // Backward along the same two rings, from the probabilities kept by the forward pass (`AttentionOutput.saved`):
 // V ring, with dV accumulators travelling one step behind: dV_m += P_m^T dO, dP_m = dO V_m^T, and P_m is overwritten
 // in place by dS_m = P_m * (dP_m - rowsum(dO * O)); then the K ring, with dK accumulators: dQ += scale dS_m K_m,
-// dK_m += scale dS_m^T Q. Backward: 2(P-1) K/V messages plus 2P accumulator messages.
+// dK_m += scale dS_m^T Q. Backward: 2(P-1) K/V messages plus 2(P-1) accumulator messages (the own block's stay home).
 // Memory per rank grows as B * H * C * L (the score rows, kept for backward): L^2 / P. That is the paper's trade-off
 // and the reason ring attention exists; the memory estimate and the report show it.
 
