@@ -115,18 +115,17 @@ public enum RingOverlap {
             ("compute", {
                 _ = RingAttention.pack(x.k, x.v)
                 let dq = Tensor(zeros: x.q.shape)
+                let home = Tensor(zeros: [counts[rank]]), other = Tensor(zeros: [counts.max() ?? 0])
                 // RingAttention's order: the first share of the own block, the other blocks, the rest of the own block.
                 let own = ranks == 1 ? [(rank, 0.0..<1)] : [(rank, 0.0..<RingAttention.ownFirstShare)]
                 let work = own + order.dropFirst().map { ($0, 0.0..<1) } + (ranks == 1 ? [] : [(rank, RingAttention.ownFirstShare..<1)])
                 for (source, share) in work where !RingAttention.skips(x, keys: blocks[source].keys) {
                     let b = blocks[source]
-                    let g = SoftmaxAttention.backward(q: x.q, qPositions: x.positions, k: b.k, v: b.v, kPositions: b.keys, output: output,
-                                                      gradOut: dO, causal: options.causal, scale: x.scale, work: share)
-                    let acc = Tensor(zeros: [2 * g.dk.count])
-                    let (dk, dv) = RingAttention.unpack(acc, x, tokens: b.keys.count)
-                    BLAS.axpy(g.dq, into: dq)
-                    BLAS.axpy(g.dk, into: dk)
-                    BLAS.axpy(g.dv, into: dv)
+                    let sums = source == rank ? home : other.rows(0..<counts[source])
+                    if source != rank { sums.fill(0) }
+                    let (dk, dv) = RingAttention.unpack(sums, x, tokens: b.keys.count)
+                    SoftmaxAttention.backward(q: x.q, qPositions: x.positions, k: b.k, v: b.v, kPositions: b.keys, output: output, gradOut: dO,
+                                              causal: options.causal, scale: x.scale, adding: AttentionGradients(dq: dq, dk: dk, dv: dv), work: share)
                 }
             }),
         ] + modes.map { mode in (mode.rawValue, { _ = try RingAttention(progress: mode).backward(x, output: output, gradOut: dO, comm: comm) }) }

@@ -107,11 +107,23 @@ public enum SoftmaxAttention {
     public static func backward(q: Tensor, qPositions: [Int], k: Tensor, v: Tensor, kPositions: [Int],
                                 output: AttentionOutput, gradOut dO: Tensor, causal: Bool, scale: Float,
                                 work: Range<Double> = 0..<1, progress: () -> Void = {}) -> AttentionGradients {
+        let grads = AttentionGradients(dq: Tensor(zeros: q.shape), dk: Tensor(zeros: k.shape), dv: Tensor(zeros: v.shape))
+        backward(q: q, qPositions: qPositions, k: k, v: v, kPositions: kPositions, output: output, gradOut: dO, causal: causal,
+                 scale: scale, adding: grads, work: work, progress: progress)
+        return grads
+    }
+
+    /// The same, adding into `grads` (dq shaped like q; dk, dv like k and v): no allocation the size of a block, so a
+    /// caller that accumulates over blocks (ring attention) passes its own sums.
+    public static func backward(q: Tensor, qPositions: [Int], k: Tensor, v: Tensor, kPositions: [Int],
+                                output: AttentionOutput, gradOut dO: Tensor, causal: Bool, scale: Float,
+                                adding grads: AttentionGradients, work: Range<Double> = 0..<1, progress: () -> Void = {}) {
         let (batch, cq, heads, dim) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3])
-        let (ck, kvHeads) = (k.shape[1], k.shape[2])
-        precondition(dO.shape == q.shape && output.o.shape == q.shape)
+        let kvHeads = k.shape[2]
+        precondition(dO.shape == q.shape && output.o.shape == q.shape && kPositions.count == k.shape[1])
+        precondition(grads.dq.shape == q.shape && grads.dk.shape == k.shape && grads.dv.shape == v.shape)
         let group = heads / kvHeads
-        let dq = Tensor(zeros: q.shape), dk = Tensor(zeros: k.shape), dv = Tensor(zeros: v.shape)
+        let (dq, dk, dv) = (grads.dq, grads.dk, grads.dv)
         let visible = visibleCounts(qPositions, kPositions, causal: causal)
         let p = UnsafeMutablePointer<Float>.allocate(capacity: tileRows * tileCols)
         let dp = UnsafeMutablePointer<Float>.allocate(capacity: tileRows * tileCols)
@@ -154,7 +166,6 @@ public enum SoftmaxAttention {
                 }
             }
         }
-        return AttentionGradients(dq: dq, dk: dk, dv: dv)
     }
 }
 

@@ -63,6 +63,15 @@ final class ProgressThread: @unchecked Sendable {
     }
 }
 
+/// The accumulator of the block in hand, as a ring step's body sees it.
+struct RingAccumulator {
+    /// The accumulator when it is here already (the own block's, or one starting empty at this rank): a body may add
+    /// to it while it computes.
+    let ready: Tensor?
+    /// Waits for the accumulator to arrive (at once when `ready`) and returns it.
+    let get: () throws -> Tensor
+}
+
 enum Ring {
     /// Runs the pass; returns this rank's own accumulator when `accumulate` is set.
     /// `shape(rank)` is the shape of rank `rank`'s block.
@@ -76,7 +85,7 @@ enum Ring {
     static func circulate(_ own: Tensor, shape: (Int) -> [Int], tag: Int, accumulate: Bool = false,
                           progress mode: RingProgress = .standard, comm: some Communicator,
                           tail: ((_ home: Tensor?, _ progress: () -> Void) throws -> Void)? = nil,
-                          _ body: (_ source: Int, _ block: Tensor, _ accumulator: (() throws -> Tensor)?, _ progress: () -> Void) throws -> Void) throws -> Tensor? {
+                          _ body: (_ source: Int, _ block: Tensor, _ accumulator: RingAccumulator?, _ progress: () -> Void) throws -> Void) throws -> Tensor? {
         let (rank, ranks) = (comm.rank, comm.size)
         let (nextRank, prevRank) = ((rank + 1) % ranks, (rank - 1 + ranks) % ranks)
         let sizes = (0..<ranks).map { shape($0).reduce(1, *) }
@@ -87,7 +96,7 @@ enum Ring {
         // The own block's accumulator (never sent); the accumulator of the block in hand, its base buffer, and the
         // exchange bringing it (and sending the previous one).
         let home = accumulate ? Tensor(zeros: [sizes[rank]]).reshaped(shape(rank)) : nil
-        var accumulator = home, accumulatorBase: Tensor?
+        var accumulator = home, accumulatorBase: Tensor?, accumulatorReady = accumulate
         var accumulatorRequests: [CommRequest] = []
         var sentAccumulatorBase: Tensor?
         func settleAccumulator() throws {
@@ -102,13 +111,13 @@ enum Ring {
             if mode == .thread && !inFlight.isEmpty {
                 // Only the thread waits on the requests; the work waits on the thread for its accumulator.
                 let waiter = ProgressThread(first: accumulatorRequests, then: requests)
-                let getAccumulator: (() throws -> Tensor)? = accumulator.map { acc in { try waiter.waitFirst(); return acc } }
+                let getAccumulator = accumulator.map { acc in RingAccumulator(ready: accumulatorReady ? acc : nil, get: { try waiter.waitFirst(); return acc }) }
                 do {
                     if let block { try body(block.source, block.tensor, getAccumulator, {}) } else { try tail?(home, {}) }
                 } catch { try? waiter.join(); throw error }
                 try waiter.join()
             } else {
-                let getAccumulator: (() throws -> Tensor)? = accumulator.map { acc in { try settleAccumulator(); return acc } }
+                let getAccumulator = accumulator.map { acc in RingAccumulator(ready: accumulatorReady ? acc : nil, get: { try settleAccumulator(); return acc }) }
                 var failure: Error?
                 let progress = {
                     guard failure == nil, mode == .tests else { return }
@@ -135,6 +144,7 @@ enum Ring {
                 // This rank is the first to visit block r-1: its accumulator starts here, empty.
                 accumulatorBase = Tensor(zeros: [largest])
                 accumulator = view(accumulatorBase!, source)
+                accumulatorReady = true
             }
             try overlapped(requests, (source, current))
             if step > 0, let acc = accumulator, let accBase = accumulatorBase {
@@ -144,7 +154,7 @@ enum Ring {
                 accumulatorRequests = [try comm.irecv(incoming.buffer, from: prevRank, tag: tag + 1),
                                        try comm.isend(UnsafeBufferPointer(acc.buffer), to: nextRank, tag: tag + 1)]
                 sentAccumulatorBase = accBase
-                (accumulatorBase, accumulator) = (base, incoming)
+                (accumulatorBase, accumulator, accumulatorReady) = (base, incoming, false)
             }
             if let n = nextBase {
                 if let old = currentBase { free.append(old) }

@@ -64,18 +64,22 @@ public struct RingAttention: AttentionAlgorithm {
     public func backward(_ x: LocalAttention, output: AttentionOutput, gradOut: Tensor, comm: some Communicator) throws -> AttentionGradients {
         let (rank, ranks, layout, length) = (comm.rank, comm.size, x.options.layout, x.shape.seqLen)
         let dq = Tensor(zeros: x.q.shape)
+        // dK and dV of a block whose accumulator is still on its way: summed here, added when it has arrived.
+        let largest = (0..<ranks).map { Self.packedCount(x, rank: $0, ranks: ranks) }.max() ?? 0
+        let scratch = ranks > 2 ? Tensor(zeros: [largest]) : nil
         /// This rank's queries against one block: `work` of the kernel (see `SoftmaxAttention.backward`), dQ added
-        /// here, dK and dV into `grad` (the block's accumulator) once the kernel is done.
-        func contribute(_ source: Int, _ block: Tensor, _ grad: () throws -> Tensor, work: Range<Double>, _ progress: () -> Void) throws {
+        /// to dq, dK and dV to the block's accumulator: at once when it is here, else through `scratch`.
+        func contribute(_ source: Int, _ block: Tensor, _ grad: RingAccumulator, work: Range<Double>, _ progress: () -> Void) throws {
             let keys = layout.positions(rank: source, ranks: ranks, length: length)
             if Self.skips(x, keys: keys) { return }
             let (k, v) = Self.unpack(block, x, tokens: keys.count)
-            let g = SoftmaxAttention.backward(q: x.q, qPositions: x.positions, k: k, v: v, kPositions: keys, output: output, gradOut: gradOut,
-                                              causal: x.options.causal, scale: x.scale, work: work, progress: progress)
-            BLAS.axpy(g.dq, into: dq)
-            let (dk, dv) = Self.unpack(try grad(), x, tokens: keys.count)
-            BLAS.axpy(g.dk, into: dk)
-            BLAS.axpy(g.dv, into: dv)
+            let sums = grad.ready ?? scratch!.rows(0..<(2 * k.count))
+            if grad.ready == nil { sums.fill(0) }
+            let (dk, dv) = Self.unpack(sums, x, tokens: keys.count)
+            SoftmaxAttention.backward(q: x.q, qPositions: x.positions, k: k, v: v, kPositions: keys, output: output, gradOut: gradOut,
+                                      causal: x.options.causal, scale: x.scale, adding: AttentionGradients(dq: dq, dk: dk, dv: dv),
+                                      work: work, progress: progress)
+            if grad.ready == nil { BLAS.axpy(sums, into: try grad.get()) }
         }
         // The own block in two halves of its work: the first while the first K/V block arrives, the second while the
         // last dK/dV accumulators travel home (one rank computes alone: all of it at once).
@@ -84,7 +88,7 @@ public struct RingAttention: AttentionAlgorithm {
         let home = try Ring.circulate(ownBlock, shape: { [Self.packedCount(x, rank: $0, ranks: ranks)] }, tag: Self.kvTag,
                                       accumulate: true, progress: self.progress, comm: comm,
                                       tail: ranks == 1 ? nil : { home, progress in
-                                          try contribute(rank, ownBlock, { home! }, work: Self.ownFirstShare..<1, progress)
+                                          try contribute(rank, ownBlock, RingAccumulator(ready: home!, get: { home! }), work: Self.ownFirstShare..<1, progress)
                                       }) { source, block, grad, progress in
             try contribute(source, block, grad!, work: source == rank ? firstHalf : 0..<1, progress)
         }

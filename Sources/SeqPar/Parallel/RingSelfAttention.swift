@@ -114,7 +114,7 @@ public struct RingSelfAttention: AttentionAlgorithm {
         let dp = Tensor(zeros: [x.tokens * (blocks.positions.map(\.count).max() ?? 0)])
         let dv = try Ring.circulate(x.v, shape: kvShape, tag: Self.valueTag, accumulate: true, comm: comm) { source, v, accumulator, progress in
             if RingAttention.skips(x, keys: blocks.positions[source]) { return }
-            let dvBlock = try accumulator!()
+            let dvBlock = try accumulator!.get()
             let cols = blocks.columns(source)
             for b in 0..<batch {
                 for h in 0..<heads {
@@ -135,7 +135,7 @@ public struct RingSelfAttention: AttentionAlgorithm {
         let dq = Tensor(zeros: x.q.shape)
         let dk = try Ring.circulate(x.k, shape: kvShape, tag: Self.keyTag, accumulate: true, comm: comm) { source, k, accumulator, progress in
             if RingAttention.skips(x, keys: blocks.positions[source]) { return }
-            let dkBlock = try accumulator!()
+            let dkBlock = try accumulator!.get()
             let cols = blocks.columns(source)
             for b in 0..<batch {
                 for h in 0..<heads {
