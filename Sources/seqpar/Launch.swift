@@ -31,6 +31,7 @@ enum Launch {
     /// into `ExitCode.failure`.
     static func run<R>(ranks requested: Int?, timeout: Double,
                        _ body: @escaping @Sendable (any Communicator, Backend) throws -> R) throws -> R? {
+        configureAllocator()
         if let n = try simulatedRanks(requested) {
             configureBLAS(simulatedRanks: n)
             do {
@@ -94,6 +95,20 @@ enum Launch {
 }
 
 extension Launch {
+    /// Keeps freed buffers of up to 32 MiB in the process for the next allocation (glibc's mallopt), unless
+    /// $SEQPAR_MALLOC_DEFAULTS is set. By default glibc hands such buffers back to the kernel (munmap, or trimming the
+    /// heap), and each ring pass, kernel call or step that allocates them again pays a page fault per 4 KiB page on
+    /// first touch: on the device machine 2048 faults (8 MiB) cost 2-4 ms, as much as the ring exchange they precede.
+    /// Larger buffers are still mapped afresh: their compute dwarfs the faults.
+    static func configureAllocator() {
+        #if canImport(Glibc)
+        guard ProcessInfo.processInfo.environment["SEQPAR_MALLOC_DEFAULTS"] == nil else { return }
+        let (trimThreshold, mmapThreshold): (Int32, Int32) = (-1, -3)  // M_TRIM_THRESHOLD, M_MMAP_THRESHOLD (malloc.h)
+        _ = glibcMallopt(mmapThreshold, 32 << 20)
+        _ = glibcMallopt(trimThreshold, 1 << 30)
+        #endif
+    }
+
     /// How ring exchanges progress during compute (`RingProgress`): $SEQPAR_RING_PROGRESS if set; otherwise a
     /// progress thread when this rank has a core its BLAS threads leave free (a rank bound to more cores than
     /// threads, or unbound ranks with cores to spare), else MPI_Test calls between tiles.
@@ -110,6 +125,11 @@ extension Launch {
         RingProgress.standard = cpus >= sharing * (BLAS.threads + 1) ? .thread : .tests
     }
 }
+
+#if canImport(Glibc)
+/// glibc's mallopt (malloc.h, which the Glibc module does not bring in).
+@_silgen_name("mallopt") private func glibcMallopt(_ parameter: Int32, _ value: Int32) -> Int32
+#endif
 
 func printError(_ text: String) {
     FileHandle.standardError.write(Data("seqpar: error: \(text)\n".utf8))
