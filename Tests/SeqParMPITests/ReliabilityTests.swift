@@ -18,11 +18,12 @@ import Testing
         var description: String { "stall after \(after) calls, \(progress) progress" }
     }
 
-    /// Call 1 is the first agreement (an all-reduce); calls 6-9 are the forward ring's exchanges, 13 on the backward.
+    /// Call 1 is the first agreement (an all-reduce); calls 6-9 are the forward ring's exchanges; on the backward,
+    /// 11-14 its K/V exchanges and 15 the first dK/dV accumulator's (after the second step's kernel).
     static let stalls: [Stall] = [
         Stall(after: 0, progress: "tests", waitedOn: #"waiting for the other ranks in MPI_Allreduce \(all 3 ranks"#),
         Stall(after: 5, progress: "tests", waitedOn: #"waiting for (a message from rank 1|rank 1 to take a message) \(tag 300, "#),
-        Stall(after: 12, progress: "thread", waitedOn: #"waiting for (a message from rank 1|rank 1 to take a message) \(tag 301, "#),
+        Stall(after: 14, progress: "thread", waitedOn: #"waiting for (a message from rank 1|rank 1 to take a message) \(tag 301, "#),
     ]
 
     /// Rank 1 stops before one of its communication calls and never returns: the ranks waiting on it time out after

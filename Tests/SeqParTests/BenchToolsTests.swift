@@ -168,14 +168,34 @@ func figure(_ algorithm: String, ranks: Int, seqLen: Int, time: Double, gflops: 
         } }
         let comm = [8.0, 65536, 4194304].map { (b: Double) -> String in line(["bench": "comm", "operation": "ring", "ranks": 2, "bytes": b, "time_s": 1e-6 + b * 1e-10]) }
         let oneRank = [line(["bench": "attention", "algorithm": "ring", "direction": "forward", "ranks": 1, "seq_len": 4096, "heads": 4, "gflops": 45.0]),
-                       line(["bench": "attention", "algorithm": "rsa", "direction": "forward", "ranks": 1, "seq_len": 4096, "heads": 4, "gflops": 15.0])]
+                       line(["bench": "attention", "algorithm": "rsa", "direction": "forward", "ranks": 1, "seq_len": 4096, "heads": 4, "gflops": 15.0]),
+                       line(["bench": "attention", "algorithm": "allgather", "direction": "forward", "ranks": 1, "seq_len": 4096, "heads": 4, "gflops": 36.0])]
         try m.calibrate((kernel + comm + oneRank).joined(separator: "\n"), name: "c")
         #expect(m.kernelRate(.softmax, "forward", ranksAtOnce: 1, tokens: 8192) == 60)
         #expect(abs(m.kernelRate(.softmax, "forward", ranksAtOnce: 4, tokens: 8192)! - 45) < 1e-9)  // halfway in log k
         #expect(abs(m.links["ring"]![2]!.alpha - 1e-6) < 1e-12)
-        #expect(abs(m.algorithmFactor("rsa", "forward") - 1.0 / 3) < 1e-12)
+        // RSA against the kernel (15 / 60: its model has no diagonal blocks), allgather against ring (36 / 45).
+        #expect(abs(m.algorithmFactor("rsa", "forward") - 0.25) < 1e-12)
+        #expect(abs(m.algorithmFactor("allgather", "forward") - 0.8) < 1e-12)
         #expect(m.algorithmFactor("ulysses", "forward") == 1)  // no figure: the kernel's rate
         #expect(abs(m.diagonal("forward", 4096) - 0.75) < 1e-12)
+    }
+}
+
+extension CostModelTests {
+    /// The linear kernel's rate: from the figures at the problem's heads (interpolated in tokens), else by working
+    /// set, tokens x heads, over all of them.
+    @Test func linearKernelRateFollowsTheHeads() throws {
+        var m = CostModel()
+        let figures: [(heads: Int, seqLen: Int, gflops: Double)] = [(16, 1024, 80), (16, 4096, 40), (1, 4096, 50), (1, 65536, 20)]
+        try m.calibrate(figures.map { f in
+            line(["bench": "kernel", "kernel": "chunkwise_linear", "direction": "forward", "ranks": 1, "seq_len": f.seqLen, "heads": f.heads, "gflops": f.gflops])
+        }.joined(separator: "\n"), name: "c")
+        #expect(abs(m.kernelRate(.linear, "forward", ranksAtOnce: 1, tokens: 2048, heads: 16)! - 60) < 1e-9)  // halfway in log tokens
+        #expect(abs(m.kernelRate(.linear, "forward", ranksAtOnce: 1, tokens: 16384, heads: 1)! - 35) < 1e-9)
+        // Eight heads were not measured: by working set, 2048 x 8 = 16384 elements, the (16 heads, 1024 tokens) figure.
+        let eight = try #require(m.kernelRate(.linear, "forward", ranksAtOnce: 1, tokens: 2048, heads: 8))
+        #expect(eight == 80)
     }
 }
 

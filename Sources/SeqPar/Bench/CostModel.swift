@@ -7,12 +7,15 @@
 //   bench comm     time per call against message size for ring, allgather, alltoall (and pingpong) at P ranks:
 //                  each fitted as t = alpha + n * gamma (weighted least squares, relative error)
 //   bench attention / latent, one rank
-//                  each algorithm's own rate on one rank over the kernel's at its length: RSA materialises its score
-//                  rows, Ulysses permutes heads; one factor per algorithm and direction (1 where none is given)
+//                  each algorithm's own rate on one rank: RSA's and LASP's over the kernel's at its length (RSA
+//                  multiplies whole score rows), Ulysses' and allgather's over ring's (or dense's) one-rank rate, whose
+//                  own rate over the kernel's is the causal diagonal block's efficiency; one factor per algorithm and
+//                  direction (1 where none is given)
 //   bench overlap  ring attention's measured overlap omega per direction (default 0.8)
 //
 // Step time for L tokens over P ranks, C = L/P tokens per rank, B = 1, rate R = kernel rate at k = min(P, ranks per
-// host) busy ranks and C tokens (interpolated in log k and log C, clamped to the measured range) times the
+// host) busy ranks and C tokens (interpolated in log k and log C, clamped to the measured range; the linear kernel's
+// from its figures at the problem's H where there are any, else by working set C x H) times the
 // algorithm's factor; F = 4 H L^2 D (half causal) for softmax, H L (8 D^2 + 4*128 D) for linear (backward 2.5x, 3x):
 //   ring       per step compute c, exchange m = alpha + 2 G C D 4 gamma (K and V; backward also dK, dV, and one more
 //              hop home behind half the own block); a step costs c + m - omega min(c, m). zigzag (or no mask):
@@ -37,6 +40,7 @@ public struct CostModel: Sendable {
     public struct KernelRate: Sendable, Equatable {
         public var kernel: String, direction: String
         public var ranksAtOnce: Int, seqLen: Int
+        public var heads: Int = 1
         public var gflops: Double
     }
 
@@ -146,11 +150,11 @@ public struct CostModel: Sendable {
             }
             switch object["bench"] as? String {
             case "kernel":
-                // The linear kernel's rate follows its working set, tokens x heads (the model looks it up that way).
+                // The softmax kernel works head by head (its rate is per head); the linear one's follows the heads too.
                 let kernel = try string("kernel")
                 let heads = kernel == BenchKernel.linear.name ? Int((object["heads"] as? NSNumber)?.intValue ?? 1) : 1
                 kernelRates.append(KernelRate(kernel: kernel, direction: try string("direction"), ranksAtOnce: Int(try number("ranks")),
-                                              seqLen: Int(try number("seq_len")) * heads, gflops: try number("gflops")))
+                                              seqLen: Int(try number("seq_len")), heads: heads, gflops: try number("gflops")))
             case "comm":
                 comm[try string("operation"), default: [:]][Int(try number("ranks")), default: []].append((try number("bytes"), try number("time_s")))
             case "overlap":
@@ -168,22 +172,21 @@ public struct CostModel: Sendable {
         }
         for (op, byRanks) in comm { for (p, pts) in byRanks { links[op, default: [:]][p] = try Self.fit(pts.map { (bytes: $0.0, seconds: $0.1) }) } }
         // Softmax: the one-rank ring (or dense) figure is the blockwise kernel on one causal (or full) block of L:
-        // its rate over the kernel's full-mask rate is the diagonal block's efficiency; other algorithms' rates are
-        // taken relative to it. Linear: each algorithm's one-rank rate over the kernel's at the same size.
-        for o in oneRank {
-            guard let family = AlgorithmName(rawValue: o.algorithm)?.family else { continue }
-            let elements = family == .linear ? o.seqLen * o.heads : o.seqLen
-            guard let r = kernelRate(family, o.direction, ranksAtOnce: 1, tokens: elements) else { continue }
-            if family == .softmax, ["ring", "dense"].contains(o.algorithm) {
-                diagonalEfficiency[o.direction, default: []].append((Double(o.seqLen), o.gflops / r))
-            }
+        // its rate over the kernel's full-mask rate is the diagonal block's efficiency; Ulysses' and allgather's rates
+        // are taken relative to it (their model has the diagonal blocks). RSA multiplies whole score rows, masked or
+        // not, and LASP is the linear kernel: their one-rank rates over the kernel's at the same size.
+        for o in oneRank where ["ring", "dense"].contains(o.algorithm) {
+            guard let r = kernelRate(.softmax, o.direction, ranksAtOnce: 1, tokens: o.seqLen) else { continue }
+            diagonalEfficiency[o.direction, default: []].append((Double(o.seqLen), o.gflops / r))
         }
         for o in oneRank {
-            guard let family = AlgorithmName(rawValue: o.algorithm)?.family, !["ring", "dense"].contains(o.algorithm) else { continue }
-            if family == .softmax, let base = oneRank.first(where: { ["ring", "dense"].contains($0.algorithm) && $0.direction == o.direction && $0.seqLen == o.seqLen && $0.heads == o.heads }) {
+            guard let name = AlgorithmName(rawValue: o.algorithm), ![.ring, .dense].contains(name) else { continue }
+            if name == .rsa || name.family == .linear {
+                if let r = kernelRate(name.family, o.direction, ranksAtOnce: 1, tokens: o.seqLen, heads: o.heads) {
+                    algorithmFactors["\(o.algorithm) \(o.direction)", default: []].append(o.gflops / r)
+                }
+            } else if let base = oneRank.first(where: { ["ring", "dense"].contains($0.algorithm) && $0.direction == o.direction && $0.seqLen == o.seqLen && $0.heads == o.heads }) {
                 algorithmFactors["\(o.algorithm) \(o.direction)", default: []].append(o.gflops / base.gflops)
-            } else if family == .linear, let r = kernelRate(family, o.direction, ranksAtOnce: 1, tokens: o.seqLen * o.heads) {
-                algorithmFactors["\(o.algorithm) \(o.direction)", default: []].append(o.gflops / r)
             }
         }
     }
@@ -203,11 +206,22 @@ public struct CostModel: Sendable {
     }
 
     /// The kernel's GFLOP/s with `ranksAtOnce` busy ranks at `tokens` per rank, interpolated (nil without figures).
-    public func kernelRate(_ family: AlgorithmName.Family, _ direction: String, ranksAtOnce k: Int, tokens: Int) -> Double? {
+    /// Softmax: per head, whatever `heads`. Linear: from the figures at these `heads` if there are any (interpolated in
+    /// tokens), else from all of them by working set, tokens x heads.
+    public func kernelRate(_ family: AlgorithmName.Family, _ direction: String, ranksAtOnce k: Int, tokens: Int, heads: Int = 1) -> Double? {
         let name = family == .softmax ? BenchKernel.softmax.name : BenchKernel.linear.name
-        let mine = kernelRates.filter { $0.kernel == name && $0.direction == direction }
+        var mine = kernelRates.filter { $0.kernel == name && $0.direction == direction }
+        var x = { (r: KernelRate) in Double(r.seqLen) }, at = Double(max(tokens, 1))
+        if family == .linear {
+            let same = mine.filter { $0.heads == heads }
+            if same.isEmpty {
+                (x, at) = ({ Double($0.seqLen * $0.heads) }, Double(max(tokens * heads, 1)))
+            } else {
+                mine = same
+            }
+        }
         let byRanks = Dictionary(grouping: mine, by: \.ranksAtOnce).compactMap { k, rs in
-            Self.interpolateLog(rs.map { (Double($0.seqLen), $0.gflops) }, at: Double(max(tokens, 1))).map { (Double(k), $0) }
+            Self.interpolateLog(rs.map { (x($0), $0.gflops) }, at: at).map { (Double(k), $0) }
         }
         return Self.interpolateLog(byRanks, at: Double(max(k, 1)))
     }
@@ -288,8 +302,7 @@ public struct CostModel: Sendable {
         if name == .ulysses && (q.heads % p != 0 || q.kvHeads % p != 0) {
             throw SeqParError.invalidInput("model: ulysses needs P (\(p)) to divide the heads (\(q.heads)) and kv heads (\(q.kvHeads))")
         }
-        let elements = name.family == .linear ? Int(c) * q.heads : Int(c)
-        guard let kernel = kernelRate(name.family, q.direction, ranksAtOnce: k, tokens: elements) else {
+        guard let kernel = kernelRate(name.family, q.direction, ranksAtOnce: k, tokens: Int(c), heads: q.heads) else {
             throw SeqParError.invalidInput("model: no \(name.family) kernel figures for \(q.direction): calibrate with seqpar bench kernel --kernel softmax linear --json output")
         }
         let rate = kernel * 1e9 * algorithmFactor(q.algorithm, q.direction)
