@@ -5,6 +5,11 @@
 #   benchmarks/scaling-figures.sh calibrate  kernel rates with 1, 4 and 16 ranks at once (bench kernel, softmax and
 #                                            linear, D 64, L 4096/16384) and bench comm at 2 and 16 ranks: what
 #                                            seqpar model is calibrated from
+#   benchmarks/scaling-figures.sh calibrate-linear  the linear kernel at the shapes LASP's sweeps give a rank (H 16:
+#                                            512-8192 tokens; H 1: 4096-65536), 1, 2, 4, 8 and 16 ranks at once, and
+#                                            bench comm at 2, 4, 8 and 16 ranks: the model's LASP calibration
+#   benchmarks/scaling-figures.sh lasp       weak, strong and strong64k sweeps of LASP-1 and LASP-2 only, into
+#                                            RESULTS/lasp-{weak,strong,strong64k} (with calibrate-linear, one session)
 #   benchmarks/scaling-figures.sh weak       launch/scaling weak: 2048 tokens per rank, H 16, D 64, causal, every
 #                                            algorithm, 1..16 ranks
 #   benchmarks/scaling-figures.sh strong     launch/scaling strong: L 8192, H 16, D 64, causal, every algorithm
@@ -14,7 +19,7 @@
 #
 # SEQPAR is the binary (default .device/bin/seqpar, else .build/release/seqpar); MPIRUN_FLAGS is added to mpirun.
 set -euo pipefail
-part=${1:?"give a part: calibrate, weak, strong, strong64k or peer"}
+part=${1:?"give a part: calibrate, calibrate-linear, weak, strong, strong64k, lasp or peer"}
 RESULTS=${RESULTS:-benchmarks/results/scaling}
 RANKS=${RANKS:-1 2 4 8 16}
 mkdir -p "$RESULTS"
@@ -31,6 +36,23 @@ calibrate)
         echo "# $MPIRUN -np $np --bind-to core $BIN bench comm --size 8 512 32768 262144 2097152 16777216 --json" >&2
         $MPIRUN -np "$np" --bind-to core "$BIN" bench comm --size 8 512 32768 262144 2097152 16777216 --json
     done > "$RESULTS/calibration-comm.jsonl"
+    ;;
+calibrate-linear)
+    for np in 1 2 4 8 16; do
+        for shape in "--heads 16 --seq-len 512 1024 2048 4096 8192" "--heads 1 --seq-len 4096 16384 65536"; do
+            echo "# $MPIRUN -np $np --bind-to core $BIN bench kernel --kernel linear $shape --head-dim 64 --repeats 3 --warmup 1 --json" >&2
+            $MPIRUN -np "$np" --bind-to core "$BIN" bench kernel --kernel linear $shape --head-dim 64 --repeats 3 --warmup 1 --json
+        done
+    done > "$RESULTS/calibration-linear.jsonl"
+    for np in 2 4 8 16; do
+        echo "# $MPIRUN -np $np --bind-to core $BIN bench comm --size 8 512 32768 262144 2097152 16777216 --json" >&2
+        $MPIRUN -np "$np" --bind-to core "$BIN" bench comm --size 8 512 32768 262144 2097152 16777216 --json
+    done > "$RESULTS/calibration-linear-comm.jsonl"
+    ;;
+lasp)
+    launch/scaling weak --ranks "$RANKS" --algorithms "lasp1 lasp2" --tokens-per-rank 2048 --heads 16 --head-dim 64 --repeats 3 --warmup 1 --out "$RESULTS/lasp-weak"
+    launch/scaling strong --ranks "$RANKS" --algorithms "lasp1 lasp2" --seq-len 8192 --heads 16 --head-dim 64 --repeats 3 --warmup 1 --out "$RESULTS/lasp-strong"
+    launch/scaling strong --ranks "$RANKS" --algorithms "lasp2" --seq-len 65536 --heads 1 --head-dim 64 --repeats 3 --warmup 1 --out "$RESULTS/lasp-strong64k"
     ;;
 weak)
     launch/scaling weak --ranks "$RANKS" --tokens-per-rank 2048 --heads 16 --head-dim 64 --repeats 2 --warmup 1 --out "$RESULTS/weak"
@@ -51,5 +73,5 @@ peer)
         OPENBLAS_NUM_THREADS=16 "$BIN" bench attention --algorithm dense --causal --seq-len 16384 --heads 16 --head-dim 64 --forward-only --no-baseline --repeats 3 --json
     } > "$RESULTS/peer.jsonl"
     ;;
-*) echo "unknown part '$part': give calibrate, weak, strong, strong64k or peer" >&2; exit 2 ;;
+*) echo "unknown part '$part': give calibrate, calibrate-linear, weak, strong, strong64k, lasp or peer" >&2; exit 2 ;;
 esac
