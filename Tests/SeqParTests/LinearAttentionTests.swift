@@ -146,6 +146,21 @@ func checkLinear(_ c: LinearCase, tolerance: Tolerance = Tolerance()) throws -> 
         }
     }
 
+    /// Decay weights are 0 or at least 1e-30, never subnormal fp32 (which makes sgemm crawl on x86), for every decay
+    /// and exponent a chunk of up to 300k tokens can ask for; and they equal λ^e in Double to fp32 rounding above it.
+    @Test func decayPowersAreNeverSubnormal() {
+        for lambda: Float in [0.5, 0.9, 0.99, 0.999, 0.9999, 1] {
+            let exponents = Array(stride(from: 0, to: 300_000, by: 7))
+            let w = LinearAttention.powers(lambda, exponents)
+            for (e, x) in zip(exponents, w) {
+                #expect(x == 0 || x >= 1e-30, "λ=\(lambda), e=\(e): \(x)")
+                #expect(x.isFinite && !x.isSubnormal)
+                let exact = Foundation.pow(Double(lambda), Double(e))
+                if exact >= 1e-30 { #expect(abs(Double(x) - exact) <= 1e-7 * exact, "λ=\(lambda), e=\(e)") }
+            }
+        }
+    }
+
     /// λ = 0.5 over 100k tokens: powers underflow to 0, never to NaN; sampled rows (chunk edges included) match the
     /// definition summed over the last 300 tokens (0.5^300 is below 1e-90, far under the tolerance).
     @Test func longDecayIsStable() throws {

@@ -14,8 +14,8 @@
 // Λ_ij = λ^(i-j) below the diagonal (forward) or λ^(j-i) above it (reverse), plus the running state of the blocks
 // already passed, S (D_b x D_c), which carries them forward: S ← λ^n S + Σ_j w_j b_j^T c_j.
 // Across chunks (ranks) the same two operations appear at chunk size: `state` is a chunk's S, `addStateTerm` adds
-// a prefix (or suffix) state's contribution to every row. Decay powers are computed in Double and underflow to 0
-// (never a negative power, so never inf or NaN).
+// a prefix (or suffix) state's contribution to every row. Decay powers are computed in Double and are 0 below 1e-30
+// (never subnormal, never a negative power, so never inf or NaN).
 import Foundation
 
 /// The feature map φ applied to queries and keys before linear attention.
@@ -50,11 +50,20 @@ public enum LinearAttention {
 
     public enum Direction: Sendable { case forward, reverse }
 
-    /// λ^e as Float for each exponent; underflows to 0.
+    /// λ^e as Float for each exponent; below `smallestWeight` it is 0. A weight that small changes no fp32 sum it
+    /// enters, and left in, its products with the inputs are subnormal numbers, which x86 multiplies many times slower:
+    /// a chunk of 12288 tokens at λ = 0.99 (weights λ^8800 ... λ^10400 subnormal in fp32) ran 3x slower on the
+    /// device machine, every sgemm that took those rows crawling.
     static func powers(_ lambda: Float, _ exponents: some Sequence<Int>) -> [Float] {
         let l = Double(lambda)
-        return exponents.map { Float(Foundation.pow(l, Double($0))) }
+        return exponents.map { e in
+            let w = Foundation.pow(l, Double(e))
+            return w < smallestWeight ? 0 : Float(w)
+        }
     }
+
+    /// Decay weights below this are 0 (see `powers`): products with inputs down to 1e-8 stay normal fp32 numbers.
+    static let smallestWeight = 1e-30
 
     /// Row weights of the state term for rows 0..<n: λ^(i+1) (forward; the state ends just before row 0) or
     /// λ^(n-i) (reverse; the state starts just after row n-1).
