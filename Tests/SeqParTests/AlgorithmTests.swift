@@ -91,8 +91,15 @@ import Testing
 
     /// Ring attention with a progress thread (and with no progress calls): same answers, same messages; the thread
     /// waits on the requests while the kernel runs, and the accumulator of the next step arrives meanwhile.
+    /// Contiguous causal too: blocks a rank skips, with accumulators that pass through it untouched.
     @Test(arguments: [RingProgress.thread, .none], [2, 3, 4]) func ringProgressModes(mode: RingProgress, ranks: Int) throws {
-        var c = AttentionCase(algorithm: .ring, ranks: ranks, shape: AttentionShape(seqLen: 45, heads: 4, kvHeads: 2, headDim: 16), causal: true, layout: .zigzag)
+        for layout in [SequenceLayout.zigzag, .contiguous] {
+            try ringProgressMode(mode, ranks: ranks, layout: layout)
+        }
+    }
+
+    func ringProgressMode(_ mode: RingProgress, ranks: Int, layout: SequenceLayout) throws {
+        var c = AttentionCase(algorithm: .ring, ranks: ranks, shape: AttentionShape(seqLen: 45, heads: 4, kvHeads: 2, headDim: 16), causal: true, layout: layout)
         c.ringProgress = mode
         for (fwd, bwd) in try checkAttention(c) {
             #expect(fwd.messagesSent == ranks - 1 && bwd.messagesSent == 2 * (ranks - 1))

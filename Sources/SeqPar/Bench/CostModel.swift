@@ -17,8 +17,9 @@
 // host) busy ranks and C tokens (interpolated in log k and log C, clamped to the measured range; the linear kernel's
 // from its figures at the problem's H where there are any, else by working set C x H) times the
 // algorithm's factor; F = 4 H L^2 D (half causal) for softmax, H L (8 D^2 + 4*128 D) for linear (backward 2.5x, 3x):
-//   ring       per step compute c, exchange m = alpha + 2 G C D 4 gamma (K and V; backward also dK, dV, and one more
-//              hop home behind half the own block); a step costs c + m - omega min(c, m). zigzag (or no mask):
+//   ring       per step compute c, exchange m = alpha + 2 G C D 4 gamma (K and V; backward also dK and dV on P-2 of
+//              the P-1 steps, and their last hop home behind half the own block); a step costs c + m - omega min(c, m).
+//              zigzag (or no mask):
 //              c = F/P^2 per step, P steps; contiguous causal: the last rank's half diagonal block then P-1 full
 //              blocks of 4 H C^2 D
 //   rsa        two rings (K, then V), messages of G C D 4 bytes, same overlap rule, compute F/P at RSA's rate
@@ -207,15 +208,15 @@ public struct CostModel: Sendable {
 
     /// The kernel's GFLOP/s with `ranksAtOnce` busy ranks at `tokens` per rank, interpolated (nil without figures).
     /// Softmax: per head, whatever `heads`. Linear: from the figures at these `heads` if there are any (interpolated in
-    /// tokens), else from all of them by working set, tokens x heads.
-    public func kernelRate(_ family: AlgorithmName.Family, _ direction: String, ranksAtOnce k: Int, tokens: Int, heads: Int = 1) -> Double? {
+    /// tokens), else (or with no `heads`) from all of them by working set, tokens x heads.
+    public func kernelRate(_ family: AlgorithmName.Family, _ direction: String, ranksAtOnce k: Int, tokens: Int, heads: Int? = nil) -> Double? {
         let name = family == .softmax ? BenchKernel.softmax.name : BenchKernel.linear.name
         var mine = kernelRates.filter { $0.kernel == name && $0.direction == direction }
         var x = { (r: KernelRate) in Double(r.seqLen) }, at = Double(max(tokens, 1))
         if family == .linear {
-            let same = mine.filter { $0.heads == heads }
+            let same = heads.map { h in mine.filter { $0.heads == h } } ?? []
             if same.isEmpty {
-                (x, at) = ({ Double($0.seqLen * $0.heads) }, Double(max(tokens * heads, 1)))
+                (x, at) = ({ Double($0.seqLen * $0.heads) }, Double(max(tokens * (heads ?? 1), 1)))
             } else {
                 mine = same
             }
@@ -322,8 +323,11 @@ public struct CostModel: Sendable {
             return Prediction(timeS: t, computeS: t, commS: 0, exposedCommS: 0)
         case .ring:
             let link = try pointToPoint(p)
-            let m = p == 1 ? 0 : link.time(backward ? 2 * kvBytes : kvBytes)
-            let homeHop = backward && p > 1 ? link.time(kvBytes) : 0
+            // Backward: P-1 K/V hops and P-1 dK/dV hops; the last dK/dV hop goes home after the last step (behind half
+            // the own block), the other P-2 ride along with steps 2 ... P-1.
+            let kvHop = p == 1 ? 0 : link.time(kvBytes)
+            let m = kvHop + (backward && p > 2 ? kvHop * Double(p - 2) / Double(p - 1) : 0)
+            let homeHop = backward && p > 1 ? kvHop : 0
             let block = f * h * c * c * d * factor / rate
             // Own block first (a causal diagonal), then P-1 blocks as they arrive: whole blocks on the last rank of
             // the contiguous layout, half blocks under zigzag, whole blocks without a mask.

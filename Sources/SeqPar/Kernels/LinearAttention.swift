@@ -62,7 +62,7 @@ public enum LinearAttention {
         }
     }
 
-    /// Decay weights below this are 0 (see `powers`): products with inputs down to 1e-8 stay normal fp32 numbers.
+    /// Decay weights below this are 0 (see `powers`): products with inputs down to about 1.2e-8 stay normal fp32.
     static let smallestWeight = 1e-30
 
     /// Row weights of the state term for rows 0..<n: λ^(i+1) (forward; the state ends just before row 0) or

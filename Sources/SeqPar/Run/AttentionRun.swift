@@ -160,7 +160,10 @@ public struct MemoryEstimate: Sendable {
             switch config.algorithm {
             case .dense: items.append(("backward score tiles", 2 * tile))
             case .allgather: items.append(("backward score tiles, full dK, dV and reduce buffers", 2 * tile + 4 * s.seqLen * kvRow))
-            case .ring: items.append(("backward score tiles, dK/dV blocks in flight, block gradients", 2 * tile + 4 * local * kvRow + local * (qRow + 2 * kvRow)))
+            case .ring:
+                // dK/dV (2 kvRow a token): the own block's at home, then one fresh and the one coming home (P = 2), or
+                // two travelling plus the scratch for one still on its way (P > 2).
+                items.append(("backward score tiles; dK/dV at home, in flight and scratch", 2 * tile + (ranks == 1 ? 2 : ranks == 2 ? 6 : 8) * local * kvRow))
             case .rsa: items.append(("dP block, dK or dV blocks in flight", local * local * f + 4 * local * kvRow))
             case .lasp1, .lasp2: items.append(("gradient states", s.batch * s.heads * s.headDim * s.headDim * f * (config.algorithm == .lasp2 ? ranks + 2 : 3)))
             case .ulysses: items.append(("head-sharded dO, dq, dk, dv and buffers", s.seqLen * headRow + 2 * local * (3 * qRow + 2 * kvRow)))
