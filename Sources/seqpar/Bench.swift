@@ -260,6 +260,7 @@ struct AttentionBenchCommand: ParsableCommand {
     @Flag(help: "Forward only.") var forwardOnly = false
     @Flag(help: "Skip the single-rank baseline (dense, or the linear kernel on one rank) and so the efficiency column.") var noBaseline = false
     @Option(help: "Run the baseline at this length instead of --seq-len (efficiency then compares GFLOP/s).") var baselineSeqLen: Int?
+    @Flag(help: "Run the one-rank baseline on every rank at once (the slowest copy counts): efficiency then leaves out the host's contention.") var busyBaseline = false
     @Flag(help: "Also measure ring attention's communication overlap (t_comm, t_compute, t_fused; slower).") var overlap = false
     @Flag(help: "One JSON object per figure instead of the table.") var json = false
     @OptionGroup var rankOptions: RankOptions
@@ -284,7 +285,7 @@ struct AttentionBenchCommand: ParsableCommand {
     func run() throws {
         let shape = AttentionShape(batch: batch, seqLen: seqLen, heads: heads, kvHeads: kvHeads ?? heads, headDim: headDim)
         let runs = try algorithm.map { ($0, try options($0)) }
-        let (repeats, warmup, backward, measureOverlap) = (self.repeats, self.warmup, !forwardOnly, overlap)
+        let (repeats, warmup, backward, measureOverlap, busy) = (self.repeats, self.warmup, !forwardOnly, overlap, busyBaseline)
         // One baseline per family present, on the first such algorithm's options, contiguous.
         let baselineShape = AttentionShape(batch: batch, seqLen: baselineSeqLen ?? seqLen, heads: heads, kvHeads: kvHeads ?? heads, headDim: headDim)
         let baselines: [(AlgorithmName.Family, AttentionOptions)] = noBaseline ? [] : [AlgorithmName.Family.softmax, .linear].compactMap { f in
@@ -302,7 +303,7 @@ struct AttentionBenchCommand: ParsableCommand {
             var missing: [String] = []
             for (family, o) in baselines {
                 let b = try AttentionBench.baseline(shape: baselineShape, options: o, family: family, comm: comm, ranksPerHost: backend.ranksPerHost,
-                                                    repeats: repeats, warmup: warmup, backward: backward)
+                                                    repeats: repeats, warmup: warmup, backward: backward, everyRank: busy)
                 if b == nil { missing.append("\(family)") }
                 results = results.map { $0.algorithm.family == family ? AttentionBench.annotate([$0], baseline: b, overlap: overlaps)[0] : $0 }
             }
@@ -319,7 +320,8 @@ struct AttentionBenchCommand: ParsableCommand {
         (Provenance.header("bench attention") + Provenance.placementLines(placement) + [
             "# \(backend.ranks) rank(s), backend \(backend.name); \(shape); median of \(repeats) after \(warmup) warm-up, slowest rank per repetition",
             "# rank_spread: slowest rank's median over the fastest's; rel_time: time over the first algorithm's in the same direction",
-            "# efficiency: GFLOP/s over ranks x the one-rank baseline's (same launch" + (baselineSeqLen.map { ", L=\($0)" } ?? "") + "): " + (Array(Set(baselineNote)).sorted().joined(separator: ", ").nonEmpty ?? "none ran"),
+            "# efficiency: GFLOP/s over ranks x the one-rank baseline's (same launch" + (baselineSeqLen.map { ", L=\($0)" } ?? "")
+                + (busyBaseline ? ", run on every rank at once: the host's contention left out" : "") + "): " + (Array(Set(baselineNote)).sorted().joined(separator: ", ").nonEmpty ?? "none ran"),
             columns.map { Report.pad($0.0, $0.1) }.joined(),
         ]).forEach { print($0) }
         for r in results {

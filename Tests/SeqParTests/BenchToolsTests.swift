@@ -234,7 +234,25 @@ extension CostModelTests {
         for r in results[0] {
             let g = try #require(r.baselineGflops)
             #expect(abs(r.efficiency! - r.gflops / (2 * g)) < 1e-12)
-            #expect(r.baselineSeqLen == 256 && r.overlap == nil)
+            #expect(r.baselineSeqLen == 256 && r.overlap == nil && r.baselineBusy == false)
         }
+    }
+
+    /// The baseline on every rank at once: all ranks return the same figures, marked busy, and the efficiency is
+    /// taken against them as against the solo one.
+    @Test func busyBaselineRunsOnEveryRank() throws {
+        let shape = AttentionShape(seqLen: 256, heads: 2, headDim: 16)
+        let out = try InProcessCluster.run(ranks: 3, timeout: 60) { comm -> (AttentionBaseline?, [AttentionBenchResult]) in
+            let r = try AttentionBench.measure(.ring, shape: shape, options: AttentionOptions(causal: true, layout: .zigzag), comm: comm,
+                                               repeats: 1, warmup: 0, backward: false)
+            let b = try AttentionBench.baseline(shape: shape, options: AttentionOptions(causal: true), family: .softmax, comm: comm,
+                                                repeats: 1, warmup: 0, backward: false, everyRank: true)
+            return (b, AttentionBench.annotate(r, baseline: b, overlap: []))
+        }
+        let first = try #require(out[0].0)
+        #expect(first.busy && first.forwardS > 0 && first.backwardS == nil)
+        #expect(out.allSatisfy { $0.0?.forwardS == first.forwardS })
+        let r = try #require(out[0].1.first)
+        #expect(r.baselineBusy == true && abs(r.efficiency! - r.gflops / (3 * first.forwardGflops)) < 1e-12)
     }
 }

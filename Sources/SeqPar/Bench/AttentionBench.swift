@@ -34,6 +34,8 @@ public struct AttentionBenchResult: Codable, Sendable {
     /// this is T_1 / (P T_P).
     public var efficiency: Double?
     public var baselineSeqLen: Int?, baselineTimeS: Double?, baselineGflops: Double?
+    /// True when the baseline ran on every rank at once (`AttentionBench.baseline`'s `everyRank`).
+    public var baselineBusy: Bool?
     /// Ring attention's communication overlap (`RingOverlap`, the standard progress mode), where measured.
     public var overlap: Double?
 }
@@ -41,6 +43,7 @@ public struct AttentionBenchResult: Codable, Sendable {
 /// The single-rank baseline of a scaling figure, per direction.
 public struct AttentionBaseline: Sendable {
     public var seqLen: Int
+    public var busy = false
     public var forwardS: Double, backwardS: Double?
     public var forwardGflops: Double, backwardGflops: Double?
 }
@@ -48,15 +51,20 @@ public struct AttentionBaseline: Sendable {
 public enum AttentionBench {
     /// The single-rank baseline at `shape`: dense (softmax) or LASP-2 on one rank (the chunkwise linear kernel), run
     /// by rank 0 alone on a one-rank communicator while the others wait; nil on every rank when it would not fit in
-    /// rank 0's share of memory. Every rank returns the same figures.
+    /// rank 0's share of memory. With `everyRank`, every rank runs its own copy at once and the slowest one's time
+    /// counts: the one-rank rate with the host's cores all busy, so an efficiency against it leaves out the contention
+    /// for memory bandwidth and clock that any work on every core meets. Every rank returns the same figures.
     public static func baseline(shape: AttentionShape, options: AttentionOptions, family: AlgorithmName.Family, comm: some Communicator,
-                                ranksPerHost: Int = 1, repeats: Int, warmup: Int, backward: Bool = true) throws -> AttentionBaseline? {
+                                ranksPerHost: Int = 1, repeats: Int, warmup: Int, backward: Bool = true,
+                                everyRank: Bool = false) throws -> AttentionBaseline? {
         let algorithm: AlgorithmName = family == .softmax ? .dense : .lasp2
         var config = AttentionRunConfig(algorithm: algorithm, shape: shape, options: options)
         config.backward = backward
         let need = MemoryEstimate.attention(config, ranks: 1, rank: 0).total
+        let fits = SystemInfo.availableMemory().map { need * ranksPerHost <= $0 } ?? true
+        let runsHere = everyRank ? try comm.allReduce([fits ? 1.0 : 0], op: .min)[0] == 1 : comm.rank == 0 && fits
         var times = [-1.0, -1.0]  // -1: not measured
-        if comm.rank == 0, SystemInfo.availableMemory().map({ need * ranksPerHost <= $0 }) ?? true {
+        if runsHere {
             let solo = InProcessCluster(size: 1).makeCommunicators()[0]
             let r = try measure(algorithm, shape: shape, options: options, comm: solo, repeats: repeats, warmup: warmup, backward: backward)
             times = [r[0].timeS, r.count > 1 ? r[1].timeS : -1]
@@ -65,7 +73,7 @@ public enum AttentionBench {
         guard times[0] > 0 else { return nil }
         let flops = AttentionRun.attentionFlops(shape, causal: options.causal, family: family)
         let b = times[1] > 0 ? times[1] : nil
-        return AttentionBaseline(seqLen: shape.seqLen, forwardS: times[0], backwardS: b, forwardGflops: flops / times[0] / 1e9,
+        return AttentionBaseline(seqLen: shape.seqLen, busy: everyRank, forwardS: times[0], backwardS: b, forwardGflops: flops / times[0] / 1e9,
                                  backwardGflops: b.map { flops * AttentionRun.backwardFlopsFactor(family) / $0 / 1e9 })
     }
 
@@ -86,6 +94,7 @@ public enum AttentionBench {
                 r.baselineSeqLen = b.seqLen
                 r.baselineTimeS = r.direction == "forward" ? b.forwardS : b.backwardS
                 r.baselineGflops = g
+                r.baselineBusy = b.busy
             }
             if r.algorithm == .ring, let o = overlap.first(where: { $0.direction == r.direction }) { r.overlap = o.overlap }
             return r
