@@ -32,6 +32,7 @@ import Testing
         (["strong", "--algorithms", "ring flash"], "unknown algorithm 'flash'"),
         (["weak", "--bind", "socket"], "--bind is core or none"),
         (["weak", "--frobnicate"], "unknown option '--frobnicate'"),
+        (["weak", "--busy-baseline"], "--busy-baseline: give --ranks without 1"),
     ]) func badOptionsAreRefused(arguments: [String], message: String) throws {
         let r = try Harness.run([Harness.root.appendingPathComponent("launch/scaling").path] + arguments, timeout: 30, directory: Harness.root,
                                 environment: ["SEQPAR": Harness.binary])
