@@ -26,28 +26,29 @@ mkdir -p "$RESULTS"
 . "$(dirname "$0")/common.sh"
 export SEQPAR="$BIN"
 
+# Runs the command given on `seqpar` with each rank count in NPS (bound to cores), echoing it to stderr first.
+at_ranks() {
+    local nps=$1; shift
+    for np in $nps; do
+        echo "# $MPIRUN -np $np --bind-to core $BIN $*" >&2
+        $MPIRUN -np "$np" --bind-to core "$BIN" "$@"
+    done
+}
+COMM_SIZES="8 512 32768 262144 2097152 16777216"
+
 case "$part" in
 calibrate)
-    for np in 1 4 16; do
-        echo "# $MPIRUN -np $np --bind-to core $BIN bench kernel --kernel softmax linear --seq-len 4096 16384 --head-dim 64 --mask full --repeats 2 --warmup 1 --json" >&2
-        $MPIRUN -np "$np" --bind-to core "$BIN" bench kernel --kernel softmax linear --seq-len 4096 16384 --head-dim 64 --mask full --repeats 2 --warmup 1 --json
-    done > "$RESULTS/calibration-kernel.jsonl"
-    for np in 2 16; do
-        echo "# $MPIRUN -np $np --bind-to core $BIN bench comm --size 8 512 32768 262144 2097152 16777216 --json" >&2
-        $MPIRUN -np "$np" --bind-to core "$BIN" bench comm --size 8 512 32768 262144 2097152 16777216 --json
-    done > "$RESULTS/calibration-comm.jsonl"
+    at_ranks "1 4 16" bench kernel --kernel softmax linear --seq-len 4096 16384 --head-dim 64 --mask full --repeats 2 --warmup 1 --json \
+        > "$RESULTS/calibration-kernel.jsonl"
+    at_ranks "2 16" bench comm --size $COMM_SIZES --json > "$RESULTS/calibration-comm.jsonl"
     ;;
 calibrate-linear)
     for np in 1 2 4 8 16; do
         for shape in "--heads 16 --seq-len 512 1024 2048 4096 8192" "--heads 1 --seq-len 4096 16384 65536"; do
-            echo "# $MPIRUN -np $np --bind-to core $BIN bench kernel --kernel linear $shape --head-dim 64 --repeats 3 --warmup 1 --json" >&2
-            $MPIRUN -np "$np" --bind-to core "$BIN" bench kernel --kernel linear $shape --head-dim 64 --repeats 3 --warmup 1 --json
+            at_ranks "$np" bench kernel --kernel linear $shape --head-dim 64 --repeats 3 --warmup 1 --json
         done
     done > "$RESULTS/calibration-linear.jsonl"
-    for np in 2 4 8 16; do
-        echo "# $MPIRUN -np $np --bind-to core $BIN bench comm --size 8 512 32768 262144 2097152 16777216 --json" >&2
-        $MPIRUN -np "$np" --bind-to core "$BIN" bench comm --size 8 512 32768 262144 2097152 16777216 --json
-    done > "$RESULTS/calibration-linear-comm.jsonl"
+    at_ranks "2 4 8 16" bench comm --size $COMM_SIZES --json > "$RESULTS/calibration-linear-comm.jsonl"
     ;;
 lasp)
     launch/scaling weak --ranks "$RANKS" --algorithms "lasp1 lasp2" --tokens-per-rank 2048 --heads 16 --head-dim 64 --repeats 3 --warmup 1 --out "$RESULTS/lasp-weak"

@@ -15,13 +15,12 @@
 //
 // Step time for L tokens over P ranks, C = L/P tokens per rank, B = 1, rate R = kernel rate at k = min(P, ranks per
 // host) busy ranks and C tokens (interpolated in log k and log C, clamped to the measured range; the linear kernel's
-// from its figures at the problem's H where there are any, else by working set C x H) times the
-// algorithm's factor; F = 4 H L^2 D (half causal) for softmax, H L (8 D^2 + 4*128 D) for linear (backward 2.5x, 3x):
+// from its figures at the problem's H where there are any, else by working set C x H) times the algorithm's factor;
+// F = 4 H L^2 D (half causal) for softmax, H L (8 D^2 + 4*128 D) for linear (backward 2.5x, 3x):
 //   ring       per step compute c, exchange m = alpha + 2 G C D 4 gamma (K and V; backward also dK and dV on P-2 of
 //              the P-1 steps, and their last hop home behind half the own block); a step costs c + m - omega min(c, m).
-//              zigzag (or no mask):
-//              c = F/P^2 per step, P steps; contiguous causal: the last rank's half diagonal block then P-1 full
-//              blocks of 4 H C^2 D
+//              zigzag (or no mask): c = F/P^2 per step, P steps; contiguous causal: the last rank's half diagonal
+//              block then P-1 full blocks of 4 H C^2 D
 //   rsa        two rings (K, then V), messages of G C D 4 bytes, same overlap rule, compute F/P at RSA's rate
 //   ulysses    all-to-all of (H + 2G) C D 4 bytes, F/P, all-to-all of H C D 4 bytes back (backward: twice each)
 //   allgather  allgather of 2 G C D 4 bytes per rank, then the slowest rank's compute: contiguous causal

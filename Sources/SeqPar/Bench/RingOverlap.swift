@@ -117,8 +117,8 @@ public enum RingOverlap {
                 let dq = Tensor(zeros: x.q.shape)
                 let home = Tensor(zeros: [counts[rank]]), other = Tensor(zeros: [counts.max() ?? 0])
                 // RingAttention's order: the first share of the own block, the other blocks, the rest of the own block.
-                let own = ranks == 1 ? [(rank, 0.0..<1)] : [(rank, 0.0..<RingAttention.ownFirstShare)]
-                let work = own + order.dropFirst().map { ($0, 0.0..<1) } + (ranks == 1 ? [] : [(rank, RingAttention.ownFirstShare..<1)])
+                let own = RingAttention.ownShares(ranks: ranks)
+                let work = [(rank, own.first)] + order.dropFirst().map { ($0, 0.0..<1) } + (own.last.map { [(rank, $0)] } ?? [])
                 for (source, share) in work where !RingAttention.skips(x, keys: blocks[source].keys) {
                     let b = blocks[source]
                     let sums = source == rank ? home : other.rows(0..<counts[source])

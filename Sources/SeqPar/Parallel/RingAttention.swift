@@ -81,21 +81,23 @@ public struct RingAttention: AttentionAlgorithm {
                                       work: work, progress: progress)
             if grad.ready == nil { BLAS.axpy(sums, into: try grad.get()) }
         }
-        // The own block in two halves of its work: the first while the first K/V block arrives, the second while the
-        // last dK/dV accumulators travel home (one rank computes alone: all of it at once).
         let ownBlock = Self.pack(x.k, x.v)
-        let firstHalf = ranks == 1 ? 0..<1 : 0..<Self.ownFirstShare
+        let own = Self.ownShares(ranks: ranks)
         let home = try Ring.circulate(ownBlock, shape: { [Self.packedCount(x, rank: $0, ranks: ranks)] }, tag: Self.kvTag,
                                       accumulate: true, progress: self.progress, comm: comm,
-                                      tail: ranks == 1 ? nil : { home, progress in
-                                          try contribute(rank, ownBlock, RingAccumulator(ready: home!, get: { home! }), work: Self.ownFirstShare..<1, progress)
-                                      }) { source, block, grad, progress in
-            try contribute(source, block, grad!, work: source == rank ? firstHalf : 0..<1, progress)
+                                      tail: own.last.map { last in { home, progress in
+                                          try contribute(rank, ownBlock, RingAccumulator(ready: home!, get: { home! }), work: last, progress)
+                                      } }) { source, block, grad, progress in
+            try contribute(source, block, grad!, work: source == rank ? own.first : 0..<1, progress)
         }
         let (dk, dv) = Self.unpack(home!, x, tokens: x.tokens)
         return AttentionGradients(dq: dq, dk: dk, dv: dv)
     }
 
-    /// The share of its own block's backward work a rank does at the first step (the rest at the end).
-    static let ownFirstShare = 0.5
+    /// The shares of its own block's backward work (`SoftmaxAttention.backward`'s `work`) a rank does at the first
+    /// step, while the first K/V block arrives, and after the last, while the last dK/dV accumulators travel home
+    /// (one rank computes alone: all of it at once).
+    static func ownShares(ranks: Int) -> (first: Range<Double>, last: Range<Double>?) {
+        ranks == 1 ? (0..<1, nil) : (0..<0.5, 0.5..<1)
+    }
 }
