@@ -268,6 +268,7 @@ struct AttentionBenchCommand: ParsableCommand {
     func validate() throws {
         guard !algorithm.isEmpty else { throw ValidationError("--algorithm: name at least one") }
         if let b = baselineSeqLen, b < 1 { throw ValidationError("--baseline-seq-len \(b): must be at least 1") }
+        if busyBaseline && noBaseline { throw ValidationError("--busy-baseline runs the baseline that --no-baseline skips: give one of them") }
         for (name, v) in [("--seq-len", seqLen), ("--heads", heads), ("--kv-heads", kvHeads ?? heads), ("--head-dim", headDim),
                           ("--batch", batch), ("--repeats", repeats)] where v < 1 {
             throw ValidationError("\(name) \(v): must be at least 1")

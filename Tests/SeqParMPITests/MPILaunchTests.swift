@@ -269,6 +269,8 @@ enum Harness {
     static let badInputs: [BadInput] = [
         BadInput(arguments: ["attention", "--algorithm", "allgather", "--heads", "4", "--kv-heads", "3"], message: "does not divide --heads 4"),
         BadInput(arguments: ["attention", "--algorithm", "nope"], message: "algorithm"),
+        BadInput(arguments: ["bench", "attention", "--algorithm", "ring", "--no-baseline", "--busy-baseline"],
+                 message: "--busy-baseline runs the baseline that --no-baseline skips"),
         BadInput(arguments: ["attention", "--algorithm", "ulysses", "--heads", "4"], message: "3 ranks do not divide --heads 4"),
         BadInput(arguments: ["attention", "--algorithm", "allgather", "--seq-len", "0"], message: "--seq-len 0"),
         BadInput(arguments: ["attention", "--algorithm", "allgather", "--grad-out", "x.npy"], message: "--grad-out needs --backward"),
