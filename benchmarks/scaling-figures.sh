@@ -2,9 +2,10 @@
 # The scaling figures (issue 6), one command per part, for the 16-core device machine (../shared/device/README.md)
 # or any machine with the binary. Results go under $RESULTS (default benchmarks/results/scaling).
 #
-#   benchmarks/scaling-figures.sh calibrate  kernel rates with 1, 4 and 16 ranks at once (bench kernel, softmax and
-#                                            linear, D 64, L 4096/16384) and bench comm at 2 and 16 ranks: what
-#                                            seqpar model is calibrated from
+#   benchmarks/scaling-figures.sh calibrate  kernel rates with 1, 2, 4, 8 and 16 ranks at once (bench kernel: softmax,
+#                                            D 64, full, L 2048/4096/16384; linear at the sweeps' per-rank shapes and
+#                                            decay 1) and bench comm at 2, 4, 8 and 16 ranks: what seqpar model is
+#                                            calibrated from (CALIBRATION_RANKS to change the rank counts)
 #   benchmarks/scaling-figures.sh calibrate-linear  the linear kernel at the shapes LASP's sweeps give a rank (H 16:
 #                                            512-8192 tokens; H 1: 4096-65536), 1, 2, 4, 8 and 16 ranks at once, and
 #                                            bench comm at 2, 4, 8 and 16 ranks: the model's LASP calibration
@@ -14,12 +15,18 @@
 #                                            algorithm, 1..16 ranks
 #   benchmarks/scaling-figures.sh strong     launch/scaling strong: L 8192, H 16, D 64, causal, every algorithm
 #   benchmarks/scaling-figures.sh strong64k  launch/scaling strong: ring (zigzag) and LASP-2 at L 65536, H 1, D 64
+#   benchmarks/scaling-figures.sh lasp-chunks  LASP-1 and LASP-2 in one launch at 16 ranks (RANKS_LASP), 128 to 4096
+#                                            tokens per rank, H 16, D 64, causal, forward and backward: where the
+#                                            chain's P-1 dependent hops show against the AllGather
+#   benchmarks/scaling-figures.sh ring16     ring (zigzag) at 16 ranks, weak point (2048 tokens per rank, H 16) and
+#                                            strong point (L 65536, H 1), each against the one-rank baseline run alone
+#                                            and run on every rank at once (--busy-baseline)
 #   benchmarks/scaling-figures.sh peer       PyTorch SDPA with 16 threads vs SeqPar ring on 16 ranks vs dense on one
 #                                            rank with 16 BLAS threads, L 16384, H 16, D 64, causal
 #
 # SEQPAR is the binary (default .device/bin/seqpar, else .build/release/seqpar); MPIRUN_FLAGS is added to mpirun.
 set -euo pipefail
-part=${1:?"give a part: calibrate, calibrate-linear, weak, strong, strong64k, lasp or peer"}
+part=${1:?"give a part: calibrate, calibrate-linear, weak, strong, strong64k, lasp, lasp-chunks, ring16 or peer"}
 RESULTS=${RESULTS:-benchmarks/results/scaling}
 RANKS=${RANKS:-1 2 4 8 16}
 mkdir -p "$RESULTS"
@@ -38,9 +45,14 @@ COMM_SIZES="8 512 32768 262144 2097152 16777216"
 
 case "$part" in
 calibrate)
-    at_ranks "1 4 16" bench kernel --kernel softmax linear --seq-len 4096 16384 --head-dim 64 --mask full --repeats 2 --warmup 1 --json \
-        > "$RESULTS/calibration-kernel.jsonl"
-    at_ranks "2 16" bench comm --size $COMM_SIZES --json > "$RESULTS/calibration-comm.jsonl"
+    CALIBRATION_RANKS=${CALIBRATION_RANKS:-1 2 4 8 16}
+    for np in $CALIBRATION_RANKS; do
+        at_ranks "$np" bench kernel --kernel softmax --seq-len 2048 4096 16384 --head-dim 64 --mask full --repeats 3 --warmup 1 --json
+        for shape in "--heads 16 --seq-len 512 1024 2048 4096 8192" "--heads 1 --seq-len 4096 16384 65536"; do
+            at_ranks "$np" bench kernel --kernel linear $shape --head-dim 64 --decay 1 --repeats 3 --warmup 1 --json
+        done
+    done > "$RESULTS/calibration-kernel.jsonl"
+    at_ranks "$(echo " $CALIBRATION_RANKS " | sed 's/ 1 / /')" bench comm --size $COMM_SIZES --json > "$RESULTS/calibration-comm.jsonl"
     ;;
 calibrate-linear)
     for np in 1 2 4 8 16; do
@@ -64,6 +76,20 @@ strong)
 strong64k)
     launch/scaling strong --ranks "$RANKS" --algorithms "ring:zigzag lasp2" --seq-len 65536 --heads 1 --head-dim 64 --repeats 2 --warmup 1 --out "$RESULTS/strong64k"
     ;;
+lasp-chunks)
+    for t in 128 256 512 1024 2048 4096; do
+        at_ranks "${RANKS_LASP:-16}" bench attention --algorithm lasp1 lasp2 --causal --seq-len $((${RANKS_LASP:-16} * t)) --heads 16 --head-dim 64 \
+            --repeats 10 --warmup 2 --no-baseline --json
+    done > "$RESULTS/lasp-chunks.jsonl"
+    ;;
+ring16)
+    for busy in "" --busy-baseline; do
+        at_ranks 16 bench attention --algorithm ring --layout zigzag --causal --seq-len 32768 --heads 16 --head-dim 64 --baseline-seq-len 2048 \
+            --forward-only --repeats 3 --warmup 1 $busy --json
+        at_ranks 16 bench attention --algorithm ring --layout zigzag --causal --seq-len 65536 --heads 1 --head-dim 64 --baseline-seq-len 16384 \
+            --forward-only --repeats 3 --warmup 1 $busy --json
+    done > "$RESULTS/ring16.jsonl"
+    ;;
 peer)
     {
         echo "# python3 benchmarks/peers/torch_sdpa.py --seq-len 16384 --heads 16 --head-dim 64 --causal --threads 16 --repeats 3"
@@ -74,5 +100,5 @@ peer)
         OPENBLAS_NUM_THREADS=16 "$BIN" bench attention --algorithm dense --causal --seq-len 16384 --heads 16 --head-dim 64 --forward-only --no-baseline --repeats 3 --json
     } > "$RESULTS/peer.jsonl"
     ;;
-*) echo "unknown part '$part': give calibrate, calibrate-linear, weak, strong, strong64k, lasp or peer" >&2; exit 2 ;;
+*) echo "unknown part '$part': give calibrate, calibrate-linear, weak, strong, strong64k, lasp, lasp-chunks, ring16 or peer" >&2; exit 2 ;;
 esac

@@ -97,11 +97,12 @@ struct KernelBenchCommand: ParsableCommand {
             try comm.agree(failure)
             try comm.barrier()
             let sgemm = try comm.allReduce([KernelBench.sgemmGflops(n: sgemmSize, repeats: repeats, warmup: warmup)], op: .min)[0]
+            let probe = try KernelBench.sgemmProbe(comm: comm)
             let results = try figures.flatMap { k, d, l, causal in
                 try KernelBench.measure(k, shape: AttentionShape(seqLen: l, heads: heads, headDim: d), causal: causal, decay: decay,
                                         sgemmGflops: sgemm, repeats: repeats, warmup: warmup, backward: backward, comm: comm,
                                         profileInTurns: backend.name == "in-process")
-            }
+            }.map { var r = $0; r.probeSgemmGflops = probe; return r }
             return (results, backend, sgemm)
         }
         guard let (results, backend, sgemm) = out else { return }

@@ -199,6 +199,44 @@ extension CostModelTests {
     }
 }
 
+extension CostModelTests {
+    /// LASP's step is the chunk kernel's FLOPs over P at the kernel's rate times LASP's one-rank factor, plus its
+    /// exchange: the state and state-term products are in the one-rank run too, so nothing is added for them.
+    @Test func laspComputeIsTheKernelShareAtItsOneRankRate() throws {
+        var m = flatModel()
+        try m.calibrate(line(["bench": "attention", "algorithm": "lasp2", "direction": "forward", "ranks": 1, "seq_len": 4096, "heads": 8, "gflops": 80.0]), name: "c")
+        #expect(abs(m.algorithmFactor("lasp2", "forward") - 0.8) < 1e-12)
+        let (l, h, d, p) = (65536, 8, 64, 16)
+        let r = try m.predict(.init(algorithm: "lasp2", seqLen: l, heads: h, headDim: d, ranks: p, ranksPerHost: 16))
+        let flops = AttentionRun.attentionFlops(AttentionShape(seqLen: l, heads: h, headDim: d), causal: true, family: .linear)
+        #expect(abs(r.computeS - flops / Double(p) / 80e9) / r.computeS < 1e-12)
+        #expect(abs(r.timeS - r.computeS - r.commS) < 1e-15)
+    }
+
+    /// Probe-normalized: a kernel figure counts as if measured at its busy-rank count's median probe, and a step
+    /// measured at another probe runs that much faster or slower; without the flag, or without probes, nothing changes.
+    @Test func probeNormalizationScalesComputeByTheHostsSpeed() throws {
+        let figures: [(k: Int, gflops: Double, probe: Double)] = [(1, 60, 100), (1, 90, 150), (1, 75, 125), (16, 30, 50)]
+        let text = figures.map { f in
+            line(["bench": "kernel", "kernel": "blockwise_softmax", "direction": "forward", "ranks": f.k, "seq_len": 4096, "gflops": f.gflops, "probe_sgemm_gflops": f.probe])
+        }.joined(separator: "\n")
+        var plain = CostModel(), normalized = CostModel()
+        normalized.probeNormalized = true
+        try plain.calibrate(text, name: "c")
+        try normalized.calibrate(text, name: "c")
+        #expect(normalized.referenceProbe(ranksAtOnce: 1) == 125 && normalized.referenceProbe(ranksAtOnce: 16) == 50)
+        // Each one-rank figure is 0.6 of its probe: 75 GFLOP/s at the median probe of 125.
+        #expect(abs(normalized.kernelRate(.softmax, "forward", ranksAtOnce: 1, tokens: 4096)! - 75) < 1e-9)
+        for m in [plain, normalized] { var m = m; m.network = CostModel.Link(alpha: 0, gamma: 0); m.overlap["forward"] = 1
+            var q = CostModel.Problem(algorithm: "ring", seqLen: 8192, heads: 4, headDim: 64, causal: false, ranks: 16, ranksPerHost: 16)
+            let base = try m.predict(q).computeS
+            q.probe = 25  // half the calibration's speed with 16 busy
+            let slow = try m.predict(q).computeS
+            #expect(abs(slow / base - (m.probeNormalized ? 2 : 1)) < 1e-12)
+        }
+    }
+}
+
 @Suite struct BenchFigureTests {
     @Test(arguments: BenchKernel.allCases) func kernelSharesAddUp(kernel: BenchKernel) throws {
         let solo = InProcessCluster(size: 1).makeCommunicators()[0]
@@ -235,6 +273,9 @@ extension CostModelTests {
             let g = try #require(r.baselineGflops)
             #expect(abs(r.efficiency! - r.gflops / (2 * g)) < 1e-12)
             #expect(r.baselineSeqLen == 256 && r.overlap == nil && r.baselineBusy == false)
+            // The host's speed, probed before and after the timed steps on both ranks at once.
+            let (before, after) = (try #require(r.probeSgemmBeforeGflops), try #require(r.probeSgemmAfterGflops))
+            #expect(before > 0 && after > 0 && abs(r.probeSgemmGflops! - (before + after) / 2) < 1e-9)
         }
     }
 

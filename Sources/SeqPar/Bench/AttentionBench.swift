@@ -38,6 +38,9 @@ public struct AttentionBenchResult: Codable, Sendable {
     public var baselineBusy: Bool?
     /// Ring attention's communication overlap (`RingOverlap`, the standard progress mode), where measured.
     public var overlap: Double?
+    /// `KernelBench.sgemmProbe` just before the first timed step and just after the last, on every rank at once (the
+    /// slowest rank's): the mean, and the two.
+    public var probeSgemmGflops: Double?, probeSgemmBeforeGflops: Double?, probeSgemmAfterGflops: Double?
 }
 
 /// The single-rank baseline of a scaling figure, per direction.
@@ -143,12 +146,14 @@ public enum AttentionBench {
             return (times, counters)
         }
 
+        let probeBefore = try KernelBench.sgemmProbe(comm: comm)
         var output: AttentionOutput?
         let forward = try timeSteps(before: { output = nil }) { output = try implementation.forward(x, comm: comm) }
         var runs = [("forward", forward)]
         if backward, let out = output {
             runs.append(("backward", try timeSteps { _ = try implementation.backward(x, output: out, gradOut: dO, comm: comm) }))
         }
+        let probeAfter = try KernelBench.sgemmProbe(comm: comm)
         let rss = try comm.allReduce([SystemInfo.peakRSS()], op: .max)[0]
         let family = algorithm.family
         let flops = AttentionRun.attentionFlops(shape, causal: options.causal, family: family)
@@ -170,7 +175,8 @@ public enum AttentionBench {
                 rankTimeMinS: perRank.min()!, rankTimeAvgS: perRank.reduce(0, +) / Double(ranks), rankTimeMaxS: perRank.max()!,
                 tokensPerS: Double(shape.batch * shape.seqLen) / t, gflops: stepFlops / t / 1e9,
                 bytesSent: traffic[0], bytesReceived: traffic[1], messages: traffic[2], collectives: traffic[3],
-                peakRSSBytes: rss, repeats: repeats, warmup: warmup)
+                peakRSSBytes: rss, repeats: repeats, warmup: warmup,
+                probeSgemmGflops: (probeBefore + probeAfter) / 2, probeSgemmBeforeGflops: probeBefore, probeSgemmAfterGflops: probeAfter)
         }
     }
 }

@@ -32,6 +32,8 @@ public struct KernelBenchResult: Codable, Sendable {
     public var decay: Float?
     /// The fastest and slowest rank's GFLOP/s.
     public var rankGflopsMin: Double, rankGflopsMax: Double
+    /// `KernelBench.sgemmProbe` in this process, before the kernels ran.
+    public var probeSgemmGflops: Double?
 }
 
 /// The kernels `seqpar bench kernel` times.
@@ -75,6 +77,16 @@ public enum KernelBench {
             BLAS.gemm(a.head(0), b.head(0), into: Matrix(base: c.pointer, rows: n, cols: n))
         }
         return 2 * Double(n) * Double(n) * Double(n) / t.median / 1e9
+    }
+
+    /// The machine's speed now: sgemm GFLOP/s on a `probeSize`^3 product, every rank of `comm` at once from a barrier,
+    /// the slowest rank's median of three after one warm-up (about 0.1 s). `bench kernel` and `bench attention` both
+    /// record it (`probe_sgemm_gflops`), so a kernel rate calibrated at one time can be set against a step measured at
+    /// another on a host whose speed drifts (`seqpar model validate --probe-normalized`).
+    public static let probeSize = 1024
+    public static func sgemmProbe(comm: some Communicator) throws -> Double {
+        try comm.barrier()
+        return try comm.allReduce([sgemmGflops(n: probeSize, repeats: 3, warmup: 1)], op: .min)[0]
     }
 
     /// Forward and backward of `kernel` on one generated (B, L, H, D) problem; softmax uses `causal`, linear is
