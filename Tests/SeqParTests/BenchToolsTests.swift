@@ -211,6 +211,13 @@ extension CostModelTests {
         let flops = AttentionRun.attentionFlops(AttentionShape(seqLen: l, heads: h, headDim: d), causal: true, family: .linear)
         #expect(abs(r.computeS - flops / Double(p) / 80e9) / r.computeS < 1e-12)
         #expect(abs(r.timeS - r.computeS - r.commS) < 1e-15)
+        // LASP-1 (the paper's order): the same share, then P-1 dependent steps, each a hop and the inter-chunk and
+        // state products (4 H C D^2) of the rank that sends it on.
+        let chain = try m.predict(.init(algorithm: "lasp1", seqLen: l, heads: h, headDim: d, ranks: p, ranksPerHost: 16))
+        let c = Double(l / p), hop = 2e-6 + Double(h * d * d * 4) / 1e10
+        let expected = flops / Double(p) / 100e9 + 15 * (4 * Double(h) * c * Double(d * d) / 100e9 + hop)  // no lasp1 figure: factor 1
+        #expect(abs(chain.timeS - expected) / expected < 1e-12)
+        #expect(abs(chain.commS - 15 * hop) < 1e-15)
     }
 
     /// Probe-normalized: a kernel figure counts as if measured at its busy-rank count's median probe, and a step

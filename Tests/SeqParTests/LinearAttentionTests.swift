@@ -135,6 +135,30 @@ func checkLinear(_ c: LinearCase, tolerance: Tolerance = Tolerance()) throws -> 
         }
     }
 
+    /// Where each exchange puts the state and inter-chunk products: LASP-2 forms its state before any exchange and
+    /// adds the inter-chunk term after the AllGather; LASP-1 (the paper's order) adds the inter-chunk term as soon
+    /// as the previous rank's state arrives, then forms its own state, then sends it on, so rank r's send follows
+    /// rank r-1's: the products sit on the chain's dependent path.
+    @Test(arguments: [StateExchange.allGather, .chain])
+    func exchangeOrdersTheProductsAsItsPaperDoes(exchange: StateExchange) throws {
+        let (p, shape) = (4, [1, 1, 2, 2])
+        let log = try InProcessCluster.run(ranks: p, timeout: 60) { comm -> [String] in
+            var events: [String] = []
+            let r = Float(comm.rank + 1)
+            let pending = try exchange.start({ events.append("state"); return Tensor(shape: shape, values: [Float](repeating: r, count: 4)) },
+                                             shape: shape, fold: .prefix, counts: [1, 1, 1, 1], decay: [1], comm: comm)
+            events.append("started")
+            let prefix = try pending.finish { s in events.append("inter \(Int(s.toArray()[0]))") }
+            events.append("done \(Int(prefix.toArray()[0]))")
+            return events
+        }
+        for (r, events) in log.enumerated() {
+            let sum = r * (r + 1) / 2  // states 1 ... r of the ranks before
+            #expect(events == (exchange == .allGather ? ["state", "started", "inter \(sum)", "done \(sum)"]
+                                                      : ["started", "inter \(sum)", "state", "done \(sum)"]), "rank \(r): \(events)")
+        }
+    }
+
     /// The two exchanges fold the same states in the same order: identical bits.
     @Test(arguments: [(true, [0.9]), (false, [1.0])])
     func lasp1EqualsLasp2(causal: Bool, decay: [Double]) throws {

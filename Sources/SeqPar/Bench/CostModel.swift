@@ -25,8 +25,10 @@
 //   ulysses    all-to-all of (H + 2G) C D 4 bytes, F/P, all-to-all of H C D 4 bytes back (backward: twice each)
 //   allgather  allgather of 2 G C D 4 bytes per rank, then the slowest rank's compute: contiguous causal
 //              4 H D C (L - C/2), zigzag F/P, no mask 4 H D C L
-//   lasp2      F/P + one allgather of H D^2 4 bytes per rank (backward: two)
-//   lasp1      F/P + P-1 dependent point-to-point hops of H D^2 4 bytes (backward: twice)
+//   lasp2      F/P + one allgather of H D^2 4 bytes per rank (its state products are in F/P's one-rank rate)
+//   lasp1      F/P + P-1 dependent steps, each a point-to-point hop of H D^2 4 bytes plus the products the paper's
+//              order puts on the chain: the inter-chunk term and the state, 4 H C D^2 (backward: the dK and dV terms
+//              and dM, 6 H C D^2; without a mask the state alone, 2 H C D^2, and P-1 more hops back down)
 //   tpla       decode: the one-rank step scaled by the cache share (d_c/P + d_r)/(d_c + d_r) and by the memory
 //              contention of k busy ranks (the linear kernel's rate ratio at its longest length, which is
 //              bandwidth-bound), plus an all-reduce of H T d_v 4 bytes
@@ -387,13 +389,19 @@ public struct CostModel: Sendable {
             return Prediction(timeS: compute + comm, computeS: compute, commS: comm, exposedCommS: comm)
         case .lasp1, .lasp2:
             let state = h * d * d * 4
-            let hops = backward ? 2.0 : 1
-            let comm = name == .lasp2 ? hops * (try collective("allgather", bytes: state, ranks: p))
-                : hops * (pd - 1) * (try pointToPoint(p)).time(state)
-            // Besides the kernel's chunk, a rank forms its state K^T V and adds q S_<r (4 H C D^2; backward 8): LASP
-            // does both on one rank too, so the algorithm's one-rank factor over the kernel already prices them.
+            // Besides the kernel's chunk, a rank forms its state and adds the inter-chunk terms: LASP does both on one
+            // rank too, so the algorithm's one-rank factor over the kernel already prices them once.
             let compute = total / pd / rate
-            return Prediction(timeS: compute + comm, computeS: compute, commS: comm, exposedCommS: comm)
+            if name == .lasp2 {
+                let comm = try collective("allgather", bytes: state, ranks: p)
+                return Prediction(timeS: compute + comm, computeS: compute, commS: comm, exposedCommS: comm)
+            }
+            let steps = (q.causal ? 1 : 2) * (pd - 1)
+            let hop = p == 1 ? 0 : try pointToPoint(p).time(state)
+            // Without a mask only the state (2 H C D^2) is formed on the way up the chain.
+            let products = (q.causal ? (backward ? 6 : 4) : 2) * h * c * d * d / rate
+            return Prediction(timeS: compute + (pd - 1) * products + steps * hop, computeS: compute + (pd - 1) * products,
+                              commS: steps * hop, exposedCommS: steps * hop)
         }
     }
 

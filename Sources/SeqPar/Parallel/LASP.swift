@@ -16,9 +16,13 @@
 //
 // LASP-2: the states go out in **one** AllGather (P x B x H x D x D floats, independent of L), started before the
 // intra-chunk term is computed and tested between its blocks so it moves meanwhile; each rank then folds the
-// prefix (or suffix, or total) itself. LASP-1: the state passes rank to rank, P-1 dependent steps (twice that for
-// the bidirectional total, which comes back down the chain). Both fold with `LinearAttention.carry` in the same
-// order, so they agree bit for bit.
+// prefix (or suffix, or total) itself and adds the inter-chunk term. LASP-1, as its paper gives it (Sun et al. 2024,
+// Algorithms 2 and 3): the intra-chunk terms in parallel, then a sequential pass along the chain of ranks: receive
+// the state S_<r from rank r-1, add the inter-chunk term, form this chunk's state M_r, send S_<r+1 on; P-1
+// dependent steps (twice that for the bidirectional total, which comes back down the chain), each carrying those
+// two products (4 H C D^2 FLOPs forward; the backward's dK and dV terms and dM, 6 H C D^2) besides the message.
+// LASP-2's reordering takes the products off that path: every M_r before any exchange, the inter-chunk terms after.
+// Both fold with `LinearAttention.carry` in the same order, so they agree bit for bit.
 // Linear attention has no softmax: `AttentionOutput.lse` is empty (B, H, 0).
 import Foundation
 
@@ -34,21 +38,25 @@ enum StateExchange: Sendable {
 
     static let chainTag = 400
 
-    /// A started exchange: `test` drives it between blocks of computation, `finish` waits and returns the fold.
+    /// A started exchange: `test` drives it between blocks of computation; `finish` waits, runs `use` on the fold
+    /// (the inter-chunk terms: on the chain it runs before this rank's state is formed and sent on, as LASP-1 orders
+    /// it) and returns the fold.
     struct Pending {
         let test: () -> Void
-        let finish: () throws -> Tensor
+        let finish: (_ use: (Tensor) -> Void) throws -> Tensor
     }
 
-    /// Starts exchanging this rank's state `mine` (B, H, D, D); `counts` are the ranks' token counts.
-    func start(_ mine: Tensor, fold: Fold, counts: [Int], decay: [Float], comm: some Communicator) throws -> Pending {
+    /// Starts exchanging this rank's state (B, H, D, D), which `mine` computes: at once for the AllGather, after the
+    /// state from the previous rank has arrived on the chain. `counts` are the ranks' token counts.
+    func start(_ mine: @escaping () -> Tensor, shape: [Int], fold: Fold, counts: [Int], decay: [Float], comm: some Communicator) throws -> Pending {
         let (r, p) = (comm.rank, comm.size)
         let ones = [Float](repeating: 1, count: decay.count)
         switch self {
         case .allGather:
+            let mine = mine()
             let all = Tensor(uninitialized: [p] + mine.shape)
             let request = try comm.iallGather(UnsafeBufferPointer(mine.buffer), into: all.buffer)
-            return Pending(test: { _ = try? request.test() }, finish: {
+            return Pending(test: { _ = try? request.test() }, finish: { use in
                 try request.wait()
                 let out = Tensor(zeros: mine.shape)
                 let block = { (m: Int) in all.rows(m..<(m + 1)).reshaped(mine.shape) }
@@ -57,26 +65,32 @@ enum StateExchange: Sendable {
                 case .suffix: for m in ((r + 1)..<p).reversed() { LinearAttention.carry(out, adding: block(m), tokens: counts[m], decay: decay) }
                 case .total: for m in 0..<p { LinearAttention.carry(out, adding: block(m), tokens: counts[m], decay: ones) }
                 }
+                use(out)
                 return out
             })
         case .chain:
             // prefix and total travel up (from r-1 to r+1), suffix down; the total then comes back down.
             let up = fold != .suffix
             let (from, to) = up ? (r - 1, r + 1) : (r + 1, r - 1)
-            let incoming = Tensor(zeros: mine.shape)
+            let incoming = Tensor(zeros: shape)
             let tag = Self.chainTag + (up ? 0 : 1)
             let request = (0..<p).contains(from) ? try comm.irecv(incoming.buffer, from: from, tag: tag) : nil
-            return Pending(test: { _ = try? request?.test() }, finish: {
+            return Pending(test: { _ = try? request?.test() }, finish: { use in
                 try request?.wait()
+                // Causal: the inter-chunk terms, then this chunk's state, then the send (the paper's order).
+                if fold != .total { use(incoming) }
                 let outgoing = incoming.copy()
-                LinearAttention.carry(outgoing, adding: mine, tokens: counts[r], decay: fold == .total ? ones : decay)
+                LinearAttention.carry(outgoing, adding: mine(), tokens: counts[r], decay: fold == .total ? ones : decay)
                 if (0..<p).contains(to) { try comm.send(UnsafeBufferPointer(outgoing.buffer), to: to, tag: tag) }
                 guard fold == .total else { return incoming }
                 // The last rank holds the total; it travels back down the chain.
-                if r == p - 1 { if r > 0 { try comm.send(UnsafeBufferPointer(outgoing.buffer), to: r - 1, tag: Self.chainTag + 2) }; return outgoing }
-                let total = Tensor(uninitialized: mine.shape)
-                try comm.recv(total.buffer, from: r + 1, tag: Self.chainTag + 2)
+                var total = outgoing
+                if r < p - 1 {
+                    total = Tensor(uninitialized: shape)
+                    try comm.recv(total.buffer, from: r + 1, tag: Self.chainTag + 2)
+                }
                 if r > 0 { try comm.send(UnsafeBufferPointer(total.buffer), to: r - 1, tag: Self.chainTag + 2) }
+                use(total)
                 return total
             })
         }
@@ -107,23 +121,31 @@ public struct LinearSequenceParallel: AttentionAlgorithm {
         }
     }
 
+    /// This rank's state M_r, for the exchange to compute when it needs it.
+    func forwardState(_ x: LocalAttention, _ c: Chunk) -> () -> Tensor {
+        { LinearAttention.state(c.fk, x.v, heads: c.heads, decay: c.decay, direction: .forward) }
+    }
+
+    /// The shape of a state: (B, H, D, D).
+    func stateShape(_ x: LocalAttention) -> [Int] { [x.shape.batch, x.shape.heads, x.shape.headDim, x.shape.headDim] }
+
     /// S_<r (causal) or the total state, exchanged.
     func prefixState(_ x: LocalAttention, _ c: Chunk, comm: some Communicator) throws -> Tensor {
-        let mine = LinearAttention.state(c.fk, x.v, heads: c.heads, decay: c.decay, direction: .forward)
-        return try exchange.start(mine, fold: c.causal ? .prefix : .total, counts: c.counts, decay: c.decay, comm: comm).finish()
+        try exchange.start(forwardState(x, c), shape: stateShape(x), fold: c.causal ? .prefix : .total, counts: c.counts, decay: c.decay, comm: comm)
+            .finish { _ in }
     }
 
     public func forward(_ x: LocalAttention, comm: some Communicator) throws -> AttentionOutput {
         try name.validate(ranks: comm.size, shape: x.shape, options: x.options)
         let c = Chunk(x, ranks: comm.size)
-        let mine = LinearAttention.state(c.fk, x.v, heads: c.heads, decay: c.decay, direction: .forward)
-        let pending = try exchange.start(mine, fold: c.causal ? .prefix : .total, counts: c.counts, decay: c.decay, comm: comm)
+        let pending = try exchange.start(forwardState(x, c), shape: stateShape(x), fold: c.causal ? .prefix : .total, counts: c.counts, decay: c.decay, comm: comm)
         let o = Tensor(zeros: x.q.shape)
         if c.causal {
             LinearAttention.chunk(c.fq, c.fk, x.v, heads: c.heads, decay: c.decay, direction: .forward, into: o, progress: pending.test)
         }
-        let state = try pending.finish()
-        LinearAttention.addStateTerm(c.fq, state: state, heads: c.heads, decay: c.decay, direction: .forward, into: o)
+        let state = try pending.finish { s in
+            LinearAttention.addStateTerm(c.fq, state: s, heads: c.heads, decay: c.decay, direction: .forward, into: o)
+        }
         return AttentionOutput(o: o, lse: Tensor(zeros: [x.shape.batch, x.shape.heads, 0]), saved: state)
     }
 
@@ -131,8 +153,8 @@ public struct LinearSequenceParallel: AttentionAlgorithm {
         try name.validate(ranks: comm.size, shape: x.shape, options: x.options)
         let c = Chunk(x, ranks: comm.size)
         let state = try output.saved ?? prefixState(x, c, comm: comm)
-        let dMine = LinearAttention.state(c.fq, dO, heads: c.heads, decay: c.decay, direction: .reverse)
-        let pending = try exchange.start(dMine, fold: c.causal ? .suffix : .total, counts: c.counts, decay: c.decay, comm: comm)
+        let dMine = { LinearAttention.state(c.fq, dO, heads: c.heads, decay: c.decay, direction: .reverse) }
+        let pending = try exchange.start(dMine, shape: stateShape(x), fold: c.causal ? .suffix : .total, counts: c.counts, decay: c.decay, comm: comm)
         let (dq, dk, dv) = (Tensor(zeros: x.q.shape), Tensor(zeros: x.k.shape), Tensor(zeros: x.v.shape))
         if c.causal {
             LinearAttention.chunk(dO, x.v, c.fk, heads: c.heads, decay: c.decay, direction: .forward, into: dq, progress: pending.test)
@@ -140,9 +162,10 @@ public struct LinearSequenceParallel: AttentionAlgorithm {
             LinearAttention.chunk(c.fk, c.fq, dO, heads: c.heads, decay: c.decay, direction: .reverse, into: dv, progress: pending.test)
         }
         LinearAttention.addStateTerm(dO, state: state, transposed: true, heads: c.heads, decay: c.decay, direction: .forward, into: dq)
-        let dState = try pending.finish()
-        LinearAttention.addStateTerm(x.v, state: dState, transposed: true, heads: c.heads, decay: c.decay, direction: .reverse, into: dk)
-        LinearAttention.addStateTerm(c.fk, state: dState, heads: c.heads, decay: c.decay, direction: .reverse, into: dv)
+        _ = try pending.finish { dState in
+            LinearAttention.addStateTerm(x.v, state: dState, transposed: true, heads: c.heads, decay: c.decay, direction: .reverse, into: dk)
+            LinearAttention.addStateTerm(c.fk, state: dState, heads: c.heads, decay: c.decay, direction: .reverse, into: dv)
+        }
         x.options.featureMap.backward(dq, input: x.q)
         x.options.featureMap.backward(dk, input: x.k)
         return AttentionGradients(dq: dq, dk: dk, dv: dv)
