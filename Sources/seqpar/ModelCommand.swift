@@ -21,12 +21,9 @@ struct ModelOptions: ParsableArguments {
     var calibration: [String] = ["benchmarks/results/scaling/calibration-kernel.jsonl", "benchmarks/results/scaling/calibration-comm.jsonl"]
     @Option(help: "A network replacing the measured links, e.g. \"bw=25GB/s,lat=2us\".") var network: String?
     @Option(help: "Ranks sharing a host (their kernel rate is the one measured with that many busy).") var ranksPerHost = 16
-    @Flag(help: "Take kernel rates and measured steps relative to the host's speed recorded with them (probe_sgemm_gflops): for a host whose speed drifts between calibration and measurement.")
-    var probeNormalized = false
 
     func model() throws -> CostModel {
         var m = CostModel()
-        m.probeNormalized = probeNormalized
         for path in calibration {
             guard let data = FileManager.default.contents(atPath: path) else {
                 throw SeqParError.invalidInput("\(path): cannot read the calibration file: give --calibration with bench --json output")
@@ -98,7 +95,7 @@ struct ModelValidate: ParsableCommand {
                 if oneRankFactors { try m.calibrate(text, name: path) }
             }
             let columns = [("series", 38), ("ranks", 6), ("L", 9), ("measured_s", 12), ("predicted_s", 12), ("error", 8)]
-            print("# seqpar model validate: calibration \(model.calibration.joined(separator: " "))\(oneRankFactors ? " + one-rank figures" : "")\(model.probeNormalized ? "; probe-normalized" : ""); error = predicted / measured - 1; tolerance \(Int(tolerance * 100))%")
+            print("# seqpar model validate: calibration \(model.calibration.joined(separator: " "))\(oneRankFactors ? " + one-rank figures" : ""); error = predicted / measured - 1; tolerance \(Int(tolerance * 100))%")
             print(columns.map { Report.pad($0.0, $0.1) }.joined())
             var errors: [Double] = []
             for p in points.sorted(by: { ($0.series, $0.ranks, $0.seqLen) < ($1.series, $1.ranks, $1.seqLen) }) {

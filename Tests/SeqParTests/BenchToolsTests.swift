@@ -219,29 +219,6 @@ extension CostModelTests {
         #expect(abs(chain.timeS - expected) / expected < 1e-12)
         #expect(abs(chain.commS - 15 * hop) < 1e-15)
     }
-
-    /// Probe-normalized: a kernel figure counts as if measured at its busy-rank count's median probe, and a step
-    /// measured at another probe runs that much faster or slower; without the flag, or without probes, nothing changes.
-    @Test func probeNormalizationScalesComputeByTheHostsSpeed() throws {
-        let figures: [(k: Int, gflops: Double, probe: Double)] = [(1, 60, 100), (1, 90, 150), (1, 75, 125), (16, 30, 50)]
-        let text = figures.map { f in
-            line(["bench": "kernel", "kernel": "blockwise_softmax", "direction": "forward", "ranks": f.k, "seq_len": 4096, "gflops": f.gflops, "probe_sgemm_gflops": f.probe])
-        }.joined(separator: "\n")
-        var plain = CostModel(), normalized = CostModel()
-        normalized.probeNormalized = true
-        try plain.calibrate(text, name: "c")
-        try normalized.calibrate(text, name: "c")
-        #expect(normalized.referenceProbe(ranksAtOnce: 1) == 125 && normalized.referenceProbe(ranksAtOnce: 16) == 50)
-        // Each one-rank figure is 0.6 of its probe: 75 GFLOP/s at the median probe of 125.
-        #expect(abs(normalized.kernelRate(.softmax, "forward", ranksAtOnce: 1, tokens: 4096)! - 75) < 1e-9)
-        for m in [plain, normalized] { var m = m; m.network = CostModel.Link(alpha: 0, gamma: 0); m.overlap["forward"] = 1
-            var q = CostModel.Problem(algorithm: "ring", seqLen: 8192, heads: 4, headDim: 64, causal: false, ranks: 16, ranksPerHost: 16)
-            let base = try m.predict(q).computeS
-            q.probe = 25  // half the calibration's speed with 16 busy
-            let slow = try m.predict(q).computeS
-            #expect(abs(slow / base - (m.probeNormalized ? 2 : 1)) < 1e-12)
-        }
-    }
 }
 
 @Suite struct BenchFigureTests {

@@ -44,8 +44,6 @@ public struct CostModel: Sendable {
         public var ranksAtOnce: Int, seqLen: Int
         public var heads: Int = 1
         public var gflops: Double
-        /// The host's speed when it was measured (`KernelBench.sgemmProbe`), where recorded.
-        public var probe: Double? = nil
     }
 
     /// t = alpha + n * gamma for one operation at one rank count.
@@ -78,28 +76,7 @@ public struct CostModel: Sendable {
     }
     /// A network that replaces every measured link (Hockney forms throughout).
     public var network: Link?
-    /// Takes every figure that recorded the host's speed then (`probe_sgemm_gflops`) relative to that speed: a kernel
-    /// rate as if measured at the calibration's median speed for its busy-rank count, and a measured step as run at
-    /// its own. Set before calibrating. On a host whose speed drifts between calibration and measurement (a shared
-    /// machine), this keeps the drift out of the model's error; predictions for a problem without a probe are the
-    /// same as without it.
-    public var probeNormalized = false
-
     public init() {}
-
-    /// The median probe of the kernel figures at each busy-rank count, interpolated in log k (nil without any).
-    func referenceProbe(ranksAtOnce k: Int) -> Double? {
-        let byRanks = Dictionary(grouping: kernelRates.compactMap { r in r.probe.map { (r.ranksAtOnce, $0) } }, by: \.0)
-            .map { (Double($0.key), KernelBench.median($0.value.map(\.1))) }
-        return Self.interpolateLog(byRanks, at: Double(max(k, 1)))
-    }
-
-    /// A figure's GFLOP/s at the reference speed for `k` busy ranks (as measured where it has no probe or the model
-    /// is not probe-normalized).
-    func atReferenceSpeed(_ gflops: Double, probe: Double?, ranksAtOnce k: Int) -> Double {
-        guard probeNormalized, let p = probe, p > 0, let ref = referenceProbe(ranksAtOnce: k) else { return gflops }
-        return gflops * ref / p
-    }
 
     // MARK: calibration
 
@@ -156,7 +133,7 @@ public struct CostModel: Sendable {
     /// skipped, malformed JSON is an error naming the line.
     public mutating func calibrate(_ text: String, name: String) throws {
         var comm: [String: [Int: [(Double, Double)]]] = [:]
-        var oneRank: [(algorithm: String, direction: String, seqLen: Int, heads: Int, gflops: Double, probe: Double?)] = []
+        var oneRank: [(algorithm: String, direction: String, seqLen: Int, heads: Int, gflops: Double)] = []
         var used = 0
         for (i, raw) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
             let line = raw.trimmingCharacters(in: .whitespaces)
@@ -178,15 +155,13 @@ public struct CostModel: Sendable {
                 let kernel = try string("kernel")
                 let heads = kernel == BenchKernel.linear.name ? Int((object["heads"] as? NSNumber)?.intValue ?? 1) : 1
                 kernelRates.append(KernelRate(kernel: kernel, direction: try string("direction"), ranksAtOnce: Int(try number("ranks")),
-                                              seqLen: Int(try number("seq_len")), heads: heads, gflops: try number("gflops"),
-                                              probe: (object["probe_sgemm_gflops"] as? NSNumber)?.doubleValue))
+                                              seqLen: Int(try number("seq_len")), heads: heads, gflops: try number("gflops")))
             case "comm":
                 comm[try string("operation"), default: [:]][Int(try number("ranks")), default: []].append((try number("bytes"), try number("time_s")))
             case "overlap":
                 overlap[try string("direction")] = min(max(try number("overlap"), 0), 1)
             case "attention" where Int(try number("ranks")) == 1 && (object["causal"] as? Bool ?? true):
-                oneRank.append((try string("algorithm"), try string("direction"), Int(try number("seq_len")), Int(try number("heads")), try number("gflops"),
-                                (object["probe_sgemm_gflops"] as? NSNumber)?.doubleValue))
+                oneRank.append((try string("algorithm"), try string("direction"), Int(try number("seq_len")), Int(try number("heads")), try number("gflops")))
             case "latent" where Int(try number("ranks")) == 1 && object["algorithm"] as? String == "tpla":
                 decodeOneRank = (try number("time_s"), Int(try number("seq_len")), Int(try number("latent_dim")), Int(try number("rope_dim")))
             default: continue
@@ -197,7 +172,6 @@ public struct CostModel: Sendable {
             throw SeqParError.invalidInput("\(name): no bench figures in it: give the --json output of seqpar bench kernel, comm, overlap, attention or latent")
         }
         for (op, byRanks) in comm { for (p, pts) in byRanks { links[op, default: [:]][p] = try Self.fit(pts.map { (bytes: $0.0, seconds: $0.1) }) } }
-        oneRank = oneRank.map { o in var o = o; o.gflops = atReferenceSpeed(o.gflops, probe: o.probe, ranksAtOnce: 1); return o }
         // Softmax: the one-rank ring (or dense) figure is the blockwise kernel on one causal (or full) block of L:
         // its rate over the kernel's full-mask rate is the diagonal block's efficiency; Ulysses' and allgather's rates
         // are taken relative to it (their model has the diagonal blocks). RSA multiplies whole score rows, masked or
@@ -248,7 +222,7 @@ public struct CostModel: Sendable {
             }
         }
         let byRanks = Dictionary(grouping: mine, by: \.ranksAtOnce).compactMap { k, rs in
-            Self.interpolateLog(rs.map { (x($0), atReferenceSpeed($0.gflops, probe: $0.probe, ranksAtOnce: k)) }, at: at).map { (Double(k), $0) }
+            Self.interpolateLog(rs.map { (x($0), $0.gflops) }, at: at).map { (Double(k), $0) }
         }
         return Self.interpolateLog(byRanks, at: Double(max(k, 1)))
     }
@@ -298,9 +272,6 @@ public struct CostModel: Sendable {
         public var ranksPerHost: Int
         /// Decode only.
         public var queries = 1, latentDim = 512, ropeDim = 64, vDim = 128
-        /// The host's speed (`KernelBench.sgemmProbe`, with `ranksPerHost` busy) where known: with `probeNormalized`
-        /// compute runs at the calibrated rates times this over the calibration's speed.
-        public var probe: Double?
 
         public init(algorithm: String, seqLen: Int, heads: Int, kvHeads: Int? = nil, headDim: Int, causal: Bool = true,
                     layout: SequenceLayout = .contiguous, direction: String = "forward", ranks: Int, ranksPerHost: Int) {
@@ -335,7 +306,7 @@ public struct CostModel: Sendable {
         guard let kernel = kernelRate(name.family, q.direction, ranksAtOnce: k, tokens: Int(c), heads: q.heads) else {
             throw SeqParError.invalidInput("model: no \(name.family) kernel figures for \(q.direction): calibrate with seqpar bench kernel --kernel softmax linear --json output")
         }
-        let rate = kernel * 1e9 * algorithmFactor(q.algorithm, q.direction) * speed(q, k: k)
+        let rate = kernel * 1e9 * algorithmFactor(q.algorithm, q.direction)
         let factor = backward ? AttentionRun.backwardFlopsFactor(name.family) : 1
         let total = AttentionRun.attentionFlops(AttentionShape(seqLen: q.seqLen, heads: q.heads, kvHeads: q.kvHeads, headDim: q.headDim),
                                                 causal: name.family == .linear ? true : q.causal, family: name.family) * factor
@@ -418,12 +389,6 @@ public struct CostModel: Sendable {
         return Prediction(timeS: compute + comm, computeS: compute, commS: comm, exposedCommS: comm)
     }
 
-    /// The problem's host speed over the calibration's at `k` busy ranks (1 unless probe-normalized with both known).
-    func speed(_ q: Problem, k: Int) -> Double {
-        guard probeNormalized, let p = q.probe, p > 0, let ref = referenceProbe(ranksAtOnce: k) else { return 1 }
-        return p / ref
-    }
-
     /// The model's prediction for a measured figure, or nil where it does not apply.
     public func predict(_ point: ScalingPoint, ranksPerHost: Int) throws -> Prediction? {
         guard point.bench != "latent" || point.algorithm == "tpla" else { return nil }  // the model has TPLA decode only
@@ -431,7 +396,6 @@ public struct CostModel: Sendable {
                         headDim: point.headDim ?? 64, causal: point.causal ?? true, layout: SequenceLayout(rawValue: point.layout ?? "contiguous") ?? .contiguous,
                         direction: point.direction, ranks: point.ranks, ranksPerHost: ranksPerHost)
         if let kv = point.kvHeads { q.kvHeads = kv }
-        q.probe = point.probeSgemmGflops
         return try predict(q)
     }
 }

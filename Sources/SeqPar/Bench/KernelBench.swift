@@ -81,8 +81,8 @@ public enum KernelBench {
 
     /// The machine's speed now: sgemm GFLOP/s on a `probeSize`^3 product, every rank of `comm` at once from a barrier,
     /// the slowest rank's median of three after one warm-up (about 0.1 s). `bench kernel` and `bench attention` both
-    /// record it (`probe_sgemm_gflops`), so a kernel rate calibrated at one time can be set against a step measured at
-    /// another on a host whose speed drifts (`seqpar model validate --probe-normalized`).
+    /// record it (`probe_sgemm_gflops`): the state of a shared host when a figure was taken. (Scaling the cost model's
+    /// rates by it did not bring its predictions closer on the device: the kernels' rates drift apart from sgemm's.)
     public static let probeSize = 1024
     public static func sgemmProbe(comm: some Communicator) throws -> Double {
         try comm.barrier()

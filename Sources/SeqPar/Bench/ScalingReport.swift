@@ -27,8 +27,6 @@ public struct ScalingPoint: Codable, Sendable, Equatable {
     public var overlap: Double?
     public var bytesSent: Int?
     public var peakRssBytes: Int?
-    /// The host's speed around the measurement (`KernelBench.sgemmProbe`), where recorded.
-    public var probeSgemmGflops: Double?
 
     /// The series this point belongs to: algorithm, layout, mask, direction.
     public var series: String {
