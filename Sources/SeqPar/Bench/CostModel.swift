@@ -76,6 +76,7 @@ public struct CostModel: Sendable {
     }
     /// A network that replaces every measured link (Hockney forms throughout).
     public var network: Link?
+
     public init() {}
 
     // MARK: calibration
