@@ -43,23 +43,26 @@ at_ranks() {
 }
 COMM_SIZES="8 512 32768 262144 2097152 16777216"
 
+# The linear kernel at the shapes LASP's sweeps give a rank (H 16: 512-8192 tokens; H 1: 4096-65536) with NP ranks at
+# once; further arguments go to bench kernel.
+linear_kernels() {
+    local np=$1; shift
+    for shape in "--heads 16 --seq-len 512 1024 2048 4096 8192" "--heads 1 --seq-len 4096 16384 65536"; do
+        at_ranks "$np" bench kernel --kernel linear $shape --head-dim 64 --repeats 3 --warmup 1 --json "$@"
+    done
+}
+
 case "$part" in
 calibrate)
     CALIBRATION_RANKS=${CALIBRATION_RANKS:-1 2 4 8 16}
     for np in $CALIBRATION_RANKS; do
         at_ranks "$np" bench kernel --kernel softmax --seq-len 2048 4096 16384 --head-dim 64 --mask full --repeats 3 --warmup 1 --json
-        for shape in "--heads 16 --seq-len 512 1024 2048 4096 8192" "--heads 1 --seq-len 4096 16384 65536"; do
-            at_ranks "$np" bench kernel --kernel linear $shape --head-dim 64 --decay 1 --repeats 3 --warmup 1 --json
-        done
+        linear_kernels "$np" --decay 1
     done > "$RESULTS/calibration-kernel.jsonl"
     at_ranks "$(echo " $CALIBRATION_RANKS " | sed 's/ 1 / /')" bench comm --size $COMM_SIZES --json > "$RESULTS/calibration-comm.jsonl"
     ;;
 calibrate-linear)
-    for np in 1 2 4 8 16; do
-        for shape in "--heads 16 --seq-len 512 1024 2048 4096 8192" "--heads 1 --seq-len 4096 16384 65536"; do
-            at_ranks "$np" bench kernel --kernel linear $shape --head-dim 64 --repeats 3 --warmup 1 --json
-        done
-    done > "$RESULTS/calibration-linear.jsonl"
+    for np in 1 2 4 8 16; do linear_kernels "$np"; done > "$RESULTS/calibration-linear.jsonl"
     at_ranks "2 4 8 16" bench comm --size $COMM_SIZES --json > "$RESULTS/calibration-linear-comm.jsonl"
     ;;
 lasp)

@@ -69,7 +69,7 @@ public enum AttentionBench {
         var times = [-1.0, -1.0]  // -1: not measured
         if runsHere {
             let solo = InProcessCluster(size: 1).makeCommunicators()[0]
-            let r = try measure(algorithm, shape: shape, options: options, comm: solo, repeats: repeats, warmup: warmup, backward: backward)
+            let r = try measure(algorithm, shape: shape, options: options, comm: solo, repeats: repeats, warmup: warmup, backward: backward, probe: false)
             times = [r[0].timeS, r.count > 1 ? r[1].timeS : -1]
         }
         times = try comm.allReduce(times, op: .max)
@@ -105,9 +105,10 @@ public enum AttentionBench {
     }
 
     /// Times `algorithm` on this rank's part of a seeded problem; every rank returns the same results (forward, then
-    /// backward unless `backward` is false).
+    /// backward unless `backward` is false). With `probe`, the host's speed is taken before and after the timed steps.
     public static func measure(_ algorithm: AlgorithmName, shape: AttentionShape, options: AttentionOptions, comm: some Communicator,
-                               ranksPerHost: Int = 1, repeats: Int, warmup: Int, backward: Bool = true, seed: UInt64 = 0) throws -> [AttentionBenchResult] {
+                               ranksPerHost: Int = 1, repeats: Int, warmup: Int, backward: Bool = true, seed: UInt64 = 0,
+                               probe: Bool = true) throws -> [AttentionBenchResult] {
         let (rank, ranks) = (comm.rank, comm.size)
         var config = AttentionRunConfig(algorithm: algorithm, shape: shape, options: options)
         config.backward = backward
@@ -146,14 +147,14 @@ public enum AttentionBench {
             return (times, counters)
         }
 
-        let probeBefore = try KernelBench.sgemmProbe(comm: comm)
+        let probeBefore = try probe ? KernelBench.sgemmProbe(comm: comm) : nil
         var output: AttentionOutput?
         let forward = try timeSteps(before: { output = nil }) { output = try implementation.forward(x, comm: comm) }
         var runs = [("forward", forward)]
         if backward, let out = output {
             runs.append(("backward", try timeSteps { _ = try implementation.backward(x, output: out, gradOut: dO, comm: comm) }))
         }
-        let probeAfter = try KernelBench.sgemmProbe(comm: comm)
+        let probeAfter = try probe ? KernelBench.sgemmProbe(comm: comm) : nil
         let rss = try comm.allReduce([SystemInfo.peakRSS()], op: .max)[0]
         let family = algorithm.family
         let flops = AttentionRun.attentionFlops(shape, causal: options.causal, family: family)
@@ -176,7 +177,8 @@ public enum AttentionBench {
                 tokensPerS: Double(shape.batch * shape.seqLen) / t, gflops: stepFlops / t / 1e9,
                 bytesSent: traffic[0], bytesReceived: traffic[1], messages: traffic[2], collectives: traffic[3],
                 peakRSSBytes: rss, repeats: repeats, warmup: warmup,
-                probeSgemmGflops: (probeBefore + probeAfter) / 2, probeSgemmBeforeGflops: probeBefore, probeSgemmAfterGflops: probeAfter)
+                probeSgemmGflops: probeBefore.flatMap { b in probeAfter.map { (b + $0) / 2 } }, probeSgemmBeforeGflops: probeBefore,
+                probeSgemmAfterGflops: probeAfter)
         }
     }
 }
