@@ -21,12 +21,21 @@
 #   benchmarks/scaling-figures.sh ring16     ring (zigzag) at 16 ranks, weak point (2048 tokens per rank, H 16) and
 #                                            strong point (L 65536, H 1), each against the one-rank baseline run alone
 #                                            and run on every rank at once (--busy-baseline)
+#   benchmarks/scaling-figures.sh interleaved  the model's validation with its calibration on the same host minutes
+#                                            before and after each point: at each rank count in turn, the forward
+#                                            kernels (softmax 512-16384 tokens, linear at LASP's shapes) and bench
+#                                            comm, then that rank count's weak, strong and strong64k points (as the
+#                                            parts above), then the kernels again; on one rank also MLA decode at
+#                                            the latent widths TPLA gives a rank (512/P). Writes calibration-*.jsonl,
+#                                            weak/, strong/, strong64k/ (merged over rank counts, with CSV and SVG) and
+#                                            validation.txt; RANKS="1 2 4 8" then RANKS=16 with the same RESULTS
+#                                            splits it over two calls (the merge and validation run after each)
 #   benchmarks/scaling-figures.sh peer       PyTorch SDPA with 16 threads vs SeqPar ring on 16 ranks vs dense on one
 #                                            rank with 16 BLAS threads, L 16384, H 16, D 64, causal
 #
 # SEQPAR is the binary (default .device/bin/seqpar, else .build/release/seqpar); MPIRUN_FLAGS is added to mpirun.
 set -euo pipefail
-part=${1:?"give a part: calibrate, calibrate-linear, weak, strong, strong64k, lasp, lasp-chunks, ring16 or peer"}
+part=${1:?"give a part: interleaved, calibrate, calibrate-linear, weak, strong, strong64k, lasp, lasp-chunks, ring16 or peer"}
 RESULTS=${RESULTS:-benchmarks/results/scaling}
 RANKS=${RANKS:-1 2 4 8 16}
 mkdir -p "$RESULTS"
@@ -52,7 +61,42 @@ linear_kernels() {
     done
 }
 
+# The forward kernels the sweeps' points run at NP ranks at once: softmax per head at their per-rank lengths, linear at
+# LASP's shapes.
+forward_kernels() {
+    local np=$1
+    at_ranks "$np" bench kernel --kernel softmax --seq-len 512 1024 2048 4096 8192 16384 --head-dim 64 --mask full --forward-only --repeats 3 --warmup 1 --json
+    linear_kernels "$np" --decay 1 --forward-only
+}
+
 case "$part" in
+interleaved)
+    for np in $RANKS; do
+        forward_kernels "$np" >> "$RESULTS/calibration-kernel.jsonl"
+        [ "$np" -gt 1 ] && at_ranks "$np" bench comm --size $COMM_SIZES --json >> "$RESULTS/calibration-comm.jsonl"
+        if [ "$np" -eq 1 ]; then
+            for w in 512 256 128 64 32; do
+                at_ranks 1 bench latent --algorithm mla --seq-len 32768 262144 --heads 16 --latent-dim $w --repeats 20 --warmup 3 --json
+            done >> "$RESULTS/calibration-latent.jsonl"
+        fi
+        # One rank count per call, no per-launch baseline: efficiency comes from the merged sweep's one-rank point.
+        base=$([ "$np" -eq 1 ] || echo --no-baseline)
+        launch/scaling weak --ranks "$np" $base --tokens-per-rank 2048 --heads 16 --head-dim 64 --repeats 2 --warmup 1 --out "$RESULTS/weak/p$np"
+        launch/scaling strong --ranks "$np" $base --seq-len 8192 --heads 16 --head-dim 64 --repeats 2 --warmup 1 --decode-len 262144 --out "$RESULTS/strong/p$np"
+        launch/scaling strong --ranks "$np" $base --algorithms "ring:zigzag lasp2" --seq-len 65536 --heads 1 --head-dim 64 --repeats 2 --warmup 1 --out "$RESULTS/strong64k/p$np"
+        forward_kernels "$np" >> "$RESULTS/calibration-kernel.jsonl"
+    done
+    for sweep in weak:weak strong:strong strong64k:strong; do
+        dir=${sweep%%:*} mode=${sweep##*:}
+        # Rank counts in order, from every call so far.
+        ls -d "$RESULTS/$dir"/p* | sed 's/.*\/p//' | sort -n | while read -r np; do grep -h '^{' "$RESULTS/$dir/p$np/$mode.jsonl"; done > "$RESULTS/$dir/$mode.jsonl"
+        "$BIN" report "$RESULTS/$dir/$mode.jsonl" --mode "$mode" --out "$RESULTS/$dir/$mode" --title "$dir scaling, calibration interleaved"
+    done
+    sweeps="$RESULTS/weak/weak.jsonl $RESULTS/strong/strong.jsonl $RESULTS/strong64k/strong.jsonl"
+    "$BIN" model validate --calibration "$RESULTS/calibration-kernel.jsonl" "$RESULTS/calibration-comm.jsonl" "$RESULTS/calibration-latent.jsonl" $sweeps \
+        -- $sweeps > "$RESULTS/validation.txt" || true
+    tail -1 "$RESULTS/validation.txt" >&2
+    ;;
 calibrate)
     CALIBRATION_RANKS=${CALIBRATION_RANKS:-1 2 4 8 16}
     for np in $CALIBRATION_RANKS; do
@@ -103,5 +147,5 @@ peer)
         OPENBLAS_NUM_THREADS=16 "$BIN" bench attention --algorithm dense --causal --seq-len 16384 --heads 16 --head-dim 64 --forward-only --no-baseline --repeats 3 --json
     } > "$RESULTS/peer.jsonl"
     ;;
-*) echo "unknown part '$part': give calibrate, calibrate-linear, weak, strong, strong64k, lasp, lasp-chunks, ring16 or peer" >&2; exit 2 ;;
+*) echo "unknown part '$part': give interleaved, calibrate, calibrate-linear, weak, strong, strong64k, lasp, lasp-chunks, ring16 or peer" >&2; exit 2 ;;
 esac

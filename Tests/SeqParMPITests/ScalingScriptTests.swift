@@ -33,6 +33,7 @@ import Testing
         (["weak", "--bind", "socket"], "--bind is core or none"),
         (["weak", "--frobnicate"], "unknown option '--frobnicate'"),
         (["weak", "--busy-baseline"], "--busy-baseline: give --ranks without 1"),
+        (["weak", "--ranks", "2", "--busy-baseline", "--no-baseline"], "--busy-baseline and --no-baseline contradict each other"),
     ]) func badOptionsAreRefused(arguments: [String], message: String) throws {
         let r = try Harness.run([Harness.root.appendingPathComponent("launch/scaling").path] + arguments, timeout: 30, directory: Harness.root,
                                 environment: ["SEQPAR": Harness.binary])

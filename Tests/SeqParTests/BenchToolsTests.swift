@@ -281,3 +281,42 @@ extension CostModelTests {
         #expect(r.baselineBusy == true && abs(r.efficiency! - r.gflops / (3 * first.forwardGflops)) < 1e-12)
     }
 }
+
+extension CostModelTests {
+    /// A figure measured twice (the calibration before and after a point) counts as the mean of the two.
+    @Test func repeatedFiguresCountAsTheirMean() throws {
+        var m = CostModel()
+        try m.calibrate([(1, 40.0), (1, 60.0), (16, 20.0)].map { k, g in
+            line(["bench": "kernel", "kernel": "blockwise_softmax", "direction": "forward", "ranks": k, "seq_len": 2048, "gflops": g])
+        }.joined(separator: "\n"), name: "c")
+        #expect(m.kernelRate(.softmax, "forward", ranksAtOnce: 1, tokens: 2048) == 50)
+        #expect(abs(m.kernelRate(.softmax, "forward", ranksAtOnce: 4, tokens: 2048)! - 35) < 1e-9)  // halfway in log k
+    }
+
+    /// TPLA decode: a rank's shard is MLA over d_c/P latent columns plus the RoPE ones, at the one-rank step per token
+    /// and head measured at that width (log-interpolated in width and L); below the narrowest width measured, that
+    /// one scaled by (w + d_r); plus the all-reduce of the output.
+    @Test func tplaDecodeIsOneRankMLAAtTheShardWidth() throws {
+        var m = flatModel()
+        let figures: [(w: Int, l: Int, t: Double)] = [(512, 1024, 0.010), (512, 4096, 0.056), (128, 4096, 0.024), (32, 4096, 0.016)]
+        try m.calibrate(figures.map { f in
+            line(["bench": "latent", "algorithm": f.w == 512 ? "tpla" : "mla", "ranks": 1, "seq_len": f.l, "heads": 16, "latent_dim": f.w, "rope_dim": 64, "time_s": f.t])
+        }.joined(separator: "\n"), name: "c")
+        func decode(_ p: Int, _ l: Int = 4096, heads: Int = 16) throws -> CostModel.Prediction {
+            var q = CostModel.Problem(algorithm: "tpla", seqLen: l, heads: heads, headDim: 64, ranks: p, ranksPerHost: 16)
+            q.latentDim = 512; q.ropeDim = 64
+            return try m.predict(q)
+        }
+        // The flat model's kernel rates: no contention; the network's all-reduce, 2 (P-1) (alpha + n/P gamma).
+        func allReduce(_ p: Int) -> Double { 2 * Double(p - 1) * (2e-6 + Double(16 * 128 * 4) / Double(p) / 1e10) }
+        #expect(abs(try decode(4).computeS - 0.024) < 1e-12)                 // d_c/4 = 128: measured
+        #expect(abs(try decode(4).timeS - 0.024 - allReduce(4)) < 1e-12)
+        #expect(abs(try decode(2).computeS - 0.040) < 1e-12)                 // 256: halfway in log width between 128 and 512
+        #expect(abs(try decode(32).computeS - 0.016 * 80 / 96) < 1e-12)     // 16 columns: the 32-wide step x (16 + 64) / (32 + 64)
+        #expect(abs(try decode(1, 2048).computeS - 0.024) < 1e-12)           // per token halfway in log L (10 and 14 ms per 1024)
+        #expect(abs(try decode(4, heads: 8).computeS - 0.012) < 1e-12)       // per head
+        var q = CostModel.Problem(algorithm: "tpla", seqLen: 4096, heads: 16, headDim: 64, ranks: 4, ranksPerHost: 16)
+        q.ropeDim = 32
+        #expect(throws: SeqParError.self) { try m.predict(q) }  // no figures at this RoPE width
+    }
+}

@@ -29,8 +29,10 @@
 //   lasp1      F/P + P-1 dependent steps, each a point-to-point hop of H D^2 4 bytes plus the products the paper's
 //              order puts on the chain: the inter-chunk term and the state, 4 H C D^2 (backward: the dK and dV terms
 //              and dM, 6 H C D^2; without a mask the state alone, 2 H C D^2, and P-1 more hops back down)
-//   tpla       decode: the one-rank step scaled by the cache share (d_c/P + d_r)/(d_c + d_r) and by the memory
-//              contention of k busy ranks (the linear kernel's rate ratio at its longest length, which is
+//   tpla       decode: a rank's shard is one-rank MLA decode over d_c/P latent columns and the d_r RoPE ones: the
+//              one-rank step per cached token at that latent width (from bench latent figures of mla or tpla on one
+//              rank, interpolated in log L and log width; beyond the measured widths scaled by (w + d_r)), times the
+//              memory contention of k busy ranks (the linear kernel's rate ratio at its longest length, which is
 //              bandwidth-bound), plus an all-reduce of H T d_v 4 bytes
 // Collectives at a measured P use that P's fit (log-interpolated between measured P); elsewhere, and always under
 // --network, Hockney's forms from the point-to-point link: allgather (P-1)(alpha + n gamma), all-to-all
@@ -64,8 +66,13 @@ public struct CostModel: Sendable {
         guard let fs = algorithmFactors["\(algorithm) \(direction)"], !fs.isEmpty else { return 1 }
         return exp(fs.map { log($0) }.reduce(0, +) / Double(fs.count))
     }
-    /// One-rank TPLA decode step and its shape, for the decode prediction.
-    public var decodeOneRank: (timeS: Double, seqLen: Int, latentDim: Int, ropeDim: Int)?
+    /// A one-rank decode step (MLA, or TPLA on one rank) and its shape.
+    public struct DecodeFigure: Sendable, Equatable {
+        public var timeS: Double
+        public var seqLen: Int, heads: Int, latentDim: Int, ropeDim: Int
+    }
+    /// One-rank decode steps, for the TPLA prediction.
+    public var decodeOneRank: [DecodeFigure] = []
     public var overlap: [String: Double] = ["forward": 0.8, "backward": 0.8]
     /// A causal diagonal block's rate over the full-mask kernel rate, by block length and direction (from one-rank
     /// ring or dense figures; 1 without them).
@@ -163,8 +170,9 @@ public struct CostModel: Sendable {
                 overlap[try string("direction")] = min(max(try number("overlap"), 0), 1)
             case "attention" where Int(try number("ranks")) == 1 && (object["causal"] as? Bool ?? true):
                 oneRank.append((try string("algorithm"), try string("direction"), Int(try number("seq_len")), Int(try number("heads")), try number("gflops")))
-            case "latent" where Int(try number("ranks")) == 1 && object["algorithm"] as? String == "tpla":
-                decodeOneRank = (try number("time_s"), Int(try number("seq_len")), Int(try number("latent_dim")), Int(try number("rope_dim")))
+            case "latent" where Int(try number("ranks")) == 1 && ["tpla", "mla"].contains(object["algorithm"] as? String):
+                decodeOneRank.append(DecodeFigure(timeS: try number("time_s"), seqLen: Int(try number("seq_len")), heads: Int(try number("heads")),
+                                                  latentDim: Int(try number("latent_dim")), ropeDim: Int(try number("rope_dim"))))
             default: continue
             }
             used += 1
@@ -195,9 +203,10 @@ public struct CostModel: Sendable {
 
     // MARK: lookups
 
-    /// Linear interpolation of `f` at `x` over sorted (x, f) in log x, clamped to the ends.
+    /// Linear interpolation of `f` at `x` over sorted (x, f) in log x, clamped to the ends; points at one x (the same
+    /// figure measured twice) count as their mean.
     static func interpolateLog(_ points: [(Double, Double)], at x: Double) -> Double? {
-        let s = points.sorted { $0.0 < $1.0 }
+        let s = Dictionary(grouping: points, by: \.0).map { x, ps in (x, ps.map(\.1).reduce(0, +) / Double(ps.count)) }.sorted { $0.0 < $1.0 }
         guard let first = s.first, let last = s.last else { return nil }
         if x <= first.0 { return first.1 }
         if x >= last.0 { return last.1 }
@@ -378,14 +387,22 @@ public struct CostModel: Sendable {
     }
 
     func predictDecode(_ q: Problem, k: Int) throws -> Prediction {
-        guard let one = decodeOneRank else {
-            throw SeqParError.invalidInput("model: tpla needs a one-rank decode figure: calibrate with seqpar bench latent --algorithm tpla --json on one rank")
+        let figures = decodeOneRank.filter { $0.ropeDim == q.ropeDim }
+        guard !figures.isEmpty else {
+            throw SeqParError.invalidInput("model: tpla needs one-rank decode figures with d_r = \(q.ropeDim): calibrate with seqpar bench latent --algorithm tpla (or mla) --json on one rank")
         }
         guard q.latentDim % q.ranks == 0 || q.ranks == 1 else { throw SeqParError.invalidInput("model: tpla needs P (\(q.ranks)) to divide d_c (\(q.latentDim))") }
-        let share = (Double(one.latentDim) / Double(q.ranks) + Double(one.ropeDim)) / Double(one.latentDim + one.ropeDim)
+        // Seconds per cached token at each measured latent width (interpolated in L; per head, as the step's products
+        // are), then at this rank's width d_c/P.
+        let byWidth = Dictionary(grouping: figures, by: \.latentDim).compactMap { w, fs in
+            Self.interpolateLog(fs.map { (Double($0.seqLen), $0.timeS / Double($0.seqLen * $0.heads)) }, at: Double(q.seqLen)).map { (Double(w), $0) }
+        }.sorted { $0.0 < $1.0 }
+        let width = Double(q.latentDim) / Double(q.ranks), rope = Double(q.ropeDim)
+        let nearest = width < byWidth.first!.0 ? byWidth.first! : width > byWidth.last!.0 ? byWidth.last! : nil
+        let perToken = nearest.map { $0.1 * (width + rope) / ($0.0 + rope) } ?? Self.interpolateLog(byWidth, at: width)!
         let contention = kernelRate(.linear, "forward", ranksAtOnce: 1, tokens: 1 << 30).flatMap { r1 in
             kernelRate(.linear, "forward", ranksAtOnce: k, tokens: 1 << 30).map { r1 / $0 } } ?? 1
-        let compute = one.timeS * Double(q.seqLen) / Double(one.seqLen) * share * contention
+        let compute = perToken * Double(q.seqLen * q.heads) * contention
         let comm = try collective("allreduce", bytes: Double(q.heads * q.queries * q.vDim * 4), ranks: q.ranks)
         return Prediction(timeS: compute + comm, computeS: compute, commS: comm, exposedCommS: comm)
     }
