@@ -231,6 +231,7 @@ extension CostModelTests {
             #expect(r.gemmFraction > 0 && r.expFraction >= 0 && r.otherFraction >= 0)
             #expect(abs(r.gemmFraction + r.expFraction + r.otherFraction - 1) < 1e-12)
             #expect(r.gflops > 0 && r.rankGflopsMin <= r.rankGflopsMax)
+            #expect(r.rankGflops.count == r.ranks && r.rankGflops.min() == r.rankGflopsMin && r.rankGflops.max() == r.rankGflopsMax)
             if kernel == .softmax { #expect(r.expFraction > 0) } else { #expect(r.expFraction == 0) }
         }
     }

@@ -32,6 +32,9 @@ public struct KernelBenchResult: Codable, Sendable {
     public var decay: Float?
     /// The fastest and slowest rank's GFLOP/s.
     public var rankGflopsMin: Double, rankGflopsMax: Double
+    /// Every rank's GFLOP/s (its median), by rank: on a shared host some cores can run at half the others' rate, and
+    /// an algorithm in lockstep runs at its slowest rank's (a rankfile can leave such cores out).
+    public var rankGflops: [Double]
     /// `KernelBench.sgemmProbe` in this process, before the kernels ran.
     public var probeSgemmGflops: Double?
 }
@@ -130,7 +133,8 @@ public enum KernelBench {
                                      gflops: f / t.median / 1e9, sgemmGflops: sgemmGflops, ratio: f / t.median / 1e9 / sgemmGflops,
                                      blasThreads: BLAS.threads, repeats: repeats, gemmFraction: gemmShare, expFraction: expShare,
                                      otherFraction: 1 - gemmShare - expShare, decay: kernel == .linear ? decay : nil,
-                                     rankGflopsMin: f / rankMedians.max()! / 1e9, rankGflopsMax: f / rankMedians.min()! / 1e9)
+                                     rankGflopsMin: f / rankMedians.max()! / 1e9, rankGflopsMax: f / rankMedians.min()! / 1e9,
+                                     rankGflops: rankMedians.map { f / $0 / 1e9 })
         }
         var output: AttentionOutput!
         var results = [try result("forward", flops) { output = try implementation.forward(x, comm: solo) }]
