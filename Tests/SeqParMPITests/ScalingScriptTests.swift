@@ -26,6 +26,37 @@ import Testing
         #expect(command.contains("launch/scaling weak --ranks \"1 2\" --algorithms \"ring:zigzag lasp2 tpla\" --tokens-per-rank 64"))
     }
 
+    /// A sweep split over calls, one rank count each (benchmarks/scaling-figures.sh interleaved): the calls without
+    /// a baseline leave the CSV and plots to `seqpar report` over the merged files, whose one-rank point gives every
+    /// figure its efficiency.
+    @Test func aSweepSplitOverCallsMergesIntoOne() throws {
+        guard Harness.mpirunAvailable else { print("skipped: mpirun not found"); return }
+        let out = FileManager.default.temporaryDirectory.appendingPathComponent("seqpar-split-\(getpid())")
+        defer { try? FileManager.default.removeItem(at: out) }
+        var merged = ""
+        for (p, extra) in [("1", [String]()), ("2", ["--no-baseline"])] {
+            let dir = out.appendingPathComponent("p\(p)")
+            let r = try Harness.run([Harness.root.appendingPathComponent("launch/scaling").path, "weak", "--ranks", p, "--algorithms", "ring:zigzag",
+                                     "--tokens-per-rank", "64", "--heads", "2", "--head-dim", "16", "--repeats", "1", "--warmup", "0",
+                                     "--bind", "none", "--out", dir.path] + extra,
+                                    timeout: 120, directory: Harness.root, environment: ["SEQPAR": Harness.binary])
+            #expect(r.status == 0, "\(r.output)")
+            merged += try String(contentsOf: dir.appendingPathComponent("weak.jsonl"), encoding: .utf8)
+            #expect(FileManager.default.fileExists(atPath: dir.appendingPathComponent("weak.csv").path) == extra.isEmpty)
+            if !extra.isEmpty {
+                #expect(r.output.contains("no CSV or plots here"))
+                #expect(try String(contentsOf: dir.appendingPathComponent("weak.command"), encoding: .utf8).contains("--no-baseline"))
+            }
+        }
+        let file = out.appendingPathComponent("weak.jsonl")
+        try Data(merged.utf8).write(to: file)
+        let report = try Harness.simulated(["report", file.path, "--mode", "weak", "--out", out.appendingPathComponent("weak").path])
+        #expect(report.status == 0, "\(report.output)")
+        let csv = try String(contentsOf: out.appendingPathComponent("weak.csv"), encoding: .utf8).split(separator: "\n")
+        let efficiency = csv[0].split(separator: ",").firstIndex(of: "efficiency")!
+        #expect(csv.count == 3 && csv.dropFirst().allSatisfy { !$0.split(separator: ",", omittingEmptySubsequences: false)[efficiency].isEmpty }, "\(csv)")
+    }
+
     @Test(arguments: [
         (["sideways"], "the first argument is the mode"),
         (["weak", "--ranks", "1 two"], "'two' is not a positive whole number"),
