@@ -28,8 +28,9 @@
 #                                            parts above), then the kernels again; on one rank also MLA decode at
 #                                            the latent widths TPLA gives a rank (512/P). Writes calibration-*.jsonl,
 #                                            weak/, strong/, strong64k/ (merged over rank counts, with CSV and SVG) and
-#                                            validation.txt; RANKS="1 2 4 8" then RANKS=16 with the same RESULTS
-#                                            splits it over two calls (the merge and validation run after each)
+#                                            validation.txt; RANKS="1 2 4" then RANKS="8 16" with the same RESULTS
+#                                            splits it over two calls (the merge and validation run after each); the
+#                                            calibration files grow with each call: give a new RESULTS for a new run
 #   benchmarks/scaling-figures.sh peer       PyTorch SDPA with 16 threads vs SeqPar ring on 16 ranks vs dense on one
 #                                            rank with 16 BLAS threads, L 16384, H 16, D 64, causal
 #
@@ -44,10 +45,10 @@ export SEQPAR="$BIN"
 
 # Runs the command given on `seqpar` with each rank count in NPS (bound to cores), echoing it to stderr first.
 at_ranks() {
-    local nps=$1; shift
-    for np in $nps; do
-        echo "# $MPIRUN -np $np --bind-to core $BIN $*" >&2
-        $MPIRUN -np "$np" --bind-to core "$BIN" "$@"
+    local nps=$1 n; shift
+    for n in $nps; do
+        echo "# $MPIRUN -np $n --bind-to core $BIN $*" >&2
+        $MPIRUN -np "$n" --bind-to core "$BIN" "$@"
     done
 }
 COMM_SIZES="8 512 32768 262144 2097152 16777216"
@@ -89,7 +90,9 @@ interleaved)
     for sweep in weak:weak strong:strong strong64k:strong; do
         dir=${sweep%%:*} mode=${sweep##*:}
         # Rank counts in order, from every call so far.
-        ls -d "$RESULTS/$dir"/p* | sed 's/.*\/p//' | sort -n | while read -r np; do grep -h '^{' "$RESULTS/$dir/p$np/$mode.jsonl"; done > "$RESULTS/$dir/$mode.jsonl"
+        for n in $(ls -d "$RESULTS/$dir"/p* | sed 's/.*\/p//' | sort -n); do
+            grep -hs '^{' "$RESULTS/$dir/p$n/$mode.jsonl" || echo "no $dir figures at $n ranks (see $RESULTS/$dir/p$n/$mode.log)" >&2
+        done > "$RESULTS/$dir/$mode.jsonl"
         "$BIN" report "$RESULTS/$dir/$mode.jsonl" --mode "$mode" --out "$RESULTS/$dir/$mode" --title "$dir scaling, calibration interleaved" \
             || echo "no $dir report yet: it needs the one-rank point (RANKS with 1, in this RESULTS)" >&2
     done

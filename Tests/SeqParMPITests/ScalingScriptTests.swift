@@ -45,6 +45,10 @@ import Testing
             #expect(FileManager.default.fileExists(atPath: dir.appendingPathComponent("weak.csv").path) == extra.isEmpty)
             if !extra.isEmpty {
                 #expect(r.output.contains("no CSV or plots here"))
+                // Each launch skipped its baseline: every bench command in the log says so.
+                let log = try String(contentsOf: dir.appendingPathComponent("weak.log"), encoding: .utf8)
+                let commands = log.split(separator: "\n").filter { $0.hasPrefix("$ ") }
+                #expect(!commands.isEmpty && commands.allSatisfy { $0.contains("--no-baseline") && !$0.contains("--baseline-seq-len") }, "\(log)")
                 #expect(try String(contentsOf: dir.appendingPathComponent("weak.command"), encoding: .utf8).contains("--no-baseline"))
             }
         }
@@ -64,7 +68,8 @@ import Testing
         (["weak", "--bind", "socket"], "--bind is core or none"),
         (["weak", "--frobnicate"], "unknown option '--frobnicate'"),
         (["weak", "--busy-baseline"], "--busy-baseline: give --ranks without 1"),
-        (["weak", "--ranks", "2", "--busy-baseline", "--no-baseline"], "--busy-baseline and --no-baseline contradict each other"),
+        (["weak", "--ranks", "2", "--busy-baseline", "--no-baseline"], "--no-baseline runs no baseline"),
+        (["weak", "--ranks", "2", "--baseline-seq-len", "64", "--no-baseline"], "--no-baseline runs no baseline"),
     ]) func badOptionsAreRefused(arguments: [String], message: String) throws {
         let r = try Harness.run([Harness.root.appendingPathComponent("launch/scaling").path] + arguments, timeout: 30, directory: Harness.root,
                                 environment: ["SEQPAR": Harness.binary])

@@ -301,11 +301,12 @@ extension CostModelTests {
         var m = flatModel()
         let figures: [(w: Int, l: Int, t: Double)] = [(512, 1024, 0.010), (512, 4096, 0.056), (128, 4096, 0.024), (32, 4096, 0.016)]
         try m.calibrate(figures.map { f in
-            line(["bench": "latent", "algorithm": f.w == 512 ? "tpla" : "mla", "ranks": 1, "seq_len": f.l, "heads": 16, "latent_dim": f.w, "rope_dim": 64, "time_s": f.t])
+            line(["bench": "latent", "algorithm": f.w == 512 ? "tpla" : "mla", "ranks": 1, "seq_len": f.l, "heads": 16, "latent_dim": f.w, "rope_dim": 64,
+                  "v_dim": 128, "queries": 1, "time_s": f.t])
         }.joined(separator: "\n"), name: "c")
-        func decode(_ p: Int, _ l: Int = 4096, heads: Int = 16) throws -> CostModel.Prediction {
+        func decode(_ p: Int, _ l: Int = 4096, heads: Int = 16, latentDim: Int = 512) throws -> CostModel.Prediction {
             var q = CostModel.Problem(algorithm: "tpla", seqLen: l, heads: heads, headDim: 64, ranks: p, ranksPerHost: 16)
-            q.latentDim = 512; q.ropeDim = 64
+            q.latentDim = latentDim; q.ropeDim = 64
             return try m.predict(q)
         }
         // The flat model's kernel rates: no contention; the network's all-reduce, 2 (P-1) (alpha + n/P gamma).
@@ -316,8 +317,11 @@ extension CostModelTests {
         #expect(abs(try decode(32).computeS - 0.016 * 80 / 96) < 1e-12)     // 16 columns: the 32-wide step x (16 + 64) / (32 + 64)
         #expect(abs(try decode(1, 2048).computeS - 0.024) < 1e-12)           // per token halfway in log L (10 and 14 ms per 1024)
         #expect(abs(try decode(4, heads: 8).computeS - 0.012) < 1e-12)       // per head
-        var q = CostModel.Problem(algorithm: "tpla", seqLen: 4096, heads: 16, headDim: 64, ranks: 4, ranksPerHost: 16)
-        q.ropeDim = 32
-        #expect(throws: SeqParError.self) { try m.predict(q) }  // no figures at this RoPE width
+        #expect(abs(try decode(1, latentDim: 1024).computeS - 0.056 * 1088 / 576) < 1e-12)  // wider than measured: 512 x (1024 + 64) / (512 + 64)
+        for change in [{ (q: inout CostModel.Problem) in q.ropeDim = 32 }, { $0.vDim = 64 }, { $0.queries = 4 }] {
+            var q = CostModel.Problem(algorithm: "tpla", seqLen: 4096, heads: 16, headDim: 64, ranks: 4, ranksPerHost: 16)
+            change(&q)
+            #expect(throws: SeqParError.self) { try m.predict(q) }  // no figures with this d_r, d_v or queries per step
+        }
     }
 }

@@ -30,8 +30,9 @@
 //              order puts on the chain: the inter-chunk term and the state, 4 H C D^2 (backward: the dK and dV terms
 //              and dM, 6 H C D^2; without a mask the state alone, 2 H C D^2, and P-1 more hops back down)
 //   tpla       decode: a rank's shard is one-rank MLA decode over d_c/P latent columns and the d_r RoPE ones: the
-//              one-rank step per cached token at that latent width (from bench latent figures of mla or tpla on one
-//              rank, interpolated in log L and log width; beyond the measured widths scaled by (w + d_r)), times the
+//              one-rank step per cached token and head at that latent width (from bench latent figures of mla or tpla
+//              on one rank with the problem's d_r, d_v and queries per step, interpolated in log L and log width;
+//              beyond the measured widths the nearest scaled by (w + d_r)), times the
 //              memory contention of k busy ranks (the linear kernel's rate ratio at its longest length, which is
 //              bandwidth-bound), plus an all-reduce of H T d_v 4 bytes
 // Collectives at a measured P use that P's fit (log-interpolated between measured P); elsewhere, and always under
@@ -70,6 +71,7 @@ public struct CostModel: Sendable {
     public struct DecodeFigure: Sendable, Equatable {
         public var timeS: Double
         public var seqLen: Int, heads: Int, latentDim: Int, ropeDim: Int
+        public var vDim = 128, queries = 1
     }
     /// One-rank decode steps, for the TPLA prediction.
     public var decodeOneRank: [DecodeFigure] = []
@@ -172,7 +174,8 @@ public struct CostModel: Sendable {
                 oneRank.append((try string("algorithm"), try string("direction"), Int(try number("seq_len")), Int(try number("heads")), try number("gflops")))
             case "latent" where Int(try number("ranks")) == 1 && ["tpla", "mla"].contains(object["algorithm"] as? String):
                 decodeOneRank.append(DecodeFigure(timeS: try number("time_s"), seqLen: Int(try number("seq_len")), heads: Int(try number("heads")),
-                                                  latentDim: Int(try number("latent_dim")), ropeDim: Int(try number("rope_dim"))))
+                                                  latentDim: Int(try number("latent_dim")), ropeDim: Int(try number("rope_dim")),
+                                                  vDim: Int(try number("v_dim")), queries: Int(try number("queries"))))
             default: continue
             }
             used += 1
@@ -387,13 +390,13 @@ public struct CostModel: Sendable {
     }
 
     func predictDecode(_ q: Problem, k: Int) throws -> Prediction {
-        let figures = decodeOneRank.filter { $0.ropeDim == q.ropeDim }
+        let figures = decodeOneRank.filter { $0.ropeDim == q.ropeDim && $0.vDim == q.vDim && $0.queries == q.queries }
         guard !figures.isEmpty else {
-            throw SeqParError.invalidInput("model: tpla needs one-rank decode figures with d_r = \(q.ropeDim): calibrate with seqpar bench latent --algorithm tpla (or mla) --json on one rank")
+            throw SeqParError.invalidInput("model: tpla needs one-rank decode figures with d_r = \(q.ropeDim), d_v = \(q.vDim) and \(q.queries) query token(s) per step: calibrate with seqpar bench latent --algorithm tpla (or mla) --json on one rank")
         }
         guard q.latentDim % q.ranks == 0 || q.ranks == 1 else { throw SeqParError.invalidInput("model: tpla needs P (\(q.ranks)) to divide d_c (\(q.latentDim))") }
-        // Seconds per cached token at each measured latent width (interpolated in L; per head, as the step's products
-        // are), then at this rank's width d_c/P.
+        // Seconds per cached token and head at each measured latent width (interpolated in L), then at this rank's
+        // width d_c/P.
         let byWidth = Dictionary(grouping: figures, by: \.latentDim).compactMap { w, fs in
             Self.interpolateLog(fs.map { (Double($0.seqLen), $0.timeS / Double($0.seqLen * $0.heads)) }, at: Double(q.seqLen)).map { (Double(w), $0) }
         }.sorted { $0.0 < $1.0 }
@@ -414,6 +417,10 @@ public struct CostModel: Sendable {
                         headDim: point.headDim ?? 64, causal: point.causal ?? true, layout: SequenceLayout(rawValue: point.layout ?? "contiguous") ?? .contiguous,
                         direction: point.direction, ranks: point.ranks, ranksPerHost: ranksPerHost)
         if let kv = point.kvHeads { q.kvHeads = kv }
+        if let v = point.latentDim { q.latentDim = v }
+        if let v = point.ropeDim { q.ropeDim = v }
+        if let v = point.vDim { q.vDim = v }
+        if let v = point.queries { q.queries = v }
         return try predict(q)
     }
 }

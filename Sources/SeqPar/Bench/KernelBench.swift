@@ -126,8 +126,9 @@ public enum KernelBench {
             let spread = try comm.allGather([mine.median, mine.min, mine.max])[slowest]
             let t = Timing(median: spread[0], min: spread[1], max: spread[2])
             let shares = try comm.allReduce([Double(p.expElements) * expCost / p.seconds, p.gemmSeconds / p.seconds], op: .sum).map { $0 / Double(comm.size) }
-            let expShare = min(shares[0], 1)
-            let gemmShare = min(shares[1], 1 - expShare)
+            // The GEMM time is measured, the exponentials' is estimated (count x cost): the estimate yields.
+            let gemmShare = min(shares[1], 1)
+            let expShare = min(shares[0], 1 - gemmShare)
             return KernelBenchResult(kernel: kernel.name, direction: direction, ranks: comm.size, batch: s.batch, seqLen: s.seqLen, heads: s.heads,
                                      kvHeads: s.kvHeads, headDim: s.headDim, causal: options.causal, timeS: t.median, timeMinS: t.min, timeMaxS: t.max,
                                      gflops: f / t.median / 1e9, sgemmGflops: sgemmGflops, ratio: f / t.median / 1e9 / sgemmGflops,

@@ -27,6 +27,8 @@ public struct ScalingPoint: Codable, Sendable, Equatable {
     public var overlap: Double?
     public var bytesSent: Int?
     public var peakRssBytes: Int?
+    /// Latent (TPLA decode) figures: d_c, d_r, d_v and query tokens per step.
+    public var latentDim: Int?, ropeDim: Int?, vDim: Int?, queries: Int?
 
     /// The series this point belongs to: algorithm, layout, mask, direction.
     public var series: String {
