@@ -179,6 +179,9 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
     private func record(_ op: CommOperation, sent: Int = 0, received: Int = 0) {
         countsLock.withLock { counts.record(op, sent: sent, received: received) }
     }
+    private func addTime(_ seconds: Double, progress: Bool) {
+        countsLock.withLock { counts.addTime(seconds, progress: progress) }
+    }
 
     /// Called first by every communication call; only an injected fault does anything here.
     @inline(__always) private func enter(_ routine: StaticString) {
@@ -189,7 +192,9 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
 
     /// Runs a blocking MPI call under the watchdog.
     @inline(__always) private func blocking<R>(_ site: WaitSite, _ body: () throws -> R) rethrows -> R {
-        try watchdog.watchIfSet(site, body)
+        let start = SystemInfo.now()
+        defer { addTime(SystemInfo.now() - start, progress: false) }
+        return try watchdog.watchIfSet(site, body)
     }
 
     // MARK: point-to-point
@@ -198,14 +203,17 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         var request: MPI_Request?
         let expected: (count: Int32, type: MPI_Datatype, what: String)?
         let onComplete: () -> Void
+        /// Adds seconds spent in a wait (false) or a test (true) to the communicator's counters.
+        let clock: (Double, Bool) -> Void
         let watchdog: Watchdog?
         let site: WaitSite
         init(_ request: MPI_Request?, expected: (Int32, MPI_Datatype, String)?, watchdog: Watchdog?, site: WaitSite,
-             onComplete: @escaping () -> Void) {
+             clock: @escaping (Double, Bool) -> Void, onComplete: @escaping () -> Void) {
             self.request = request
             self.expected = expected
             self.watchdog = watchdog
             self.site = site
+            self.clock = clock
             self.onComplete = onComplete
         }
         private var completed = false
@@ -213,6 +221,8 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         func wait() throws {
             if completed { return }
             var status = MPI_Status()
+            let start = SystemInfo.now()
+            defer { clock(SystemInfo.now() - start, false) }
             try watchdog.watchIfSet(site) { try check(MPI_Wait(&request, &status), "MPI_Wait") }
             try complete(&status)
         }
@@ -221,6 +231,8 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
             if completed { return true }
             var status = MPI_Status()
             var flag: Int32 = 0
+            let start = SystemInfo.now()
+            defer { clock(SystemInfo.now() - start, true) }
             try check(MPI_Test(&request, &flag, &status), "MPI_Test")
             if flag != 0 { try complete(&status) }
             return completed
@@ -260,7 +272,7 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         try check(MPI_Isend(buffer.baseAddress, try int32(buffer.count, "MPI_Isend"), datatype(T.kind), Int32(destination), Int32(tag), comm, &request), "MPI_Isend")
         let bytes = buffer.count * MemoryLayout<T>.stride
         let site = WaitSite(kind: .send, routine: "MPI_Wait", started: "MPI_Isend", peer: destination, tag: tag, bytes: bytes)
-        return Request(request, expected: nil, watchdog: watchdog, site: site) { [self] in record(.send, sent: bytes) }
+        return Request(request, expected: nil, watchdog: watchdog, site: site, clock: { [self] in addTime($0, progress: $1) }) { [self] in record(.send, sent: bytes) }
     }
 
     public func irecv<T: CommElement>(_ buffer: UnsafeMutableBufferPointer<T>, from source: Int, tag: Int) throws -> CommRequest {
@@ -272,7 +284,7 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         let bytes = buffer.count * MemoryLayout<T>.stride
         let site = WaitSite(kind: .receive, routine: "MPI_Wait", started: "MPI_Irecv", peer: source, tag: tag, bytes: bytes)
         return Request(request, expected: (n, datatype(T.kind), "rank \(rank) receiving from rank \(source) (tag \(tag))"),
-                       watchdog: watchdog, site: site) { [self] in
+                       watchdog: watchdog, site: site, clock: { [self] in addTime($0, progress: $1) }) { [self] in
             record(.recv, received: bytes)
         }
     }
@@ -325,7 +337,8 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         let b = send.count * MemoryLayout<T>.stride
         record(.allGather, sent: b, received: b * (size - 1))
         return Request(request, expected: nil, watchdog: watchdog,
-                       site: WaitSite(kind: .collective, routine: "MPI_Wait", started: "MPI_Iallgather", bytes: b)) {}
+                       site: WaitSite(kind: .collective, routine: "MPI_Wait", started: "MPI_Iallgather", bytes: b),
+                       clock: { [self] in addTime($0, progress: $1) }) {}
     }
 
     public func allGatherV<T: CommElement>(_ send: UnsafeBufferPointer<T>, into recv: UnsafeMutableBufferPointer<T>, counts: [Int]) throws {

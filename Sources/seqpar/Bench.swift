@@ -316,12 +316,13 @@ struct AttentionBenchCommand: ParsableCommand {
         for family in missing { printNote("no \(family) baseline: one rank would not fit the whole sequence in memory; give --baseline-seq-len N for a shorter one") }
         if json { results.forEach { print(Report.json($0)) }; return }
         let columns = [("algorithm", 11), ("direction", 10), ("mask", 14), ("layout", 11), ("time_s", 10), ("min_s", 10), ("max_s", 10),
-                       ("rank_spread", 12), ("tokens/s", 11), ("GFLOP/s", 9), ("efficiency", 11), ("overlap", 8), ("sent_B/rank", 13), ("msgs", 6), ("colls", 6),
+                       ("rank_spread", 12), ("tokens/s", 11), ("GFLOP/s", 9), ("efficiency", 11), ("overlap", 8), ("wait_s", 16), ("sent_B/rank", 13), ("msgs", 6), ("colls", 6),
                        ("peak_rss", 11), ("rel_time", 9)]
         let baselineNote = results.compactMap { r in r.baselineTimeS.map { String(format: "%@ %@ %.4f s", r.algorithm.family == .softmax ? "dense" : "linear", r.direction, $0) } }
         (Provenance.header("bench attention") + Provenance.placementLines(placement) + [
             "# \(backend.ranks) rank(s), backend \(backend.name); \(shape); median of \(repeats) after \(warmup) warm-up, slowest rank per repetition",
             "# rank_spread: slowest rank's median over the fastest's; rel_time: time over the first algorithm's in the same direction",
+            "# wait_s: seconds per step blocked in communication (waits, collectives), least-most over ranks",
             "# efficiency: GFLOP/s over ranks x the one-rank baseline's (same launch" + (baselineSeqLen.map { ", L=\($0)" } ?? "")
                 + (busyBaseline ? ", run on every rank at once: the host's contention left out" : "") + "): " + (Array(Set(baselineNote)).sorted().joined(separator: ", ").nonEmpty ?? "none ran"),
             columns.map { Report.pad($0.0, $0.1) }.joined(),
@@ -332,7 +333,8 @@ struct AttentionBenchCommand: ParsableCommand {
             let cells = [r.algorithm.rawValue, r.direction, mask, r.layout.rawValue, String(format: "%.4f", r.timeS),
                          String(format: "%.4f", r.timeMinS), String(format: "%.4f", r.timeMaxS), String(format: "%.2f", r.rankTimeMaxS / r.rankTimeMinS),
                          String(format: "%.0f", r.tokensPerS), String(format: "%.1f", r.gflops),
-                         r.efficiency.map { String(format: "%.2f", $0) } ?? "-", r.overlap.map { String(format: "%.0f%%", 100 * $0) } ?? "-", "\(r.bytesSent)", "\(r.messages)", "\(r.collectives)",
+                         r.efficiency.map { String(format: "%.2f", $0) } ?? "-", r.overlap.map { String(format: "%.0f%%", 100 * $0) } ?? "-",
+                         r.waitS.map { String(format: "%.4f-%.4f", r.waitMinS ?? $0, $0) } ?? "-", "\(r.bytesSent)", "\(r.messages)", "\(r.collectives)",
                          SystemInfo.bytesText(r.peakRSSBytes), String(format: "%.2f", r.timeS / first.timeS)]
             print(zip(cells, columns).map { Report.pad($0, $1.1) }.joined())
         }

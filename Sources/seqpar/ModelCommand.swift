@@ -94,8 +94,10 @@ struct ModelValidate: ParsableCommand {
                 points += try ScalingReport.parse(text, name: path)
                 if oneRankFactors { try m.calibrate(text, name: path) }
             }
-            let columns = [("series", 38), ("ranks", 6), ("L", 9), ("measured_s", 12), ("predicted_s", 12), ("error", 8)]
+            let columns = [("series", 38), ("ranks", 6), ("L", 9), ("measured_s", 12), ("predicted_s", 12), ("error", 8),
+                           ("wait_s", 18), ("exposed_s", 10)]
             print("# seqpar model validate: calibration \(model.calibration.joined(separator: " "))\(oneRankFactors ? " + one-rank figures" : ""); error = predicted / measured - 1; tolerance \(Int(tolerance * 100))%")
+            print("# wait_s: measured seconds per step blocked in communication, least-most over ranks (where recorded); exposed_s: the model's communication left exposed")
             print(columns.map { Report.pad($0.0, $0.1) }.joined())
             var errors: [Double] = []
             for p in points.sorted(by: { ($0.series, $0.ranks, $0.seqLen) < ($1.series, $1.ranks, $1.seqLen) }) {
@@ -103,7 +105,9 @@ struct ModelValidate: ParsableCommand {
                 let e = r.timeS / p.timeS - 1
                 if p.ranks >= 2 { errors.append(e) }
                 print(zip([p.series, "\(p.ranks)", "\(p.seqLen)", String(format: "%.4f", p.timeS), String(format: "%.4f", r.timeS),
-                           String(format: "%+.0f%%", 100 * e) + (abs(e) > tolerance ? " !" : "")], columns).map { Report.pad($0, $1.1) }.joined())
+                           String(format: "%+.0f%%", 100 * e) + (abs(e) > tolerance ? " !" : ""),
+                           p.waitS.map { String(format: "%.4f-%.4f", p.waitMinS ?? $0, $0) } ?? "-", String(format: "%.4f", r.exposedCommS)],
+                          columns).map { Report.pad($0, $1.1) }.joined())
             }
             let within = errors.filter { abs($0) <= tolerance }.count
             let sorted = errors.map(abs).sorted()

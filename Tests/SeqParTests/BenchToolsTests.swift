@@ -261,6 +261,10 @@ extension CostModelTests {
             // The host's speed, probed before and after the timed steps on both ranks at once.
             let (before, after) = (try #require(r.probeSgemmBeforeGflops), try #require(r.probeSgemmAfterGflops))
             #expect(before > 0 && after > 0 && abs(r.probeSgemmGflops! - (before + after) / 2) < 1e-9)
+            // Seconds blocked in communication: the least and the most over ranks, within a step; no progress tests
+            // in process (memory needs none).
+            let (least, most) = (try #require(r.waitMinS), try #require(r.waitS))
+            #expect(0 <= least && least <= most && most <= r.timeMaxS && r.progressS == 0)
         }
     }
 

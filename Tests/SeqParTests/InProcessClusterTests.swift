@@ -7,7 +7,7 @@ import Testing
 @Suite struct InProcessClusterTests {
     @Test(arguments: [1, 2, 3, 4, 8]) func everyOperation(ranks: Int) throws {
         let names = try InProcessCluster.run(ranks: ranks, timeout: 30) { try CommunicatorChecks.run($0) }
-        #expect(names.allSatisfy { $0.count == 13 })
+        #expect(names.allSatisfy { $0.count == 14 })
     }
 
     @Test func aCollectiveOneRankNeverEntersTimesOut() throws {

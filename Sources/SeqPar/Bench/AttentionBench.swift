@@ -23,6 +23,10 @@ public struct AttentionBenchResult: Codable, Sendable {
     public var rankTimeMinS: Double, rankTimeAvgS: Double, rankTimeMaxS: Double
     public var tokensPerS: Double
     public var gflops: Double
+    /// Seconds per step a rank stood blocked in communication (its waits and collectives): the most and the least over
+    /// ranks; and inside progress tests between tiles, the most. The least is about the exchange left exposed, the
+    /// most adds the waiting of fast ranks for slow ones.
+    public var waitS: Double?, waitMinS: Double?, progressS: Double?
     /// Payload one step sends, the most over ranks, and received.
     public var bytesSent: Int, bytesReceived: Int
     public var messages: Int, collectives: Int
@@ -128,12 +132,14 @@ public enum AttentionBench {
         let dO = SeededInputs.gradOut(shape: shape, positions: positions, seed: seed)
         let implementation = algorithm.implementation
 
-        /// Runs `step` warmup + repeats times from a barrier; returns this rank's times and one step's counters.
+        /// Runs `step` warmup + repeats times from a barrier; returns this rank's times, one step's counters, and its
+        /// seconds per timed step in waits and in progress tests.
         /// `before` runs untimed ahead of each step (the forward drops the previous step's output there, so two
         /// outputs, with RSA's kept score rows, never live at once).
-        func timeSteps(before: () -> Void = {}, _ step: () throws -> Void) throws -> (times: [Double], counters: CommCounters) {
+        func timeSteps(before: () -> Void = {}, _ step: () throws -> Void) throws -> (times: [Double], counters: CommCounters, wait: Double, progress: Double) {
             var times: [Double] = []
             var counters = CommCounters()
+            var (wait, progress) = (0.0, 0.0)
             for i in 0..<(warmup + repeats) {
                 before()
                 try comm.barrier()
@@ -141,10 +147,11 @@ public enum AttentionBench {
                 let t = SystemInfo.now()
                 try step()
                 let elapsed = SystemInfo.now() - t
-                if i == warmup { counters = comm.counters }
-                if i >= warmup { times.append(elapsed) }
+                let c = comm.counters
+                if i == warmup { counters = c }
+                if i >= warmup { times.append(elapsed); wait += c.waitSeconds; progress += c.progressSeconds }
             }
-            return (times, counters)
+            return (times, counters, wait / Double(repeats), progress / Double(repeats))
         }
 
         let probeBefore = try probe ? KernelBench.sgemmProbe(comm: comm) : nil
@@ -166,6 +173,7 @@ public enum AttentionBench {
             let t = KernelBench.median(slowest)
             let c = run.counters
             let traffic = try comm.allReduce([c.bytesSent, c.bytesReceived, c.messagesSent, c.collectives], op: .max)
+            let waits = try comm.allGather([run.wait, run.progress])
             let stepFlops = direction == "forward" ? flops : flops * AttentionRun.backwardFlopsFactor(family)
             return AttentionBenchResult(
                 algorithm: algorithm, direction: direction, ranks: ranks, batch: shape.batch, seqLen: shape.seqLen, heads: shape.heads,
@@ -175,6 +183,7 @@ public enum AttentionBench {
                 timeS: t, timeMinS: slowest.min()!, timeMaxS: slowest.max()!,
                 rankTimeMinS: perRank.min()!, rankTimeAvgS: perRank.reduce(0, +) / Double(ranks), rankTimeMaxS: perRank.max()!,
                 tokensPerS: Double(shape.batch * shape.seqLen) / t, gflops: stepFlops / t / 1e9,
+                waitS: waits.map { $0[0] }.max()!, waitMinS: waits.map { $0[0] }.min()!, progressS: waits.map { $0[1] }.max()!,
                 bytesSent: traffic[0], bytesReceived: traffic[1], messages: traffic[2], collectives: traffic[3],
                 peakRSSBytes: rss, repeats: repeats, warmup: warmup,
                 probeSgemmGflops: probeBefore.flatMap { b in probeAfter.map { (b + $0) / 2 } }, probeSgemmBeforeGflops: probeBefore,

@@ -27,6 +27,8 @@ public struct ScalingPoint: Codable, Sendable, Equatable {
     public var overlap: Double?
     public var bytesSent: Int?
     public var peakRssBytes: Int?
+    /// Seconds per step blocked in communication, the most and the least over ranks (bench attention's wait_s).
+    public var waitS: Double?, waitMinS: Double?
     /// Latent (TPLA decode) figures: d_c, d_r, d_v and query tokens per step.
     public var latentDim: Int?, ropeDim: Int?, vDim: Int?, queries: Int?
 
@@ -110,7 +112,8 @@ public enum ScalingReport {
     }
 
     public static let csvColumns = ["bench", "series", "algorithm", "layout", "causal", "direction", "ranks", "seq_len", "tokens_per_rank",
-                                    "heads", "head_dim", "time_s", "tokens_per_s", "gflops", "efficiency", "overlap", "bytes_sent", "peak_rss_bytes"]
+                                    "heads", "head_dim", "time_s", "tokens_per_s", "gflops", "efficiency", "overlap", "wait_s", "wait_min_s", "bytes_sent",
+                                    "peak_rss_bytes"]
 
     /// One row per point, sorted by series then ranks; empty cells where a figure does not apply.
     public static func csv(_ points: [ScalingPoint]) -> String {
@@ -120,7 +123,7 @@ public enum ScalingReport {
         for p in points.sorted(by: { ($0.series, $0.ranks, $0.seqLen) < ($1.series, $1.ranks, $1.seqLen) }) {
             let row: [String] = [p.bench, p.series, p.algorithm, p.layout ?? "", p.causal.map { "\($0)" } ?? "", p.direction, "\(p.ranks)", "\(p.seqLen)",
                                  "\(p.seqLen / p.ranks)", "\(p.heads)", p.headDim.map { "\($0)" } ?? "", cell(p.timeS), cell(p.tokensPerS), cell(p.gflops),
-                                 cell(p.efficiency), cell(p.overlap), p.bytesSent.map { "\($0)" } ?? "", p.peakRssBytes.map { "\($0)" } ?? ""]
+                                 cell(p.efficiency), cell(p.overlap), cell(p.waitS), cell(p.waitMinS), p.bytesSent.map { "\($0)" } ?? "", p.peakRssBytes.map { "\($0)" } ?? ""]
             lines.append(row.map(quoted).joined(separator: ","))
         }
         return lines.joined(separator: "\n") + "\n"

@@ -41,6 +41,10 @@ public struct CommCounters: Sendable, Equatable, Codable {
     public var bytesReceived = 0
     /// Calls per operation (point-to-point calls included, blocking and non-blocking alike).
     public var calls: [CommOperation: Int] = [:]
+    /// Seconds spent blocked in communication (a request's wait, a blocking send or receive, a collective) and inside
+    /// a request's test (where MPI moves a message on the calling core). A progress thread's waits, beside the
+    /// computation, count as well.
+    public var waitSeconds = 0.0, progressSeconds = 0.0
 
     public init() {}
 
@@ -49,6 +53,10 @@ public struct CommCounters: Sendable, Equatable, Codable {
     /// Number of collective calls of any kind.
     public var collectives: Int {
         calls.filter { $0.key != .send && $0.key != .recv }.values.reduce(0, +)
+    }
+
+    public mutating func addTime(_ seconds: Double, progress: Bool) {
+        if progress { progressSeconds += seconds } else { waitSeconds += seconds }
     }
 
     public mutating func record(_ op: CommOperation, sent: Int = 0, received: Int = 0) {

@@ -4,6 +4,8 @@
 // under test; a mismatch throws `CommunicatorCheckFailure` naming the check, the rank and the first wrong element.
 // Works for any size, 1 included. Uses tags 100-199.
 
+import Foundation
+
 public struct CommunicatorCheckFailure: Error, CustomStringConvertible {
     public let check: String
     public let rank: Int
@@ -183,6 +185,22 @@ public enum CommunicatorChecks {
             guard comm.counters == CommCounters() else {
                 throw CommunicatorCheckFailure(check: "counters", rank: r, detail: "resetCounters() left \(comm.counters)")
             }
+        }
+
+        try check("wait time") {
+            // Rank 0 joins a barrier 50 ms after the others: each of them waits at least that long in it, and rank 0
+            // about nothing; tests count as progress, not waits.
+            comm.resetCounters()
+            if r == 0 { Thread.sleep(forTimeInterval: 0.05) }
+            try comm.barrier()
+            let c = comm.counters
+            if p > 1 && r != 0 && c.waitSeconds < 0.04 {
+                throw CommunicatorCheckFailure(check: "wait time", rank: r, detail: "waited \(c.waitSeconds) s in a barrier that one rank joined 50 ms late")
+            }
+            guard c.progressSeconds == 0 else {
+                throw CommunicatorCheckFailure(check: "wait time", rank: r, detail: "progress time \(c.progressSeconds) s without a test")
+            }
+            comm.resetCounters()
         }
         return names
     }

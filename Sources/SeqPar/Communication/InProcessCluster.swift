@@ -224,6 +224,12 @@ public final class InProcessCommunicator: Communicator, @unchecked Sendable {
     private func record(_ op: CommOperation, sent: Int = 0, received: Int = 0) {
         countsLock.lock(); counts.record(op, sent: sent, received: received); countsLock.unlock()
     }
+    /// Runs a blocking step and adds its seconds to the wait counter.
+    private func waiting<R>(_ body: () throws -> R) rethrows -> R {
+        let start = SystemInfo.now()
+        defer { let t = SystemInfo.now() - start; countsLock.lock(); counts.addTime(t, progress: false); countsLock.unlock() }
+        return try body()
+    }
 
     // MARK: point-to-point
 
@@ -256,7 +262,7 @@ public final class InProcessCommunicator: Communicator, @unchecked Sendable {
         let ticket = cluster.ticket(from: source, to: rank, tag: tag)
         let me = rank
         return Request { [self] in
-            let data = try cluster.take(ticket: ticket, kind: T.kind, from: source, to: me, tag: tag)
+            let data = try waiting { try cluster.take(ticket: ticket, kind: T.kind, from: source, to: me, tag: tag) }
             let expected = buffer.count * MemoryLayout<T>.stride
             guard data.count == expected else {
                 throw CommError.mismatch("rank \(me) posted a receive of \(buffer.count) \(T.kind) from rank \(source) (tag \(tag)), the message has \(data.count / MemoryLayout<T>.stride)")
@@ -286,7 +292,7 @@ public final class InProcessCommunicator: Communicator, @unchecked Sendable {
                                             finish: (_ payloads: [[UInt8]], _ arguments: [[Int]]) throws -> Void) throws {
         let seq = sequence
         sequence += 1
-        let slot = try cluster.enter(seq, op: op, kind: T.kind, rank: rank, arguments: arguments, payload: payload)
+        let slot = try waiting { try cluster.enter(seq, op: op, kind: T.kind, rank: rank, arguments: arguments, payload: payload) }
         defer { cluster.leave(seq) }
         let args = slot.arguments.map { $0! }
         do {
@@ -329,7 +335,7 @@ public final class InProcessCommunicator: Communicator, @unchecked Sendable {
         record(.allGather, sent: b, received: b * (size - 1))
         let check = sameArguments(.allGather, "count")
         return Request { [self] in
-            let slot = try cluster.awaitAll(seq, op: .allGather, rank: rank)
+            let slot = try waiting { try cluster.awaitAll(seq, op: .allGather, rank: rank) }
             defer { cluster.leave(seq) }
             do {
                 try check(slot.arguments.map { $0! })
