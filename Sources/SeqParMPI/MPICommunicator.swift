@@ -179,7 +179,7 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
     private func record(_ op: CommOperation, sent: Int = 0, received: Int = 0) {
         countsLock.withLock { counts.record(op, sent: sent, received: received) }
     }
-    private func addTime(_ seconds: Double, progress: Bool) {
+    public func addTime(_ seconds: Double, progress: Bool) {
         countsLock.withLock { counts.addTime(seconds, progress: progress) }
     }
 
@@ -218,11 +218,11 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         }
         private var completed = false
 
-        func wait() throws {
+        func wait(asProgress: Bool) throws {
             if completed { return }
             var status = MPI_Status()
             let start = SystemInfo.now()
-            defer { clock(SystemInfo.now() - start, false) }
+            defer { clock(SystemInfo.now() - start, asProgress) }
             try watchdog.watchIfSet(site) { try check(MPI_Wait(&request, &status), "MPI_Wait") }
             try complete(&status)
         }

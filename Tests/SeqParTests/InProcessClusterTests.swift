@@ -10,6 +10,34 @@ import Testing
         #expect(names.allSatisfy { $0.count == 14 })
     }
 
+    /// Time blocked in communication: a wait on the caller's thread counts as waiting, the same wait from a thread
+    /// beside the computation (a ring's progress thread) as progress; `addTime` adds what a caller times itself.
+    @Test func waitsAreTimedAsWaitingOrProgress() throws {
+        let counters = try InProcessCluster.run(ranks: 2, timeout: 30) { comm -> [CommCounters] in
+            var seen: [CommCounters] = []
+            for asProgress in [false, true] {
+                comm.resetCounters()
+                var got = [Float](repeating: 0, count: 4)
+                if comm.rank == 1 {
+                    Thread.sleep(forTimeInterval: 0.1)
+                    try [Float](repeating: 1, count: 4).withUnsafeBufferPointer { try comm.send($0, to: 0, tag: 7) }
+                } else {
+                    try got.withUnsafeMutableBufferPointer { try comm.irecv($0, from: 1, tag: 7).wait(asProgress: asProgress) }
+                }
+                try comm.barrier()
+                seen.append(comm.counters)
+            }
+            comm.resetCounters()
+            comm.addTime(0.25, progress: false)
+            seen.append(comm.counters)
+            return seen
+        }
+        let (waiting, beside, added) = (counters[0][0], counters[0][1], counters[0][2])
+        #expect(waiting.waitSeconds >= 0.05 && waiting.progressSeconds == 0, "\(waiting)")
+        #expect(beside.progressSeconds >= 0.05 && beside.waitSeconds < beside.progressSeconds, "\(beside)")
+        #expect(added.waitSeconds == 0.25 && added.progressSeconds == 0)
+    }
+
     @Test func aCollectiveOneRankNeverEntersTimesOut() throws {
         let start = Date()
         #expect {

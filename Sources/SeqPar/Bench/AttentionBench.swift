@@ -133,13 +133,13 @@ public enum AttentionBench {
         let implementation = algorithm.implementation
 
         /// Runs `step` warmup + repeats times from a barrier; returns this rank's times, one step's counters, and its
-        /// seconds per timed step in waits and in progress tests.
+        /// seconds blocked on communication and in progress per timed step (medians, as the times).
         /// `before` runs untimed ahead of each step (the forward drops the previous step's output there, so two
         /// outputs, with RSA's kept score rows, never live at once).
         func timeSteps(before: () -> Void = {}, _ step: () throws -> Void) throws -> (times: [Double], counters: CommCounters, wait: Double, progress: Double) {
             var times: [Double] = []
             var counters = CommCounters()
-            var (wait, progress) = (0.0, 0.0)
+            var (waits, progress): ([Double], [Double]) = ([], [])
             for i in 0..<(warmup + repeats) {
                 before()
                 try comm.barrier()
@@ -149,9 +149,9 @@ public enum AttentionBench {
                 let elapsed = SystemInfo.now() - t
                 let c = comm.counters
                 if i == warmup { counters = c }
-                if i >= warmup { times.append(elapsed); wait += c.waitSeconds; progress += c.progressSeconds }
+                if i >= warmup { times.append(elapsed); waits.append(c.waitSeconds); progress.append(c.progressSeconds) }
             }
-            return (times, counters, wait / Double(repeats), progress / Double(repeats))
+            return (times, counters, KernelBench.median(waits), KernelBench.median(progress))
         }
 
         let probeBefore = try probe ? KernelBench.sgemmProbe(comm: comm) : nil

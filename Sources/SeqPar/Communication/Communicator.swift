@@ -41,9 +41,9 @@ public struct CommCounters: Sendable, Equatable, Codable {
     public var bytesReceived = 0
     /// Calls per operation (point-to-point calls included, blocking and non-blocking alike).
     public var calls: [CommOperation: Int] = [:]
-    /// Seconds spent blocked in communication (a request's wait, a blocking send or receive, a collective) and inside
-    /// a request's test (where MPI moves a message on the calling core). A progress thread's waits, beside the
-    /// computation, count as well.
+    /// Seconds spent blocked in communication (a request's wait, a blocking send or receive, a collective, a ring
+    /// step waiting for its progress thread), and in progress: inside a request's test (where MPI moves a message on
+    /// the calling core) or a progress thread's waits beside the computation.
     public var waitSeconds = 0.0, progressSeconds = 0.0
 
     public init() {}
@@ -70,8 +70,9 @@ public struct CommCounters: Sendable, Equatable, Codable {
 
 /// A pending non-blocking operation.
 public protocol CommRequest: AnyObject {
-    /// Blocks until the operation completes; its buffer may then be reused.
-    func wait() throws
+    /// Blocks until the operation completes; its buffer may then be reused. The time counts in the counters as
+    /// waiting, or, from a thread that waits beside the computation (`asProgress`), as progress.
+    func wait(asProgress: Bool) throws
     /// Drives the operation without blocking and says whether it has completed. MPI's shared-memory transport
     /// moves a large message only inside MPI calls: calling this between blocks of computation lets an exchange
     /// progress while the computation runs.
@@ -101,12 +102,20 @@ public enum CommError: Error, CustomStringConvertible, Equatable {
     }
 }
 
+extension CommRequest {
+    /// Blocks until the operation completes, the time counting as waiting.
+    public func wait() throws { try wait(asProgress: false) }
+}
+
 public protocol Communicator: AnyObject, Sendable {
     var rank: Int { get }
     var size: Int { get }
     /// A snapshot of this rank's counters.
     var counters: CommCounters { get }
     func resetCounters()
+    /// Adds time spent blocked on communication outside this communicator's calls (a ring step waiting for its
+    /// progress thread) to the counters.
+    func addTime(_ seconds: Double, progress: Bool)
 
     // Point-to-point. The receive buffer's size must equal the message's size.
     func send<T: CommElement>(_ buffer: UnsafeBufferPointer<T>, to destination: Int, tag: Int) throws

@@ -224,23 +224,27 @@ public final class InProcessCommunicator: Communicator, @unchecked Sendable {
     private func record(_ op: CommOperation, sent: Int = 0, received: Int = 0) {
         countsLock.lock(); counts.record(op, sent: sent, received: received); countsLock.unlock()
     }
-    /// Runs a blocking step and adds its seconds to the wait counter.
-    private func waiting<R>(_ body: () throws -> R) rethrows -> R {
+    public func addTime(_ seconds: Double, progress: Bool) {
+        countsLock.lock(); counts.addTime(seconds, progress: progress); countsLock.unlock()
+    }
+    /// Runs a blocking step and adds its seconds to the counters (as waiting, or as progress).
+    private func waiting<R>(progress: Bool = false, _ body: () throws -> R) rethrows -> R {
         let start = SystemInfo.now()
-        defer { let t = SystemInfo.now() - start; countsLock.lock(); counts.addTime(t, progress: false); countsLock.unlock() }
+        defer { addTime(SystemInfo.now() - start, progress: progress) }
         return try body()
     }
 
     // MARK: point-to-point
 
     final class Request: CommRequest {
-        let action: () throws -> Void
+        /// Completes the operation; its argument says whether the time counts as progress.
+        let action: (Bool) throws -> Void
         var done = false
-        init(_ action: @escaping () throws -> Void) { self.action = action }
-        func wait() throws {
+        init(_ action: @escaping (Bool) throws -> Void) { self.action = action }
+        func wait(asProgress: Bool) throws {
             if done { return }
             done = true
-            try action()
+            try action(asProgress)
         }
         /// Memory needs no progress; a receive completes in `wait`.
         func test() throws -> Bool { done }
@@ -254,15 +258,15 @@ public final class InProcessCommunicator: Communicator, @unchecked Sendable {
 
     public func isend<T: CommElement>(_ buffer: UnsafeBufferPointer<T>, to destination: Int, tag: Int) throws -> CommRequest {
         try send(buffer, to: destination, tag: tag)
-        return Request {}
+        return Request { _ in }
     }
 
     public func irecv<T: CommElement>(_ buffer: UnsafeMutableBufferPointer<T>, from source: Int, tag: Int) throws -> CommRequest {
         try checkPeer(source, "receive from")
         let ticket = cluster.ticket(from: source, to: rank, tag: tag)
         let me = rank
-        return Request { [self] in
-            let data = try waiting { try cluster.take(ticket: ticket, kind: T.kind, from: source, to: me, tag: tag) }
+        return Request { [self] asProgress in
+            let data = try waiting(progress: asProgress) { try cluster.take(ticket: ticket, kind: T.kind, from: source, to: me, tag: tag) }
             let expected = buffer.count * MemoryLayout<T>.stride
             guard data.count == expected else {
                 throw CommError.mismatch("rank \(me) posted a receive of \(buffer.count) \(T.kind) from rank \(source) (tag \(tag)), the message has \(data.count / MemoryLayout<T>.stride)")
@@ -334,8 +338,8 @@ public final class InProcessCommunicator: Communicator, @unchecked Sendable {
         let b = send.count * MemoryLayout<T>.stride
         record(.allGather, sent: b, received: b * (size - 1))
         let check = sameArguments(.allGather, "count")
-        return Request { [self] in
-            let slot = try waiting { try cluster.awaitAll(seq, op: .allGather, rank: rank) }
+        return Request { [self] asProgress in
+            let slot = try waiting(progress: asProgress) { try cluster.awaitAll(seq, op: .allGather, rank: rank) }
             defer { cluster.leave(seq) }
             do {
                 try check(slot.arguments.map { $0! })

@@ -40,9 +40,10 @@ final class ProgressThread: @unchecked Sendable {
     init(first: [CommRequest] = [], then: [CommRequest]) {
         (self.first, self.then) = (first, then)
         let thread = Thread { [self] in
-            do { for r in self.first { try r.wait() } } catch { failure = error }
+            // Beside the computation: the counters take this time as progress, not waiting.
+            do { for r in self.first { try r.wait(asProgress: true) } } catch { failure = error }
             firstDone.signal()
-            if failure == nil { do { for r in self.then { try r.wait() } } catch { failure = error } }
+            if failure == nil { do { for r in self.then { try r.wait(asProgress: true) } } catch { failure = error } }
             done.signal()
         }
         thread.stackSize = 1 << 20
@@ -111,11 +112,17 @@ enum Ring {
             if mode == .thread && !inFlight.isEmpty {
                 // Only the thread waits on the requests; the work waits on the thread for its accumulator.
                 let waiter = ProgressThread(first: accumulatorRequests, then: requests)
-                let getAccumulator = accumulator.map { acc in RingAccumulator(ready: accumulatorReady ? acc : nil, get: { try waiter.waitFirst(); return acc }) }
+                // The work's own waits for the thread are its time blocked on communication.
+                func blocked(_ wait: () throws -> Void) throws {
+                    let start = SystemInfo.now()
+                    defer { comm.addTime(SystemInfo.now() - start, progress: false) }
+                    try wait()
+                }
+                let getAccumulator = accumulator.map { acc in RingAccumulator(ready: accumulatorReady ? acc : nil, get: { try blocked(waiter.waitFirst); return acc }) }
                 do {
                     if let block { try body(block.source, block.tensor, getAccumulator, {}) } else { try tail?(home, {}) }
                 } catch { try? waiter.join(); throw error }
-                try waiter.join()
+                try blocked(waiter.join)
             } else {
                 let getAccumulator = accumulator.map { acc in RingAccumulator(ready: accumulatorReady ? acc : nil, get: { try settleAccumulator(); return acc }) }
                 var failure: Error?

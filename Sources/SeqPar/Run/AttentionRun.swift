@@ -398,10 +398,12 @@ public enum AttentionRun {
     static func gatherCounters(_ c: CommCounters, comm: some Communicator) throws -> [CommCounters] {
         let ops = CommOperation.allCases
         let mine = [c.messagesSent, c.messagesReceived, c.bytesSent, c.bytesReceived] + ops.map { c[$0] }
-        return try comm.allGather(mine).map { v in
+        let seconds = try comm.allGather([c.waitSeconds, c.progressSeconds])
+        return try comm.allGather(mine).enumerated().map { r, v in
             var out = CommCounters()
             (out.messagesSent, out.messagesReceived, out.bytesSent, out.bytesReceived) = (v[0], v[1], v[2], v[3])
             for (i, op) in ops.enumerated() where v[4 + i] > 0 { out.calls[op] = v[4 + i] }
+            (out.waitSeconds, out.progressSeconds) = (seconds[r][0], seconds[r][1])
             return out
         }
     }
