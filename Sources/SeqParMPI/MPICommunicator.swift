@@ -192,9 +192,7 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
 
     /// Runs a blocking MPI call under the watchdog.
     @inline(__always) private func blocking<R>(_ site: WaitSite, _ body: () throws -> R) rethrows -> R {
-        let start = SystemInfo.now()
-        defer { addTime(SystemInfo.now() - start, progress: false) }
-        return try watchdog.watchIfSet(site, body)
+        try timed { try watchdog.watchIfSet(site, body) }
     }
 
     // MARK: point-to-point
@@ -203,17 +201,17 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         var request: MPI_Request?
         let expected: (count: Int32, type: MPI_Datatype, what: String)?
         let onComplete: () -> Void
-        /// Adds seconds spent in a wait (false) or a test (true) to the communicator's counters.
-        let clock: (Double, Bool) -> Void
+        /// Whose counters take the time spent in wait and test.
+        let owner: MPICommunicator
         let watchdog: Watchdog?
         let site: WaitSite
         init(_ request: MPI_Request?, expected: (Int32, MPI_Datatype, String)?, watchdog: Watchdog?, site: WaitSite,
-             clock: @escaping (Double, Bool) -> Void, onComplete: @escaping () -> Void) {
+             owner: MPICommunicator, onComplete: @escaping () -> Void) {
             self.request = request
             self.expected = expected
             self.watchdog = watchdog
             self.site = site
-            self.clock = clock
+            self.owner = owner
             self.onComplete = onComplete
         }
         private var completed = false
@@ -221,9 +219,7 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         func wait(asProgress: Bool) throws {
             if completed { return }
             var status = MPI_Status()
-            let start = SystemInfo.now()
-            defer { clock(SystemInfo.now() - start, asProgress) }
-            try watchdog.watchIfSet(site) { try check(MPI_Wait(&request, &status), "MPI_Wait") }
+            try owner.timed(progress: asProgress) { try watchdog.watchIfSet(site) { try check(MPI_Wait(&request, &status), "MPI_Wait") } }
             try complete(&status)
         }
 
@@ -231,9 +227,7 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
             if completed { return true }
             var status = MPI_Status()
             var flag: Int32 = 0
-            let start = SystemInfo.now()
-            defer { clock(SystemInfo.now() - start, true) }
-            try check(MPI_Test(&request, &flag, &status), "MPI_Test")
+            try owner.timed(progress: true) { try check(MPI_Test(&request, &flag, &status), "MPI_Test") }
             if flag != 0 { try complete(&status) }
             return completed
         }
@@ -272,7 +266,7 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         try check(MPI_Isend(buffer.baseAddress, try int32(buffer.count, "MPI_Isend"), datatype(T.kind), Int32(destination), Int32(tag), comm, &request), "MPI_Isend")
         let bytes = buffer.count * MemoryLayout<T>.stride
         let site = WaitSite(kind: .send, routine: "MPI_Wait", started: "MPI_Isend", peer: destination, tag: tag, bytes: bytes)
-        return Request(request, expected: nil, watchdog: watchdog, site: site, clock: { [self] in addTime($0, progress: $1) }) { [self] in record(.send, sent: bytes) }
+        return Request(request, expected: nil, watchdog: watchdog, site: site, owner: self) { [self] in record(.send, sent: bytes) }
     }
 
     public func irecv<T: CommElement>(_ buffer: UnsafeMutableBufferPointer<T>, from source: Int, tag: Int) throws -> CommRequest {
@@ -284,7 +278,7 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         let bytes = buffer.count * MemoryLayout<T>.stride
         let site = WaitSite(kind: .receive, routine: "MPI_Wait", started: "MPI_Irecv", peer: source, tag: tag, bytes: bytes)
         return Request(request, expected: (n, datatype(T.kind), "rank \(rank) receiving from rank \(source) (tag \(tag))"),
-                       watchdog: watchdog, site: site, clock: { [self] in addTime($0, progress: $1) }) { [self] in
+                       watchdog: watchdog, site: site, owner: self) { [self] in
             record(.recv, received: bytes)
         }
     }
@@ -338,7 +332,7 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         record(.allGather, sent: b, received: b * (size - 1))
         return Request(request, expected: nil, watchdog: watchdog,
                        site: WaitSite(kind: .collective, routine: "MPI_Wait", started: "MPI_Iallgather", bytes: b),
-                       clock: { [self] in addTime($0, progress: $1) }) {}
+                       owner: self) {}
     }
 
     public func allGatherV<T: CommElement>(_ send: UnsafeBufferPointer<T>, into recv: UnsafeMutableBufferPointer<T>, counts: [Int]) throws {

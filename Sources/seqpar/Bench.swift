@@ -334,7 +334,7 @@ struct AttentionBenchCommand: ParsableCommand {
                          String(format: "%.4f", r.timeMinS), String(format: "%.4f", r.timeMaxS), String(format: "%.2f", r.rankTimeMaxS / r.rankTimeMinS),
                          String(format: "%.0f", r.tokensPerS), String(format: "%.1f", r.gflops),
                          r.efficiency.map { String(format: "%.2f", $0) } ?? "-", r.overlap.map { String(format: "%.0f%%", 100 * $0) } ?? "-",
-                         r.waitS.map { String(format: "%.4f-%.4f", r.waitMinS ?? $0, $0) } ?? "-", "\(r.bytesSent)", "\(r.messages)", "\(r.collectives)",
+                         Report.waits(least: r.waitMinS, most: r.waitS), "\(r.bytesSent)", "\(r.messages)", "\(r.collectives)",
                          SystemInfo.bytesText(r.peakRSSBytes), String(format: "%.2f", r.timeS / first.timeS)]
             print(zip(cells, columns).map { Report.pad($0, $1.1) }.joined())
         }

@@ -106,7 +106,7 @@ struct ModelValidate: ParsableCommand {
                 if p.ranks >= 2 { errors.append(e) }
                 print(zip([p.series, "\(p.ranks)", "\(p.seqLen)", String(format: "%.4f", p.timeS), String(format: "%.4f", r.timeS),
                            String(format: "%+.0f%%", 100 * e) + (abs(e) > tolerance ? " !" : ""),
-                           p.waitS.map { String(format: "%.4f-%.4f", p.waitMinS ?? $0, $0) } ?? "-", String(format: "%.4f", r.exposedCommS)],
+                           Report.waits(least: p.waitMinS, most: p.waitS), String(format: "%.4f", r.exposedCommS)],
                           columns).map { Report.pad($0, $1.1) }.joined())
             }
             let within = errors.filter { abs($0) <= tolerance }.count

@@ -14,6 +14,8 @@ enum Report {
     static func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s : s + String(repeating: " ", count: n - s.count) }
     static func lpad(_ s: String, _ n: Int) -> String { s.count >= n ? s : String(repeating: " ", count: n - s.count) + s }
     static func sci(_ x: Double?) -> String { x.map { String(format: "%.2e", $0) } ?? "-" }
+    /// Seconds blocked in communication, least-most over ranks ("-" where not recorded).
+    static func waits(least: Double?, most: Double?) -> String { most.map { String(format: "%.4f-%.4f", least ?? $0, $0) } ?? "-" }
 
     static func table(_ r: AttentionRunReport) -> String {
         let hosts = Set(r.perRank.map(\.host)).count

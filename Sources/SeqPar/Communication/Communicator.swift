@@ -107,6 +107,15 @@ extension CommRequest {
     public func wait() throws { try wait(asProgress: false) }
 }
 
+extension Communicator {
+    /// Runs `body` and adds its seconds to the counters, as waiting or (`progress`) as progress.
+    public func timed<R>(progress: Bool = false, _ body: () throws -> R) rethrows -> R {
+        let start = SystemInfo.now()
+        defer { addTime(SystemInfo.now() - start, progress: progress) }
+        return try body()
+    }
+}
+
 public protocol Communicator: AnyObject, Sendable {
     var rank: Int { get }
     var size: Int { get }

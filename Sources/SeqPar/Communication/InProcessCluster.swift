@@ -227,12 +227,6 @@ public final class InProcessCommunicator: Communicator, @unchecked Sendable {
     public func addTime(_ seconds: Double, progress: Bool) {
         countsLock.lock(); counts.addTime(seconds, progress: progress); countsLock.unlock()
     }
-    /// Runs a blocking step and adds its seconds to the counters (as waiting, or as progress).
-    private func waiting<R>(progress: Bool = false, _ body: () throws -> R) rethrows -> R {
-        let start = SystemInfo.now()
-        defer { addTime(SystemInfo.now() - start, progress: progress) }
-        return try body()
-    }
 
     // MARK: point-to-point
 
@@ -266,7 +260,7 @@ public final class InProcessCommunicator: Communicator, @unchecked Sendable {
         let ticket = cluster.ticket(from: source, to: rank, tag: tag)
         let me = rank
         return Request { [self] asProgress in
-            let data = try waiting(progress: asProgress) { try cluster.take(ticket: ticket, kind: T.kind, from: source, to: me, tag: tag) }
+            let data = try timed(progress: asProgress) { try cluster.take(ticket: ticket, kind: T.kind, from: source, to: me, tag: tag) }
             let expected = buffer.count * MemoryLayout<T>.stride
             guard data.count == expected else {
                 throw CommError.mismatch("rank \(me) posted a receive of \(buffer.count) \(T.kind) from rank \(source) (tag \(tag)), the message has \(data.count / MemoryLayout<T>.stride)")
@@ -296,7 +290,7 @@ public final class InProcessCommunicator: Communicator, @unchecked Sendable {
                                             finish: (_ payloads: [[UInt8]], _ arguments: [[Int]]) throws -> Void) throws {
         let seq = sequence
         sequence += 1
-        let slot = try waiting { try cluster.enter(seq, op: op, kind: T.kind, rank: rank, arguments: arguments, payload: payload) }
+        let slot = try timed { try cluster.enter(seq, op: op, kind: T.kind, rank: rank, arguments: arguments, payload: payload) }
         defer { cluster.leave(seq) }
         let args = slot.arguments.map { $0! }
         do {
@@ -339,7 +333,7 @@ public final class InProcessCommunicator: Communicator, @unchecked Sendable {
         record(.allGather, sent: b, received: b * (size - 1))
         let check = sameArguments(.allGather, "count")
         return Request { [self] asProgress in
-            let slot = try waiting(progress: asProgress) { try cluster.awaitAll(seq, op: .allGather, rank: rank) }
+            let slot = try timed(progress: asProgress) { try cluster.awaitAll(seq, op: .allGather, rank: rank) }
             defer { cluster.leave(seq) }
             do {
                 try check(slot.arguments.map { $0! })

@@ -113,16 +113,11 @@ enum Ring {
                 // Only the thread waits on the requests; the work waits on the thread for its accumulator.
                 let waiter = ProgressThread(first: accumulatorRequests, then: requests)
                 // The work's own waits for the thread are its time blocked on communication.
-                func blocked(_ wait: () throws -> Void) throws {
-                    let start = SystemInfo.now()
-                    defer { comm.addTime(SystemInfo.now() - start, progress: false) }
-                    try wait()
-                }
-                let getAccumulator = accumulator.map { acc in RingAccumulator(ready: accumulatorReady ? acc : nil, get: { try blocked(waiter.waitFirst); return acc }) }
+                let getAccumulator = accumulator.map { acc in RingAccumulator(ready: accumulatorReady ? acc : nil, get: { try comm.timed { try waiter.waitFirst() }; return acc }) }
                 do {
                     if let block { try body(block.source, block.tensor, getAccumulator, {}) } else { try tail?(home, {}) }
                 } catch { try? waiter.join(); throw error }
-                try blocked(waiter.join)
+                try comm.timed { try waiter.join() }
             } else {
                 let getAccumulator = accumulator.map { acc in RingAccumulator(ready: accumulatorReady ? acc : nil, get: { try settleAccumulator(); return acc }) }
                 var failure: Error?
