@@ -173,6 +173,32 @@ import Testing
         for i in 0..<whole.lse.count { #expect(abs(acc.lse.pointer[i] - whole.lse.pointer[i]) <= 1e-5 * max(1, abs(whole.lse.pointer[i]))) }
     }
 
+    /// A short key block under many queries (ring attention's zigzag halves): query tiles whose rows all see the same
+    /// few keys widen past tileRows while the scores fit one tile; diagonal tiles and the longer key block keep
+    /// tileRows. The two key blocks merged equal the Double oracle over the whole causal sequence.
+    @Test func shortKeyBlocksWidenQueryTiles() {
+        let (n, short) = (900, 200)
+        let all = Array(0..<n)
+        let visible = SoftmaxAttention.visibleCounts(all, Array(0..<short), causal: true)
+        var tiles: [Range<Int>] = [], i0 = 0
+        while i0 < n { let (end, _) = SoftmaxAttention.queryTile(from: i0, visible: visible); tiles.append(i0..<end); i0 = end }
+        #expect(tiles == [0..<128, 128..<384, 384..<640, 640..<900], "\(tiles)")
+        #expect(tiles.allSatisfy { $0.count * visible[$0.upperBound - 1] <= SoftmaxAttention.tileRows * SoftmaxAttention.tileCols })
+        let longer = SoftmaxAttention.visibleCounts(all, all, causal: true)
+        #expect(SoftmaxAttention.queryTile(from: 256, visible: longer).end == 384)
+
+        let s = AttentionShape(batch: 2, seqLen: n, heads: 2, kvHeads: 1, headDim: 16)
+        let x = SeededInputs.attention(shape: s, options: AttentionOptions(), positions: all, seed: 6)
+        let acc = AttentionOutput(o: Tensor(zeros: x.q.shape), lse: Tensor(zeros: [2, 2, n]))
+        acc.lse.fill(-.infinity)
+        for block in [Array(0..<short), Array(short..<n)] {
+            LSEMerge.merge(into: acc, SoftmaxAttention.forward(q: x.q, qPositions: all, k: SequenceLayoutTestHelper.rows(x.k, block),
+                                                               v: SequenceLayoutTestHelper.rows(x.v, block), kPositions: block, causal: true, scale: 0.25))
+        }
+        let ref = DenseOracle.forward(q: x.q, k: x.k, v: x.v, causal: true, scale: 0.25)
+        #expect(relativeError(acc.o, ref.o) < Tolerance().forward, "o \(relativeError(acc.o, ref.o))")
+    }
+
     @Test func lseMergeEdgeCases() {
         var o: [Float] = [1, 2], lse: Float = -.infinity
         // Empty accumulator takes the block.

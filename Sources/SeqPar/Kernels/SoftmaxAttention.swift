@@ -17,6 +17,24 @@ public enum SoftmaxAttention {
     public static let tileRows = 128
     /// Keys per tile.
     public static let tileCols = 512
+    /// Query rows of a tile whose queries all see the same number of keys, fewer than `tileCols`: up to this many, as
+    /// long as the scores stay within tileRows x tileCols (short key blocks, e.g. ring attention's zigzag halves, keep
+    /// their GEMMs large).
+    static let maxTileRows = 512
+
+    /// The query tile starting at row `i0`: its end and its reach (the most keys any of its rows sees). Visible counts
+    /// ascend with the query positions, so a tile's reach is its last row's.
+    static func queryTile(from i0: Int, visible: [Int]) -> (end: Int, reach: Int) {
+        var i1 = min(i0 + tileRows, visible.count)
+        while i1 < visible.count, i1 - i0 < maxTileRows {
+            let wider = min(i0 + 2 * (i1 - i0), visible.count, i0 + maxTileRows)
+            // Only rows that see no more keys than the tile already does (no extra masked work: causal tiles on
+            // the diagonal keep their skipping), and only while the scores fit the tile.
+            guard visible[wider - 1] == visible[i1 - 1], (wider - i0) * visible[i1 - 1] <= tileRows * tileCols else { break }
+            i1 = wider
+        }
+        return (i1, visible[i1 - 1])
+    }
 
     /// Number of keys each query sees.
     static func visibleCounts(_ qPositions: [Int], _ kPositions: [Int], causal: Bool) -> [Int] {
@@ -52,7 +70,7 @@ public enum SoftmaxAttention {
     /// A score tile and per-row statistics, allocated once per call and reused across heads.
     final class Scratch {
         let scores = UnsafeMutablePointer<Float>.allocate(capacity: tileRows * tileCols)
-        var rowMax = [Float](repeating: 0, count: tileRows), rowSum = [Float](repeating: 0, count: tileRows)
+        var rowMax = [Float](repeating: 0, count: maxTileRows), rowSum = [Float](repeating: 0, count: maxTileRows)
         deinit { scores.deallocate() }
     }
 
@@ -64,9 +82,11 @@ public enum SoftmaxAttention {
         let (cq, dv) = (qh.rows, vg.cols)
         precondition(qh.cols == kg.cols && kg.rows == vg.rows && oh.rows == cq && oh.cols == dv && visible.count == cq)
         let scores = scratch.scores
-        for i0 in stride(from: 0, to: cq, by: tileRows) {
-            let i1 = min(i0 + tileRows, cq), rows = i1 - i0
-            let reach = visible[i0..<i1].max()!
+        var i0 = 0
+        while i0 < cq {
+            let (i1, reach) = queryTile(from: i0, visible: visible)
+            let rows = i1 - i0
+            defer { i0 = i1 }
             for i in 0..<rows { scratch.rowMax[i] = -.infinity; scratch.rowSum[i] = 0 }
             for j0 in stride(from: 0, to: reach, by: tileCols) {
                 let j1 = min(j0 + tileCols, reach), width = j1 - j0
