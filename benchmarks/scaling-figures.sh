@@ -23,7 +23,7 @@
 #                                            and run on every rank at once (--busy-baseline)
 #   benchmarks/scaling-figures.sh interleaved  the model's validation with its calibration on the same host minutes
 #                                            before and after each point: at each rank count in turn, the forward
-#                                            kernels (softmax 512-16384 tokens, linear at LASP's shapes) and bench
+#                                            kernels (softmax 256-16384 tokens, linear at LASP's shapes) and bench
 #                                            comm, then that rank count's weak, strong and strong64k points (as the
 #                                            parts above), then the kernels again; on one rank also MLA decode at
 #                                            the latent widths TPLA gives a rank (512/P). Writes calibration-*.jsonl,
@@ -66,7 +66,7 @@ linear_kernels() {
 # LASP's shapes.
 forward_kernels() {
     local np=$1
-    at_ranks "$np" bench kernel --kernel softmax --seq-len 512 1024 2048 4096 8192 16384 --head-dim 64 --mask full --forward-only --repeats 3 --warmup 1 --json
+    at_ranks "$np" bench kernel --kernel softmax --seq-len 256 512 1024 2048 4096 8192 16384 --head-dim 64 --mask full --forward-only --repeats 3 --warmup 1 --json
     linear_kernels "$np" --decay 1 --forward-only
 }
 
