@@ -95,24 +95,28 @@ struct ModelValidate: ParsableCommand {
                 if oneRankFactors { try m.calibrate(text, name: path) }
             }
             let columns = [("series", 38), ("ranks", 6), ("L", 9), ("measured_s", 12), ("predicted_s", 12), ("error", 8),
-                           ("wait_s", 18), ("exposed_s", 10)]
+                           ("wait_s", 18), ("exposed_s", 10), ("drift", 6)]
             print("# seqpar model validate: calibration \(model.calibration.joined(separator: " "))\(oneRankFactors ? " + one-rank figures" : ""); error = predicted / measured - 1; tolerance \(Int(tolerance * 100))%")
             print("# wait_s: measured seconds per step blocked in communication, least-most over ranks (where recorded); exposed_s: the model's communication left exposed")
+            print("# drift: how far the kernel's rate at this point moved between the calibration's repeated runs (highest over lowest - 1): the host's own error bar")
             print(columns.map { Report.pad($0.0, $0.1) }.joined())
-            var errors: [Double] = []
+            var errors: [Double] = [], steady: [Double] = []
             for p in points.sorted(by: { ($0.series, $0.ranks, $0.seqLen) < ($1.series, $1.ranks, $1.seqLen) }) {
                 guard let r = try? m.predict(p, ranksPerHost: model.ranksPerHost) else { continue }
                 let e = r.timeS / p.timeS - 1
-                if p.ranks >= 2 { errors.append(e) }
+                if p.ranks >= 2 { errors.append(e); if let d = r.drift, d <= tolerance { steady.append(e) } }
                 print(zip([p.series, "\(p.ranks)", "\(p.seqLen)", String(format: "%.4f", p.timeS), String(format: "%.4f", r.timeS),
                            String(format: "%+.0f%%", 100 * e) + (abs(e) > tolerance ? " !" : ""),
-                           Report.waits(least: p.waitMinS, most: p.waitS), String(format: "%.4f", r.exposedCommS)],
+                           Report.waits(least: p.waitMinS, most: p.waitS), String(format: "%.4f", r.exposedCommS),
+                           r.drift.map { String(format: "%.0f%%", 100 * $0) } ?? "-"],
                           columns).map { Report.pad($0, $1.1) }.joined())
             }
             let within = errors.filter { abs($0) <= tolerance }.count
             let sorted = errors.map(abs).sorted()
             print(String(format: "# %d of %d points at 2+ ranks within %.0f%%; median |error| %.0f%%, max %.0f%%", within, errors.count, 100 * tolerance,
                          100 * (sorted.isEmpty ? 0 : sorted[sorted.count / 2]), 100 * (sorted.last ?? 0)))
+            print(String(format: "# where the calibration's repeated runs agreed within %.0f%% (drift): %d of %d within %.0f%%", 100 * tolerance,
+                         steady.filter { abs($0) <= tolerance }.count, steady.count, 100 * tolerance))
         }
     }
 }

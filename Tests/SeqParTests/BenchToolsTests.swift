@@ -296,6 +296,33 @@ extension CostModelTests {
         }.joined(separator: "\n"), name: "c")
         #expect(m.kernelRate(.softmax, "forward", ranksAtOnce: 1, tokens: 2048) == 50)
         #expect(abs(m.kernelRate(.softmax, "forward", ranksAtOnce: 4, tokens: 2048)! - 35) < 1e-9)  // halfway in log k
+        // Their spread is the point's drift: 60 / 40 at k = 1, none at k = 16 (one figure), and halfway in log k
+        // the lowest (30) against the highest (40).
+        #expect(abs(m.kernelDrift(.softmax, "forward", ranksAtOnce: 1, tokens: 2048)! - 0.5) < 1e-12)
+        #expect(m.kernelDrift(.softmax, "forward", ranksAtOnce: 16, tokens: 2048) == 0)
+        #expect(abs(m.kernelDrift(.softmax, "forward", ranksAtOnce: 4, tokens: 2048)! - 1.0 / 3) < 1e-9)
+        #expect(m.kernelDrift(.linear, "forward", ranksAtOnce: 4, tokens: 2048) == nil)
+        var q = CostModel.Problem(algorithm: "ring", seqLen: 8192, heads: 4, headDim: 64, ranks: 4, ranksPerHost: 16)
+        m.network = CostModel.Link(alpha: 1e-6, gamma: 1e-10)
+        #expect(abs(try m.predict(q).drift! - 1.0 / 3) < 1e-9)
+        q.ranks = 16
+        #expect(try m.predict(q).drift == 0)
+    }
+
+    /// Ulysses' heads and allgather's queries see the whole sequence: their kernel rate is the one at L; the ring's
+    /// blocks are a rank's chunk, at C.
+    @Test func kernelLengthIsKeysPerQuery() throws {
+        var m = flatModel()
+        m.kernelRates = [512, 8192].flatMap { l in [1, 16].map { k in
+            CostModel.KernelRate(kernel: "blockwise_softmax", direction: "forward", ranksAtOnce: k, seqLen: l, gflops: l == 512 ? 50 : 100)
+        } }
+        func compute(_ a: String) throws -> Double {
+            try m.predict(.init(algorithm: a, seqLen: 8192, heads: 16, headDim: 64, causal: false, ranks: 16, ranksPerHost: 16)).computeS
+        }
+        let flops = 4.0 * 16 * 8192 * 8192 * 64 / 16  // full mask, one rank's share
+        #expect(abs(try compute("ulysses") - flops / 100e9) < 1e-12)
+        #expect(abs(try compute("allgather") - flops / 100e9) < 1e-12)
+        #expect(abs(try compute("ring") - flops / 50e9) < 1e-12)  // C = 512
     }
 
     /// TPLA decode: a rank's shard is MLA over d_c/P latent columns plus the RoPE ones, at the one-rank step per token

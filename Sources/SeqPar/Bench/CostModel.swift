@@ -14,8 +14,11 @@
 //   bench overlap  ring attention's measured overlap omega per direction (default 0.8)
 //
 // Step time for L tokens over P ranks, C = L/P tokens per rank, B = 1, rate R = kernel rate at k = min(P, ranks per
-// host) busy ranks and C tokens (interpolated in log k and log C, clamped to the measured range; the linear kernel's
-// from its figures at the problem's H where there are any, else by working set C x H) times the algorithm's factor;
+// host) busy ranks and C tokens (L for Ulysses and allgather, whose queries see the whole sequence) (interpolated in
+// log k and log C, clamped to the measured range; the slowest rank's figure, which a step of equally busy ranks waits
+// for; the linear kernel's from its figures at the problem's H where there are any, else by working set C x H) times
+// the algorithm's factor. Where the kernel was measured more than once (before and after a sweep), R is the mean and
+// the spread between the runs is reported as the point's drift, the host's own error bar;
 // F = 4 H L^2 D (half causal) for softmax, H L (8 D^2 + 4*128 D) for linear (backward 2.5x, 3x):
 //   ring       per step compute c, exchange m = alpha + 2 G C D 4 gamma (K and V; backward also dK and dV on P-2 of
 //              the P-1 steps, and their last hop home behind half the own block); a step costs c + m - omega min(c, m).
@@ -46,6 +49,7 @@ public struct CostModel: Sendable {
         public var kernel: String, direction: String
         public var ranksAtOnce: Int, seqLen: Int
         public var heads: Int = 1
+        /// The slowest rank's rate (the figure's `gflops`): with every rank equally busy, each waits for it.
         public var gflops: Double
     }
 
@@ -206,10 +210,16 @@ public struct CostModel: Sendable {
 
     // MARK: lookups
 
+    /// How figures measured more than once at one x combine.
+    public enum Repeats: Sendable { case mean, lowest, highest }
+
     /// Linear interpolation of `f` at `x` over sorted (x, f) in log x, clamped to the ends; points at one x (the same
-    /// figure measured twice) count as their mean.
-    static func interpolateLog(_ points: [(Double, Double)], at x: Double) -> Double? {
-        let s = Dictionary(grouping: points, by: \.0).map { x, ps in (x, ps.map(\.1).reduce(0, +) / Double(ps.count)) }.sorted { $0.0 < $1.0 }
+    /// figure measured twice) count as their mean (or their lowest or highest).
+    static func interpolateLog(_ points: [(Double, Double)], at x: Double, repeats: Repeats = .mean) -> Double? {
+        let s = Dictionary(grouping: points, by: \.0).map { x, ps in
+            let f = ps.map(\.1)
+            return (x, repeats == .lowest ? f.min()! : repeats == .highest ? f.max()! : f.reduce(0, +) / Double(f.count))
+        }.sorted { $0.0 < $1.0 }
         guard let first = s.first, let last = s.last else { return nil }
         if x <= first.0 { return first.1 }
         if x >= last.0 { return last.1 }
@@ -222,7 +232,8 @@ public struct CostModel: Sendable {
     /// The kernel's GFLOP/s with `ranksAtOnce` busy ranks at `tokens` per rank, interpolated (nil without figures).
     /// Softmax: per head, whatever `heads`. Linear: from the figures at these `heads` if there are any (interpolated in
     /// tokens), else (or with no `heads`) from all of them by working set, tokens x heads.
-    public func kernelRate(_ family: AlgorithmName.Family, _ direction: String, ranksAtOnce k: Int, tokens: Int, heads: Int? = nil) -> Double? {
+    public func kernelRate(_ family: AlgorithmName.Family, _ direction: String, ranksAtOnce k: Int, tokens: Int, heads: Int? = nil,
+                           repeats: Repeats = .mean) -> Double? {
         let name = family == .softmax ? BenchKernel.softmax.name : BenchKernel.linear.name
         var mine = kernelRates.filter { $0.kernel == name && $0.direction == direction }
         var x = { (r: KernelRate) in Double(r.seqLen) }, at = Double(max(tokens, 1))
@@ -235,9 +246,18 @@ public struct CostModel: Sendable {
             }
         }
         let byRanks = Dictionary(grouping: mine, by: \.ranksAtOnce).compactMap { k, rs in
-            Self.interpolateLog(rs.map { (x($0), $0.gflops) }, at: at).map { (Double(k), $0) }
+            Self.interpolateLog(rs.map { (x($0), $0.gflops) }, at: at, repeats: repeats).map { (Double(k), $0) }
         }
         return Self.interpolateLog(byRanks, at: Double(max(k, 1)))
+    }
+
+    /// How far the host moved the kernel's rate between repeated calibrations at this point: the highest figure over
+    /// the lowest, minus 1 (0 where each length was measured once; nil without figures). A prediction from their mean
+    /// cannot be trusted closer than about half of it.
+    public func kernelDrift(_ family: AlgorithmName.Family, _ direction: String, ranksAtOnce k: Int, tokens: Int, heads: Int? = nil) -> Double? {
+        guard let lo = kernelRate(family, direction, ranksAtOnce: k, tokens: tokens, heads: heads, repeats: .lowest),
+              let hi = kernelRate(family, direction, ranksAtOnce: k, tokens: tokens, heads: heads, repeats: .highest), lo > 0 else { return nil }
+        return hi / lo - 1
     }
 
     /// The point-to-point link at `ranks`: the network, else the ring fit (log-interpolated over measured P), else
@@ -297,10 +317,29 @@ public struct CostModel: Sendable {
         public var timeS: Double
         /// Compute on the critical path, communication, and how much of it stays exposed.
         public var computeS: Double, commS: Double, exposedCommS: Double
+        /// The kernel's drift between repeated calibrations at this point (`kernelDrift`), where known.
+        public var drift: Double? = nil
     }
 
     /// The predicted step time; errors for a problem the algorithm cannot run or the calibration does not cover.
     public func predict(_ q: Problem) throws -> Prediction {
+        var r = try predictTime(q)
+        let k = min(q.ranks, max(q.ranksPerHost, 1))
+        if q.algorithm == "tpla" {
+            r.drift = kernelDrift(.linear, "forward", ranksAtOnce: k, tokens: 1 << 30)
+        } else if let name = AlgorithmName(rawValue: q.algorithm) {
+            r.drift = kernelDrift(name.family, q.direction, ranksAtOnce: k, tokens: Self.kernelTokens(name, q), heads: q.heads)
+        }
+        return r
+    }
+
+    /// The kernel's length: keys per query. Ulysses attends over the whole sequence (H/P heads), allgather's queries
+    /// over the gathered keys; the ring's and the rest's blocks are a rank's chunk.
+    static func kernelTokens(_ name: AlgorithmName, _ q: Problem) -> Int {
+        name == .ulysses || name == .allgather ? q.seqLen : q.seqLen / max(q.ranks, 1)
+    }
+
+    func predictTime(_ q: Problem) throws -> Prediction {
         let p = q.ranks, backward = q.direction == "backward"
         guard p >= 1, q.seqLen >= p, q.heads >= 1, q.headDim >= 1, q.kvHeads >= 1, q.heads % q.kvHeads == 0 else {
             throw SeqParError.invalidInput("model: L=\(q.seqLen), H=\(q.heads), G=\(q.kvHeads), D=\(q.headDim), P=\(p): need L >= P, G dividing H, all positive")
@@ -316,7 +355,7 @@ public struct CostModel: Sendable {
         if name == .ulysses && (q.heads % p != 0 || q.kvHeads % p != 0) {
             throw SeqParError.invalidInput("model: ulysses needs P (\(p)) to divide the heads (\(q.heads)) and kv heads (\(q.kvHeads))")
         }
-        guard let kernel = kernelRate(name.family, q.direction, ranksAtOnce: k, tokens: Int(c), heads: q.heads) else {
+        guard let kernel = kernelRate(name.family, q.direction, ranksAtOnce: k, tokens: Self.kernelTokens(name, q), heads: q.heads) else {
             throw SeqParError.invalidInput("model: no \(name.family) kernel figures for \(q.direction): calibrate with seqpar bench kernel --kernel softmax linear --json output")
         }
         let rate = kernel * 1e9 * algorithmFactor(q.algorithm, q.direction)
