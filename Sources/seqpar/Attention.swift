@@ -268,3 +268,4 @@ extension LatentTransform: ExpressibleByArgument {}
 extension AlgorithmName: ExpressibleByArgument {}
 extension SequenceLayout: ExpressibleByArgument {}
 extension FeatureMap: ExpressibleByArgument {}
+extension SpeedBalance.Mode: ExpressibleByArgument {}

@@ -254,6 +254,7 @@ struct AttentionBenchCommand: ParsableCommand {
     @Flag(help: "Causal mask for softmax algorithms.") var causal = false
     @Flag(help: "Bidirectional linear attention (no decay).") var bidirectional = false
     @Option(help: "Sequence layout for softmax algorithms.") var layout: SequenceLayout = .contiguous
+    @Option(parsing: .upToNextOption, help: "How tokens are split over ranks: equal, or speed (in proportion to each rank's speed, probed just before; helps where ranks run at different speeds and work grows with tokens: ring with zigzag, allgather, RSA, LASP). Several: each algorithm under each, in turn.") var balance: [SpeedBalance.Mode] = [.equal]
     @Option(help: "Linear attention decay: one value or one per head, comma-separated.") var decay = "1"
     @Option(help: "Linear attention feature map: identity or elu1.") var featureMap: FeatureMap = .identity
     @Option(help: "Timed repetitions (the median is reported).") var repeats = 5
@@ -287,7 +288,7 @@ struct AttentionBenchCommand: ParsableCommand {
     func run() throws {
         let shape = AttentionShape(batch: batch, seqLen: seqLen, heads: heads, kvHeads: kvHeads ?? heads, headDim: headDim)
         let runs = try algorithm.map { ($0, try options($0)) }
-        let (repeats, warmup, backward, measureOverlap, busy) = (self.repeats, self.warmup, !forwardOnly, overlap, busyBaseline)
+        let (repeats, warmup, backward, measureOverlap, busy, balances) = (self.repeats, self.warmup, !forwardOnly, overlap, busyBaseline, balance)
         // One baseline per family present, on the first such algorithm's options, contiguous.
         let baselineShape = AttentionShape(batch: batch, seqLen: baselineSeqLen ?? seqLen, heads: heads, kvHeads: kvHeads ?? heads, headDim: headDim)
         let baselines: [(AlgorithmName.Family, AttentionOptions)] = noBaseline ? [] : [AlgorithmName.Family.softmax, .linear].compactMap { f in
@@ -296,8 +297,10 @@ struct AttentionBenchCommand: ParsableCommand {
         let out = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout) { comm, backend in
             let placement = try AttentionBench.placement(comm: comm)
             var results = try runs.flatMap { a, o in
-                try AttentionBench.measure(a, shape: shape, options: o, comm: comm, ranksPerHost: backend.ranksPerHost,
-                                           repeats: repeats, warmup: warmup, backward: backward)
+                try balances.flatMap { b in
+                    try AttentionBench.measure(a, shape: shape, options: o, comm: comm, ranksPerHost: backend.ranksPerHost,
+                                               repeats: repeats, warmup: warmup, backward: backward, balance: b)
+                }
             }
             let overlaps = try measureOverlap ? runs.filter { $0.0 == .ring }.prefix(1).flatMap { _, o in
                 try RingOverlap.measure(shape: shape, options: o, comm: comm, repeats: repeats, warmup: warmup, backward: backward, modes: [.standard])
@@ -315,7 +318,7 @@ struct AttentionBenchCommand: ParsableCommand {
         guard let (results, backend, placement, missing) = out else { return }
         for family in missing { printNote("no \(family) baseline: one rank would not fit the whole sequence in memory; give --baseline-seq-len N for a shorter one") }
         if json { results.forEach { print(Report.json($0)) }; return }
-        let columns = [("algorithm", 11), ("direction", 10), ("mask", 14), ("layout", 11), ("time_s", 10), ("min_s", 10), ("max_s", 10),
+        let columns = [("algorithm", 11), ("direction", 10), ("mask", 14), ("layout", 17), ("time_s", 10), ("min_s", 10), ("max_s", 10),
                        ("rank_spread", 12), ("tokens/s", 11), ("GFLOP/s", 9), ("efficiency", 11), ("overlap", 8), ("wait_s", 16), ("sent_B/rank", 13), ("msgs", 6), ("colls", 6),
                        ("peak_rss", 11), ("rel_time", 9)]
         let baselineNote = results.compactMap { r in r.baselineTimeS.map { String(format: "%@ %@ %.4f s", r.algorithm.family == .softmax ? "dense" : "linear", r.direction, $0) } }
@@ -330,7 +333,7 @@ struct AttentionBenchCommand: ParsableCommand {
         for r in results {
             let first = results.first { $0.direction == r.direction }!
             let mask = r.decay.map { d in r.causal ? "causal λ=\(Set(d).count == 1 ? String(format: "%g", d[0]) : "per-head")" : "bidirectional" } ?? (r.causal ? "causal" : "full")
-            let cells = [r.algorithm.rawValue, r.direction, mask, r.layout.rawValue, String(format: "%.4f", r.timeS),
+            let cells = [r.algorithm.rawValue, r.direction, mask, r.layout.rawValue + (r.balance == .speed ? "+speed" : ""), String(format: "%.4f", r.timeS),
                          String(format: "%.4f", r.timeMinS), String(format: "%.4f", r.timeMaxS), String(format: "%.2f", r.rankTimeMaxS / r.rankTimeMinS),
                          String(format: "%.0f", r.tokensPerS), String(format: "%.1f", r.gflops),
                          r.efficiency.map { String(format: "%.2f", $0) } ?? "-", r.overlap.map { String(format: "%.0f%%", 100 * $0) } ?? "-",

@@ -31,6 +31,30 @@ import Testing
                                          causal: true, layout: .zigzag))
     }
 
+    /// Tokens split by shares (`SpeedBalance`): uneven chunks, under both layouts, causal and not, forward and
+    /// backward, still match the oracle; a share small enough to round to no token leaves that rank empty.
+    @Test(arguments: distributed)
+    func unevenShares(algorithm: AlgorithmName) throws {
+        for (ranks, shares) in [(3, [0.4, 2.1, 0.9]), (4, [1.0, 0.02, 1.5, 1.48])] {
+            for causal in [false, true] {
+                for layout in SequenceLayout.allCases {
+                    try checkAttention(AttentionCase(algorithm: algorithm, ranks: ranks, shape: Self.gqaShape(algorithm, ranks: ranks, seqLen: 45),
+                                                     causal: causal, layout: layout, shares: shares))
+                }
+            }
+        }
+    }
+
+    /// Shares that do not fit the job are refused before any work, naming the fix.
+    @Test func sharesAreChecked() throws {
+        let s = AttentionShape(seqLen: 12, heads: 2, headDim: 8)
+        for (shares, expected) in [([1.0, 1.0], "2 token shares for 3 ranks"), ([1.0, 0, 1], "share of 0.0"), ([1.0, .nan, 1], "share of nan")] {
+            var o = AttentionOptions(causal: true, layout: .zigzag)
+            o.shares = shares
+            #expect { try AlgorithmName.ring.validate(ranks: 3, shape: s, options: o) } throws: { "\($0)".contains(expected) }
+        }
+    }
+
     /// Ulysses when kv heads are fewer than ranks: each rank's query heads share one kv head, sent to every rank
     /// that needs it, and its dK, dV partial sums add up at the owner (MQA at P = 4 and 8; H = 8, G = 2 at P = 4).
     @Test(arguments: [(4, 4, 1), (8, 8, 1), (4, 8, 2), (8, 8, 2)])

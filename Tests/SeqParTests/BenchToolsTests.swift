@@ -270,6 +270,30 @@ extension CostModelTests {
 
     /// The baseline on every rank at once: all ranks return the same figures, marked busy, and the efficiency is
     /// taken against them as against the solo one.
+    /// --balance speed: every rank probes at once and all derive the same shares from the same rates; the tokens
+    /// follow them (summing to L) and the step still runs; equal rates give equal shares exactly.
+    @Test func speedBalanceSplitsByProbedRates() throws {
+        #expect(SpeedBalance.shares([2, 2, 2]) == [1, 1, 1])
+        #expect(SpeedBalance.shares([1, 3]) == [0.5, 1.5])
+        let shape = AttentionShape(seqLen: 300, heads: 2, headDim: 16)
+        let out = try InProcessCluster.run(ranks: 3, timeout: 60) { comm -> ([Double], [AttentionBenchResult]) in
+            let rates = try SpeedBalance.rates(family: .softmax, shape: shape, comm: comm, repeats: 1, warmup: 0)
+            let r = try AttentionBench.measure(.ring, shape: shape, options: AttentionOptions(causal: true, layout: .zigzag), comm: comm,
+                                               repeats: 1, warmup: 0, backward: false, probe: false, balance: .speed)
+            return (rates, r)
+        }
+        #expect(out.allSatisfy { $0.0 == out[0].0 } && out[0].0.count == 3 && out[0].0.allSatisfy { $0 > 0 })
+        let r = try #require(out[0].1.first)
+        let (tokens, rates) = (try #require(r.rankTokens), try #require(r.balanceRates))
+        #expect(r.balance == .speed && tokens.reduce(0, +) == 300 && rates.count == 3)
+        #expect(tokens == Partition(layout: .zigzag, shares: SpeedBalance.shares(rates)).counts(ranks: 3, length: 300))
+        #expect(r.timeS > 0 && out.allSatisfy { $0.1.first?.rankTokens == tokens })
+        let encoder = JSONEncoder()
+        encoder.keyEncodingStrategy = .convertToSnakeCase
+        let json = String(decoding: try encoder.encode(r), as: UTF8.self)
+        #expect(json.contains("\"balance\":\"speed\"") && json.contains("\"rank_tokens\"") && json.contains("\"balance_rates\""))
+    }
+
     @Test func busyBaselineRunsOnEveryRank() throws {
         let shape = AttentionShape(seqLen: 256, heads: 2, headDim: 16)
         let out = try InProcessCluster.run(ranks: 3, timeout: 60) { comm -> (AttentionBaseline?, [AttentionBenchResult]) in

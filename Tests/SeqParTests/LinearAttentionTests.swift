@@ -17,7 +17,12 @@ struct LinearCase: CustomStringConvertible, Sendable {
     var featureMap: FeatureMap = .identity
     var seed: UInt64 = 11
     var dropSaved = false
-    var options: AttentionOptions { AttentionOptions(causal: causal, decay: decay, featureMap: featureMap) }
+    var shares: [Double]?
+    var options: AttentionOptions {
+        var o = AttentionOptions(causal: causal, decay: decay, featureMap: featureMap)
+        o.shares = shares
+        return o
+    }
     var description: String {
         "\(algorithm) P=\(ranks) \(shape) \(causal ? "causal" : "bidirectional") decay \(decay) \(featureMap)"
     }
@@ -86,6 +91,15 @@ func checkLinear(_ c: LinearCase, tolerance: Tolerance = Tolerance()) throws -> 
         let long = AttentionShape(batch: 2, seqLen: 2 * (2 * LinearAttention.blockRows + 37), heads: 2, kvHeads: 1, headDim: 16)
         try checkLinear(LinearCase(ranks: 2, shape: long, decay: [0.99, 0.9], featureMap: .elu1))
         try checkLinear(LinearCase(ranks: 2, shape: long, decay: [1.0]))
+    }
+
+    /// Tokens split by shares (a fast rank holding most of the chunk, a slow one a few tokens, one share so small it
+    /// rounds to no token): the chunks' states still carry the decay over each rank's own length.
+    @Test(arguments: [AlgorithmName.lasp1, .lasp2])
+    func unevenShares(algorithm: AlgorithmName) throws {
+        for shares in [[0.4, 2.1, 0.9], [1.0, 0.01, 1.99]] {
+            try checkLinear(LinearCase(algorithm: algorithm, ranks: 3, shape: AttentionShape(seqLen: 41, heads: 2, headDim: 8), decay: [0.9], shares: shares))
+        }
     }
 
     /// Without the forward pass's saved state, backward recomputes it (one more exchange) and still matches.

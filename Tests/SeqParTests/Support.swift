@@ -25,8 +25,10 @@ struct AttentionCase: CustomStringConvertible, Sendable {
     var dropSaved = false
     /// Ring attention with this progress mode instead of the standard one.
     var ringProgress: RingProgress?
+    /// Each rank's share of the tokens (nil: equal).
+    var shares: [Double]?
     var description: String {
-        "\(algorithm) P=\(ranks) \(shape) \(causal ? "causal" : "full") \(layout) x\(inputScale)"
+        "\(algorithm) P=\(ranks) \(shape) \(causal ? "causal" : "full") \(layout)\(shares.map { " shares \($0)" } ?? "") x\(inputScale)"
     }
 }
 
@@ -43,7 +45,8 @@ func rowsAt(_ global: [Double], batch: Int, length: Int, row: Int, positions: [I
 @discardableResult
 func checkAttention(_ c: AttentionCase, tolerance: Tolerance = Tolerance()) throws -> [(forward: CommCounters, backward: CommCounters)] {
     let s = c.shape
-    let options = AttentionOptions(causal: c.causal, layout: c.layout)
+    var options = AttentionOptions(causal: c.causal, layout: c.layout)
+    options.shares = c.shares
     let all = Array(0..<s.seqLen)
     let global = SeededInputs.attention(shape: s, options: options, positions: all, seed: c.seed, scale: c.inputScale)
     let dOGlobal = SeededInputs.gradOut(shape: s, positions: all, seed: c.seed)
@@ -82,7 +85,7 @@ struct RankResult: @unchecked Sendable {
 func runOnCluster(_ algorithm: any AttentionAlgorithm, ranks: Int, shape s: AttentionShape, options: AttentionOptions,
                   seed: UInt64, inputScale: Float = 1, dropSaved: Bool = false) throws -> [RankResult] {
     try InProcessCluster.run(ranks: ranks, timeout: 60) { comm -> RankResult in
-        let positions = options.layout.positions(rank: comm.rank, ranks: comm.size, length: s.seqLen)
+        let positions = options.partition.positions(rank: comm.rank, ranks: comm.size, length: s.seqLen)
         let x = SeededInputs.attention(shape: s, options: options, positions: positions, seed: seed, scale: inputScale)
         let dO = SeededInputs.gradOut(shape: s, positions: positions, seed: seed)
         comm.resetCounters()
@@ -91,7 +94,7 @@ func runOnCluster(_ algorithm: any AttentionAlgorithm, ranks: Int, shape s: Atte
         comm.resetCounters()
         let grads = try algorithm.backward(x, output: dropSaved ? AttentionOutput(o: out.o, lse: out.lse) : out, gradOut: dO, comm: comm)
         let bwd = comm.counters
-        let layout = options.layout
+        let layout = options.partition
         let gathered = (try layout.gather(out.o, length: s.seqLen, comm: comm), try layout.gather(grads.dq, length: s.seqLen, comm: comm),
                         try layout.gather(grads.dk, length: s.seqLen, comm: comm), try layout.gather(grads.dv, length: s.seqLen, comm: comm))
         return RankResult(positions: positions, o: out.o, lse: out.lse, grads: grads, gathered: gathered, counters: (fwd, bwd))

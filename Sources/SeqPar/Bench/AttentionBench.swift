@@ -15,6 +15,10 @@ public struct AttentionBenchResult: Codable, Sendable {
     public var batch: Int, seqLen: Int, heads: Int, kvHeads: Int, headDim: Int
     public var causal: Bool
     public var layout: SequenceLayout
+    /// How the tokens were split: equally, or by the ranks' speeds (`SpeedBalance`); with speed, each rank's tokens
+    /// and the probe's rate per rank (GFLOP/s) that set them.
+    public var balance: SpeedBalance.Mode = .equal
+    public var rankTokens: [Int]?, balanceRates: [Double]?
     public var decay: [Double]?
     public var featureMap: FeatureMap?
     /// Median over repetitions of the slowest rank's time; min and max over repetitions.
@@ -110,15 +114,23 @@ public enum AttentionBench {
 
     /// Times `algorithm` on this rank's part of a seeded problem; every rank returns the same results (forward, then
     /// backward unless `backward` is false). With `probe`, the host's speed is taken before and after the timed steps.
+    /// With `balance` .speed, the tokens are split by the ranks' speeds measured just before (`SpeedBalance`).
     public static func measure(_ algorithm: AlgorithmName, shape: AttentionShape, options: AttentionOptions, comm: some Communicator,
                                ranksPerHost: Int = 1, repeats: Int, warmup: Int, backward: Bool = true, seed: UInt64 = 0,
-                               probe: Bool = true) throws -> [AttentionBenchResult] {
+                               probe: Bool = true, balance: SpeedBalance.Mode = .equal) throws -> [AttentionBenchResult] {
         let (rank, ranks) = (comm.rank, comm.size)
-        var config = AttentionRunConfig(algorithm: algorithm, shape: shape, options: options)
-        config.backward = backward
+        var options = options
         var failure: Error?
         do {
             try shape.validate()
+            try algorithm.validate(ranks: ranks, shape: shape, options: options)
+        } catch { failure = error }
+        try comm.agree(failure)
+        let rates = balance == .speed ? try SpeedBalance.rates(family: algorithm.family, shape: shape, comm: comm) : nil
+        if let rates { options.shares = SpeedBalance.shares(rates) }
+        var config = AttentionRunConfig(algorithm: algorithm, shape: shape, options: options)
+        config.backward = backward
+        do {
             try algorithm.validate(ranks: ranks, shape: shape, options: options)
             let estimate = MemoryEstimate.attention(config, ranks: ranks, rank: rank)
             if let available = SystemInfo.availableMemory(), estimate.total * ranksPerHost > available {
@@ -127,7 +139,7 @@ public enum AttentionBench {
         } catch { failure = error }
         try comm.agree(failure)
 
-        let positions = options.layout.positions(rank: rank, ranks: ranks, length: shape.seqLen)
+        let positions = options.partition.positions(rank: rank, ranks: ranks, length: shape.seqLen)
         let x = SeededInputs.attention(shape: shape, options: options, positions: positions, seed: seed)
         let dO = SeededInputs.gradOut(shape: shape, positions: positions, seed: seed)
         let implementation = algorithm.implementation
@@ -178,6 +190,7 @@ public enum AttentionBench {
             return AttentionBenchResult(
                 algorithm: algorithm, direction: direction, ranks: ranks, batch: shape.batch, seqLen: shape.seqLen, heads: shape.heads,
                 kvHeads: shape.kvHeads, headDim: shape.headDim, causal: options.causal, layout: options.layout,
+                balance: balance, rankTokens: rates == nil ? nil : options.partition.counts(ranks: ranks, length: shape.seqLen), balanceRates: rates,
                 decay: family == .linear ? options.decayPerHead(shape.heads).map(Double.init) : nil,
                 featureMap: family == .linear ? options.featureMap : nil,
                 timeS: t, timeMinS: slowest.min()!, timeMaxS: slowest.max()!,

@@ -41,6 +41,14 @@ public enum AlgorithmName: String, CaseIterable, Sendable, Codable {
         case .allgather, .ring, .rsa, .lasp1, .lasp2:
             break
         }
+        if let shares = options.shares {
+            guard shares.count == ranks else {
+                throw SeqParError.invalidInput("\(shares.count) token shares for \(ranks) ranks: give one share per rank")
+            }
+            if let bad = shares.first(where: { !($0.isFinite && $0 > 0) }) {
+                throw SeqParError.invalidInput("a token share of \(bad): every rank's share must be a positive number")
+            }
+        }
     }
 
     /// Options that belong to one family only, and the linear family's own checks.

@@ -11,8 +11,8 @@ public struct AllGatherAttention: AttentionAlgorithm {
     public init() {}
 
     func gatherKV(_ x: LocalAttention, comm: some Communicator) throws -> (k: Tensor, v: Tensor) {
-        (try x.options.layout.gather(x.k, length: x.shape.seqLen, comm: comm),
-         try x.options.layout.gather(x.v, length: x.shape.seqLen, comm: comm))
+        (try x.options.partition.gather(x.k, length: x.shape.seqLen, comm: comm),
+         try x.options.partition.gather(x.v, length: x.shape.seqLen, comm: comm))
     }
 
     public func forward(_ x: LocalAttention, comm: some Communicator) throws -> AttentionOutput {
@@ -26,7 +26,7 @@ public struct AllGatherAttention: AttentionAlgorithm {
         let full = SoftmaxAttention.backward(q: x.q, qPositions: x.positions, k: k, v: v, kPositions: Array(0..<x.shape.seqLen),
                                              output: output, gradOut: gradOut, causal: x.options.causal, scale: x.scale)
         return AttentionGradients(dq: full.dq,
-                                  dk: try x.options.layout.reduceScatter(full.dk, comm: comm),
-                                  dv: try x.options.layout.reduceScatter(full.dv, comm: comm))
+                                  dk: try x.options.partition.reduceScatter(full.dk, comm: comm),
+                                  dv: try x.options.partition.reduceScatter(full.dv, comm: comm))
     }
 }

@@ -47,6 +47,11 @@ public struct AttentionOptions: Sendable, Equatable, Codable {
     public var decay: [Double]
     /// Linear attention: the feature map applied to queries and keys.
     public var featureMap: FeatureMap
+    /// Each rank's share of the tokens, one per rank (nil: equal; see `Partition`).
+    public var shares: [Double]? = nil
+
+    /// Where the tokens go: the layout with the shares.
+    public var partition: Partition { Partition(layout: layout, shares: shares) }
 
     public init(causal: Bool = false, layout: SequenceLayout = .contiguous, scale: Float? = nil,
                 decay: [Double] = [1], featureMap: FeatureMap = .identity) {

@@ -115,7 +115,7 @@ public struct LinearSequenceParallel: AttentionAlgorithm {
             causal = x.options.causal
             heads = x.shape.heads
             decay = causal ? x.options.decayPerHead(heads) : Array(repeating: 1, count: heads)
-            counts = SequenceLayout.contiguous.counts(ranks: ranks, length: x.shape.seqLen)
+            counts = x.options.partition.counts(ranks: ranks, length: x.shape.seqLen)
             fq = x.options.featureMap.apply(x.q)
             fk = x.options.featureMap.apply(x.k)
         }

@@ -25,7 +25,7 @@ public struct RingAttention: AttentionAlgorithm {
 
     /// Elements of rank `rank`'s packed [K | V] block.
     static func packedCount(_ x: LocalAttention, rank: Int, ranks: Int) -> Int {
-        2 * x.shape.batch * x.options.layout.counts(ranks: ranks, length: x.shape.seqLen)[rank] * x.shape.kvHeads * x.shape.headDim
+        2 * x.shape.batch * x.options.partition.counts(ranks: ranks, length: x.shape.seqLen)[rank] * x.shape.kvHeads * x.shape.headDim
     }
 
     static func pack(_ k: Tensor, _ v: Tensor) -> Tensor {
@@ -48,7 +48,7 @@ public struct RingAttention: AttentionAlgorithm {
     }
 
     public func forward(_ x: LocalAttention, comm: some Communicator) throws -> AttentionOutput {
-        let (ranks, layout, length) = (comm.size, x.options.layout, x.shape.seqLen)
+        let (ranks, layout, length) = (comm.size, x.options.partition, x.shape.seqLen)
         let acc = AttentionOutput(o: Tensor(zeros: x.q.shape), lse: Tensor(zeros: [x.shape.batch, x.shape.heads, x.tokens]))
         acc.lse.fill(-.infinity)
         try Ring.circulate(Self.pack(x.k, x.v), shape: { [Self.packedCount(x, rank: $0, ranks: ranks)] }, tag: Self.kvTag, progress: self.progress, comm: comm) { source, block, _, progress in
@@ -62,7 +62,7 @@ public struct RingAttention: AttentionAlgorithm {
     }
 
     public func backward(_ x: LocalAttention, output: AttentionOutput, gradOut: Tensor, comm: some Communicator) throws -> AttentionGradients {
-        let (rank, ranks, layout, length) = (comm.rank, comm.size, x.options.layout, x.shape.seqLen)
+        let (rank, ranks, layout, length) = (comm.rank, comm.size, x.options.partition, x.shape.seqLen)
         let dq = Tensor(zeros: x.q.shape)
         // dK and dV of a block whose accumulator is still on its way: summed here, added when it has arrived.
         let largest = (0..<ranks).map { Self.packedCount(x, rank: $0, ranks: ranks) }.max() ?? 0

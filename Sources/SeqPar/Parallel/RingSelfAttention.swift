@@ -29,7 +29,7 @@ public struct RingSelfAttention: AttentionAlgorithm {
         let offsets: [Int]
         let positions: [[Int]]
         init(_ x: LocalAttention, ranks: Int) {
-            positions = (0..<ranks).map { x.options.layout.positions(rank: $0, ranks: ranks, length: x.shape.seqLen) }
+            positions = (0..<ranks).map { x.options.partition.positions(rank: $0, ranks: ranks, length: x.shape.seqLen) }
             offsets = positions.reduce(into: [0]) { $0.append($0.last! + $1.count) }
         }
         func columns(_ m: Int) -> Range<Int> { offsets[m]..<offsets[m + 1] }

@@ -5,6 +5,10 @@
 //
 // Lengths that do not divide: the first parts get one token more (L = 10, P = 4: 3 3 2 2). With L < P (or L < 2P
 // for zigzag) some ranks hold no tokens. A rank's positions are always ascending.
+// Shares (`Partition.shares`, e.g. from `SpeedBalance`): rank r's parts get tokens in proportion to shares[r] instead
+// of equally (zigzag: both of its chunks), rounded by largest remainder (ties to the lower part), so equal shares give
+// the equal split above. The work a rank does grows with its tokens under zigzag, contiguous without a mask, and the
+// linear algorithms: shares in proportion to the ranks' speeds let a faster rank take more of it.
 // Tensors here are (batch, seq, ...): the layout splits axis 1 and keeps the batch axis whole on every rank.
 
 public enum SequenceLayout: String, CaseIterable, Sendable, Codable {
@@ -23,13 +27,48 @@ public enum SequenceLayout: String, CaseIterable, Sendable, Codable {
         return ranges
     }
 
+    /// `length` split into parts in proportion to `weights` (all positive): floor of each part's exact size, then one
+    /// more token to the parts with the largest remainders (the lower part first on a tie).
+    public static func split(_ length: Int, weights: [Double]) -> [Range<Int>] {
+        let total = weights.reduce(0, +)
+        let exact = weights.map { Double(length) * $0 / total }
+        var sizes = exact.map { Int($0.rounded(.down)) }
+        let order = sizes.indices.sorted { (exact[$0] - Double(sizes[$0]), -$0) > (exact[$1] - Double(sizes[$1]), -$1) }
+        for i in order.prefix(length - sizes.reduce(0, +)) { sizes[i] += 1 }
+        var start = 0
+        return sizes.map { n in defer { start += n }; return start..<(start + n) }
+    }
+
+    /// This layout with equal shares.
+    public var equal: Partition { Partition(layout: self) }
+    public func ranges(rank: Int, ranks: Int, length: Int) -> [Range<Int>] { equal.ranges(rank: rank, ranks: ranks, length: length) }
+    public func positions(rank: Int, ranks: Int, length: Int) -> [Int] { equal.positions(rank: rank, ranks: ranks, length: length) }
+    public func counts(ranks: Int, length: Int) -> [Int] { equal.counts(ranks: ranks, length: length) }
+    public func scatter(_ global: Tensor, rank: Int, ranks: Int) -> Tensor { equal.scatter(global, rank: rank, ranks: ranks) }
+    public func gather(_ local: Tensor, length: Int, comm: some Communicator) throws -> Tensor { try equal.gather(local, length: length, comm: comm) }
+    public func reduceScatter(_ global: Tensor, comm: some Communicator) throws -> Tensor { try equal.reduceScatter(global, comm: comm) }
+}
+
+/// A layout and, optionally, each rank's share of the tokens (nil: equal).
+public struct Partition: Sendable, Equatable {
+    public var layout: SequenceLayout
+    public var shares: [Double]?
+    public init(layout: SequenceLayout, shares: [Double]? = nil) { self.layout = layout; self.shares = shares }
+
+    /// `length` in `parts` pieces, each owned by rank `owner(piece)`, sized by the owners' shares (or equally).
+    func split(_ length: Int, parts: Int, ranks: Int, owner: (Int) -> Int) -> [Range<Int>] {
+        guard let shares else { return SequenceLayout.split(length, into: parts) }
+        precondition(shares.count == ranks, "\(shares.count) shares for \(ranks) ranks")
+        return SequenceLayout.split(length, weights: (0..<parts).map { shares[owner($0)] })
+    }
+
     /// The global token ranges rank `rank` holds, ascending.
     public func ranges(rank: Int, ranks: Int, length: Int) -> [Range<Int>] {
-        switch self {
+        switch layout {
         case .contiguous:
-            return [SequenceLayout.split(length, into: ranks)[rank]]
+            return [split(length, parts: ranks, ranks: ranks) { $0 }[rank]]
         case .zigzag:
-            let chunks = SequenceLayout.split(length, into: 2 * ranks)
+            let chunks = split(length, parts: 2 * ranks, ranks: ranks) { $0 < ranks ? $0 : 2 * ranks - 1 - $0 }
             return [chunks[rank], chunks[2 * ranks - 1 - rank]]
         }
     }
@@ -71,7 +110,7 @@ public enum SequenceLayout: String, CaseIterable, Sendable, Codable {
         let row = local.shape.dropFirst(2).reduce(1, *)
         let counts = self.counts(ranks: comm.size, length: length)
         guard local.shape[1] == counts[comm.rank] else {
-            throw SeqParError.invalidInput("rank \(comm.rank) holds \(local.shape[1]) tokens, the \(rawValue) layout of \(length) over \(comm.size) ranks gives it \(counts[comm.rank])")
+            throw SeqParError.invalidInput("rank \(comm.rank) holds \(local.shape[1]) tokens, the \(layout.rawValue) layout of \(length) over \(comm.size) ranks gives it \(counts[comm.rank])")
         }
         let rankMajor = Tensor(zeros: [counts.reduce(0, +) * batch * row])
         try comm.allGatherV(UnsafeBufferPointer(local.buffer), into: rankMajor.buffer, counts: counts.map { $0 * batch * row })

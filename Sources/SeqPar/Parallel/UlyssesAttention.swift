@@ -47,7 +47,7 @@ public struct UlyssesAttention: AttentionAlgorithm {
     static func exchange(_ parts: [(tensor: Tensor, heads: (Int) -> Range<Int>)], toHeads: Bool, outputs: [Tensor], add: Bool = false,
                          x: LocalAttention, comm: some Communicator) throws {
         let (rank, ranks) = (comm.rank, comm.size)
-        let layout = x.options.layout, length = x.shape.seqLen
+        let layout = x.options.partition, length = x.shape.seqLen
         let positions = (0..<ranks).map { layout.positions(rank: $0, ranks: ranks, length: length) }
         let batch = x.shape.batch
         // Sequence-sharded side: my tokens 0..<C, heads of rank j. Head-sharded side: rank i's positions, my heads.

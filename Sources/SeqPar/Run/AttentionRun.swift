@@ -128,7 +128,7 @@ public struct MemoryEstimate: Sendable {
     public static func attention(_ config: AttentionRunConfig, ranks: Int, rank: Int) -> MemoryEstimate {
         let s = config.shape
         let f = MemoryLayout<Float>.size
-        let local = config.options.layout.counts(ranks: ranks, length: s.seqLen).max() ?? 0
+        let local = config.options.partition.counts(ranks: ranks, length: s.seqLen).max() ?? 0
         let qRow = s.batch * s.heads * s.headDim * f, kvRow = s.batch * s.kvHeads * s.headDim * f
         var items: [(String, Int)] = [("q, k, v, o chunks", local * (2 * qRow + 2 * kvRow))]
         let tile = SoftmaxAttention.tileRows * SoftmaxAttention.tileCols * f
@@ -230,12 +230,12 @@ public enum AttentionRun {
 
         // 4. Inputs.
         let shape = config.shape
-        let positions = config.options.layout.positions(rank: rank, ranks: ranks, length: shape.seqLen)
+        let positions = config.options.partition.positions(rank: rank, ranks: ranks, length: shape.seqLen)
         var x: LocalAttention!
         var dO: Tensor?
         do {
             if let files = fileInputs {
-                let layout = config.options.layout
+                let layout = config.options.partition
                 x = LocalAttention(shape: shape, options: config.options, positions: positions,
                                    q: layout.scatter(files.q, rank: rank, ranks: ranks),
                                    k: layout.scatter(files.k, rank: rank, ranks: ranks),
@@ -277,7 +277,7 @@ public enum AttentionRun {
 
         // 6. Outputs in global order, on every rank (rank 0 uses them).
         t = SystemInfo.now()
-        let layout = config.options.layout
+        let layout = config.options.partition
         let needGlobal = config.check || config.outPath != nil || config.gradsPrefix != nil
         var global: (o: Tensor, lse: Tensor, grads: AttentionGradients?)?
         if needGlobal {
@@ -336,7 +336,7 @@ public enum AttentionRun {
         let timeS = try PhaseTime.overRanks(times, comm: comm)
         let hosts = try comm.allGatherStrings(SystemInfo.hostName)
         let rss = try comm.allGather([SystemInfo.peakRSS()]).map { $0[0] }
-        let counts = layout.counts(ranks: ranks, length: shape.seqLen)
+        let counts = config.options.partition.counts(ranks: ranks, length: shape.seqLen)
         let fwdAll = try gatherCounters(forwardCounters, comm: comm)
         let bwdAll = try backwardCounters.map { try gatherCounters($0, comm: comm) }
         let perRank = (0..<ranks).map { r in
@@ -346,7 +346,7 @@ public enum AttentionRun {
         var report = AttentionRunReport(
             algorithm: config.algorithm, backend: backend, ranks: ranks, batch: shape.batch, seqLen: shape.seqLen,
             heads: shape.heads, kvHeads: shape.kvHeads, headDim: shape.headDim, causal: config.options.causal,
-            layout: layout, scale: config.options.effectiveScale(headDim: shape.headDim), backwardRun: config.backward,
+            layout: config.options.layout, scale: config.options.effectiveScale(headDim: shape.headDim), backwardRun: config.backward,
             timeS: timeS, forwardGflops: fwdFlops / max(timeS["forward"]!.max, 1e-12) / 1e9,
             backwardGflops: timeS["backward"].map { backwardFlopsFactor(config.algorithm.family) * fwdFlops / max($0.max, 1e-12) / 1e9 },
             memoryEstimateBytes: estimate.total, perRank: perRank, check: checkReport)
@@ -512,7 +512,7 @@ public enum AttentionRun {
         let perRank = (0..<ranks).map { r -> Double in
             var worst = 0.0
             for b in 0..<s.batch {
-                for p in config.options.layout.positions(rank: r, ranks: ranks, length: s.seqLen) {
+                for p in config.options.partition.positions(rank: r, ranks: ranks, length: s.seqLen) {
                     let base = (b * s.seqLen + p) * row
                     for i in base..<(base + row) {
                         let d = abs(Double(global.o.pointer[i]) - ref.o[i])
