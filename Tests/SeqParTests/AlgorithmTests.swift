@@ -53,6 +53,13 @@ import Testing
             o.shares = shares
             #expect { try AlgorithmName.ring.validate(ranks: 3, shape: s, options: o) } throws: { "\($0)".contains(expected) }
         }
+        // Through a whole run: refused on every rank before the memory estimate splits the sequence by them.
+        let errors = try InProcessCluster.run(ranks: 3) { comm -> String in
+            var config = AttentionRunConfig(algorithm: .ring, shape: s, options: AttentionOptions(causal: true, layout: .zigzag))
+            config.options.shares = [1, 1]
+            do { _ = try AttentionRun.execute(config, comm: comm, backend: "test"); return "no error" } catch { return "\(error)" }
+        }
+        for e in errors { #expect(e.contains("2 token shares for 3 ranks"), "\(e)") }
     }
 
     /// Ulysses when kv heads are fewer than ranks: each rank's query heads share one kv head, sent to every rank

@@ -54,6 +54,11 @@ func figure(_ algorithm: String, ranks: Int, seqLen: Int, time: Double, gflops: 
         let d = ScalingReport.withEfficiency(try ScalingReport.parse(decode.joined(separator: "\n"), name: "d"), mode: .weak)
         #expect(abs(d[1].efficiency! - 0.8) < 1e-12)
         #expect(d[1].series == "tpla decode forward")
+        // A speed-balanced figure is its own series, beside the equal split of the same problem.
+        var speed = try #require(ScalingReport.parse(figure("ring", ranks: 2, seqLen: 64, time: 1), name: "s").first)
+        #expect(speed.series == "ring zigzag causal forward")
+        speed.balance = "speed"
+        #expect(speed.series == "ring zigzag speed-balanced causal forward")
     }
 
     @Test func csvHasOneRowPerFigureInOrder() throws {
@@ -268,8 +273,6 @@ extension CostModelTests {
         }
     }
 
-    /// The baseline on every rank at once: all ranks return the same figures, marked busy, and the efficiency is
-    /// taken against them as against the solo one.
     /// --balance speed: every rank probes at once and all derive the same shares from the same rates; the tokens
     /// follow them (summing to L) and the step still runs; equal rates give equal shares exactly.
     @Test func speedBalanceSplitsByProbedRates() throws {
@@ -294,6 +297,8 @@ extension CostModelTests {
         #expect(json.contains("\"balance\":\"speed\"") && json.contains("\"rank_tokens\"") && json.contains("\"balance_rates\""))
     }
 
+    /// The baseline on every rank at once: all ranks return the same figures, marked busy, and the efficiency is
+    /// taken against them as against the solo one.
     @Test func busyBaselineRunsOnEveryRank() throws {
         let shape = AttentionShape(seqLen: 256, heads: 2, headDim: 16)
         let out = try InProcessCluster.run(ranks: 3, timeout: 60) { comm -> (AttentionBaseline?, [AttentionBenchResult]) in

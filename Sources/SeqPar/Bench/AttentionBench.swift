@@ -107,7 +107,8 @@ public enum AttentionBench {
                 r.baselineGflops = g
                 r.baselineBusy = b.busy
             }
-            if r.algorithm == .ring, let o = overlap.first(where: { $0.direction == r.direction }) { r.overlap = o.overlap }
+            // The overlap bench runs the equal split: its figure belongs to that row only.
+            if r.algorithm == .ring, r.balance == .equal, let o = overlap.first(where: { $0.direction == r.direction }) { r.overlap = o.overlap }
             return r
         }
     }

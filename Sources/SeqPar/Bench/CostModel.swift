@@ -17,7 +17,8 @@
 // host) busy ranks and C tokens (L for Ulysses and allgather, whose queries see the whole sequence) (interpolated in
 // log k and log C, clamped to the measured range; the slowest rank's figure, which a step of equally busy ranks waits
 // for; the linear kernel's from its figures at the problem's H where there are any, else by working set C x H) times
-// the algorithm's factor. Where the kernel was measured more than once (before and after a sweep), R is the mean and
+// the algorithm's factor; a causal diagonal block of n tokens at the kernel's rate at n times the diagonal's
+// efficiency at n. Where the kernel was measured more than once (before and after a sweep), R is the mean and
 // the spread between the runs is reported as the point's drift, the host's own error bar;
 // F = 4 H L^2 D (half causal) for softmax, H L (8 D^2 + 4*128 D) for linear (backward 2.5x, 3x):
 //   ring       per step compute c, exchange m = alpha + 2 G C D 4 gamma (K and V; backward also dK and dV on P-2 of
@@ -362,8 +363,12 @@ public struct CostModel: Sendable {
         let factor = backward ? AttentionRun.backwardFlopsFactor(name.family) : 1
         let total = AttentionRun.attentionFlops(AttentionShape(seqLen: q.seqLen, heads: q.heads, kvHeads: q.kvHeads, headDim: q.headDim),
                                                 causal: name.family == .linear ? true : q.causal, family: name.family) * factor
-        /// Seconds for a causal diagonal block of n tokens (all heads).
-        func diagonalBlock(_ n: Double) -> Double { 2 * h * n * n * d * factor / (rate * diagonal(q.direction, n)) }
+        /// Seconds for a causal diagonal block of n tokens (all heads): the kernel's rate at n times the diagonal's
+        /// efficiency at n (both calibrated at n).
+        func diagonalBlock(_ n: Double) -> Double {
+            let r = (kernelRate(name.family, q.direction, ranksAtOnce: k, tokens: Int(n), heads: q.heads) ?? kernel) * 1e9 * algorithmFactor(q.algorithm, q.direction)
+            return 2 * h * n * n * d * factor / (r * diagonal(q.direction, n))
+        }
         let omega = overlap[q.direction] ?? 0.8
         let kvBytes = 2 * g * c * d * 4
         func overlapped(_ steps: Double, compute cs: Double, comm m: Double) -> (Double, Double) {

@@ -58,7 +58,7 @@ public enum RingOverlap {
                                repeats: Int, warmup: Int, backward: Bool = true,
                                modes: [RingProgress] = RingProgress.allCases) throws -> [OverlapResult] {
         let (rank, ranks) = (comm.rank, comm.size)
-        let layout = options.layout, length = shape.seqLen
+        let layout = options.partition, length = shape.seqLen
         let positions = layout.positions(rank: rank, ranks: ranks, length: length)
         let x = SeededInputs.attention(shape: shape, options: options, positions: positions, seed: 5)
         let dO = SeededInputs.gradOut(shape: shape, positions: positions, seed: 5)
@@ -87,7 +87,7 @@ public enum RingOverlap {
             }
             let standard = (modes.contains(.standard) ? RingProgress.standard : modes[0]).rawValue
             return OverlapResult(direction: direction, ranks: ranks, seqLen: length, heads: shape.heads, kvHeads: shape.kvHeads, headDim: shape.headDim,
-                                 causal: options.causal, layout: layout, blockBytes: (counts.max() ?? 0) * MemoryLayout<Float>.size,
+                                 causal: options.causal, layout: options.layout, blockBytes: (counts.max() ?? 0) * MemoryLayout<Float>.size,
                                  tCommS: KernelBench.median(tc), tComputeS: KernelBench.median(tk), progress: RingProgress(rawValue: standard)!, tFusedS: fused[standard]!, overlap: overlaps[standard]!,
                                  tFusedByProgress: fused, overlapByProgress: overlaps, repeats: repeats)
         }

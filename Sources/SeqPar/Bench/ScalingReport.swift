@@ -20,6 +20,8 @@ public struct ScalingPoint: Codable, Sendable, Equatable {
     public var headDim: Int?
     public var causal: Bool?
     public var layout: String?
+    /// bench attention's token split ("equal" or "speed"; absent in older files: equal).
+    public var balance: String?
     public var timeS: Double
     public var gflops: Double?
     public var tokensPerS: Double?
@@ -32,10 +34,11 @@ public struct ScalingPoint: Codable, Sendable, Equatable {
     /// Latent (TPLA decode) figures: d_c, d_r, d_v and query tokens per step.
     public var latentDim: Int?, ropeDim: Int?, vDim: Int?, queries: Int?
 
-    /// The series this point belongs to: algorithm, layout, mask, direction.
+    /// The series this point belongs to: algorithm, layout (and "speed-balanced" for shares by speed), mask, direction.
     public var series: String {
         var parts = [bench == "latent" ? "\(algorithm) decode" : algorithm]
         if let l = layout, bench == "attention", ["ring", "rsa", "ulysses", "allgather"].contains(algorithm) { parts.append(l) }
+        if bench == "attention", balance == "speed" { parts.append("speed-balanced") }
         if bench == "attention", let c = causal { parts.append(c ? "causal" : "full") }
         parts.append(direction)
         return parts.joined(separator: " ")

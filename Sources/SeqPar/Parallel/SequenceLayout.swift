@@ -30,8 +30,9 @@ public enum SequenceLayout: String, CaseIterable, Sendable, Codable {
     /// `length` split into parts in proportion to `weights` (all positive): floor of each part's exact size, then one
     /// more token to the parts with the largest remainders (the lower part first on a tie).
     public static func split(_ length: Int, weights: [Double]) -> [Range<Int>] {
-        let total = weights.reduce(0, +)
-        let exact = weights.map { Double(length) * $0 / total }
+        let top = weights.max() ?? 1  // over the largest first, so huge weights cannot overflow the sum
+        let total = weights.reduce(0) { $0 + $1 / top }
+        let exact = weights.map { Double(length) * ($0 / top) / total }
         var sizes = exact.map { Int($0.rounded(.down)) }
         let order = sizes.indices.sorted { (exact[$0] - Double(sizes[$0]), -$0) > (exact[$1] - Double(sizes[$1]), -$1) }
         for i in order.prefix(length - sizes.reduce(0, +)) { sizes[i] += 1 }

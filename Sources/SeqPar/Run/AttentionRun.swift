@@ -217,11 +217,12 @@ public enum AttentionRun {
         // 2. Every rank must run the same thing.
         try agreeOnConfiguration(config, comm: comm)
 
-        // 3. Checks that need no data.
-        let estimate = MemoryEstimate.attention(config, ranks: ranks, rank: rank)
+        // 3. Checks that need no data (the memory estimate after them: it splits the sequence by the checked shares).
+        var estimate = MemoryEstimate(items: [])
         do {
             try config.shape.validate()
             try config.algorithm.validate(ranks: ranks, shape: config.shape, options: config.options)
+            estimate = MemoryEstimate.attention(config, ranks: ranks, rank: rank)
             if let available = SystemInfo.availableMemory(), estimate.total * ranksPerHost > available {
                 throw SeqParError.outOfMemory(outOfMemoryMessage(config, estimate: estimate, ranks: ranks, ranksPerHost: ranksPerHost, available: available))
             }
