@@ -132,7 +132,7 @@ public enum AttentionBench {
         var config = AttentionRunConfig(algorithm: algorithm, shape: shape, options: options)
         config.backward = backward
         do {
-            try algorithm.validate(ranks: ranks, shape: shape, options: options)
+            if rates != nil { try algorithm.validate(ranks: ranks, shape: shape, options: options) }  // the probed shares
             let estimate = MemoryEstimate.attention(config, ranks: ranks, rank: rank)
             if let available = SystemInfo.availableMemory(), estimate.total * ranksPerHost > available {
                 throw SeqParError.outOfMemory(AttentionRun.outOfMemoryMessage(config, estimate: estimate, ranks: ranks, ranksPerHost: ranksPerHost, available: available))

@@ -359,14 +359,15 @@ public struct CostModel: Sendable {
         guard let kernel = kernelRate(name.family, q.direction, ranksAtOnce: k, tokens: Self.kernelTokens(name, q), heads: q.heads) else {
             throw SeqParError.invalidInput("model: no \(name.family) kernel figures for \(q.direction): calibrate with seqpar bench kernel --kernel softmax linear --json output")
         }
-        let rate = kernel * 1e9 * algorithmFactor(q.algorithm, q.direction)
+        let ownFactor = algorithmFactor(q.algorithm, q.direction)
+        let rate = kernel * 1e9 * ownFactor
         let factor = backward ? AttentionRun.backwardFlopsFactor(name.family) : 1
         let total = AttentionRun.attentionFlops(AttentionShape(seqLen: q.seqLen, heads: q.heads, kvHeads: q.kvHeads, headDim: q.headDim),
                                                 causal: name.family == .linear ? true : q.causal, family: name.family) * factor
         /// Seconds for a causal diagonal block of n tokens (all heads): the kernel's rate at n times the diagonal's
         /// efficiency at n (both calibrated at n).
         func diagonalBlock(_ n: Double) -> Double {
-            let r = (kernelRate(name.family, q.direction, ranksAtOnce: k, tokens: Int(n), heads: q.heads) ?? kernel) * 1e9 * algorithmFactor(q.algorithm, q.direction)
+            let r = (kernelRate(name.family, q.direction, ranksAtOnce: k, tokens: Int(n), heads: q.heads) ?? kernel) * 1e9 * ownFactor
             return 2 * h * n * n * d * factor / (r * diagonal(q.direction, n))
         }
         let omega = overlap[q.direction] ?? 0.8

@@ -57,6 +57,9 @@ public enum SoftmaxAttention {
         let o = Tensor(zeros: [batch, cq, heads, v.shape[3]])
         let lse = Tensor(zeros: [batch, heads, cq])
         let visible = visibleCounts(qPositions, kPositions, causal: causal)
+        // Query tiles take their reach from their last row (`queryTile`): the rows must see ascending key counts, as
+        // ascending query positions give. Checked once per call, not per head.
+        precondition(zip(visible, visible.dropFirst()).allSatisfy { $0 <= $1 }, "query positions must ascend")
         let scratch = Scratch()
         for b in 0..<batch {
             for h in 0..<heads {
@@ -81,9 +84,6 @@ public enum SoftmaxAttention {
                         lse lseRow: UnsafeMutablePointer<Float>, scratch: Scratch, progress: () -> Void = {}) {
         let (cq, dv) = (qh.rows, vg.cols)
         precondition(qh.cols == kg.cols && kg.rows == vg.rows && oh.rows == cq && oh.cols == dv && visible.count == cq)
-        // Query tiles take their reach from their last row (`queryTile`): the rows must see ascending key counts, as
-        // ascending query positions give.
-        precondition(zip(visible, visible.dropFirst()).allSatisfy { $0 <= $1 }, "query positions must ascend")
         let scores = scratch.scores
         var i0 = 0
         while i0 < cq {
