@@ -3,6 +3,7 @@
 // SeqPar: sequence-parallel attention on MPI.
 //   CMPI        system library over OpenMPI's mpi.h (a shim turns cast macros into getters)
 //   COpenBLAS   system library over OpenBLAS's cblas.h
+//   CDNNL       oneDNN's C API headers (the bf16 path; libdnnl is loaded at run time, see Tensor/OneDNN.swift)
 //   SeqPar      tensors, communicator protocol + in-process cluster, kernels, algorithms (no MPI)
 //   SeqParMPI   MPICommunicator, the only module that imports CMPI
 //   seqpar      the command-line tool
@@ -46,7 +47,12 @@ let package = Package(
         .systemLibrary(
             name: "COpenBLAS", path: "Sources/COpenBLAS", pkgConfig: "openblas",
             providers: [.apt(["libopenblas-dev"])]),
-        .target(name: "SeqPar", dependencies: ["COpenBLAS"], swiftSettings: kernelSettings),
+        // Headers only (Debian's libdnnl-dev ships no pkg-config file; they sit in /usr/include): SeqPar dlopens
+        // libdnnl.so.2 when a bf16 kernel first runs, so fp32 runs need no oneDNN.
+        .systemLibrary(
+            name: "CDNNL", path: "Sources/CDNNL",
+            providers: [.apt(["libdnnl-dev"])]),
+        .target(name: "SeqPar", dependencies: ["COpenBLAS", "CDNNL"], swiftSettings: kernelSettings),
         .target(name: "SeqParMPI", dependencies: ["SeqPar", "CMPI"]),
         .executableTarget(
             name: "seqpar",

@@ -119,6 +119,7 @@ func datatype(_ kind: CommElementKind) -> MPI_Datatype {
     case .int32: MPI_INT32_T
     case .int64: MPI_INT64_T
     case .uint8: MPI_UINT8_T
+    case .uint16: MPI_UINT16_T
     case .uint64: MPI_UINT64_T
     }
 }

@@ -269,3 +269,4 @@ extension AlgorithmName: ExpressibleByArgument {}
 extension SequenceLayout: ExpressibleByArgument {}
 extension FeatureMap: ExpressibleByArgument {}
 extension SpeedBalance.Mode: ExpressibleByArgument {}
+extension Precision: ExpressibleByArgument {}

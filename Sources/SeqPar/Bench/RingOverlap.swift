@@ -101,7 +101,7 @@ public enum RingOverlap {
                 for source in order where !RingAttention.skips(x, keys: blocks[source].keys) {
                     let b = blocks[source]
                     LSEMerge.merge(into: acc, SoftmaxAttention.forward(q: x.q, qPositions: x.positions, k: b.k, v: b.v, kPositions: b.keys,
-                                                                       causal: options.causal, scale: x.scale))
+                                                                       causal: options.causal, scale: x.scale, precision: options.precision))
                 }
             }),
         ] + modes.map { mode in (mode.rawValue, { _ = try RingAttention(progress: mode).forward(x, comm: comm) }) }
@@ -125,7 +125,7 @@ public enum RingOverlap {
                     if source != rank { sums.fill(0) }
                     let (dk, dv) = RingAttention.unpack(sums, x, tokens: b.keys.count)
                     SoftmaxAttention.backward(q: x.q, qPositions: x.positions, k: b.k, v: b.v, kPositions: b.keys, output: output, gradOut: dO,
-                                              causal: options.causal, scale: x.scale, adding: AttentionGradients(dq: dq, dk: dk, dv: dv), work: share)
+                                              causal: options.causal, scale: x.scale, precision: options.precision, adding: AttentionGradients(dq: dq, dk: dk, dv: dv), work: share)
                 }
             }),
         ] + modes.map { mode in (mode.rawValue, { _ = try RingAttention(progress: mode).backward(x, output: output, gradOut: dO, comm: comm) }) }

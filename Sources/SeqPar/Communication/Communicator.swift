@@ -11,7 +11,7 @@ public protocol CommElement: BitwiseCopyable, Sendable {
 }
 
 public enum CommElementKind: String, Sendable {
-    case float32, float64, int32, int64, uint8, uint64
+    case float32, float64, int32, int64, uint8, uint16, uint64
 }
 
 extension Float: CommElement { public static var kind: CommElementKind { .float32 } }
@@ -20,6 +20,8 @@ extension Int32: CommElement { public static var kind: CommElementKind { .int32 
 extension Int64: CommElement { public static var kind: CommElementKind { .int64 } }
 extension Int: CommElement { public static var kind: CommElementKind { .int64 } }
 extension UInt8: CommElement { public static var kind: CommElementKind { .uint8 } }
+/// bf16 payloads travel as their bit patterns (never reduced: sums of bf16 happen in fp32 on a rank).
+extension UInt16: CommElement { public static var kind: CommElementKind { .uint16 } }
 extension UInt64: CommElement { public static var kind: CommElementKind { .uint64 } }
 
 public enum ReduceOp: String, Sendable {

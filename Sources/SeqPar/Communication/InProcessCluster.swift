@@ -501,6 +501,7 @@ private func reduce(_ payloads: [[UInt8]], kind: CommElementKind, op: ReduceOp, 
     case .int32: numeric(Int32.self)
     case .int64: numeric(Int64.self)
     case .uint8: numeric(UInt8.self)
+    case .uint16: numeric(UInt16.self)
     case .uint64: numeric(UInt64.self)
     }
 }

@@ -48,8 +48,10 @@ public enum SoftmaxAttention {
 
     /// `progress` runs after every query tile (ring attention passes its requests' `test` so the next exchange
     /// moves while this block computes).
+    /// `precision` bf16 runs every product on oneDNN's bf16 matmul (SoftmaxAttentionBF16.swift; `OneDNN.require()`
+    /// must have succeeded), fp32 on OpenBLAS.
     public static func forward(q: Tensor, qPositions: [Int], k: Tensor, v: Tensor, kPositions: [Int],
-                               causal: Bool, scale: Float, progress: () -> Void = {}) -> AttentionOutput {
+                               causal: Bool, scale: Float, precision: Precision = .fp32, progress: () -> Void = {}) -> AttentionOutput {
         let (batch, cq, heads) = (q.shape[0], q.shape[1], q.shape[2])
         let (ck, kvHeads) = (k.shape[1], k.shape[2])
         precondition(heads % kvHeads == 0 && qPositions.count == cq && kPositions.count == ck)
@@ -60,6 +62,11 @@ public enum SoftmaxAttention {
         // Query tiles take their reach from their last row (`queryTile`): the rows must see ascending key counts, as
         // ascending query positions give. Checked once per call, not per head.
         precondition(zip(visible, visible.dropFirst()).allSatisfy { $0 <= $1 }, "query positions must ascend")
+        if precision == .bf16 {
+            let out = AttentionOutput(o: o, lse: lse)
+            forwardBF16(q: q, k: k, v: v, visible: visible, scale: scale, into: out, progress: progress)
+            return out
+        }
         let scratch = Scratch()
         for b in 0..<batch {
             for h in 0..<heads {
@@ -128,18 +135,18 @@ public enum SoftmaxAttention {
     /// rows x visible keys; a unit belongs to the share holding the middle of its cost. Calls whose shares partition
     /// 0..<1 add up to the whole (ring attention computes its own block in two such halves; see `RingAttention`).
     public static func backward(q: Tensor, qPositions: [Int], k: Tensor, v: Tensor, kPositions: [Int],
-                                output: AttentionOutput, gradOut dO: Tensor, causal: Bool, scale: Float,
+                                output: AttentionOutput, gradOut dO: Tensor, causal: Bool, scale: Float, precision: Precision = .fp32,
                                 work: Range<Double> = 0..<1, progress: () -> Void = {}) -> AttentionGradients {
         let grads = AttentionGradients(dq: Tensor(zeros: q.shape), dk: Tensor(zeros: k.shape), dv: Tensor(zeros: v.shape))
         backward(q: q, qPositions: qPositions, k: k, v: v, kPositions: kPositions, output: output, gradOut: dO, causal: causal,
-                 scale: scale, adding: grads, work: work, progress: progress)
+                 scale: scale, precision: precision, adding: grads, work: work, progress: progress)
         return grads
     }
 
     /// The same, adding into `grads` (dq shaped like q; dk, dv like k and v): no allocation the size of a block, so a
     /// caller that accumulates over blocks (ring attention) passes its own sums.
     public static func backward(q: Tensor, qPositions: [Int], k: Tensor, v: Tensor, kPositions: [Int],
-                                output: AttentionOutput, gradOut dO: Tensor, causal: Bool, scale: Float,
+                                output: AttentionOutput, gradOut dO: Tensor, causal: Bool, scale: Float, precision: Precision = .fp32,
                                 adding grads: AttentionGradients, work: Range<Double> = 0..<1, progress: () -> Void = {}) {
         let (batch, cq, heads, dim) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3])
         let kvHeads = k.shape[2]
@@ -148,6 +155,10 @@ public enum SoftmaxAttention {
         let group = heads / kvHeads
         let (dq, dk, dv) = (grads.dq, grads.dk, grads.dv)
         let visible = visibleCounts(qPositions, kPositions, causal: causal)
+        if precision == .bf16 {
+            return backwardBF16(q: q, k: k, v: v, visible: visible, output: output, gradOut: dO, scale: scale, adding: grads,
+                                work: work, progress: progress)
+        }
         let p = UnsafeMutablePointer<Float>.allocate(capacity: tileRows * tileCols)
         let dp = UnsafeMutablePointer<Float>.allocate(capacity: tileRows * tileCols)
         var rowDot = [Float](repeating: 0, count: tileRows)

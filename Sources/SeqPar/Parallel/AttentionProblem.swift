@@ -49,6 +49,9 @@ public struct AttentionOptions: Sendable, Equatable, Codable {
     public var featureMap: FeatureMap
     /// Each rank's share of the tokens, one per rank (nil: equal; see `Partition`).
     public var shares: [Double]? = nil
+    /// fp32 (the reference, OpenBLAS) or bf16 (oneDNN on the matrix units; operands and messages in bf16, statistics
+    /// and accumulators in fp32).
+    public var precision: Precision = .fp32
 
     /// Where the tokens go: the layout with the shares.
     public var partition: Partition { Partition(layout: layout, shares: shares) }

@@ -8,12 +8,12 @@ public struct DenseAttention: AttentionAlgorithm {
     public func forward(_ x: LocalAttention, comm: some Communicator) throws -> AttentionOutput {
         try AlgorithmName.dense.validate(ranks: comm.size, shape: x.shape, options: x.options)
         return SoftmaxAttention.forward(q: x.q, qPositions: x.positions, k: x.k, v: x.v, kPositions: x.positions,
-                                        causal: x.options.causal, scale: x.scale)
+                                        causal: x.options.causal, scale: x.scale, precision: x.options.precision)
     }
 
     public func backward(_ x: LocalAttention, output: AttentionOutput, gradOut: Tensor, comm: some Communicator) throws -> AttentionGradients {
         try AlgorithmName.dense.validate(ranks: comm.size, shape: x.shape, options: x.options)
         return SoftmaxAttention.backward(q: x.q, qPositions: x.positions, k: x.k, v: x.v, kPositions: x.positions,
-                                         output: output, gradOut: gradOut, causal: x.options.causal, scale: x.scale)
+                                         output: output, gradOut: gradOut, causal: x.options.causal, scale: x.scale, precision: x.options.precision)
     }
 }

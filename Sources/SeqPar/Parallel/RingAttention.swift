@@ -56,7 +56,7 @@ public struct RingAttention: AttentionAlgorithm {
             if Self.skips(x, keys: keys) { return }
             let (k, v) = Self.unpack(block, x, tokens: keys.count)
             LSEMerge.merge(into: acc, SoftmaxAttention.forward(q: x.q, qPositions: x.positions, k: k, v: v, kPositions: keys,
-                                                               causal: x.options.causal, scale: x.scale, progress: progress))
+                                                               causal: x.options.causal, scale: x.scale, precision: x.options.precision, progress: progress))
         }
         return acc
     }
@@ -77,7 +77,7 @@ public struct RingAttention: AttentionAlgorithm {
             if grad.ready == nil { sums.fill(0) }
             let (dk, dv) = Self.unpack(sums, x, tokens: keys.count)
             SoftmaxAttention.backward(q: x.q, qPositions: x.positions, k: k, v: v, kPositions: keys, output: output, gradOut: gradOut,
-                                      causal: x.options.causal, scale: x.scale, adding: AttentionGradients(dq: dq, dk: dk, dv: dv),
+                                      causal: x.options.causal, scale: x.scale, precision: x.options.precision, adding: AttentionGradients(dq: dq, dk: dk, dv: dv),
                                       work: work, progress: progress)
             if grad.ready == nil { BLAS.axpy(sums, into: try grad.get()) }
         }

@@ -103,7 +103,7 @@ public struct UlyssesAttention: AttentionAlgorithm {
         let (length, all) = (x.shape.seqLen, Array(0..<x.shape.seqLen))
         let q = Tensor(zeros: local.qShape(tokens: length)), k = Tensor(zeros: local.kvShape(tokens: length)), v = Tensor(zeros: k.shape)
         try Self.exchange([(x.q, split.queryHeads), (x.k, split.kvHeads), (x.v, split.kvHeads)], toHeads: true, outputs: [q, k, v], x: x, comm: comm)
-        let result = SoftmaxAttention.forward(q: q, qPositions: all, k: k, v: v, kPositions: all, causal: x.options.causal, scale: x.scale)
+        let result = SoftmaxAttention.forward(q: q, qPositions: all, k: k, v: v, kPositions: all, causal: x.options.causal, scale: x.scale, precision: x.options.precision)
         let o = Tensor(zeros: x.q.shape), lseRows = Tensor(zeros: [x.shape.batch, x.tokens, x.shape.heads, 1])
         try Self.exchange([(result.o, split.queryHeads), (Self.lseAsRows(result.lse), split.queryHeads)], toHeads: false,
                           outputs: [o, lseRows], x: x, comm: comm)
@@ -121,7 +121,7 @@ public struct UlyssesAttention: AttentionAlgorithm {
                           toHeads: true, outputs: [q, k, v, o, dO, lseRows], x: x, comm: comm)
         let g = SoftmaxAttention.backward(q: q, qPositions: all, k: k, v: v, kPositions: all,
                                           output: AttentionOutput(o: o, lse: Self.lseFromRows(lseRows)), gradOut: dO,
-                                          causal: x.options.causal, scale: x.scale)
+                                          causal: x.options.causal, scale: x.scale, precision: x.options.precision)
         let dq = Tensor(zeros: x.q.shape), dk = Tensor(zeros: x.k.shape), dv = Tensor(zeros: x.v.shape)
         try Self.exchange([(g.dq, split.queryHeads), (g.dk, split.kvHeads), (g.dv, split.kvHeads)], toHeads: false,
                           outputs: [dq, dk, dv], add: true, x: x, comm: comm)

@@ -1,0 +1,227 @@
+// The blockwise softmax-attention kernel in bf16, FlashAttention's mixed precision: the same tiles, visible counts and
+// online softmax as the fp32 kernel (SoftmaxAttention.swift), with every product on oneDNN's bf16 matmul.
+//
+// bf16: Q, K, V, dO as the products read them (each head converted once per call into contiguous bf16 scratch; a bf16
+// run's tensors already hold bf16 values, so this conversion is exact there), P (rounded after the fp32 exponentials,
+// for P V and P^T dO) and dS (for dS K and dS^T Q). fp32: the scores S and dP, the running max and sum, lse, the
+// softmax gradient, and every accumulator (O across key tiles, dQ, dK, dV), which the products add into directly.
+// The kernel leaves its fp32 results as they are: whoever holds the final O, dQ, dK, dV rounds them (a ring merges
+// partial outputs in fp32 first; see AttentionRun).
+// The softmax pass is fused per row: max, the scaled exponentials, their fp32 sum and the bf16 store of P in one sweep
+// of the score row, which stays in cache between the product that wrote it and the product that reads P.
+
+extension SoftmaxAttention {
+    /// bf16 scratch for one call: converted heads and the P (or dS) tile.
+    final class BF16Scratch {
+        let q = BF16Buffer(), k = BF16Buffer(), v = BF16Buffer(), gradOut = BF16Buffer()
+        let p = BF16Buffer(capacity: tileRows * tileCols), ds = BF16Buffer(capacity: tileRows * tileCols)
+        let scores = UnsafeMutablePointer<Float>.allocate(capacity: tileRows * tileCols)
+        let dp = UnsafeMutablePointer<Float>.allocate(capacity: tileRows * tileCols)
+        var rowMax = [Float](repeating: 0, count: maxTileRows), rowSum = [Float](repeating: 0, count: maxTileRows)
+        let dnn: OneDNN.Context
+        /// The kv head whose K and V the buffers hold (GQA: consecutive query heads share it).
+        var kvHead: (batch: Int, head: Int)? = nil
+
+        init() {
+            guard let c = try? OneDNN.context() else {
+                preconditionFailure("a bf16 kernel ran without oneDNN: call OneDNN.require() before bf16 work (it throws the error that says what to install)")
+            }
+            dnn = c
+        }
+        deinit { scores.deallocate(); dp.deallocate() }
+
+        /// K and V of kv head (b, g) in bf16 (converted on a change of head only).
+        func kv(_ k: Tensor, _ v: Tensor, batch b: Int, head g: Int) -> (k: BF16Matrix, v: BF16Matrix) {
+            let (kh, vh) = (k.head(batch: b, g), v.head(batch: b, g))
+            let kb = BF16Matrix(base: self.k.reserve(kh.rows * kh.cols), rows: kh.rows, cols: kh.cols)
+            let vb = BF16Matrix(base: self.v.reserve(vh.rows * vh.cols), rows: vh.rows, cols: vh.cols)
+            if kvHead.map({ $0 != (b, g) }) ?? true {
+                _ = BF16.convert(kh, into: kb.base)
+                _ = BF16.convert(vh, into: vb.base)
+                kvHead = (b, g)
+            }
+            return (kb, vb)
+        }
+    }
+
+    static func forwardBF16(q: Tensor, k: Tensor, v: Tensor, visible: [Int], scale: Float, into out: AttentionOutput,
+                            progress: () -> Void) {
+        let (batch, cq, heads) = (q.shape[0], q.shape[1], q.shape[2])
+        let group = heads / k.shape[2]
+        let scratch = BF16Scratch()
+        for b in 0..<batch {
+            for h in 0..<heads {
+                let qh = q.head(batch: b, h)
+                let qb = BF16.convert(qh, into: scratch.q.reserve(qh.rows * qh.cols))
+                let (kb, vb) = scratch.kv(k, v, batch: b, head: h / group)
+                forwardBF16(q: qb, k: kb, v: vb, visible: visible, scale: scale, into: out.o.head(batch: b, h),
+                            lse: out.lse.pointer + (b * heads + h) * cq, scratch: scratch, progress: progress)
+            }
+        }
+    }
+
+    /// One head, bf16 operands (contiguous), fp32 `o` (zeroed by the caller) and lse: the fp32 kernel's tiles.
+    static func forwardBF16(q qh: BF16Matrix, k kg: BF16Matrix, v vg: BF16Matrix, visible: [Int], scale: Float, into oh: Matrix,
+                            lse lseRow: UnsafeMutablePointer<Float>, scratch: BF16Scratch, progress: () -> Void) {
+        let (cq, dv) = (qh.rows, vg.cols)
+        let scores = scratch.scores
+        let p = scratch.p.base
+        var i0 = 0
+        while i0 < cq {
+            let (i1, reach) = queryTile(from: i0, visible: visible)
+            let rows = i1 - i0
+            defer { i0 = i1 }
+            for i in 0..<rows { scratch.rowMax[i] = -.infinity; scratch.rowSum[i] = 0 }
+            for j0 in stride(from: 0, to: reach, by: tileCols) {
+                let j1 = min(j0 + tileCols, reach), width = j1 - j0
+                let s = Matrix(base: scores, rows: rows, cols: width)
+                scratch.dnn.gemm(qh.rows(i0..<i1), kg.rows(j0..<j1), transposeB: true, into: s)
+                for i in 0..<rows {
+                    let row = scores + i * width, prow = p + i * width
+                    let valid = min(max(visible[i0 + i] - j0, 0), width)
+                    if valid == 0 { prow.update(repeating: 0, count: width); continue }
+                    // Scores are unscaled here: the scale (positive) goes into the exponent, max(scale s) = scale max(s).
+                    let newMax = max(scratch.rowMax[i], scale * VectorMath.max(row, valid))
+                    let sum = VectorMath.expToBF16(row, valid, scale: scale, subtract: newMax, into: prow)
+                    if valid < width { (prow + valid).update(repeating: 0, count: width - valid) }
+                    if scratch.rowMax[i] != -.infinity && scratch.rowMax[i] != newMax {
+                        let alpha = VectorMath.exp(scratch.rowMax[i] - newMax)
+                        VectorMath.scale(oh.base + (i0 + i) * oh.ld, dv, by: alpha)
+                        scratch.rowSum[i] *= alpha
+                    }
+                    scratch.rowSum[i] += sum
+                    scratch.rowMax[i] = newMax
+                }
+                scratch.dnn.gemm(BF16Matrix(base: p, rows: rows, cols: width), vg.rows(j0..<j1), into: oh.rows(i0..<i1), accumulate: true)
+            }
+            for i in 0..<rows {
+                if scratch.rowSum[i] == 0 { lseRow[i0 + i] = -.infinity; continue }
+                VectorMath.scale(oh.base + (i0 + i) * oh.ld, dv, by: 1 / scratch.rowSum[i])
+                lseRow[i0 + i] = scratch.rowMax[i] + Float(log(Double(scratch.rowSum[i])))
+            }
+            progress()
+        }
+    }
+
+    /// The bf16 backward of `backward(..., adding:)`: same tiles and work shares, fp32 accumulators added into.
+    static func backwardBF16(q: Tensor, k: Tensor, v: Tensor, visible: [Int], output: AttentionOutput, gradOut dO: Tensor,
+                             scale: Float, adding grads: AttentionGradients, work: Range<Double>, progress: () -> Void) {
+        let (batch, cq, heads, dim) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3])
+        let group = heads / k.shape[2]
+        let scratch = BF16Scratch()
+        var rowDot = [Float](repeating: 0, count: tileRows)
+        let tiles = stride(from: 0, to: cq, by: tileRows).map { i0 in (rows: min(tileRows, cq - i0), reach: visible[i0..<min(i0 + tileRows, cq)].max()!) }
+        let perHead = tiles.reduce(0.0) { $0 + Double($1.rows * $1.reach) }
+        let total = perHead * Double(batch * heads)
+        let (p, ds) = (scratch.p.base, scratch.ds.base)
+        for b in 0..<batch {
+            for h in 0..<heads {
+                var done = perHead * Double(b * heads + h)
+                // Skip heads with no work in this share before converting anything.
+                let headWork = done / total..<(done + perHead) / total
+                if headWork.upperBound <= work.lowerBound || headWork.lowerBound >= work.upperBound { continue }
+                let g = h / group
+                let (qh, oh, doh) = (q.head(batch: b, h), output.o.head(batch: b, h), dO.head(batch: b, h))
+                let qb = BF16.convert(qh, into: scratch.q.reserve(qh.rows * qh.cols))
+                let dob = BF16.convert(doh, into: scratch.gradOut.reserve(doh.rows * doh.cols))
+                let (kb, vb) = scratch.kv(k, v, batch: b, head: g)
+                let (dqh, dkg, dvg) = (grads.dq.head(batch: b, h), grads.dk.head(batch: b, g), grads.dv.head(batch: b, g))
+                let lseRow = output.lse.pointer + (b * heads + h) * cq
+                for (t, tile) in tiles.enumerated() {
+                    let (i0, rows, reach) = (t * tileRows, tile.rows, tile.reach)
+                    let i1 = i0 + rows, cost = Double(rows * reach)
+                    defer { done += cost }
+                    if reach == 0 || !work.contains((done + cost / 2) / total) { continue }
+                    for i in i0..<i1 { rowDot[i - i0] = VectorMath.dot(doh.base + i * doh.ld, oh.base + i * oh.ld, dim) }
+                    for j0 in stride(from: 0, to: reach, by: tileCols) {
+                        let j1 = min(j0 + tileCols, reach), width = j1 - j0
+                        let sm = Matrix(base: scratch.scores, rows: rows, cols: width), dpm = Matrix(base: scratch.dp, rows: rows, cols: width)
+                        scratch.dnn.gemm(qb.rows(i0..<i1), kb.rows(j0..<j1), transposeB: true, into: sm)
+                        scratch.dnn.gemm(dob.rows(i0..<i1), vb.rows(j0..<j1), transposeB: true, into: dpm)
+                        for i in 0..<rows {
+                            let valid = min(max(visible[i0 + i] - j0, 0), width)
+                            VectorMath.softmaxGradientBF16(scores: scratch.scores + i * width, gradient: scratch.dp + i * width, width, valid: valid,
+                                                           scale: scale, lse: lseRow[i0 + i], rowDot: rowDot[i],
+                                                           probabilities: p + i * width, scaledGradient: ds + i * width)
+                        }
+                        let pm = BF16Matrix(base: p, rows: rows, cols: width), dsm = BF16Matrix(base: ds, rows: rows, cols: width)
+                        // ds holds scale * P * (dP - rowDot), rounded: dQ += dS K, dK += dS^T Q, dV += P^T dO.
+                        scratch.dnn.gemm(dsm, kb.rows(j0..<j1), into: dqh.rows(i0..<i1), accumulate: true)
+                        scratch.dnn.gemm(dsm, transposeA: true, qb.rows(i0..<i1), into: dkg.rows(j0..<j1), accumulate: true)
+                        scratch.dnn.gemm(pm, transposeA: true, dob.rows(i0..<i1), into: dvg.rows(j0..<j1), accumulate: true)
+                    }
+                    progress()
+                }
+            }
+        }
+    }
+}
+
+extension VectorMath {
+    /// `dst[j] = bf16(exp(a * p[j] - b))` for j < n; returns the sum of the fp32 exponentials (before rounding, as
+    /// FlashAttention sums them). `p` is read only.
+    @inline(__always)
+    public static func expToBF16(_ p: UnsafePointer<Float>, _ n: Int, scale a: Float, subtract b: Float,
+                                 into dst: UnsafeMutablePointer<UInt16>) -> Float {
+        KernelProfile.countExp(n)
+        var acc = V(repeating: 0)
+        var i = 0
+        let va = V(repeating: a), vb = V(repeating: b)
+        while i + 16 <= n {
+            let e = exp(UnsafeRawPointer(p + i).loadUnaligned(as: V.self) * va - vb)
+            UnsafeMutableRawPointer(dst + i).storeBytes(of: BF16.round(bits: unsafeBitCast(e, to: SIMD16<UInt32>.self)), as: SIMD16<UInt16>.self)
+            acc += e
+            i += 16
+        }
+        if i < n {
+            var tail = V(repeating: -.infinity)
+            for j in 0..<(n - i) { tail[j] = p[i + j] * a - b }
+            let e = exp(tail)
+            let r = BF16.round(bits: unsafeBitCast(e, to: SIMD16<UInt32>.self))
+            for j in 0..<(n - i) { dst[i + j] = r[j] }
+            acc += e
+        }
+        return acc.sum()
+    }
+
+    /// One row of the bf16 backward: P = exp(scale s - lse) on the first `valid` of `n` scores (0 beyond), stored as
+    /// bf16; dS = scale * P * (dP - rowDot) in fp32, stored as bf16 (the scale folded in, so dS K needs none).
+    @inline(__always)
+    static func softmaxGradientBF16(scores s: UnsafePointer<Float>, gradient g: UnsafePointer<Float>, _ n: Int, valid: Int,
+                                    scale: Float, lse: Float, rowDot: Float,
+                                    probabilities pOut: UnsafeMutablePointer<UInt16>, scaledGradient dsOut: UnsafeMutablePointer<UInt16>) {
+        if valid > 0 { KernelProfile.countExp(valid) }
+        let (va, vl, vd, vs) = (V(repeating: scale), V(repeating: lse), V(repeating: rowDot), V(repeating: scale))
+        var i = 0
+        while i < n {
+            let lanes = min(16, n - i)
+            var sv = V(repeating: -.infinity), gv = V(repeating: 0)
+            if lanes == 16 {
+                sv = UnsafeRawPointer(s + i).loadUnaligned(as: V.self)
+                gv = UnsafeRawPointer(g + i).loadUnaligned(as: V.self)
+            } else {
+                for j in 0..<lanes { sv[j] = s[i + j]; gv[j] = g[i + j] }
+            }
+            // Lanes at or past `valid` are masked: their exponential is exactly 0.
+            let index = SIMD16<Int32>(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15) &+ Int32(i)
+            let x = (sv * va - vl).replacing(with: -.infinity, where: index .>= Int32(valid))
+            let pv = exp(x)
+            let dsv = pv * (gv - vd) * vs
+            let pb = BF16.round(bits: unsafeBitCast(pv, to: SIMD16<UInt32>.self))
+            let db = BF16.round(bits: unsafeBitCast(dsv, to: SIMD16<UInt32>.self))
+            if lanes == 16 {
+                UnsafeMutableRawPointer(pOut + i).storeBytes(of: pb, as: SIMD16<UInt16>.self)
+                UnsafeMutableRawPointer(dsOut + i).storeBytes(of: db, as: SIMD16<UInt16>.self)
+            } else {
+                for j in 0..<lanes { pOut[i + j] = pb[j]; dsOut[i + j] = db[j] }
+            }
+            i += 16
+        }
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif

@@ -1,0 +1,157 @@
+// bf16: the precision of the matrix units (AMX, AVX512-BF16), and the choice between it and fp32.
+//
+// A bf16 value is the upper 16 bits of an fp32 one: the same 8-bit exponent (range), 8 significant bits instead of 24.
+// fp32 -> bf16 rounds to nearest, ties to even, on the bit pattern: add 0x7FFF plus the lowest kept bit, keep the upper
+// half. That carries into the exponent where it should (the largest floats round to infinity, as IEEE says), leaves
+// infinities as they are, and would turn a NaN whose payload sits in the low half into infinity: NaNs are therefore
+// kept apart and made quiet NaNs. bf16 -> fp32 is exact (a shift).
+// The conversions run sixteen lanes at a time on integer SIMD (no conversion instruction is needed, so any x86-64
+// compiles them); they cost a few operations per element against the O(D) multiply-adds that follow each one.
+
+/// The precision a run computes in: fp32 is the reference path (OpenBLAS), bf16 the fast one (oneDNN on the matrix
+/// units), with FlashAttention's rule for what stays fp32 (see DESIGN.md §9 and the README).
+public enum Precision: String, CaseIterable, Sendable, Codable {
+    case fp32, bf16
+
+    /// Bytes of one operand element as stored and sent.
+    public var operandBytes: Int { self == .bf16 ? 2 : 4 }
+}
+
+/// A strided row-major bf16 matrix view: `rows x cols`, row i starts at `base + i * ld` (the bf16 twin of `Matrix`).
+public struct BF16Matrix: @unchecked Sendable {
+    public var base: UnsafeMutablePointer<UInt16>
+    public var rows: Int
+    public var cols: Int
+    public var ld: Int
+
+    public init(base: UnsafeMutablePointer<UInt16>, rows: Int, cols: Int, ld: Int? = nil) {
+        self.base = base
+        self.rows = rows
+        self.cols = cols
+        self.ld = ld ?? cols
+        precondition(self.ld >= cols, "leading dimension \(self.ld) < cols \(cols)")
+    }
+
+    public func rows(_ range: Range<Int>) -> BF16Matrix {
+        precondition(range.lowerBound >= 0 && range.upperBound <= rows)
+        return BF16Matrix(base: base + range.lowerBound * ld, rows: range.count, cols: cols, ld: ld)
+    }
+
+    public func cols(_ range: Range<Int>) -> BF16Matrix {
+        precondition(range.lowerBound >= 0 && range.upperBound <= cols)
+        return BF16Matrix(base: base + range.lowerBound, rows: rows, cols: range.count, ld: ld)
+    }
+}
+
+/// A 64-byte aligned bf16 buffer that grows on demand: the scratch a kernel converts its operands into.
+public final class BF16Buffer: @unchecked Sendable {
+    public private(set) var base: UnsafeMutablePointer<UInt16>
+    public private(set) var capacity: Int
+
+    public init(capacity: Int = 0) {
+        self.capacity = max(capacity, 32)
+        base = UnsafeMutableRawPointer.allocate(byteCount: self.capacity * 2, alignment: 64).bindMemory(to: UInt16.self, capacity: self.capacity)
+    }
+
+    /// The buffer, at least `count` elements long (contents are lost when it grows).
+    public func reserve(_ count: Int) -> UnsafeMutablePointer<UInt16> {
+        if count > capacity {
+            UnsafeMutableRawPointer(base).deallocate()
+            capacity = count
+            base = UnsafeMutableRawPointer.allocate(byteCount: count * 2, alignment: 64).bindMemory(to: UInt16.self, capacity: count)
+        }
+        return base
+    }
+
+    deinit { UnsafeMutableRawPointer(base).deallocate() }
+}
+
+public enum BF16 {
+    typealias U = SIMD16<UInt32>
+
+    /// Sixteen fp32 bit patterns rounded to bf16 (nearest, ties to even; NaN stays a quiet NaN, infinities stay).
+    @inline(__always)
+    static func round(bits x: U) -> SIMD16<UInt16> {
+        let lsb = (x &>> 16) & 1
+        let rounded = (x &+ 0x7FFF &+ lsb) &>> 16
+        let nan = (x & 0x7FFF_FFFF) .> 0x7F80_0000
+        return SIMD16<UInt16>(truncatingIfNeeded: rounded.replacing(with: (x &>> 16) | 0x40, where: nan))
+    }
+
+    /// One value rounded to bf16.
+    @inline(__always)
+    public static func bits(_ x: Float) -> UInt16 { round(bits: U(repeating: x.bitPattern))[0] }
+
+    /// The fp32 value of bf16 bits (exact).
+    @inline(__always)
+    public static func float(_ b: UInt16) -> Float { Float(bitPattern: UInt32(b) << 16) }
+
+    /// `x` rounded to the nearest bf16 value, as fp32.
+    @inline(__always)
+    public static func rounded(_ x: Float) -> Float { float(bits(x)) }
+
+    /// dst[i] = bf16(src[i]) for i < n.
+    @inline(__always)
+    public static func convert(_ src: UnsafePointer<Float>, to dst: UnsafeMutablePointer<UInt16>, _ n: Int) {
+        var i = 0
+        while i + 16 <= n {
+            let v = UnsafeRawPointer(src + i).loadUnaligned(as: U.self)
+            UnsafeMutableRawPointer(dst + i).storeBytes(of: round(bits: v), as: SIMD16<UInt16>.self)
+            i += 16
+        }
+        while i < n { dst[i] = bits(src[i]); i += 1 }
+    }
+
+    /// dst[i] = float(src[i]) for i < n.
+    @inline(__always)
+    public static func convert(_ src: UnsafePointer<UInt16>, to dst: UnsafeMutablePointer<Float>, _ n: Int) {
+        var i = 0
+        while i + 16 <= n {
+            let v = SIMD16<UInt32>(truncatingIfNeeded: UnsafeRawPointer(src + i).loadUnaligned(as: SIMD16<UInt16>.self))
+            UnsafeMutableRawPointer(dst + i).storeBytes(of: v &<< 16, as: U.self)
+            i += 16
+        }
+        while i < n { dst[i] = float(src[i]); i += 1 }
+    }
+
+    /// Rounds `p[0..<n]` to bf16 values in place (they stay fp32 in memory).
+    public static func roundInPlace(_ p: UnsafeMutablePointer<Float>, _ n: Int) {
+        var i = 0
+        while i + 16 <= n {
+            let raw = UnsafeMutableRawPointer(p + i)
+            let b = SIMD16<UInt32>(truncatingIfNeeded: round(bits: raw.loadUnaligned(as: U.self)))
+            raw.storeBytes(of: b &<< 16, as: U.self)
+            i += 16
+        }
+        while i < n { p[i] = rounded(p[i]); i += 1 }
+    }
+
+    /// A matrix converted row by row into `dst` (contiguous, ld = cols).
+    public static func convert(_ m: Matrix, into dst: UnsafeMutablePointer<UInt16>) -> BF16Matrix {
+        for i in 0..<m.rows { convert(m.base + i * m.ld, to: dst + i * m.cols, m.cols) }
+        return BF16Matrix(base: dst, rows: m.rows, cols: m.cols)
+    }
+
+    /// The transpose of a matrix, converted into `dst` (cols x rows, contiguous), in 16 x 16 blocks.
+    public static func convertTransposed(_ m: Matrix, into dst: UnsafeMutablePointer<UInt16>) -> BF16Matrix {
+        let (r, c) = (m.rows, m.cols)
+        for i0 in stride(from: 0, to: r, by: 16) {
+            for j0 in stride(from: 0, to: c, by: 16) {
+                for i in i0..<min(i0 + 16, r) {
+                    let row = m.base + i * m.ld
+                    for j in j0..<min(j0 + 16, c) { dst[j * r + i] = bits(row[j]) }
+                }
+            }
+        }
+        return BF16Matrix(base: dst, rows: c, cols: r)
+    }
+}
+
+extension Tensor {
+    /// Rounds every element to its nearest bf16 value, in place: a bf16 run's inputs, and its outputs where
+    /// FlashAttention stores them in bf16.
+    public func roundToBF16() { BF16.roundInPlace(pointer, count) }
+
+    /// This tensor's values as bf16 bits (`count` of them), into `dst`.
+    public func convertToBF16(_ dst: UnsafeMutablePointer<UInt16>) { BF16.convert(pointer, to: dst, count) }
+}

@@ -1,0 +1,82 @@
+// bf16: conversions, and the blockwise kernel in bf16 against the Double oracle under FlashAttention's rule (error at
+// most 2x that of a plain bf16 implementation, plus 1e-4; PlainBF16Attention), on bf16-rounded inputs.
+import Testing
+@testable import SeqPar
+
+@Suite struct BF16ConversionTests {
+    @Test func roundsToNearestEvenAndKeepsSpecialValues() {
+        // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties go to the even significand (1).
+        #expect(BF16.rounded(1 + 0x1p-8) == 1)
+        // 1 + 3 * 2^-8 lies halfway between 1 + 2^-7 and 1 + 2^-6: even is 1 + 2^-6.
+        #expect(BF16.rounded(1 + 3 * 0x1p-8) == 1 + 0x1p-6)
+        #expect(BF16.rounded(1 + 0x1p-8 + 0x1p-20) == 1 + 0x1p-7)  // above the tie: up
+        #expect(BF16.rounded(-2.5) == -2.5)
+        #expect(BF16.rounded(.infinity) == .infinity && BF16.rounded(-.infinity) == -.infinity)
+        #expect(BF16.rounded(.greatestFiniteMagnitude) == .infinity)  // rounds past the largest bf16
+        #expect(BF16.rounded(.nan).isNaN)
+        // A NaN whose payload sits only in the low 16 bits must not become infinity.
+        #expect(BF16.rounded(Float(bitPattern: 0x7F80_0001)).isNaN)
+        #expect(BF16.rounded(Float(bitPattern: 0xFF80_0001)).isNaN)
+        #expect(BF16.rounded(0x1p-130) == 0x1p-130)  // subnormal with few bits: exact
+    }
+
+    /// The vectorised paths (16 lanes and the tail) agree with the scalar rounding, both directions.
+    @Test func vectorAndScalarAgree() {
+        let n = 16 * 5 + 7
+        var rng = SystemRandomNumberGenerator()
+        var values = (0..<n).map { _ in Float.random(in: -1000...1000, using: &rng) }
+        values[3] = .nan; values[20] = .infinity; values[41] = -0.0; values[n - 1] = Float(bitPattern: 0x7F80_0001)
+        let t = Tensor(shape: [n], values: values)
+        var bits = [UInt16](repeating: 0, count: n)
+        bits.withUnsafeMutableBufferPointer { t.convertToBF16($0.baseAddress!) }
+        let back = [Float](unsafeUninitializedCapacity: n) { p, c in
+            bits.withUnsafeBufferPointer { BF16.convert($0.baseAddress!, to: p.baseAddress!, n) }; c = n
+        }
+        t.roundToBF16()
+        for i in 0..<n {
+            let expected = BF16.rounded(values[i])
+            #expect(bits[i] == BF16.bits(values[i]) || (expected.isNaN && back[i].isNaN), "element \(i)")
+            #expect(back[i].bitPattern == t[i].bitPattern || (back[i].isNaN && t[i].isNaN), "element \(i)")
+            #expect(back[i] == expected || (expected.isNaN && back[i].isNaN), "element \(i): \(back[i]) vs \(expected)")
+        }
+    }
+}
+
+/// Errors of a bf16 result and of the plain bf16 reference against the Double oracle on the same (rounded) inputs.
+struct BF16Verdict: CustomStringConvertible {
+    var name: String, error: Double, referenceError: Double
+    var passes: Bool { error <= PlainBF16Attention.bound(referenceError: referenceError) }
+    var description: String { "\(name): bf16 error \(error), plain bf16 reference \(referenceError)" }
+}
+
+@Suite(.enabled(if: OneDNN.isAvailable, "oneDNN (libdnnl) is not installed")) struct BF16KernelTests {
+    /// Several query and key tiles, GQA, causal and not, a ragged last tile: o, lse and every gradient under the rule.
+    @Test(arguments: [false, true]) func blockwiseKernelMeetsTheBF16Rule(causal: Bool) throws {
+        try OneDNN.require()
+        let s = AttentionShape(seqLen: SoftmaxAttention.tileCols + 77, heads: 2, kvHeads: 1, headDim: 16)
+        let all = Array(0..<s.seqLen)
+        let x = SeededInputs.attention(shape: s, options: AttentionOptions(), positions: all, seed: 3)
+        let dO = SeededInputs.gradOut(shape: s, positions: all, seed: 3)
+        for t in [x.q, x.k, x.v, dO] { t.roundToBF16() }
+        let scale: Float = 0.2
+        let out = SoftmaxAttention.forward(q: x.q, qPositions: all, k: x.k, v: x.v, kPositions: all, causal: causal, scale: scale, precision: .bf16)
+        out.o.roundToBF16()
+        let grads = SoftmaxAttention.backward(q: x.q, qPositions: all, k: x.k, v: x.v, kPositions: all, output: out, gradOut: dO,
+                                              causal: causal, scale: scale, precision: .bf16)
+        let ref = DenseOracle.forward(q: x.q, k: x.k, v: x.v, causal: causal, scale: Double(scale))
+        let refG = DenseOracle.backward(q: x.q, k: x.k, v: x.v, gradOut: dO, causal: causal, scale: Double(scale))
+        let plainO = PlainBF16Attention.forward(q: x.q, k: x.k, v: x.v, causal: causal, scale: scale)
+        let plainG = PlainBF16Attention.backward(q: x.q, k: x.k, v: x.v, gradOut: dO, causal: causal, scale: scale)
+        func error(_ a: [Double], _ e: [Double]) -> Double { relativeError(Tensor(shape: [a.count], values: a.map(Float.init)), e) }
+        var lseWorst = 0.0
+        for i in 0..<ref.lse.count { lseWorst = max(lseWorst, abs(Double(out.lse.pointer[i]) - ref.lse[i]) / max(1, abs(ref.lse[i]))) }
+        #expect(lseWorst < 1e-2, "lse \(lseWorst)")
+        for v in [BF16Verdict(name: "o", error: relativeError(out.o, ref.o), referenceError: error(plainO, ref.o)),
+                  BF16Verdict(name: "dq", error: relativeError(grads.dq, refG.dq), referenceError: error(plainG.dq, refG.dq)),
+                  BF16Verdict(name: "dk", error: relativeError(grads.dk, refG.dk), referenceError: error(plainG.dk, refG.dk)),
+                  BF16Verdict(name: "dv", error: relativeError(grads.dv, refG.dv), referenceError: error(plainG.dv, refG.dv))] {
+            #expect(v.passes, "\(v)")
+            #expect(v.referenceError > 1e-4, "the plain reference must itself be a bf16 computation: \(v)")
+        }
+    }
+}
