@@ -35,6 +35,8 @@ struct Attention: ParsableCommand {
     @Option(help: "Linear attention: feature map on q and k: identity or elu1 (elu(x)+1).") var featureMap: FeatureMap?
     @Option(help: "How the sequence is split over ranks: contiguous or zigzag.") var layout: SequenceLayout = .contiguous
     @Option(help: "Softmax scale (default 1/sqrt(head_dim)).") var scale: Float?
+    @Option(help: "Precision: fp32 (the reference, OpenBLAS) or bf16 (oneDNN on the matrix units; statistics and accumulators stay fp32).")
+    var precision: Precision = .fp32
 
     @Flag(help: "Also compute dq, dk, dv.") var backward = false
     @Option(help: "Output gradient dO (.npy, shaped like q); default: generated from --seed.") var gradOut: String?
@@ -163,6 +165,7 @@ struct Attention: ParsableCommand {
             shape: AttentionShape(batch: batch ?? 1, seqLen: seqLen ?? 1024, heads: h, kvHeads: kvHeads ?? h, headDim: headDim ?? 64),
             options: AttentionOptions(causal: linear ? !bidirectional : causal, layout: layout, scale: scale,
                                       decay: try decayValues(), featureMap: featureMap ?? .identity))
+        c.options.precision = precision
         c.seed = seed
         c.inputScale = inputScale
         (c.qPath, c.kPath, c.vPath, c.gradOutPath) = (q, k, v, gradOut)
@@ -178,6 +181,7 @@ struct Attention: ParsableCommand {
         var c = HybridRunConfig(layers: layers ?? "", shape: AttentionShape(batch: batch ?? 1, seqLen: seqLen ?? 1024, heads: h, kvHeads: kvHeads ?? h, headDim: headDim ?? 64))
         c.decay = try decayValues()
         c.featureMap = featureMap ?? .identity
+        c.precision = precision
         c.seed = seed
         c.backward = backward
         c.check = check
@@ -190,6 +194,7 @@ struct Attention: ParsableCommand {
         var c = LatentRunConfig(algorithm: a, shape: LatentShape(seqLen: seqLen ?? 1024, queries: queries ?? 1, heads: heads ?? 8,
                                                                  latentDim: latentDim ?? 512, ropeDim: ropeDim ?? 64, vDim: vDim ?? 128))
         c.transform = transform ?? .none
+        c.precision = precision
         c.scale = scale
         c.seed = seed
         c.outlierChannels = outlierChannels ?? 0

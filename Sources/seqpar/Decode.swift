@@ -19,6 +19,8 @@ struct DecodeCommand: ParsableCommand {
     @Option(help: "Per-head value dimension d_v (at most d_n + d_r).") var vDim = 128
     @Option(help: "Latent transform before slicing: none, hadamard or pca.") var transform: LatentTransform = .none
     @Option(help: "Prefill layout: contiguous or zigzag.") var layout: SequenceLayout = .zigzag
+    @Option(help: "Precision: fp32 (the reference, OpenBLAS) or bf16 (oneDNN on the matrix units; statistics and accumulators stay fp32).")
+    var precision: Precision = .fp32
     @Option(help: "Seed of the weights and tokens.") var seed: UInt64 = 0
     @Option(help: ArgumentHelp("Read the weights from DIR/W_DKV.npy (d, d_c), W_KR.npy (d, d_r), W_Q.npy (d, H*(d_n+d_r)), W_UK.npy (H, d_c, d_n), W_UV.npy (H, d_c, d_v), W_O.npy (H*d_v, d); the sizes come from them.", valueName: "DIR"))
     var weights: String?
@@ -38,6 +40,7 @@ struct DecodeCommand: ParsableCommand {
         (c.algorithm, c.promptLength, c.steps, c.modelDim, c.heads) = (algorithm, promptLen, steps, modelDim, heads)
         (c.latentDim, c.ropeDim, c.nopeDim, c.vDim, c.transform, c.layout, c.seed, c.check) = (latentDim, ropeDim, nopeDim, vDim, transform, layout, seed, check)
         c.weightsDirectory = weights
+        c.precision = precision
         let config = c
         let json = self.json
         let report = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout) { comm, backend in

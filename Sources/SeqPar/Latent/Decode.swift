@@ -26,6 +26,8 @@ public struct DecodeConfig: Codable, Sendable, Equatable {
     public var nopeDim = 128
     public var vDim = 128
     public var transform: LatentTransform = .none
+    /// fp32 or bf16 (prefill in bf16, the latent cache stored and read in bf16).
+    public var precision: Precision = .fp32
     public var layout: SequenceLayout = .zigzag
     public var seed: UInt64 = 0
     public var check = false

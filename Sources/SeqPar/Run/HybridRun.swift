@@ -8,6 +8,8 @@ public struct HybridRunConfig: Codable, Sendable, Equatable {
     public var shape: AttentionShape
     public var decay: [Double] = [1]
     public var featureMap: FeatureMap = .identity
+    /// fp32 or bf16 (FlashAttention's rule; see Precision).
+    public var precision: Precision = .fp32
     public var seed: UInt64 = 0
     public var backward = false
     public var check = false

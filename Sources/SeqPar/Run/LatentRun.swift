@@ -9,6 +9,8 @@ public struct LatentRunConfig: Codable, Sendable, Equatable {
     public var algorithm: LatentAlgorithm
     public var shape: LatentShape
     public var transform: LatentTransform = .none
+    /// fp32 or bf16 (the latent cache and queries in bf16; scores, softmax and partial outputs in fp32).
+    public var precision: Precision = .fp32
     /// nil: 1 / sqrt(d_c + d_r).
     public var scale: Float?
     public var seed: UInt64 = 0
