@@ -65,6 +65,8 @@ struct KernelBenchCommand: ParsableCommand {
     @Option(help: "Untimed runs before timing.") var warmup = 1
     @Option(help: "BLAS threads for the kernel and the sgemm baseline.") var threads = 1
     @Option(help: "Side of the square sgemm baseline.") var sgemmSize = 2048
+    @Option(parsing: .upToNextOption, help: "Precisions: fp32 (baseline OpenBLAS sgemm), bf16 (baseline oneDNN's bf16 matmul), or both.")
+    var precision: [Precision] = [.fp32]
     @Flag(help: "Forward only.") var forwardOnly = false
     @Flag(help: "One JSON object per figure instead of the table.") var json = false
     @OptionGroup var rankOptions: RankOptions
@@ -78,13 +80,15 @@ struct KernelBenchCommand: ParsableCommand {
         }
         guard warmup >= 0 else { throw ValidationError("--warmup \(warmup): must be 0 or more") }
         guard !kernel.isEmpty else { throw ValidationError("--kernel: name at least one of softmax, linear") }
+        guard !precision.isEmpty else { throw ValidationError("--precision: name fp32, bf16 or both") }
         guard decay > 0, decay <= 1 else { throw ValidationError("--decay \(decay): must be in (0, 1]") }
     }
 
     func run() throws {
         let masks: [Bool] = mask == .both ? [false, true] : [mask == .causal]
-        let figures = kernel.flatMap { k in headDim.flatMap { d in seqLen.flatMap { l in (k == .softmax ? masks : [true]).map { (k, d, l, $0) } } } }
+        let figures = kernel.flatMap { k in headDim.flatMap { d in seqLen.flatMap { l in (k == .softmax ? masks : [true]).flatMap { m in precision.map { (k, d, l, m, $0) } } } } }
         let (heads, threads, sgemmSize, repeats, warmup, decay, backward) = (self.heads, self.threads, sgemmSize, repeats, warmup, decay, !forwardOnly)
+        let bf16 = precision.contains(.bf16)
         let (longest, widest) = (seqLen.max()!, headDim.max()!)
         let out = try Launch.run(ranks: rankOptions.ranks, timeout: max(rankOptions.timeout, 3600)) { comm, backend in
             BLAS.threads = threads
@@ -94,33 +98,39 @@ struct KernelBenchCommand: ParsableCommand {
             if let available = SystemInfo.availableMemory(), need * backend.ranksPerHost > available {
                 failure = SeqParError.outOfMemory("the kernel benchmark needs about \(SystemInfo.bytesText(need)) per rank x \(backend.ranksPerHost) rank(s) and this machine has \(SystemInfo.bytesText(available)) available: lower --seq-len, --heads or --sgemm-size, or run fewer ranks")
             }
+            if failure == nil && bf16 { do { try OneDNN.require() } catch { failure = error } }
             try comm.agree(failure)
             try comm.barrier()
             let sgemm = try comm.allReduce([KernelBench.sgemmGflops(n: sgemmSize, repeats: repeats, warmup: warmup)], op: .min)[0]
+            let matmul = bf16 ? try comm.allReduce([KernelBench.bf16MatmulGflops(n: sgemmSize, repeats: repeats, warmup: warmup)], op: .min)[0] : nil
             let probe = try KernelBench.sgemmProbe(comm: comm)
-            let results = try figures.flatMap { k, d, l, causal in
+            let results = try figures.flatMap { k, d, l, causal, p in
                 try KernelBench.measure(k, shape: AttentionShape(seqLen: l, heads: heads, headDim: d), causal: causal, decay: decay,
-                                        sgemmGflops: sgemm, repeats: repeats, warmup: warmup, backward: backward, comm: comm,
-                                        profileInTurns: backend.name == "in-process")
+                                        sgemmGflops: sgemm, precision: p, bf16MatmulGflops: matmul, repeats: repeats, warmup: warmup,
+                                        backward: backward, comm: comm, profileInTurns: backend.name == "in-process")
             }.map { var r = $0; r.probeSgemmGflops = probe; return r }
-            return (results, backend, sgemm)
+            return (results, backend, sgemm, matmul)
         }
-        guard let (results, backend, sgemm) = out else { return }
+        guard let (results, backend, sgemm, matmul) = out else { return }
         if json { results.forEach { print(Report.json($0)) }; return }
-        let columns = [("kernel", 18), ("direction", 10), ("L", 7), ("H", 4), ("D", 5), ("mask", 14), ("time_s", 10), ("GFLOP/s", 9),
-                       ("rank_min-max", 14), ("sgemm", 8), ("ratio", 7), ("gemm", 6), ("exp", 6), ("other", 6)]
+        let columns = [("kernel", 18), ("prec", 5), ("direction", 10), ("L", 7), ("H", 4), ("D", 5), ("mask", 14), ("time_s", 10), ("GFLOP/s", 9),
+                       ("rank_min-max", 14), ("baseline", 9), ("ratio", 7), ("gemm", 6), ("exp", 6), ("other", 6)]
         (Provenance.header("bench kernel") + [
             "# \(backend.ranks) rank(s) at once, backend \(backend.name), \(threads) BLAS thread(s) each; time: the slowest rank's median of \(repeats) after \(warmup) warm-up",
-            String(format: "# baseline: OpenBLAS sgemm %dx%dx%d: %.1f GFLOP/s (the slowest rank's)", sgemmSize, sgemmSize, sgemmSize, sgemm),
+            String(format: "# baseline fp32: OpenBLAS sgemm %dx%dx%d: %.1f GFLOP/s (the slowest rank's)", sgemmSize, sgemmSize, sgemmSize, sgemm)]
+            + (matmul.map { [String(format: "# baseline bf16: oneDNN %@ bf16 matmul %dx%dx%d (bf16 in, fp32 out), ISA %@: %.1f GFLOP/s (the slowest rank's)%@",
+                                    OneDNN.version ?? "?", sgemmSize, sgemmSize, sgemmSize, OneDNN.isa ?? "?", $0,
+                                    OneDNN.hasBF16Matmul ? "" : "; oneDNN has no bf16 matmul here: emulated on OpenBLAS")] } ?? []) + [
+            "# ratio: GFLOP/s over the baseline of the row's precision",
             "# FLOPs: softmax forward 4*H*L^2*D (half when causal), backward 2.5x; linear (chunk form, blocks of \(LinearAttention.blockRows)) 8*H*L*D^2 + 4*H*L*\(LinearAttention.blockRows)*D, backward 3x",
             "# gemm, exp, other: shares of one profiled run's time (sgemm timed per call; exponentials counted x their cost per element in this run)",
             columns.map { Report.pad($0.0, $0.1) }.joined(),
         ]).forEach { print($0) }
         for r in results {
             let mask = r.decay.map { String(format: "causal λ=%g", $0) } ?? (r.causal ? "causal" : "full")
-            let cells = [r.kernel, r.direction, "\(r.seqLen)", "\(r.heads)", "\(r.headDim)", mask, String(format: "%.4f", r.timeS),
+            let cells = [r.kernel, r.precision.rawValue, r.direction, "\(r.seqLen)", "\(r.heads)", "\(r.headDim)", mask, String(format: "%.4f", r.timeS),
                          String(format: "%.1f", r.gflops), String(format: "%.1f-%.1f", r.rankGflopsMin, r.rankGflopsMax),
-                         String(format: "%.1f", r.sgemmGflops), String(format: "%.2f", r.ratio),
+                         String(format: "%.1f", r.bf16MatmulGflops.flatMap { r.precision == .bf16 ? $0 : nil } ?? r.sgemmGflops), String(format: "%.2f", r.ratio),
                          String(format: "%.0f%%", 100 * r.gemmFraction), String(format: "%.0f%%", 100 * r.expFraction), String(format: "%.0f%%", 100 * r.otherFraction)]
             print(zip(cells, columns).map { Report.pad($0, $1.1) }.joined())
         }

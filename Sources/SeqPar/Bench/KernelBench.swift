@@ -1,5 +1,6 @@
 // Kernel benchmark: the blockwise softmax kernel's forward and backward GFLOP/s on one rank, next to OpenBLAS sgemm
-// measured in the same process with the same threads, so the ratio holds on a noisy shared machine.
+// measured in the same process with the same threads, so the ratio holds on a noisy shared machine. In bf16 the
+// baseline is oneDNN's bf16 matmul (bf16 in, fp32 out) on the same square product: the ceiling of the matrix units.
 //
 // FLOPs: forward 4 B H L^2 D (two products of L x L x D), half when causal; backward 2.5 times the forward (five
 // products instead of two), the FlashAttention convention. The sgemm baseline is a square n x n x n product (2 n^3
@@ -22,7 +23,11 @@ public struct KernelBenchResult: Codable, Sendable {
     public var timeS: Double, timeMinS: Double, timeMaxS: Double
     public var gflops: Double
     public var sgemmGflops: Double
-    /// gflops / sgemm_gflops.
+    /// fp32 or bf16.
+    public var precision: Precision = .fp32
+    /// oneDNN's bf16 matmul GFLOP/s on the same square product (bf16 runs).
+    public var bf16MatmulGflops: Double?
+    /// gflops over the baseline of its precision: sgemm_gflops (fp32) or bf16_matmul_gflops (bf16).
     public var ratio: Double
     public var blasThreads: Int
     public var repeats: Int
@@ -82,6 +87,20 @@ public enum KernelBench {
         return 2 * Double(n) * Double(n) * Double(n) / t.median / 1e9
     }
 
+    /// oneDNN bf16 matmul GFLOP/s on an n x n x n product (bf16 operands, fp32 result): the bf16 kernel's ceiling.
+    public static func bf16MatmulGflops(n: Int = 2048, repeats: Int = 3, warmup: Int = 1) throws -> Double {
+        let dnn = try OneDNN.context()
+        let a = BF16Buffer(capacity: n * n), b = BF16Buffer(capacity: n * n)
+        for (buffer, stream) in [(a, SeededInputs.Stream.q), (b, .k)] {
+            SeededInputs.tensor(stream, seed: 1, batch: 1, length: n, heads: 1, dim: n, positions: Array(0..<n)).convertToBF16(buffer.base)
+        }
+        let c = Tensor(zeros: [n, n])
+        let t = time(repeats: repeats, warmup: warmup) {
+            dnn.gemm(BF16Matrix(base: a.base, rows: n, cols: n), BF16Matrix(base: b.base, rows: n, cols: n), into: Matrix(base: c.pointer, rows: n, cols: n))
+        }
+        return 2 * Double(n) * Double(n) * Double(n) / t.median / 1e9
+    }
+
     /// The machine's speed now: sgemm GFLOP/s on a `probeSize`^3 product, every rank of `comm` at once from a barrier,
     /// the slowest rank's median of three after one warm-up (about 0.1 s). `bench kernel` and `bench attention` both
     /// record it (`probe_sgemm_gflops`): the state of a shared host when a figure was taken. (Scaling the cost model's
@@ -95,15 +114,20 @@ public enum KernelBench {
     /// Forward and backward of `kernel` on one generated (B, L, H, D) problem; softmax uses `causal`, linear is
     /// causal with `decay`.
     /// Every rank of `comm` runs the same measurement at once (starting at a barrier); the figures are the slowest rank's.
+    /// `precision` bf16 rounds the inputs to bf16 and runs the kernel's bf16 path (`bf16MatmulGflops` is then the baseline).
     public static func measure(_ kernel: BenchKernel, shape s: AttentionShape, causal: Bool, decay: Float = 1, sgemmGflops: Double,
+                               precision: Precision = .fp32, bf16MatmulGflops: Double? = nil,
                                repeats: Int, warmup: Int, backward: Bool = true, comm: some Communicator, profileInTurns: Bool = false) throws -> [KernelBenchResult] {
         let family: AlgorithmName.Family = kernel == .softmax ? .softmax : .linear
-        let options = kernel == .softmax ? AttentionOptions(causal: causal) : AttentionOptions(causal: true, decay: [Double(decay)])
+        var options = kernel == .softmax ? AttentionOptions(causal: causal) : AttentionOptions(causal: true, decay: [Double(decay)])
+        options.precision = precision
         let all = Array(0..<s.seqLen)
         let x = SeededInputs.attention(shape: s, options: options, positions: all, seed: 3)
         let dO = SeededInputs.gradOut(shape: s, positions: all, seed: 3)
+        if precision == .bf16 { for t in [x.q, x.k, x.v, dO] { t.roundToBF16() } }
+        let baseline = precision == .bf16 ? (bf16MatmulGflops ?? sgemmGflops) : sgemmGflops
         let flops = AttentionRun.attentionFlops(s, causal: options.causal, family: family)
-        let expCost = KernelProfile.expSecondsPerElement(rowLength: SoftmaxAttention.tileCols)
+        let expCost = KernelProfile.expSecondsPerElement(rowLength: SoftmaxAttention.tileCols, precision: precision)
         let solo = InProcessCluster(size: 1).makeCommunicators()[0]
         let implementation = (kernel == .softmax ? AlgorithmName.dense : AlgorithmName.lasp2).implementation
 
@@ -131,7 +155,8 @@ public enum KernelBench {
             let expShare = min(shares[0], 1 - gemmShare)
             return KernelBenchResult(kernel: kernel.name, direction: direction, ranks: comm.size, batch: s.batch, seqLen: s.seqLen, heads: s.heads,
                                      kvHeads: s.kvHeads, headDim: s.headDim, causal: options.causal, timeS: t.median, timeMinS: t.min, timeMaxS: t.max,
-                                     gflops: f / t.median / 1e9, sgemmGflops: sgemmGflops, ratio: f / t.median / 1e9 / sgemmGflops,
+                                     gflops: f / t.median / 1e9, sgemmGflops: sgemmGflops, precision: precision,
+                                     bf16MatmulGflops: bf16MatmulGflops, ratio: f / t.median / 1e9 / baseline,
                                      blasThreads: BLAS.threads, repeats: repeats, gemmFraction: gemmShare, expFraction: expShare,
                                      otherFraction: 1 - gemmShare - expShare, decay: kernel == .linear ? decay : nil,
                                      rankGflopsMin: f / rankMedians.max()! / 1e9, rankGflopsMax: f / rankMedians.min()! / 1e9,

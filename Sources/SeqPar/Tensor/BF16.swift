@@ -147,6 +147,21 @@ public enum BF16 {
     }
 }
 
+extension BF16 {
+    /// `dst` (cols x rows, contiguous) = the transpose of `m`, in 16 x 16 blocks.
+    public static func transpose(_ m: BF16Matrix, into dst: UnsafeMutablePointer<UInt16>) {
+        let (r, c) = (m.rows, m.cols)
+        for i0 in stride(from: 0, to: r, by: 16) {
+            for j0 in stride(from: 0, to: c, by: 16) {
+                for i in i0..<min(i0 + 16, r) {
+                    let row = m.base + i * m.ld
+                    for j in j0..<min(j0 + 16, c) { dst[j * r + i] = row[j] }
+                }
+            }
+        }
+    }
+}
+
 extension Tensor {
     /// Rounds every element to its nearest bf16 value, in place: a bf16 run's inputs, and its outputs where
     /// FlashAttention stores them in bf16.

@@ -47,17 +47,20 @@ public enum KernelProfile {
 
     /// Seconds per element of `VectorMath.expInPlace` on rows of `rowLength` already in cache, as the kernel calls it
     /// (the softmax kernel's rows are key tiles of `SoftmaxAttention.tileCols`; elu1's exp is counted at this cost too).
-    public static func expSecondsPerElement(rowLength: Int = 128) -> Double {
+    /// In bf16 the cost is that of `VectorMath.expToBF16` (the exponentials and P's rounding to bf16, one pass).
+    public static func expSecondsPerElement(rowLength: Int = 128, precision: Precision = .fp32) -> Double {
         let rows = max(1, (1 << 19) / rowLength)
         let buffer = UnsafeMutablePointer<Float>.allocate(capacity: rowLength)
-        defer { buffer.deallocate() }
+        let bits = UnsafeMutablePointer<UInt16>.allocate(capacity: rowLength)
+        defer { buffer.deallocate(); bits.deallocate() }
         var best = Double.infinity
         var sink: Float = 0
         for _ in 0..<5 {
             let t = SystemInfo.now()
             for r in 0..<rows {
                 for j in 0..<rowLength { buffer[j] = Float((j + r) % 17) * -0.25 }
-                sink += VectorMath.expInPlace(buffer, rowLength, subtract: 0.5)
+                sink += precision == .bf16 ? VectorMath.expToBF16(buffer, rowLength, scale: 1, subtract: 0.5, into: bits)
+                                           : VectorMath.expInPlace(buffer, rowLength, subtract: 0.5)
             }
             let fill = SystemInfo.now()
             for r in 0..<rows { for j in 0..<rowLength { buffer[j] = Float((j + r) % 17) * -0.25 } }
