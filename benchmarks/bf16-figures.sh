@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The bf16 figures (issue 17) on the 16-core device (AMX), SeqPar and PyTorch SDPA side by side in one call.
+# Results go to $OUT (default benchmarks/results/bf16). Parts (default: all of them):
+#
+#   benchmarks/bf16-figures.sh kernel   one core: the blockwise kernel in fp32 and bf16, L 4096, H 4, D 64/128, causal and
+#                                       full, forward and backward, each over its baseline (OpenBLAS sgemm, oneDNN bf16
+#                                       matmul) measured in the same run; PyTorch SDPA on one thread, fp32 and bf16, on
+#                                       the same problems
+#   benchmarks/bf16-figures.sh ring     16 ranks: ring zigzag causal, L 16384, H 8, D 128, forward+backward, fp32 and bf16
+#                                       (two launches each), and PyTorch SDPA with 16 threads on the same problem
+#   benchmarks/bf16-figures.sh verbose  oneDNN's choice of implementation for each of the kernel's products
+#
+# SEQPAR is the binary (default .device/bin/seqpar, else .build/release/seqpar); MPIRUN_FLAGS is added to mpirun.
+# KERNEL_FLAGS is added to bench kernel (e.g. --seq-len 1024 for a quick run).
+set -uo pipefail
+OUT=${OUT:-benchmarks/results/bf16}
+mkdir -p "$OUT"
+. "$(dirname "$0")/common.sh"
+export OMP_NUM_THREADS=1
+PEER="python3 $(dirname "$0")/peers/torch_sdpa.py"
+parts=${*:-kernel ring verbose}
+
+"$BIN" info > "$OUT/info.txt" 2>&1
+
+for part in $parts; do
+case "$part" in
+kernel)
+    echo "# $BIN bench kernel --seq-len 4096 --head-dim 64 128 --heads 4 --precision fp32 bf16 ${KERNEL_FLAGS:-}" >> "$OUT/kernel.txt"
+    "$BIN" bench kernel --seq-len 4096 --head-dim 64 128 --heads 4 --precision fp32 bf16 ${KERNEL_FLAGS:-} >> "$OUT/kernel.txt" 2>&1
+    # The bf16 kernel's operand layouts (SoftmaxAttention.keysTransposed, .explicitTranspose), each alone.
+    for knob in SEQPAR_BF16_KT SEQPAR_BF16_TA; do
+        echo "# $knob=1 $BIN bench kernel --seq-len 4096 --head-dim 128 --heads 4 --precision bf16 ${KERNEL_FLAGS:-}" >> "$OUT/kernel.txt"
+        env $knob=1 "$BIN" bench kernel --seq-len 4096 --head-dim 128 --heads 4 --precision bf16 ${KERNEL_FLAGS:-} >> "$OUT/kernel.txt" 2>&1
+    done
+    for D in 64 128; do
+        for causal in "" --causal; do
+            for dtype in float32 bfloat16; do
+                $PEER --threads 1 --seq-len 4096 --heads 4 --head-dim $D $causal --backward --dtype $dtype >> "$OUT/peer-kernel.jsonl" 2>> "$OUT/log.txt"
+            done
+        done
+    done
+    ;;
+ring)
+    for precision in fp32 bf16 fp32 bf16; do
+        $MPIRUN -np 16 --bind-to core "$BIN" attention --algorithm ring --layout zigzag --causal --seq-len 16384 --heads 8 --head-dim 128 \
+            --backward --precision $precision --json >> "$OUT/ring.jsonl" 2>> "$OUT/log.txt"
+    done
+    for dtype in bfloat16 float32; do
+        $PEER --threads 16 --seq-len 16384 --heads 8 --head-dim 128 --causal --backward --dtype $dtype >> "$OUT/peer-ring.jsonl" 2>> "$OUT/log.txt"
+    done
+    ;;
+verbose)
+    DNNL_VERBOSE=1 "$BIN" bench kernel --seq-len 1024 --head-dim 128 --precision bf16 --repeats 1 --warmup 0 --mask causal 2>&1 \
+        | grep -E 'verbose,(create|exec)' | awk -F, -v OFS=, '{NF--; print}' | sort | uniq -c | sort -rn | head -40 > "$OUT/verbose.txt"
+    ;;
+*) echo "unknown part $part: give kernel, ring or verbose" >&2; exit 64 ;;
+esac
+done
