@@ -27,11 +27,6 @@ case "$part" in
 kernel)
     echo "# $BIN bench kernel --seq-len 4096 --head-dim 64 128 --heads 4 --precision fp32 bf16 ${KERNEL_FLAGS:-}" >> "$OUT/kernel.txt"
     "$BIN" bench kernel --seq-len 4096 --head-dim 64 128 --heads 4 --precision fp32 bf16 ${KERNEL_FLAGS:-} >> "$OUT/kernel.txt" 2>&1
-    # The bf16 kernel's operand layouts (SoftmaxAttention.keysTransposed, .explicitTranspose), each alone.
-    for knob in SEQPAR_BF16_KT SEQPAR_BF16_TA; do
-        echo "# $knob=1 $BIN bench kernel --seq-len 4096 --head-dim 128 --heads 4 --precision bf16 ${KERNEL_FLAGS:-}" >> "$OUT/kernel.txt"
-        env $knob=1 "$BIN" bench kernel --seq-len 4096 --head-dim 128 --heads 4 --precision bf16 ${KERNEL_FLAGS:-} >> "$OUT/kernel.txt" 2>&1
-    done
     for D in 64 128; do
         for causal in "" --causal; do
             for dtype in float32 bfloat16; do

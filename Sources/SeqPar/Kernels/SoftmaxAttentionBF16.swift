@@ -10,21 +10,11 @@
 // The softmax pass is fused per row: max, the scaled exponentials, their fp32 sum and the bf16 store of P in one sweep
 // of the score row, which stays in cache between the product that wrote it and the product that reads P.
 
-import Foundation
-
 extension SoftmaxAttention {
-    /// Operand layouts for oneDNN (to be settled by measurement on AMX, then fixed): `keysTransposed` converts each K
-    /// head into K^T (D x Ck) so that S = Q K^T multiplies plain row-major operands; `explicitTranspose` writes P^T and
-    /// dS^T tiles instead of asking oneDNN for a transposed source.
-    /// SEQPAR_BF16_KT=1 and SEQPAR_BF16_TA=1 turn them on.
-    static let keysTransposed = ProcessInfo.processInfo.environment["SEQPAR_BF16_KT"] == "1"
-    static let explicitTranspose = ProcessInfo.processInfo.environment["SEQPAR_BF16_TA"] == "1"
-
     /// bf16 scratch for one call: converted heads and the P (or dS) tile.
     final class BF16Scratch {
         let q = BF16Buffer(), k = BF16Buffer(), v = BF16Buffer(), gradOut = BF16Buffer()
         let p = BF16Buffer(capacity: tileRows * tileCols), ds = BF16Buffer(capacity: tileRows * tileCols)
-        let kT = BF16Buffer(), transposed = BF16Buffer(capacity: tileRows * tileCols)
         let scores = UnsafeMutablePointer<Float>.allocate(capacity: tileRows * tileCols)
         let dp = UnsafeMutablePointer<Float>.allocate(capacity: tileRows * tileCols)
         var rowMax = [Float](repeating: 0, count: maxTileRows), rowSum = [Float](repeating: 0, count: maxTileRows)
@@ -40,32 +30,21 @@ extension SoftmaxAttention {
         }
         deinit { scores.deallocate(); dp.deallocate() }
 
-        /// K and V of kv head (b, g) in bf16 (converted on a change of head only), and K^T when `keysTransposed`.
-        func kv(_ k: Tensor, _ v: Tensor, batch b: Int, head g: Int) -> (k: BF16Matrix, v: BF16Matrix, kT: BF16Matrix?) {
+        /// K and V of kv head (b, g) in bf16 (converted on a change of head only).
+        /// Tried on AMX (benchmarks/results/bf16/run-b519c4b): K^T converted once per head, so that S = Q K^T reads plain
+        /// row-major operands, and P^T, dS^T written out for dV and dK instead of oneDNN's transposed source: neither was
+        /// faster (the forward half as fast, the backward 10-20% slower, on a host whose bf16 baseline itself moved
+        /// between 250 and 450 GFLOP/s across those runs), so oneDNN reads the transposes itself.
+        func kv(_ k: Tensor, _ v: Tensor, batch b: Int, head g: Int) -> (k: BF16Matrix, v: BF16Matrix) {
             let (kh, vh) = (k.head(batch: b, g), v.head(batch: b, g))
             let kb = BF16Matrix(base: self.k.reserve(kh.rows * kh.cols), rows: kh.rows, cols: kh.cols)
             let vb = BF16Matrix(base: self.v.reserve(vh.rows * vh.cols), rows: vh.rows, cols: vh.cols)
-            let kt = keysTransposed ? BF16Matrix(base: self.kT.reserve(kh.rows * kh.cols), rows: kh.cols, cols: kh.rows) : nil
             if kvHead.map({ $0 != (b, g) }) ?? true {
                 _ = BF16.convert(kh, into: kb.base)
                 _ = BF16.convert(vh, into: vb.base)
-                if let kt { _ = BF16.convertTransposed(kh, into: kt.base) }
                 kvHead = (b, g)
             }
-            return (kb, vb, kt)
-        }
-
-        /// `c (+)= op(a) b` where op(a) = a^T: through an explicit transpose when `explicitTranspose`.
-        func gemmTransposedA(_ a: BF16Matrix, _ b: BF16Matrix, into c: Matrix) {
-            guard explicitTranspose else { return dnn.gemm(a, transposeA: true, b, into: c, accumulate: true) }
-            let t = BF16Matrix(base: transposed.reserve(a.rows * a.cols), rows: a.cols, cols: a.rows)
-            BF16.transpose(a, into: t.base)
-            dnn.gemm(t, b, into: c, accumulate: true)
-        }
-
-        /// S = Q K^T for query rows `i` and keys `j`.
-        func scores(_ q: BF16Matrix, _ k: BF16Matrix, _ kT: BF16Matrix?, rows i: Range<Int>, keys j: Range<Int>, into s: Matrix) {
-            if let kT { dnn.gemm(q.rows(i), kT.cols(j), into: s) } else { dnn.gemm(q.rows(i), k.rows(j), transposeB: true, into: s) }
+            return (kb, vb)
         }
     }
 
@@ -78,15 +57,15 @@ extension SoftmaxAttention {
             for h in 0..<heads {
                 let qh = q.head(batch: b, h)
                 let qb = BF16.convert(qh, into: scratch.q.reserve(qh.rows * qh.cols))
-                let (kb, vb, kt) = scratch.kv(k, v, batch: b, head: h / group)
-                forwardBF16(q: qb, k: kb, kT: kt, v: vb, visible: visible, scale: scale, into: out.o.head(batch: b, h),
+                let (kb, vb) = scratch.kv(k, v, batch: b, head: h / group)
+                forwardBF16(q: qb, k: kb, v: vb, visible: visible, scale: scale, into: out.o.head(batch: b, h),
                             lse: out.lse.pointer + (b * heads + h) * cq, scratch: scratch, progress: progress)
             }
         }
     }
 
     /// One head, bf16 operands (contiguous), fp32 `o` (zeroed by the caller) and lse: the fp32 kernel's tiles.
-    static func forwardBF16(q qh: BF16Matrix, k kg: BF16Matrix, kT: BF16Matrix?, v vg: BF16Matrix, visible: [Int], scale: Float, into oh: Matrix,
+    static func forwardBF16(q qh: BF16Matrix, k kg: BF16Matrix, v vg: BF16Matrix, visible: [Int], scale: Float, into oh: Matrix,
                             lse lseRow: UnsafeMutablePointer<Float>, scratch: BF16Scratch, progress: () -> Void) {
         let (cq, dv) = (qh.rows, vg.cols)
         let scores = scratch.scores
@@ -100,7 +79,7 @@ extension SoftmaxAttention {
             for j0 in stride(from: 0, to: reach, by: tileCols) {
                 let j1 = min(j0 + tileCols, reach), width = j1 - j0
                 let s = Matrix(base: scores, rows: rows, cols: width)
-                scratch.scores(qh, kg, kT, rows: i0..<i1, keys: j0..<j1, into: s)
+                scratch.dnn.gemm(qh.rows(i0..<i1), kg.rows(j0..<j1), transposeB: true, into: s)
                 for i in 0..<rows {
                     let row = scores + i * width, prow = p + i * width
                     let valid = min(max(visible[i0 + i] - j0, 0), width)
@@ -149,7 +128,7 @@ extension SoftmaxAttention {
                 let (qh, oh, doh) = (q.head(batch: b, h), output.o.head(batch: b, h), dO.head(batch: b, h))
                 let qb = BF16.convert(qh, into: scratch.q.reserve(qh.rows * qh.cols))
                 let dob = BF16.convert(doh, into: scratch.gradOut.reserve(doh.rows * doh.cols))
-                let (kb, vb, kt) = scratch.kv(k, v, batch: b, head: g)
+                let (kb, vb) = scratch.kv(k, v, batch: b, head: g)
                 let (dqh, dkg, dvg) = (grads.dq.head(batch: b, h), grads.dk.head(batch: b, g), grads.dv.head(batch: b, g))
                 let lseRow = output.lse.pointer + (b * heads + h) * cq
                 for (t, tile) in tiles.enumerated() {
@@ -161,7 +140,7 @@ extension SoftmaxAttention {
                     for j0 in stride(from: 0, to: reach, by: tileCols) {
                         let j1 = min(j0 + tileCols, reach), width = j1 - j0
                         let sm = Matrix(base: scratch.scores, rows: rows, cols: width), dpm = Matrix(base: scratch.dp, rows: rows, cols: width)
-                        scratch.scores(qb, kb, kt, rows: i0..<i1, keys: j0..<j1, into: sm)
+                        scratch.dnn.gemm(qb.rows(i0..<i1), kb.rows(j0..<j1), transposeB: true, into: sm)
                         scratch.dnn.gemm(dob.rows(i0..<i1), vb.rows(j0..<j1), transposeB: true, into: dpm)
                         for i in 0..<rows {
                             let valid = min(max(visible[i0 + i] - j0, 0), width)
@@ -172,8 +151,8 @@ extension SoftmaxAttention {
                         let pm = BF16Matrix(base: p, rows: rows, cols: width), dsm = BF16Matrix(base: ds, rows: rows, cols: width)
                         // ds holds scale * P * (dP - rowDot), rounded: dQ += dS K, dK += dS^T Q, dV += P^T dO.
                         scratch.dnn.gemm(dsm, kb.rows(j0..<j1), into: dqh.rows(i0..<i1), accumulate: true)
-                        scratch.gemmTransposedA(dsm, qb.rows(i0..<i1), into: dkg.rows(j0..<j1))
-                        scratch.gemmTransposedA(pm, dob.rows(i0..<i1), into: dvg.rows(j0..<j1))
+                        scratch.dnn.gemm(dsm, transposeA: true, qb.rows(i0..<i1), into: dkg.rows(j0..<j1), accumulate: true)
+                        scratch.dnn.gemm(pm, transposeA: true, dob.rows(i0..<i1), into: dvg.rows(j0..<j1), accumulate: true)
                     }
                     progress()
                 }
@@ -194,7 +173,7 @@ extension VectorMath {
         let va = V(repeating: a), vb = V(repeating: b)
         while i + 16 <= n {
             let e = exp(UnsafeRawPointer(p + i).loadUnaligned(as: V.self) * va - vb)
-            UnsafeMutableRawPointer(dst + i).storeBytes(of: BF16.round(bits: unsafeBitCast(e, to: SIMD16<UInt32>.self)), as: SIMD16<UInt16>.self)
+            UnsafeMutableRawPointer(dst + i).storeBytes(of: BF16.roundFinite(bits: unsafeBitCast(e, to: SIMD16<UInt32>.self)), as: SIMD16<UInt16>.self)
             acc += e
             i += 16
         }
@@ -202,7 +181,7 @@ extension VectorMath {
             var tail = V(repeating: -.infinity)
             for j in 0..<(n - i) { tail[j] = p[i + j] * a - b }
             let e = exp(tail)
-            let r = BF16.round(bits: unsafeBitCast(e, to: SIMD16<UInt32>.self))
+            let r = BF16.roundFinite(bits: unsafeBitCast(e, to: SIMD16<UInt32>.self))
             for j in 0..<(n - i) { dst[i + j] = r[j] }
             acc += e
         }
@@ -216,32 +195,29 @@ extension VectorMath {
                                     scale: Float, lse: Float, rowDot: Float,
                                     probabilities pOut: UnsafeMutablePointer<UInt16>, scaledGradient dsOut: UnsafeMutablePointer<UInt16>) {
         if valid > 0 { KernelProfile.countExp(valid) }
-        let (va, vl, vd, vs) = (V(repeating: scale), V(repeating: lse), V(repeating: rowDot), V(repeating: scale))
+        let (va, vl, vd) = (V(repeating: scale), V(repeating: lse), V(repeating: rowDot))
+        /// Lanes `i ..< i + 16` from loaded scores and gradients; the masked lanes' scores are -inf (P = 0 exactly).
+        @inline(__always) func lanes(_ sv: V, _ gv: V) -> (p: SIMD16<UInt16>, ds: SIMD16<UInt16>) {
+            let pv = exp(sv * va - vl)
+            return (BF16.roundFinite(bits: unsafeBitCast(pv, to: SIMD16<UInt32>.self)),
+                    BF16.roundFinite(bits: unsafeBitCast(pv * (gv - vd) * va, to: SIMD16<UInt32>.self)))
+        }
         var i = 0
-        while i < n {
-            let lanes = min(16, n - i)
-            var sv = V(repeating: -.infinity), gv = V(repeating: 0)
-            if lanes == 16 {
-                sv = UnsafeRawPointer(s + i).loadUnaligned(as: V.self)
-                gv = UnsafeRawPointer(g + i).loadUnaligned(as: V.self)
-            } else {
-                for j in 0..<lanes { sv[j] = s[i + j]; gv[j] = g[i + j] }
-            }
-            // Lanes at or past `valid` are masked: their exponential is exactly 0.
-            let index = SIMD16<Int32>(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15) &+ Int32(i)
-            let x = (sv * va - vl).replacing(with: -.infinity, where: index .>= Int32(valid))
-            let pv = exp(x)
-            let dsv = pv * (gv - vd) * vs
-            let pb = BF16.round(bits: unsafeBitCast(pv, to: SIMD16<UInt32>.self))
-            let db = BF16.round(bits: unsafeBitCast(dsv, to: SIMD16<UInt32>.self))
-            if lanes == 16 {
-                UnsafeMutableRawPointer(pOut + i).storeBytes(of: pb, as: SIMD16<UInt16>.self)
-                UnsafeMutableRawPointer(dsOut + i).storeBytes(of: db, as: SIMD16<UInt16>.self)
-            } else {
-                for j in 0..<lanes { pOut[i + j] = pb[j]; dsOut[i + j] = db[j] }
-            }
+        while i + 16 <= valid {
+            let r = lanes(UnsafeRawPointer(s + i).loadUnaligned(as: V.self), UnsafeRawPointer(g + i).loadUnaligned(as: V.self))
+            UnsafeMutableRawPointer(pOut + i).storeBytes(of: r.p, as: SIMD16<UInt16>.self)
+            UnsafeMutableRawPointer(dsOut + i).storeBytes(of: r.ds, as: SIMD16<UInt16>.self)
             i += 16
         }
+        if i < valid {
+            var sv = V(repeating: -.infinity), gv = V(repeating: 0)
+            for j in 0..<(valid - i) { sv[j] = s[i + j]; gv[j] = g[i + j] }
+            let r = lanes(sv, gv)
+            for j in 0..<(valid - i) { pOut[i + j] = r.p[j]; dsOut[i + j] = r.ds[j] }
+            i = valid
+        }
+        // Keys past the row's last visible one: P = 0, dS = 0.
+        if i < n { (pOut + i).update(repeating: 0, count: n - i); (dsOut + i).update(repeating: 0, count: n - i) }
     }
 }
 

@@ -7,6 +7,9 @@
 // kept apart and made quiet NaNs. bf16 -> fp32 is exact (a shift).
 // The conversions run sixteen lanes at a time on integer SIMD (no conversion instruction is needed, so any x86-64
 // compiles them); they cost a few operations per element against the O(D) multiply-adds that follow each one.
+// Written with bit masks and an explicit lane-by-lane narrowing, which LLVM turns into vector shifts and packs: the
+// generic forms (`replacing(with:where:)` on integer lanes, `init(truncatingIfNeeded:)` between SIMD types) compiled to
+// scalar loops here, 10 ns an element, five times the exponential that produced it (measured 2026-11-30).
 
 /// The precision a run computes in: fp32 is the reference path (OpenBLAS), bf16 the fast one (oneDNN on the matrix
 /// units), with FlashAttention's rule for what stays fp32 (see DESIGN.md §9 and the README).
@@ -72,10 +75,34 @@ public enum BF16 {
     /// Sixteen fp32 bit patterns rounded to bf16 (nearest, ties to even; NaN stays a quiet NaN, infinities stay).
     @inline(__always)
     static func round(bits x: U) -> SIMD16<UInt16> {
-        let lsb = (x &>> 16) & 1
-        let rounded = (x &+ 0x7FFF &+ lsb) &>> 16
-        let nan = (x & 0x7FFF_FFFF) .> 0x7F80_0000
-        return SIMD16<UInt16>(truncatingIfNeeded: rounded.replacing(with: (x &>> 16) | 0x40, where: nan))
+        // All ones in the lanes that hold a NaN: |x| > 0x7F800000 as bits, from the sign of 0x7F800000 - |x|.
+        let magnitude = unsafeBitCast(x & 0x7FFF_FFFF, to: SIMD16<Int32>.self)
+        let nan = unsafeBitCast((SIMD16<Int32>(repeating: 0x7F80_0000) &- magnitude) &>> 31, to: U.self)
+        return upperHalves(((x &+ 0x7FFF &+ ((x &>> 16) & 1)) & ~nan) | ((x | 0x0040_0000) & nan))
+    }
+
+    /// The same for finite values only (no NaN lanes): the softmax's P and dS, where a NaN cannot arise from finite,
+    /// checked inputs. One mask fewer in the kernels' innermost loop.
+    @inline(__always)
+    static func roundFinite(bits x: U) -> SIMD16<UInt16> { upperHalves(x &+ 0x7FFF &+ ((x &>> 16) & 1)) }
+
+    /// The upper 16 bits of each lane.
+    @inline(__always)
+    static func upperHalves(_ x: U) -> SIMD16<UInt16> {
+        let r = x &>> 16
+        return SIMD16<UInt16>(UInt16(truncatingIfNeeded: r[0]), UInt16(truncatingIfNeeded: r[1]), UInt16(truncatingIfNeeded: r[2]),
+                              UInt16(truncatingIfNeeded: r[3]), UInt16(truncatingIfNeeded: r[4]), UInt16(truncatingIfNeeded: r[5]),
+                              UInt16(truncatingIfNeeded: r[6]), UInt16(truncatingIfNeeded: r[7]), UInt16(truncatingIfNeeded: r[8]),
+                              UInt16(truncatingIfNeeded: r[9]), UInt16(truncatingIfNeeded: r[10]), UInt16(truncatingIfNeeded: r[11]),
+                              UInt16(truncatingIfNeeded: r[12]), UInt16(truncatingIfNeeded: r[13]), UInt16(truncatingIfNeeded: r[14]),
+                              UInt16(truncatingIfNeeded: r[15]))
+    }
+
+    /// Sixteen bf16 values widened to fp32 bit patterns (exact).
+    @inline(__always)
+    static func widen(_ b: SIMD16<UInt16>) -> U {
+        U(UInt32(b[0]), UInt32(b[1]), UInt32(b[2]), UInt32(b[3]), UInt32(b[4]), UInt32(b[5]), UInt32(b[6]), UInt32(b[7]),
+          UInt32(b[8]), UInt32(b[9]), UInt32(b[10]), UInt32(b[11]), UInt32(b[12]), UInt32(b[13]), UInt32(b[14]), UInt32(b[15])) &<< 16
     }
 
     /// One value rounded to bf16.
@@ -107,8 +134,7 @@ public enum BF16 {
     public static func convert(_ src: UnsafePointer<UInt16>, to dst: UnsafeMutablePointer<Float>, _ n: Int) {
         var i = 0
         while i + 16 <= n {
-            let v = SIMD16<UInt32>(truncatingIfNeeded: UnsafeRawPointer(src + i).loadUnaligned(as: SIMD16<UInt16>.self))
-            UnsafeMutableRawPointer(dst + i).storeBytes(of: v &<< 16, as: U.self)
+            UnsafeMutableRawPointer(dst + i).storeBytes(of: widen(UnsafeRawPointer(src + i).loadUnaligned(as: SIMD16<UInt16>.self)), as: U.self)
             i += 16
         }
         while i < n { dst[i] = float(src[i]); i += 1 }
@@ -119,8 +145,7 @@ public enum BF16 {
         var i = 0
         while i + 16 <= n {
             let raw = UnsafeMutableRawPointer(p + i)
-            let b = SIMD16<UInt32>(truncatingIfNeeded: round(bits: raw.loadUnaligned(as: U.self)))
-            raw.storeBytes(of: b &<< 16, as: U.self)
+            raw.storeBytes(of: widen(round(bits: raw.loadUnaligned(as: U.self))), as: U.self)
             i += 16
         }
         while i < n { p[i] = rounded(p[i]); i += 1 }
@@ -144,21 +169,6 @@ public enum BF16 {
             }
         }
         return BF16Matrix(base: dst, rows: c, cols: r)
-    }
-}
-
-extension BF16 {
-    /// `dst` (cols x rows, contiguous) = the transpose of `m`, in 16 x 16 blocks.
-    public static func transpose(_ m: BF16Matrix, into dst: UnsafeMutablePointer<UInt16>) {
-        let (r, c) = (m.rows, m.cols)
-        for i0 in stride(from: 0, to: r, by: 16) {
-            for j0 in stride(from: 0, to: c, by: 16) {
-                for i in i0..<min(i0 + 16, r) {
-                    let row = m.base + i * m.ld
-                    for j in j0..<min(j0 + 16, c) { dst[j * r + i] = row[j] }
-                }
-            }
-        }
     }
 }
 
