@@ -2,6 +2,10 @@
 // most 2x that of a plain bf16 implementation, plus 1e-4; PlainBF16Attention), on bf16-rounded inputs.
 import Testing
 @testable import SeqPar
+#if canImport(Glibc)
+import Glibc
+private func _exp2(_ x: Double) -> Double { Glibc.exp2(x) }
+#endif
 
 @Suite struct BF16ConversionTests {
     @Test func roundsToNearestEvenAndKeepsSpecialValues() {
@@ -39,6 +43,24 @@ import Testing
             #expect(back[i].bitPattern == t[i].bitPattern || (back[i].isNaN && t[i].isNaN), "element \(i)")
             #expect(back[i] == expected || (expected.isNaN && back[i].isNaN), "element \(i): \(back[i]) vs \(expected)")
         }
+    }
+}
+
+@Suite struct BF16ExponentialTests {
+    /// The bf16 kernels' base-2 exponential: within 6e-6 relative of exp2 in Double over the softmax's range, 0 below
+    /// -126 and for -inf (masked scores), 1 at 0.
+    @Test func exp2NonPositiveIsAccurate() {
+        var worst = 0.0
+        var x: Float = -125.9
+        while x <= 0 {
+            let got = Double(VectorMath.exp2NonPositive(.init(repeating: x))[0])
+            worst = max(worst, abs(got - _exp2(Double(x))) / _exp2(Double(x)))
+            x += 0.0137
+        }
+        #expect(worst < 6e-6, "worst relative error \(worst)")
+        let edge = VectorMath.exp2NonPositive(.init(-.infinity, -127, -126.5, 0, 1e-7, -1, -0.5, 0.5, 0, 0, 0, 0, 0, 0, 0, 0))
+        #expect(edge[0] == 0 && edge[1] == 0 && edge[2] == 0 && edge[3] == 1 && abs(edge[4] - 1) < 1e-6)
+        #expect(abs(edge[5] - 0.5) < 3e-6 && abs(edge[6] - Float(0.5).squareRoot()) < 5e-6)
     }
 }
 

@@ -162,25 +162,48 @@ extension SoftmaxAttention {
 }
 
 extension VectorMath {
+    static let log2e: Float = 1.44269504088896341
+
+    /// 2^x for x <= 0 (a softmax exponent in base 2; a rounding's worth above 0 is fine): x = n + r with |r| <= 1/2
+    /// and a degree-5 polynomial for 2^r, relative error under 6e-6, 0 below -126 (-inf included). For the bf16 kernels,
+    /// whose P is rounded to 2^-9 next: with the scale and log2(e) folded into one multiply and no range split, about
+    /// 1.7x the fp32 kernels' `exp` (measured on the dev machine: 0.9 against 1.6 ns an element).
+    @inline(__always)
+    static func exp2NonPositive(_ x: V) -> V {
+        let lower: Float = -126
+        let xc = x.replacing(with: lower, where: x .< lower)
+        let magic = V(repeating: 12582912)  // 1.5 * 2^23: rounds to an integer, kept in the low mantissa bits
+        let t = xc + magic
+        let r = xc - (t - magic)
+        var p = V(repeating: 1.3333558e-3)
+        p = p * r + 9.6181291e-3
+        p = p * r + 5.5504109e-2
+        p = p * r + 2.4022651e-1
+        p = p * r + 6.9314718e-1
+        p = p * r + 1
+        let scale = unsafeBitCast(((unsafeBitCast(t, to: SIMD16<Int32>.self) &- 0x4B40_0000) &+ 127) &<< 23, to: V.self)
+        return (p * scale).replacing(with: 0, where: x .< lower)
+    }
+
     /// `dst[j] = bf16(exp(a * p[j] - b))` for j < n; returns the sum of the fp32 exponentials (before rounding, as
-    /// FlashAttention sums them). `p` is read only.
+    /// FlashAttention sums them). `p` is read only. Exponentials through `exp2NonPositive`: a * p[j] <= b.
     @inline(__always)
     public static func expToBF16(_ p: UnsafePointer<Float>, _ n: Int, scale a: Float, subtract b: Float,
                                  into dst: UnsafeMutablePointer<UInt16>) -> Float {
         KernelProfile.countExp(n)
         var acc = V(repeating: 0)
         var i = 0
-        let va = V(repeating: a), vb = V(repeating: b)
+        let va = V(repeating: a * log2e), vb = V(repeating: b * log2e)
         while i + 16 <= n {
-            let e = exp(UnsafeRawPointer(p + i).loadUnaligned(as: V.self) * va - vb)
+            let e = exp2NonPositive(UnsafeRawPointer(p + i).loadUnaligned(as: V.self) * va - vb)
             UnsafeMutableRawPointer(dst + i).storeBytes(of: BF16.roundFinite(bits: unsafeBitCast(e, to: SIMD16<UInt32>.self)), as: SIMD16<UInt16>.self)
             acc += e
             i += 16
         }
         if i < n {
             var tail = V(repeating: -.infinity)
-            for j in 0..<(n - i) { tail[j] = p[i + j] * a - b }
-            let e = exp(tail)
+            for j in 0..<(n - i) { tail[j] = p[i + j] * va[0] - vb[0] }
+            let e = exp2NonPositive(tail)
             let r = BF16.roundFinite(bits: unsafeBitCast(e, to: SIMD16<UInt32>.self))
             for j in 0..<(n - i) { dst[i + j] = r[j] }
             acc += e
@@ -195,10 +218,11 @@ extension VectorMath {
                                     scale: Float, lse: Float, rowDot: Float,
                                     probabilities pOut: UnsafeMutablePointer<UInt16>, scaledGradient dsOut: UnsafeMutablePointer<UInt16>) {
         if valid > 0 { KernelProfile.countExp(valid) }
-        let (va, vl, vd) = (V(repeating: scale), V(repeating: lse), V(repeating: rowDot))
+        let (va, vd) = (V(repeating: scale), V(repeating: rowDot))
+        let (va2, vl2) = (V(repeating: scale * log2e), V(repeating: lse * log2e))
         /// Lanes `i ..< i + 16` from loaded scores and gradients; the masked lanes' scores are -inf (P = 0 exactly).
         @inline(__always) func lanes(_ sv: V, _ gv: V) -> (p: SIMD16<UInt16>, ds: SIMD16<UInt16>) {
-            let pv = exp(sv * va - vl)
+            let pv = exp2NonPositive(sv * va2 - vl2)
             return (BF16.roundFinite(bits: unsafeBitCast(pv, to: SIMD16<UInt32>.self)),
                     BF16.roundFinite(bits: unsafeBitCast(pv * (gv - vd) * va, to: SIMD16<UInt32>.self)))
         }
