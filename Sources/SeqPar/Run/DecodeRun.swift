@@ -86,10 +86,12 @@ public enum DecodeRun {
         }
         let (heads, cols) = LatentShard.split(config.algorithm, heads: hN, latentDim: dc, rank: rank, ranks: ranks)
         let cache = try handoff(proj, transform: r, config: config, comm: comm)
+        // Read before the timing's all-reduce below, which is no part of the handoff.
+        let handoffSent = comm.counters.bytesSent
         let allPositions = (0..<ranks).map { config.layout.positions(rank: $0, ranks: ranks, length: promptLength) }
         let counts = allPositions.map(\.count)
         let handoffS = try comm.allReduce([SystemInfo.now() - t], op: .max)[0]
-        let handoffBytes = try comm.allGather([comm.counters.bytesSent]).map { $0[0] }
+        let handoffBytes = try comm.allGather([handoffSent]).map { $0[0] }
 
         // The reference (rank 0): the untransformed whole cache, gathered outside the timed steps.
         let plain = LatentAttention.concatenate(proj.c.matrix, proj.kr.matrix)
