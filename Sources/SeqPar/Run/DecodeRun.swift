@@ -26,6 +26,8 @@ public struct DecodeReport: Codable, Sendable {
     /// Decode outputs y = o W_O against single-process MLA decoding (fp32) over the same cache (in bf16, the same
     /// rounded values): max over steps of the relative error.
     public var differenceFromMLA: Double
+    /// The checks' tolerance: 2e-5 in fp32, 2e-2 in bf16.
+    public var tolerance: Double
     public var passed: Bool?
 }
 
@@ -162,7 +164,7 @@ public enum DecodeRun {
             algorithm: config.algorithm, backend: backend, ranks: ranks, config: config, prefillS: prefillS, handoffS: handoffS,
             handoffBytesSent: handoffBytes, stepS: KernelBench.median(steps), stepMinS: sorted.first ?? 0, stepMaxS: sorted.last ?? 0,
             cacheBytes: cacheBytes, stepBytesSent: stepCounters.bytesSent, stepCollectives: stepCounters.collectives,
-            stepMessages: stepCounters.messagesSent, prefillError: verdict[1] < 0 ? nil : verdict[1], differenceFromMLA: verdict[0], passed: passed)
+            stepMessages: stepCounters.messagesSent, prefillError: verdict[1] < 0 ? nil : verdict[1], differenceFromMLA: verdict[0], tolerance: tolerance, passed: passed)
         if passed == false {
             throw SeqParError.checkFailed(String(format: "prefill error %.2e against one process (tolerance %.0e)%@", verdict[1], tolerance,
                                                  config.algorithm == .tpla ? "" : String(format: ", decode %.2e against MLA (tolerance %.0e)", verdict[0], tolerance)))
