@@ -181,8 +181,8 @@ public struct LatentShard: @unchecked Sendable {
         // Matrix views hold raw pointers: keep each tensor alive until its view is used.
         let latent = columns(x.latent.matrix, transform: r, cols: cols)
         let cache = withExtendedLifetime(latent) { LatentAttention.concatenate(latent.matrix, x.ropeK.matrix) }
-        return LatentShard(cache: LatentCache(cache, precision: precision), queries: queryRows(qLatent: x.qLatent, qRope: x.qRope, transform: r, cols: cols, heads: heads),
-                           heads: heads, latentCols: cols.count, wUV: valueRows(x.wUV, transform: r, cols: cols, heads: heads))
+        return LatentShard(cache: LatentCache(cache, precision: precision),
+                           queries: queryRows(qLatent: x.qLatent, qRope: x.qRope, transform: r, cols: cols, heads: heads), heads: heads, latentCols: cols.count, wUV: valueRows(x.wUV, transform: r, cols: cols, heads: heads))
     }
 
     /// This rank's output (T, |heads|, d_v): its heads in full (mla, tp-mla) or every head's partial sum (tpla), in
