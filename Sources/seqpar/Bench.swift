@@ -368,6 +368,8 @@ struct LatentBenchCommand: ParsableCommand {
     @Option(help: "Value dimension d_v.") var vDim = 128
     @Option(help: "Query tokens per step.") var queries = 1
     @Option(help: "Transform for TPLA: none, hadamard or pca (it does not change the cost).") var transform: LatentTransform = .none
+    @Option(help: "Precision: fp32 (the reference, OpenBLAS) or bf16 (the cache packed bf16, half the bytes; the kernel on oneDNN; scores, softmax and outputs fp32).")
+    var precision: Precision = .fp32
     @Option(help: "Timed steps (the median is reported).") var repeats = 20
     @Option(help: "Untimed steps first.") var warmup = 3
     @Flag(help: "One JSON object per figure instead of the table.") var json = false
@@ -375,7 +377,9 @@ struct LatentBenchCommand: ParsableCommand {
 
     func validate() throws {
         guard !algorithm.isEmpty else { throw ValidationError("--algorithm: name at least one") }
-        for (name, v) in [("--latent-dim", latentDim), ("--v-dim", vDim), ("--queries", queries), ("--repeats", repeats)] + seqLen.map { ("--seq-len", $0) } + heads.map { ("--heads", $0) } where v < 1 {
+        let sizes = [("--latent-dim", latentDim), ("--v-dim", vDim), ("--queries", queries), ("--repeats", repeats)]
+            + seqLen.map { ("--seq-len", $0) } + heads.map { ("--heads", $0) }
+        for (name, v) in sizes where v < 1 {
             throw ValidationError("\(name) \(v): must be at least 1")
         }
         guard ropeDim >= 0, warmup >= 0 else { throw ValidationError("--rope-dim and --warmup must be 0 or more") }
@@ -383,10 +387,13 @@ struct LatentBenchCommand: ParsableCommand {
 
     func run() throws {
         let runs = seqLen.flatMap { l in heads.map { h in LatentShape(seqLen: l, queries: queries, heads: h, latentDim: latentDim, ropeDim: ropeDim, vDim: vDim) } }
-        let (algorithms, transform, repeats, warmup) = (algorithm, self.transform, self.repeats, self.warmup)
+        let (algorithms, transform, precision, repeats, warmup) = (algorithm, self.transform, self.precision, self.repeats, self.warmup)
         let out = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout) { comm, backend in
             (try runs.flatMap { s in
-                try algorithms.map { try LatentBench.measure($0, shape: s, transform: transform, comm: comm, ranksPerHost: backend.ranksPerHost, repeats: repeats, warmup: warmup) }
+                try algorithms.map {
+                    try LatentBench.measure($0, shape: s, transform: transform, precision: precision, comm: comm, ranksPerHost: backend.ranksPerHost,
+                                            repeats: repeats, warmup: warmup)
+                }
             }, backend)
         }
         guard let (results, backend) = out else { return }
@@ -394,7 +401,7 @@ struct LatentBenchCommand: ParsableCommand {
         let columns = [("algorithm", 10), ("L", 8), ("H", 5), ("step_s", 11), ("min_s", 11), ("max_s", 11), ("attend_s", 11),
                        ("cache_B/rank", 14), ("cache_GB/s", 11), ("sent_B", 9), ("peak_rss", 11), ("speedup", 8)]
         (Provenance.header("bench latent") + [
-            "# \(backend.ranks) rank(s), backend \(backend.name); T=\(queries) d_c=\(latentDim) d_r=\(ropeDim) d_v=\(vDim), transform \(transform.rawValue); median of \(repeats) steps after \(warmup), slowest rank",
+            "# \(backend.ranks) rank(s), backend \(backend.name); T=\(queries) d_c=\(latentDim) d_r=\(ropeDim) d_v=\(vDim), transform \(transform.rawValue), \(precision.rawValue); median of \(repeats) steps after \(warmup), slowest rank",
             "# cache_B/rank: latent cache each rank reads per step; speedup: the first algorithm's step time over this one's (same L, H)",
             columns.map { Report.pad($0.0, $0.1) }.joined(),
         ]).forEach { print($0) }

@@ -27,7 +27,7 @@ import Testing
             let caches = try InProcessCluster.run(ranks: ranks) { comm -> Tensor in
                 let positions = c.layout.positions(rank: comm.rank, ranks: comm.size, length: c.promptLength)
                 let x = SeededInputs.hidden(.hidden, seed: c.seed, batch: 1, length: c.promptLength, width: c.modelDim, positions: positions)
-                return try DecodeRun.handoff(Projected(x, positions: positions, weights: w, config: c), transform: r, config: c, comm: comm)
+                return try DecodeRun.handoff(Projected(x, positions: positions, weights: w, config: c), transform: r, config: c, comm: comm).toTensor()
             }
             for (rank, cache) in caches.enumerated() {
                 let cols = LatentShard.split(algorithm, heads: c.heads, latentDim: c.latentDim, rank: rank, ranks: ranks).cols

@@ -4,6 +4,8 @@
 // repetitions after warm-up. Bytes read per step per rank are the latent cache the rank holds (latent and RoPE
 // columns): the whole cache for TP-MLA, 1/P of the latent columns plus the RoPE keys for TPLA. That ratio is where
 // TPLA's speed-up comes from, when the step is bound by reading the cache.
+// --precision bf16: the cache is packed bf16 (half the bytes per rank, read at the same step: the other speed-up) and
+// the queries are rounded for the kernel's bf16 path; scores, softmax, outputs and the combine stay fp32.
 
 public struct LatentBenchResult: Codable, Sendable {
     public var bench = "latent"
@@ -12,6 +14,7 @@ public struct LatentBenchResult: Codable, Sendable {
     public var ranks: Int
     public var seqLen: Int, queries: Int, heads: Int, latentDim: Int, ropeDim: Int, vDim: Int
     public var transform: LatentTransform
+    public var precision: Precision
     /// Median step (slowest rank), min and max over repetitions; the attention part alone (slowest rank, median).
     public var timeS: Double, timeMinS: Double, timeMaxS: Double, attendS: Double
     /// Cache bytes each rank reads per step (the most over ranks), and the rate it reads them at in the attention part.
@@ -23,14 +26,15 @@ public struct LatentBenchResult: Codable, Sendable {
 }
 
 public enum LatentBench {
-    public static func measure(_ algorithm: LatentAlgorithm, shape s: LatentShape, transform: LatentTransform, comm: some Communicator,
-                               ranksPerHost: Int = 1, repeats: Int, warmup: Int, seed: UInt64 = 0) throws -> LatentBenchResult {
+    public static func measure(_ algorithm: LatentAlgorithm, shape s: LatentShape, transform: LatentTransform, precision: Precision = .fp32,
+                               comm: some Communicator, ranksPerHost: Int = 1, repeats: Int, warmup: Int, seed: UInt64 = 0) throws -> LatentBenchResult {
         let (rank, ranks) = (comm.rank, comm.size)
         var failure: Error?
         do {
             try s.validate()
             try algorithm.validate(ranks: ranks, shape: s)
             if transform == .hadamard { _ = try transform.matrix(latentDim: s.latentDim) }
+            if precision == .bf16 { try OneDNN.require() }
             let f = MemoryLayout<Float>.size
             let need = 3 * (s.seqLen * (s.latentDim + s.ropeDim) + s.heads * s.latentDim * s.vDim) * f
             if let available = SystemInfo.availableMemory(), need * ranksPerHost > available {
@@ -40,7 +44,7 @@ public enum LatentBench {
         try comm.agree(failure)
         let x = LatentInputs.seeded(s, seed: seed)
         let r = try transform.matrix(latentDim: s.latentDim, cache: x.latent, slices: algorithm == .tpla ? ranks : 1)
-        let shard = LatentShard.make(algorithm, x, transform: r, rank: rank, ranks: ranks)
+        let shard = LatentShard.make(algorithm, x, transform: r, rank: rank, ranks: ranks, precision: precision)
         let scale = s.defaultScale
         var steps: [Double] = [], attends: [Double] = []
         var sent = 0
@@ -59,7 +63,7 @@ public enum LatentBench {
         let maxima = try comm.allReduce([shard.cacheBytes, sent, SystemInfo.peakRSS()], op: .max)
         let attend = KernelBench.median(attends)
         return LatentBenchResult(algorithm: algorithm, ranks: ranks, seqLen: s.seqLen, queries: s.queries, heads: s.heads,
-                                 latentDim: s.latentDim, ropeDim: s.ropeDim, vDim: s.vDim, transform: transform,
+                                 latentDim: s.latentDim, ropeDim: s.ropeDim, vDim: s.vDim, transform: transform, precision: precision,
                                  timeS: KernelBench.median(steps), timeMinS: steps.min()!, timeMaxS: steps.max()!, attendS: attend,
                                  cacheBytesPerRank: maxima[0], cacheGBps: Double(maxima[0]) / attend / 1e9, bytesSent: maxima[1],
                                  peakRSSBytes: maxima[2], repeats: repeats, warmup: warmup)

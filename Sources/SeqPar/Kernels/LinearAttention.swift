@@ -1,5 +1,6 @@
-// The chunkwise linear-attention kernel of one rank (unnormalised, as in LASP-2 and Lightning Attention), fp32,
-// every product through OpenBLAS, never an L x L matrix.
+// The chunkwise linear-attention kernel of one rank (unnormalised, as in LASP-2 and Lightning Attention), never an
+// L x L matrix. fp32: every product through OpenBLAS (this file, the reference). bf16 (`precision: .bf16`): the same
+// blocks and states with every product on oneDNN's bf16 matmul and every state kept in fp32 (LinearAttentionBF16.swift).
 //
 // For query head h with decay λ = λ_h in (0, 1] (1: none), over the rows of one chunk:
 //   forward (causal):  out_i += Σ_{j <= i} λ^(i-j) (a_i · b_j) c_j
@@ -16,6 +17,7 @@
 // Across chunks (ranks) the same two operations appear at chunk size: `state` is a chunk's S, `addStateTerm` adds
 // a prefix (or suffix) state's contribution to every row. Decay powers are computed in Double and are 0 below 1e-30
 // (never subnormal, never a negative power, so never inf or NaN).
+// `carry` (state arithmetic, no product) is fp32 in both precisions: states are fp32 everywhere.
 import Foundation
 
 /// The feature map φ applied to queries and keys before linear attention.
@@ -139,14 +141,16 @@ public enum LinearAttention {
     }
 
     /// `out += ` the masked chunk product (see the file comment) over this chunk's rows, in blocks; `progress` runs
-    /// after every block (LASP passes its collective's `test`). `out` is (B, C, heads_out, D_c).
+    /// after every block (LASP passes its collective's `test`). `out` is (B, C, heads_out, D_c). bf16 needs
+    /// `OneDNN.require()` to have succeeded.
     public static func chunk(_ a: Tensor, _ b: Tensor, _ c: Tensor, heads: Int, decay: [Float], direction: Direction,
-                             into out: Tensor, progress: () -> Void = {}) {
+                             precision: Precision = .fp32, into out: Tensor, progress: () -> Void = {}) {
         checkDecay(decay, heads: heads)
         let (batch, rows) = (a.shape[0], a.shape[1])
         let (db, dc) = (b.shape[3], c.shape[3])
         precondition(a.shape[3] == db && b.shape[1] == rows && c.shape[1] == rows && out.shape[1] == rows && out.shape[3] == dc)
         if rows == 0 { return }
+        if precision == .bf16 { return chunkBF16(a, b, c, heads: heads, decay: decay, direction: direction, into: out, progress: progress) }
         let n = min(blockRows, rows)
         let scores = UnsafeMutablePointer<Float>.allocate(capacity: n * n)
         let scratch = UnsafeMutablePointer<Float>.allocate(capacity: n * max(db, dc))
@@ -194,8 +198,10 @@ public enum LinearAttention {
 
     /// A chunk's state per query head, (B, H, D_b, D_c): Σ_j w_j b_j^T c_j with w_j = λ^(C-1-j) (forward: what the
     /// chunk passes to later chunks) or λ^j (reverse: what it passes to earlier ones).
-    public static func state(_ b: Tensor, _ c: Tensor, heads: Int, decay: [Float], direction: Direction) -> Tensor {
+    public static func state(_ b: Tensor, _ c: Tensor, heads: Int, decay: [Float], direction: Direction,
+                             precision: Precision = .fp32) -> Tensor {
         checkDecay(decay, heads: heads)
+        if precision == .bf16 { return stateBF16(b, c, heads: heads, decay: decay, direction: direction) }
         let (batch, rows, db, dc) = (b.shape[0], b.shape[1], b.shape[3], c.shape[3])
         let s = Tensor(zeros: [batch, heads, db, dc])
         let scratch = UnsafeMutablePointer<Float>.allocate(capacity: max(rows * db, 1))
@@ -213,8 +219,11 @@ public enum LinearAttention {
     /// `out_i += w_i a_i S_h` (or `S_h^T`) for every row, with w_i = λ^(i+1) (forward: S is the prefix state ending
     /// just before the chunk) or λ^(C-i) (reverse: S is the suffix state starting just after it).
     public static func addStateTerm(_ a: Tensor, state: Tensor, transposed: Bool = false, heads: Int, decay: [Float],
-                                    direction: Direction, into out: Tensor) {
+                                    direction: Direction, precision: Precision = .fp32, into out: Tensor) {
         checkDecay(decay, heads: heads)
+        if precision == .bf16 {
+            return addStateTermBF16(a, state: state, transposed: transposed, heads: heads, decay: decay, direction: direction, into: out)
+        }
         let (batch, rows) = (a.shape[0], a.shape[1])
         let scratch = UnsafeMutablePointer<Float>.allocate(capacity: max(rows * out.shape[3], 1))
         defer { scratch.deallocate() }

@@ -13,6 +13,8 @@
 //    latent slice and RoPE key appended to the local cache, and one TPLA (or TP-MLA) step runs: one all-reduce (or
 //    AllGather) of the (H, d_v) output, then the layer's output y = o W_O. Nothing else travels.
 // The reference is single-process MLA decoding over the same cache (exact), on rank 0.
+// Precision bf16 (DecodeRun): the prefill's kernel in bf16, the handoff's payloads and the decode cache in packed bf16
+// (2 bytes an element: the cache each rank holds and reads per step halves), the step's all-reduce in fp32.
 import Foundation
 
 public struct DecodeConfig: Codable, Sendable, Equatable {
@@ -26,7 +28,8 @@ public struct DecodeConfig: Codable, Sendable, Equatable {
     public var nopeDim = 128
     public var vDim = 128
     public var transform: LatentTransform = .none
-    /// fp32 or bf16 (prefill in bf16, the latent cache stored and read in bf16).
+    /// fp32 or bf16 (the prefill's kernel in bf16; the handoff's payloads and the decode cache packed bf16; scores,
+    /// softmax and outputs fp32: DecodeRun's file comment).
     public var precision: Precision = .fp32
     public var layout: SequenceLayout = .zigzag
     public var seed: UInt64 = 0

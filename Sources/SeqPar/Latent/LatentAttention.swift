@@ -9,6 +9,11 @@
 // as a row of one (T*H x (d_c + d_r)) query matrix: the blockwise softmax kernel then reads the cache once per step
 // (per 128 query rows), not once per head. The up-projection is one gemm per head on z's strided rows.
 // TPLA runs the same kernel on a slice of the latent columns (its cache is [c[:, slice] | k_r]).
+// Precision: the cache is a `LatentCache`, fp32 or packed bf16 (UInt16, 2 bytes an element: decode reads the whole
+// cache once per step, so half the bytes is the speed-up where the step is bound by memory). bf16: the cache and the
+// query rows are bf16 operands of the blockwise kernel's bf16 path (SoftmaxAttentionBF16.swift: scores, softmax
+// statistics and z accumulated in fp32, P rounded for P V); z and the up-projection z W_UV stay fp32 (OpenBLAS): o is
+// a partial output that TPLA sums across ranks in fp32, and W_UV is a weight, not the cache.
 
 /// Sizes of one latent-attention problem.
 public struct LatentShape: Sendable, Equatable, Codable, CustomStringConvertible {
@@ -68,6 +73,85 @@ public struct LatentInputs: @unchecked Sendable {
     }
 }
 
+/// A latent cache: `rows` rows of [c | k_r] (`cols` columns), stored in fp32 or packed bf16 (UInt16). A view of some
+/// rows shares the storage. Not synchronised: one writer at a time.
+public struct LatentCache: @unchecked Sendable {
+    public let precision: Precision
+    public let rows: Int, cols: Int
+    /// fp32 storage (rows, cols), or nil in bf16.
+    let values: Tensor?
+    /// bf16 storage, row 0 at element `offset`, or nil in fp32.
+    let packed: BF16Buffer?
+    let offset: Int
+
+    /// A zero-filled cache.
+    public init(rows: Int, cols: Int, precision: Precision) {
+        (self.precision, self.rows, self.cols, self.offset) = (precision, rows, cols, 0)
+        if precision == .bf16 {
+            let b = BF16Buffer(capacity: rows * cols)
+            b.base.initialize(repeating: 0, count: rows * cols)
+            (values, packed) = (nil, b)
+        } else {
+            (values, packed) = (Tensor(zeros: [rows, cols]), nil)
+        }
+    }
+
+    /// `t` (rows, cols) as a cache: the tensor itself in fp32 (no copy), its values rounded into packed bf16 in bf16.
+    public init(_ t: Tensor, precision: Precision) {
+        precondition(t.rank == 2, "a latent cache is (rows, cols), got \(t.shape)")
+        if precision == .fp32 {
+            self.init(precision: .fp32, rows: t.shape[0], cols: t.shape[1], values: t, packed: nil, offset: 0)
+        } else {
+            self.init(rows: t.shape[0], cols: t.shape[1], precision: .bf16)
+            t.convertToBF16(packed!.base)
+        }
+    }
+
+    init(precision: Precision, rows: Int, cols: Int, values: Tensor?, packed: BF16Buffer?, offset: Int) {
+        (self.precision, self.rows, self.cols, self.values, self.packed, self.offset) = (precision, rows, cols, values, packed, offset)
+    }
+
+    /// Bytes the cache holds (and a decode step reads).
+    public var bytes: Int { rows * cols * precision.operandBytes }
+
+    /// Rows `range`, sharing storage.
+    public func rows(_ range: Range<Int>) -> LatentCache {
+        precondition(range.lowerBound >= 0 && range.upperBound <= rows, "rows \(range) of a \(rows)-row cache")
+        return LatentCache(precision: precision, rows: range.count, cols: cols, values: values?.rows(range), packed: packed,
+                           offset: offset + range.lowerBound * cols)
+    }
+
+    /// The fp32 storage as a matrix (fp32 caches only).
+    public var matrix: Matrix {
+        guard let values else { preconditionFailure("an fp32 view of a bf16 cache") }
+        return Matrix(base: values.pointer, rows: rows, cols: cols)
+    }
+
+    /// The packed storage as a matrix (bf16 caches only).
+    public var bf16: BF16Matrix {
+        guard let packed else { preconditionFailure("a bf16 view of an fp32 cache") }
+        return BF16Matrix(base: packed.base + offset, rows: rows, cols: cols)
+    }
+
+    /// Stores `count` values at (row, column...), rounded to bf16 in a bf16 cache.
+    public func write(row: Int, column: Int, _ src: UnsafePointer<Float>, count: Int) {
+        precondition(row >= 0 && row < rows && column >= 0 && column + count <= cols)
+        if let values {
+            (values.pointer + row * cols + column).update(from: src, count: count)
+        } else {
+            BF16.convert(src, to: bf16.base + row * cols + column, count)
+        }
+    }
+
+    /// The values as an fp32 tensor (rows, cols): a copy, widened exactly from bf16.
+    public func toTensor() -> Tensor {
+        if let values { return values.copy() }
+        let t = Tensor(uninitialized: [rows, cols])
+        BF16.convert(bf16.base, to: t.pointer, rows * cols)
+        return t
+    }
+}
+
 public enum LatentAttention {
     /// [a | b] row by row: (rows, ca) and (rows, cb) into (rows, ca + cb).
     public static func concatenate(_ a: Matrix, _ b: Matrix) -> Tensor {
@@ -85,13 +169,32 @@ public enum LatentAttention {
     /// (latentCols x d_v) view.
     public static func attend(queries: Matrix, cache: Matrix, latentCols: Int, heads: Int, wUV: (Int) -> Matrix, vDim: Int, scale: Float) -> Tensor {
         precondition(queries.cols == cache.cols && queries.rows % heads == 0)
-        let tokens = queries.rows / heads
         let z = Tensor(zeros: [queries.rows, latentCols])
         let lse = UnsafeMutablePointer<Float>.allocate(capacity: max(queries.rows, 1))
         defer { lse.deallocate() }
         SoftmaxAttention.forward(q: queries, k: cache, v: cache.cols(0..<latentCols),
                                  visible: Array(repeating: cache.rows, count: queries.rows), scale: scale,
                                  into: z.matrix, lse: lse, scratch: SoftmaxAttention.Scratch())
+        return upProject(z, heads: heads, wUV: wUV, vDim: vDim)
+    }
+
+    /// The same over a bf16 cache: the query rows rounded to bf16, the kernel's bf16 path (`OneDNN.require()` must
+    /// have succeeded), z and the up-projection in fp32.
+    public static func attend(queries: Matrix, cache: BF16Matrix, latentCols: Int, heads: Int, wUV: (Int) -> Matrix, vDim: Int, scale: Float) -> Tensor {
+        precondition(queries.cols == cache.cols && queries.rows % heads == 0)
+        let z = Tensor(zeros: [queries.rows, latentCols])
+        let lse = UnsafeMutablePointer<Float>.allocate(capacity: max(queries.rows, 1))
+        defer { lse.deallocate() }
+        let scratch = SoftmaxAttention.BF16Scratch()
+        let q = BF16.convert(queries, into: scratch.q.reserve(queries.rows * queries.cols))
+        SoftmaxAttention.forwardBF16(q: q, k: cache, v: cache.cols(0..<latentCols), visible: Array(repeating: cache.rows, count: queries.rows),
+                                     scale: scale, into: z.matrix, lse: lse, scratch: scratch, progress: {})
+        return upProject(z, heads: heads, wUV: wUV, vDim: vDim)
+    }
+
+    /// o (T, H, d_v) = z_h W_UV,h per head, z (T*H rows, row t*H + h), in fp32.
+    static func upProject(_ z: Tensor, heads: Int, wUV: (Int) -> Matrix, vDim: Int) -> Tensor {
+        let (tokens, latentCols) = (z.shape[0] / heads, z.shape[1])
         let o = Tensor(zeros: [tokens, heads, vDim])
         for h in 0..<heads {
             let zh = Matrix(base: z.pointer + h * latentCols, rows: tokens, cols: latentCols, ld: heads * latentCols)

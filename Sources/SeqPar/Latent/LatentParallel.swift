@@ -10,6 +10,9 @@
 //           At P = 1 it is MLA; beyond, an approximation, checked against its own definition (`LatentOracle`).
 // An orthogonal transform R (d_c x d_c) before slicing: c' = c R, q_c' = q_c R, W_UV,h' = R^T W_UV,h leaves MLA
 // unchanged and changes how TPLA's slices share the information. Each rank applies only its columns of R.
+// Precision: in bf16 each rank's cache shard is packed bf16 (L x (d_c/P + d_r) x 2 bytes for TPLA, L x (d_c + d_r) x 2
+// for TP-MLA: half the fp32 bytes) and the query rows are rounded to bf16 for the kernel; scores, softmax, z and the
+// partial outputs o^g are fp32, and TPLA's all-reduce (and TP-MLA's AllGather) of the (T, H, d_v) outputs is fp32.
 import COpenBLAS
 
 /// The transform applied to the latent dimension before it is sliced.
@@ -109,7 +112,8 @@ public enum LatentAlgorithm: String, CaseIterable, Codable, Sendable {
 /// One rank's part: its cache rows [c' | k_r] (all of the latent columns, or its slice), its query rows, its heads
 /// and its rows of each head's W_UV.
 public struct LatentShard: @unchecked Sendable {
-    public var cache: Tensor
+    /// Rows [c' | k_r], fp32 or packed bf16.
+    public var cache: LatentCache
     public var queries: Tensor
     public var heads: Range<Int>
     public var latentCols: Int
@@ -117,7 +121,7 @@ public struct LatentShard: @unchecked Sendable {
     public var wUV: Tensor
 
     /// Bytes of latent cache (latent and RoPE columns) this rank holds and reads every step.
-    public var cacheBytes: Int { cache.count * MemoryLayout<Float>.size }
+    public var cacheBytes: Int { cache.bytes }
 
     /// The heads and latent columns rank `rank` of `ranks` keeps for `algorithm`.
     public static func split(_ algorithm: LatentAlgorithm, heads: Int, latentDim dc: Int, rank: Int, ranks: Int) -> (heads: Range<Int>, cols: Range<Int>) {
@@ -168,22 +172,29 @@ public struct LatentShard: @unchecked Sendable {
         return w
     }
 
-    /// Rank `rank`'s shard of `x` for `algorithm` on `ranks` ranks, transformed by `r` (d_c x d_c) when given.
-    public static func make(_ algorithm: LatentAlgorithm, _ x: LatentInputs, transform r: Tensor?, rank: Int, ranks: Int) -> LatentShard {
+    /// Rank `rank`'s shard of `x` for `algorithm` on `ranks` ranks, transformed by `r` (d_c x d_c) when given, its
+    /// cache in `precision` (bf16: the transformed values rounded into packed bf16).
+    public static func make(_ algorithm: LatentAlgorithm, _ x: LatentInputs, transform r: Tensor?, rank: Int, ranks: Int,
+                            precision: Precision = .fp32) -> LatentShard {
         let s = x.shape
         let (heads, cols) = split(algorithm, heads: s.heads, latentDim: s.latentDim, rank: rank, ranks: ranks)
         // Matrix views hold raw pointers: keep each tensor alive until its view is used.
         let latent = columns(x.latent.matrix, transform: r, cols: cols)
         let cache = withExtendedLifetime(latent) { LatentAttention.concatenate(latent.matrix, x.ropeK.matrix) }
-        return LatentShard(cache: cache, queries: queryRows(qLatent: x.qLatent, qRope: x.qRope, transform: r, cols: cols, heads: heads),
-                           heads: heads, latentCols: cols.count, wUV: valueRows(x.wUV, transform: r, cols: cols, heads: heads))
+        return LatentShard(cache: LatentCache(cache, precision: precision),
+                           queries: queryRows(qLatent: x.qLatent, qRope: x.qRope, transform: r, cols: cols, heads: heads), heads: heads, latentCols: cols.count, wUV: valueRows(x.wUV, transform: r, cols: cols, heads: heads))
     }
 
-    /// This rank's output (T, |heads|, d_v): its heads in full (mla, tp-mla) or every head's partial sum (tpla).
+    /// This rank's output (T, |heads|, d_v): its heads in full (mla, tp-mla) or every head's partial sum (tpla), in
+    /// fp32; over a bf16 cache, the kernel's bf16 path (`OneDNN.require()` must have succeeded).
     public func attend(vDim: Int, scale: Float) -> Tensor {
         let n = latentCols
-        return LatentAttention.attend(queries: queries.matrix, cache: cache.matrix, latentCols: n, heads: heads.count,
-                                      wUV: { Matrix(base: wUV.pointer + $0 * n * vDim, rows: n, cols: vDim) }, vDim: vDim, scale: scale)
+        let w = { Matrix(base: wUV.pointer + $0 * n * vDim, rows: n, cols: vDim) }
+        return withExtendedLifetime((cache, wUV, queries)) {
+            cache.precision == .bf16
+                ? LatentAttention.attend(queries: queries.matrix, cache: cache.bf16, latentCols: n, heads: heads.count, wUV: w, vDim: vDim, scale: scale)
+                : LatentAttention.attend(queries: queries.matrix, cache: cache.matrix, latentCols: n, heads: heads.count, wUV: w, vDim: vDim, scale: scale)
+        }
     }
 }
 

@@ -15,6 +15,13 @@
 // token, so each rank's partial sums are added across ranks with one all-reduce (rank order: deterministic).
 // Memory per rank: each layer keeps its input, q, k, v, o for backward (C x (d + 2(H+G)D) floats), plus the
 // gathered K, V of one softmax layer at a time (2 L G D floats).
+// Precision bf16 (a bf16 model, FlashAttention's rule): the weights hold bf16 values (rounded once, when the stack is
+// built, so the Double oracle sees the same weights); every product (the projections, their gradients and the
+// attention kernels: LASP-2 for L layers, the blockwise kernel for S layers) has bf16 operands on oneDNN and an fp32
+// result; q, k, v, o and dO are rounded to bf16 where they are made (the activations a layer keeps and its attention
+// reads). fp32: the residual stream x, y, dx (accumulators), the norm and its gradient, the linear layers' states
+// (and their AllGather), and the weight gradients with their all-reduce. The caller rounds the stack's input and its
+// final y and dx (HybridRun).
 
 public struct HybridStack: Sendable {
     public enum Layer: Character, Sendable, CaseIterable {
@@ -32,6 +39,8 @@ public struct HybridStack: Sendable {
     /// Decay and feature map of the linear layers.
     public let linear: AttentionOptions
     public let weights: [Weights]
+    /// fp32, or bf16 (see the file comment).
+    public let precision: Precision
 
     public var width: Int { shape.heads * shape.headDim }
 
@@ -46,10 +55,14 @@ public struct HybridStack: Sendable {
         }
     }
 
-    public init(layers: [Layer], shape: AttentionShape, decay: [Double], featureMap: FeatureMap, seed: UInt64) {
+    /// bf16 needs `OneDNN.require()` to have succeeded before `forward`.
+    public init(layers: [Layer], shape: AttentionShape, decay: [Double], featureMap: FeatureMap, seed: UInt64, precision: Precision = .fp32) {
         self.layers = layers
         self.shape = shape
-        linear = AttentionOptions(causal: true, decay: decay, featureMap: featureMap)
+        self.precision = precision
+        var linear = AttentionOptions(causal: true, decay: decay, featureMap: featureMap)
+        linear.precision = precision
+        self.linear = linear
         let (d, q, kv) = (shape.heads * shape.headDim, shape.heads * shape.headDim, shape.kvHeads * shape.headDim)
         weights = layers.indices.map { l in
             func w(_ i: UInt64, _ rows: Int, _ cols: Int) -> Tensor {
@@ -57,13 +70,36 @@ public struct HybridStack: Sendable {
                 let t = Tensor(uninitialized: [rows, cols])
                 let s = 1 / Float(rows).squareRoot()
                 for j in 0..<(rows * cols) { t.pointer[j] = rng.normal(j) * s }
+                if precision == .bf16 { t.roundToBF16() }
                 return t
             }
             return Weights(wq: w(0, d, q), wk: w(1, d, kv), wv: w(2, d, kv), wo: w(3, q, d))
         }
     }
 
-    func options(_ layer: Layer) -> AttentionOptions { layer == .linear ? linear : AttentionOptions(causal: true) }
+    func options(_ layer: Layer) -> AttentionOptions {
+        if layer == .linear { return linear }
+        var o = AttentionOptions(causal: true)
+        o.precision = precision
+        return o
+    }
+
+    /// `c = op(a) op(b)` (`c +=` with `accumulate`): OpenBLAS in fp32; in bf16 both operands rounded to bf16 and
+    /// multiplied on oneDNN into the fp32 c.
+    func product(_ a: Matrix, transposeA: Bool = false, _ b: Matrix, transposeB: Bool = false, into c: Matrix, accumulate: Bool = false) {
+        guard precision == .bf16 else {
+            return BLAS.gemm(a, transposeA: transposeA, b, transposeB: transposeB, into: c, beta: accumulate ? 1 : 0)
+        }
+        guard let dnn = try? OneDNN.context() else {
+            preconditionFailure("a bf16 hybrid stack ran without oneDNN: call OneDNN.require() before bf16 work (it throws the error that says what to install)")
+        }
+        let (ab, bb) = (BF16Buffer(capacity: a.rows * a.cols), BF16Buffer(capacity: b.rows * b.cols))
+        dnn.gemm(BF16.convert(a, into: ab.base), transposeA: transposeA, BF16.convert(b, into: bb.base), transposeB: transposeB,
+                 into: c, accumulate: accumulate)
+    }
+
+    /// Rounds an activation to bf16 in place in a bf16 stack (nothing in fp32).
+    func store(_ t: Tensor) { if precision == .bf16 { t.roundToBF16() } }
 
     func algorithm(_ layer: Layer) -> any AttentionAlgorithm {
         layer == .linear ? LinearSequenceParallel(.lasp2, exchange: .allGather) : AllGatherAttention()
@@ -107,6 +143,7 @@ public struct HybridStack: Sendable {
 
     /// Forward through the stack on this rank's tokens: x (B, C, d) at `positions` (contiguous layout).
     public func forward(_ x: Tensor, positions: [Int], comm: some Communicator) throws -> (y: Tensor, cache: [LayerCache]) {
+        if precision == .bf16 { try OneDNN.require() }
         let (b, c, g) = (shape.batch, positions.count, shape.kvHeads)
         var h = x
         var cache: [LayerCache] = []
@@ -116,13 +153,15 @@ public struct HybridStack: Sendable {
             let xm = Self.flat(n, cols: width)
             let q = Tensor(uninitialized: [b, c, shape.heads, shape.headDim])
             let k = Tensor(uninitialized: [b, c, g, shape.headDim]), v = Tensor(uninitialized: [b, c, g, shape.headDim])
-            BLAS.gemm(xm, w.wq.matrix, into: Self.flat(q, cols: width))
-            BLAS.gemm(xm, w.wk.matrix, into: Self.flat(k, cols: g * shape.headDim))
-            BLAS.gemm(xm, w.wv.matrix, into: Self.flat(v, cols: g * shape.headDim))
+            product(xm, w.wq.matrix, into: Self.flat(q, cols: width))
+            product(xm, w.wk.matrix, into: Self.flat(k, cols: g * shape.headDim))
+            product(xm, w.wv.matrix, into: Self.flat(v, cols: g * shape.headDim))
+            for t in [q, k, v] { store(t) }
             let local = LocalAttention(shape: shape, options: options(layer), positions: positions, q: q, k: k, v: v)
             let out = try algorithm(layer).forward(local, comm: comm)
+            store(out.o)
             let y = h.copy()
-            BLAS.gemm(Self.flat(out.o, cols: width), w.wo.matrix, into: Self.flat(y, cols: width), beta: 1)
+            product(Self.flat(out.o, cols: width), w.wo.matrix, into: Self.flat(y, cols: width), accumulate: true)
             cache.append(LayerCache(normalized: n, inverseRMS: inverse, attention: local, output: out))
             h = y
         }
@@ -131,6 +170,7 @@ public struct HybridStack: Sendable {
 
     /// Backward through the stack: dx (B, C, d) on this rank and the weight gradients summed over every rank.
     public func backward(_ cache: [LayerCache], gradOut dY: Tensor, comm: some Communicator) throws -> (dx: Tensor, dWeights: [Weights]) {
+        if precision == .bf16 { try OneDNN.require() }
         var dy = dY
         let grads: [Weights] = weights.map { w in
             Weights(wq: Tensor(zeros: w.wq.shape), wk: Tensor(zeros: w.wk.shape), wv: Tensor(zeros: w.wv.shape), wo: Tensor(zeros: w.wo.shape))
@@ -139,16 +179,17 @@ public struct HybridStack: Sendable {
         for l in layers.indices.reversed() {
             let (w, c, dw) = (weights[l], cache[l], grads[l])
             let dym = Self.flat(dy, cols: width)
-            BLAS.gemm(Self.flat(c.output.o, cols: width), transposeA: true, dym, into: dw.wo.matrix)
+            product(Self.flat(c.output.o, cols: width), transposeA: true, dym, into: dw.wo.matrix)
             let dO = Tensor(uninitialized: c.output.o.shape)
-            BLAS.gemm(dym, w.wo.matrix, transposeB: true, into: Self.flat(dO, cols: width))
+            product(dym, w.wo.matrix, transposeB: true, into: Self.flat(dO, cols: width))
+            store(dO)
             let ga = try algorithm(layers[l]).backward(c.attention, output: c.output, gradOut: dO, comm: comm)
             let xm = Self.flat(c.normalized, cols: width)
             let dn = Tensor(zeros: dy.shape)
             for (grad, weight, dWeight, cols) in [(ga.dq, w.wq, dw.wq, width), (ga.dk, w.wk, dw.wk, kvWidth), (ga.dv, w.wv, dw.wv, kvWidth)] {
                 let gm = Self.flat(grad, cols: cols)
-                BLAS.gemm(xm, transposeA: true, gm, into: dWeight.matrix)
-                BLAS.gemm(gm, weight.matrix, transposeB: true, into: Self.flat(dn, cols: width), beta: 1)
+                product(xm, transposeA: true, gm, into: dWeight.matrix)
+                product(gm, weight.matrix, transposeB: true, into: Self.flat(dn, cols: width), accumulate: true)
             }
             let dx = dy.copy()
             Self.rmsNormBackward(dn, n: c.normalized, inverse: c.inverseRMS, width: width, into: dx)

@@ -24,6 +24,12 @@
 // LASP-2's reordering takes the products off that path: every M_r before any exchange, the inter-chunk terms after.
 // Both fold with `LinearAttention.carry` in the same order, so they agree bit for bit.
 // Linear attention has no softmax: `AttentionOutput.lse` is empty (B, H, 0).
+// Precision (`options.precision`): bf16 runs every product of the kernels on oneDNN with bf16 operands (q, k, v, dO,
+// φ(q), φ(k), the masked blocks, and a bf16 copy of a state where it multiplies rows; LinearAttentionBF16.swift), and
+// keeps every state in fp32: M_r, dM_r, the folds S_<r, dS_>r and totals, and what travels: LASP-2's AllGather and
+// LASP-1's chain messages carry fp32 states (P x B x H x D x D x 4 bytes, the same as an fp32 run: a state is an
+// accumulator, and it is independent of L, so halving it would save little). The caller rounds the inputs and the
+// final o, dq, dk, dv to bf16; the kernels add into fp32 accumulators.
 import Foundation
 
 /// How the per-rank states travel.
@@ -106,6 +112,7 @@ public struct LinearSequenceParallel: AttentionAlgorithm {
     /// What both passes derive from the inputs.
     struct Chunk {
         let causal: Bool
+        let precision: Precision
         let heads: Int
         let decay: [Float]
         let counts: [Int]
@@ -113,6 +120,7 @@ public struct LinearSequenceParallel: AttentionAlgorithm {
 
         init(_ x: LocalAttention, ranks: Int) {
             causal = x.options.causal
+            precision = x.options.precision
             heads = x.shape.heads
             decay = causal ? x.options.decayPerHead(heads) : Array(repeating: 1, count: heads)
             counts = x.options.partition.counts(ranks: ranks, length: x.shape.seqLen)
@@ -123,7 +131,7 @@ public struct LinearSequenceParallel: AttentionAlgorithm {
 
     /// This rank's state M_r, for the exchange to compute when it needs it.
     func forwardState(_ x: LocalAttention, _ c: Chunk) -> () -> Tensor {
-        { LinearAttention.state(c.fk, x.v, heads: c.heads, decay: c.decay, direction: .forward) }
+        { LinearAttention.state(c.fk, x.v, heads: c.heads, decay: c.decay, direction: .forward, precision: c.precision) }
     }
 
     /// The shape of a state: (B, H, D, D).
@@ -137,34 +145,36 @@ public struct LinearSequenceParallel: AttentionAlgorithm {
 
     public func forward(_ x: LocalAttention, comm: some Communicator) throws -> AttentionOutput {
         try name.validate(ranks: comm.size, shape: x.shape, options: x.options)
+        if x.options.precision == .bf16 { try OneDNN.require() }
         let c = Chunk(x, ranks: comm.size)
         let pending = try exchange.start(forwardState(x, c), shape: stateShape(x), fold: c.causal ? .prefix : .total, counts: c.counts, decay: c.decay, comm: comm)
         let o = Tensor(zeros: x.q.shape)
         if c.causal {
-            LinearAttention.chunk(c.fq, c.fk, x.v, heads: c.heads, decay: c.decay, direction: .forward, into: o, progress: pending.test)
+            LinearAttention.chunk(c.fq, c.fk, x.v, heads: c.heads, decay: c.decay, direction: .forward, precision: c.precision, into: o, progress: pending.test)
         }
         let state = try pending.finish { s in
-            LinearAttention.addStateTerm(c.fq, state: s, heads: c.heads, decay: c.decay, direction: .forward, into: o)
+            LinearAttention.addStateTerm(c.fq, state: s, heads: c.heads, decay: c.decay, direction: .forward, precision: c.precision, into: o)
         }
         return AttentionOutput(o: o, lse: Tensor(zeros: [x.shape.batch, x.shape.heads, 0]), saved: state)
     }
 
     public func backward(_ x: LocalAttention, output: AttentionOutput, gradOut dO: Tensor, comm: some Communicator) throws -> AttentionGradients {
         try name.validate(ranks: comm.size, shape: x.shape, options: x.options)
+        if x.options.precision == .bf16 { try OneDNN.require() }
         let c = Chunk(x, ranks: comm.size)
         let state = try output.saved ?? prefixState(x, c, comm: comm)
-        let dMine = { LinearAttention.state(c.fq, dO, heads: c.heads, decay: c.decay, direction: .reverse) }
+        let dMine = { LinearAttention.state(c.fq, dO, heads: c.heads, decay: c.decay, direction: .reverse, precision: c.precision) }
         let pending = try exchange.start(dMine, shape: stateShape(x), fold: c.causal ? .suffix : .total, counts: c.counts, decay: c.decay, comm: comm)
         let (dq, dk, dv) = (Tensor(zeros: x.q.shape), Tensor(zeros: x.k.shape), Tensor(zeros: x.v.shape))
         if c.causal {
-            LinearAttention.chunk(dO, x.v, c.fk, heads: c.heads, decay: c.decay, direction: .forward, into: dq, progress: pending.test)
-            LinearAttention.chunk(x.v, dO, c.fq, heads: c.heads, decay: c.decay, direction: .reverse, into: dk, progress: pending.test)
-            LinearAttention.chunk(c.fk, c.fq, dO, heads: c.heads, decay: c.decay, direction: .reverse, into: dv, progress: pending.test)
+            LinearAttention.chunk(dO, x.v, c.fk, heads: c.heads, decay: c.decay, direction: .forward, precision: c.precision, into: dq, progress: pending.test)
+            LinearAttention.chunk(x.v, dO, c.fq, heads: c.heads, decay: c.decay, direction: .reverse, precision: c.precision, into: dk, progress: pending.test)
+            LinearAttention.chunk(c.fk, c.fq, dO, heads: c.heads, decay: c.decay, direction: .reverse, precision: c.precision, into: dv, progress: pending.test)
         }
-        LinearAttention.addStateTerm(dO, state: state, transposed: true, heads: c.heads, decay: c.decay, direction: .forward, into: dq)
+        LinearAttention.addStateTerm(dO, state: state, transposed: true, heads: c.heads, decay: c.decay, direction: .forward, precision: c.precision, into: dq)
         _ = try pending.finish { dState in
-            LinearAttention.addStateTerm(x.v, state: dState, transposed: true, heads: c.heads, decay: c.decay, direction: .reverse, into: dk)
-            LinearAttention.addStateTerm(c.fk, state: dState, heads: c.heads, decay: c.decay, direction: .reverse, into: dv)
+            LinearAttention.addStateTerm(x.v, state: dState, transposed: true, heads: c.heads, decay: c.decay, direction: .reverse, precision: c.precision, into: dk)
+            LinearAttention.addStateTerm(c.fk, state: dState, heads: c.heads, decay: c.decay, direction: .reverse, precision: c.precision, into: dv)
         }
         x.options.featureMap.backward(dq, input: x.q)
         x.options.featureMap.backward(dk, input: x.k)

@@ -1,6 +1,10 @@
 // One LASP-2H run (`seqpar attention --algorithm lasp2h --layers LLLS`), as every rank executes it: agree on the
 // configuration, validate, refuse what does not fit in memory, forward (and backward) through the hybrid stack,
 // gather y (and dx), check against `HybridOracle` on rank 0, report. Same order of agreement as `AttentionRun`.
+// bf16 (`--precision bf16`): oneDNN is required on every rank before any work; the input x and the output gradient dY
+// are rounded to bf16 (on every rank, and for the oracle), the stack runs in bf16 (HybridStack's file comment), and
+// its final y and dx are rounded to bf16; --check then compares with the Double stack on those rounded inputs and
+// the same (bf16-valued) weights, with tolerance 2e-2 (at least) for y, dx and the weight gradients.
 import Foundation
 
 public struct HybridRunConfig: Codable, Sendable, Equatable {
@@ -17,6 +21,15 @@ public struct HybridRunConfig: Codable, Sendable, Equatable {
     public var gradsPrefix: String?
     public var forwardTolerance = 2e-5
     public var gradientTolerance = 1e-4
+
+    /// The tolerance of bf16 checks (FlashAttention-style relative error against the Double definition on rounded inputs).
+    public static let bf16Tolerance = 2e-2
+
+    /// The tolerances a check applies: the configured ones, raised to `bf16Tolerance` in bf16.
+    public var effectiveTolerances: (forward: Double, gradient: Double) {
+        precision == .bf16 ? (max(forwardTolerance, Self.bf16Tolerance), max(gradientTolerance, Self.bf16Tolerance))
+                           : (forwardTolerance, gradientTolerance)
+    }
 
     public init(layers: String, shape: AttentionShape) {
         self.layers = layers
@@ -70,6 +83,7 @@ public struct HybridRunReport: Codable, Sendable {
     public var causal = true
     public var decay: [Double]
     public var featureMap: FeatureMap
+    public var precision: Precision
     public var timeS: [String: PhaseTime]
     public var tokensPerS: Double
     public var memoryEstimateBytes: Int
@@ -92,10 +106,11 @@ public enum HybridRun {
             try s.validate()
             let layers = try HybridStack.layers(config.layers)
             try AlgorithmName.lasp2.validate(ranks: ranks, shape: s, options: AttentionOptions(causal: true, decay: config.decay, featureMap: config.featureMap))
+            if config.precision == .bf16 { try OneDNN.require() }
             if let available = SystemInfo.availableMemory(), estimate.total * ranksPerHost > available {
                 throw SeqParError.outOfMemory("the hybrid run needs about \(SystemInfo.bytesText(estimate.total)) per rank (\(estimate.description)) x \(ranksPerHost) rank(s) on this machine, which has \(SystemInfo.bytesText(available)) available: use fewer tokens (--seq-len), fewer layers, more ranks or machines, or drop --check on long sequences")
             }
-            stack = HybridStack(layers: layers, shape: s, decay: config.decay, featureMap: config.featureMap, seed: config.seed)
+            stack = HybridStack(layers: layers, shape: s, decay: config.decay, featureMap: config.featureMap, seed: config.seed, precision: config.precision)
         } catch { failure = error }
         try comm.agree(failure)
         let model = stack!
@@ -103,6 +118,8 @@ public enum HybridRun {
         let positions = SequenceLayout.contiguous.positions(rank: rank, ranks: ranks, length: s.seqLen)
         let x = SeededInputs.hidden(.hidden, seed: config.seed, batch: s.batch, length: s.seqLen, width: model.width, positions: positions)
         let dY = SeededInputs.hidden(.gradHidden, seed: config.seed, batch: s.batch, length: s.seqLen, width: model.width, positions: positions)
+        let bf16 = config.precision == .bf16
+        if bf16 { x.roundToBF16(); dY.roundToBF16() }
         comm.resetCounters()
         try comm.barrier()
         comm.resetCounters()
@@ -117,6 +134,7 @@ public enum HybridRun {
             times.append(("backward", SystemInfo.now() - t))
         }
         let counters = comm.counters
+        if bf16 { y.roundToBF16(); backward?.dx.roundToBF16() }
 
         let layout = SequenceLayout.contiguous
         let needGlobal = config.check || config.outPath != nil || config.gradsPrefix != nil
@@ -124,6 +142,7 @@ public enum HybridRun {
         let dxAll = needGlobal ? try backward.map { try layout.gather($0.dx, length: s.seqLen, comm: comm) } : nil
 
         var check: HybridCheckReport?
+        let tolerance = config.effectiveTolerances
         if config.check {
             var verdict = [Double](repeating: -1, count: 4)
             if rank == 0, let yAll {
@@ -131,19 +150,20 @@ public enum HybridRun {
                 let all = Array(0..<s.seqLen)
                 let xg = SeededInputs.hidden(.hidden, seed: config.seed, batch: s.batch, length: s.seqLen, width: model.width, positions: all)
                 let dYg = config.backward ? SeededInputs.hidden(.gradHidden, seed: config.seed, batch: s.batch, length: s.seqLen, width: model.width, positions: all) : nil
+                if bf16 { xg.roundToBF16(); dYg?.roundToBF16() }
                 let ref = HybridOracle.run(model, x: xg, gradOut: dYg)
                 verdict[0] = relativeError(yAll, ref.y)
                 if let dx = dxAll, let refDx = ref.dx, let dW = backward?.dWeights, let refW = ref.dWeights {
                     verdict[1] = relativeError(dx, refDx)
                     verdict[2] = zip(dW, refW).flatMap { w, r in zip(w.all, r).map { relativeError($0, $1) } }.max() ?? 0
                 }
-                let gradientsOK = !config.backward || (verdict[1] <= config.gradientTolerance && verdict[2] <= config.gradientTolerance)
-                verdict[3] = verdict[0] <= config.forwardTolerance && gradientsOK ? 1 : 0
+                let gradientsOK = !config.backward || (verdict[1] <= tolerance.gradient && verdict[2] <= tolerance.gradient)
+                verdict[3] = verdict[0] <= tolerance.forward && gradientsOK ? 1 : 0
             }
             try verdict.withUnsafeMutableBufferPointer { try comm.broadcast($0, root: 0) }
             check = HybridCheckReport(forwardError: verdict[0], dxError: verdict[1] < 0 ? nil : verdict[1],
                                       weightGradientError: verdict[2] < 0 ? nil : verdict[2],
-                                      forwardTolerance: config.forwardTolerance, gradientTolerance: config.gradientTolerance, passed: verdict[3] == 1)
+                                      forwardTolerance: tolerance.forward, gradientTolerance: tolerance.gradient, passed: verdict[3] == 1)
         }
 
         failure = nil
@@ -162,7 +182,7 @@ public enum HybridRun {
         let report = HybridRunReport(
             layers: config.layers.uppercased(), backend: backend, ranks: ranks, batch: s.batch, seqLen: s.seqLen, heads: s.heads,
             kvHeads: s.kvHeads, headDim: s.headDim, decay: model.linear.decayPerHead(s.heads).map(Double.init), featureMap: config.featureMap,
-            timeS: timeS, tokensPerS: Double(s.batch * s.seqLen) / timeS.values.map(\.max).reduce(0, +), memoryEstimateBytes: estimate.total,
+            precision: config.precision, timeS: timeS, tokensPerS: Double(s.batch * s.seqLen) / timeS.values.map(\.max).reduce(0, +), memoryEstimateBytes: estimate.total,
             bytesSent: traffic.map { $0[0] }, bytesReceived: traffic.map { $0[1] }, collectives: traffic.map { $0[2] },
             messages: traffic.map { $0[3] }, peakRSSBytes: rss, check: check)
         if let c = check, !c.passed { throw SeqParError.checkFailed(c.summary) }
