@@ -6,7 +6,8 @@
 //   CDNNL       oneDNN's C API headers (the bf16 path; libdnnl is loaded at run time, see Tensor/OneDNN.swift)
 //   SeqPar      tensors, communicator protocol + in-process cluster, kernels, algorithms (no MPI)
 //   SeqParMPI   MPICommunicator, the only module that imports CMPI
-//   seqpar      the command-line tool
+//   seqpar      the command-line tool (the BuildInfo plugin records the commit it is built from: seqpar --version)
+//   ring-attention-example   Examples/RingAttention: the README's Swift example, built and run by the tests
 import Foundation
 import PackageDescription
 
@@ -59,7 +60,12 @@ let package = Package(
             dependencies: [
                 "SeqPar", "SeqParMPI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
-            ]),
+            ],
+            plugins: ["BuildInfo"]),
+        .plugin(name: "BuildInfo", capability: .buildTool()),
+        // The README's Swift example (Tests/SeqParMPITests/ReadmeTests.swift runs it and checks that the README shows
+        // this file byte for byte).
+        .executableTarget(name: "ring-attention-example", dependencies: ["SeqPar"], path: "Examples/RingAttention"),
         .testTarget(
             name: "SeqParTests",
             dependencies: [
@@ -68,6 +74,6 @@ let package = Package(
             ]),
         // Launches the built `seqpar` binary under a real `mpirun`; depends on the executable so that
         // `swift test` builds it first.
-        .testTarget(name: "SeqParMPITests", dependencies: ["seqpar"]),
+        .testTarget(name: "SeqParMPITests", dependencies: ["seqpar", "ring-attention-example"]),
     ]
 )

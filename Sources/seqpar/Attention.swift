@@ -226,7 +226,7 @@ struct Attention: ParsableCommand {
     }
 
     /// Runs `execute` on every rank (notes from rank 0 to stderr unless --json) and prints rank 0's report.
-    func launch<R: Encodable>(table: (R) -> String,
+    func launch<R: Encodable & Sendable>(table: (R) -> String,
                               _ execute: @escaping @Sendable (any Communicator, Backend, (String) -> Void) throws -> R) throws {
         let json = self.json
         let report = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout) { comm, backend in

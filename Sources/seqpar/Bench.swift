@@ -11,9 +11,11 @@ struct Bench: ParsableCommand {
 
 /// `#` lines that say where and how a benchmark ran.
 enum Provenance {
-    /// The commit: $SEQPAR_COMMIT (the device bundle sets it), else `git rev-parse` in the working directory.
+    /// The commit: $SEQPAR_COMMIT, else the one the binary was built from (Plugins/BuildInfo), else `git rev-parse` in
+    /// the working directory.
     static var commit: String {
         if let c = ProcessInfo.processInfo.environment["SEQPAR_COMMIT"], !c.isEmpty { return c }
+        if BuildInfo.commit != "unknown" { return BuildInfo.commit }
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         p.arguments = ["git", "rev-parse", "--short", "HEAD"]

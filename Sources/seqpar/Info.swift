@@ -22,7 +22,7 @@ struct Info: ParsableCommand {
         let mine = "\(SystemInfo.hostName)|\(SystemInfo.cpuList(cpus))|\(cpus.count)|\(SystemInfo.onlineCPUs)|\(BLAS.threads)"
         let all = try comm.allGatherStrings(mine).map { $0.split(separator: "|", omittingEmptySubsequences: false).map(String.init) }
         guard comm.rank == 0 else { return [] }
-        var lines = ["# seqpar info"]
+        var lines = ["# seqpar info", "version: \(SeqParCommand.version)"]
         if let v = mpiVersion {
             lines.append("backend: MPI, \(v)")
         } else {

@@ -10,7 +10,13 @@ struct SeqParCommand: ParsableCommand {
         Under `mpirun -np P seqpar ...` every rank is an MPI process. Without an MPI launcher, `--ranks N` runs N \
         simulated ranks as threads of one process (the same algorithms, communicating through memory).
         """,
+        version: SeqParCommand.version,
         subcommands: [Demo.self, Attention.self, DecodeCommand.self, Bench.self, ReportCommand.self, ModelCommand.self, Info.self, SelfTest.self])
+}
+
+extension SeqParCommand {
+    /// What `seqpar --version` prints: the version and the commit the binary was built from (Plugins/BuildInfo).
+    static let version = "seqpar \(SeqParVersion.number) (commit \(BuildInfo.commit))"
 }
 
 /// Options shared by every subcommand that runs ranks.

@@ -353,7 +353,7 @@ enum Harness {
             for v in values { withUnsafeBytes(of: v.bitPattern.littleEndian) { bytes += $0 } }
             bytes.removeLast(truncate)
             let path = dir.appendingPathComponent(name).path
-            FileManager.default.createFile(atPath: path, contents: Data(bytes))
+            #expect(FileManager.default.createFile(atPath: path, contents: Data(bytes)))
             return path
         }
         let shape = [6, 2, 4], n = 48
@@ -366,7 +366,7 @@ enum Harness {
         let fifo = dir.appendingPathComponent("fifo.npy").path
         #expect(mkfifo(fifo, 0o600) == 0)
         let garbage = dir.appendingPathComponent("garbage.npy").path
-        FileManager.default.createFile(atPath: garbage, contents: Data((0..<300).map { UInt8(truncatingIfNeeded: $0 &* 131 &+ 7) }))
+        #expect(FileManager.default.createFile(atPath: garbage, contents: Data((0..<300).map { UInt8(truncatingIfNeeded: $0 &* 131 &+ 7) })))
         let cases: [(q: String, k: String?, v: String?, message: String)] = [
             (npy("nan.npy", shape: shape, values: withNaN), nil, nil, "holds nan at (batch, token, head, dim) [0, 4, 1, 2]"),
             (npy("q.npy", shape: shape, values: good), nil, npy("inf.npy", shape: shape, values: withInf), "holds -inf at (batch, token, head, dim) [0, 5, 0, 3]"),

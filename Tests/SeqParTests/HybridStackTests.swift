@@ -12,6 +12,7 @@ import Testing
         var forward: CommCounters, backward: CommCounters
     }
 
+    @discardableResult
     func check(_ pattern: String, ranks: Int, shape s: AttentionShape, decay: [Double], map: FeatureMap = .identity, seed: UInt64 = 3) throws -> [Run] {
         let stack = HybridStack(layers: try HybridStack.layers(pattern), shape: s, decay: decay, featureMap: map, seed: seed)
         let all = Array(0..<s.seqLen)

@@ -171,7 +171,7 @@ func doubleBytes(_ values: [Double]) -> [UInt8] { values.flatMap { v in withUnsa
             do { _ = try NPY.read(path) } catch let e as NPYError { #expect(e.problem.contains(phrase), "\(path): \(e.problem)") }
         }
         let empty = dir.appendingPathComponent("empty.npy").path
-        FileManager.default.createFile(atPath: empty, contents: Data())
+        #expect(FileManager.default.createFile(atPath: empty, contents: Data()))
         do { _ = try NPY.read(empty); Issue.record("an empty file decoded") } catch let e as NPYError {
             #expect(e.problem.contains("not a .npy file"), "\(e.problem)")
         }
