@@ -30,7 +30,7 @@ struct Attention: ParsableCommand {
 
     @Flag(help: "Causal mask: query i sees keys j <= i (the default for linear attention).") var causal = false
     @Flag(help: "Linear attention: every query sees every key (no decay).") var bidirectional = false
-    @Option(help: ArgumentHelp("Linear attention: decay λ in (0, 1], one value or one per head, comma-separated (1: none).", valueName: "λ[,λ...]"))
+    @Option(help: ArgumentHelp("Linear attention: decay in (0, 1], one value or one per head, comma-separated (1: none).", valueName: "decay[,decay...]"))
     var decay: String?
     @Option(help: "Linear attention: feature map on q and k: identity or elu1 (elu(x)+1).") var featureMap: FeatureMap?
     @Option(help: "How the sequence is split over ranks: contiguous or zigzag.") var layout: SequenceLayout = .contiguous
