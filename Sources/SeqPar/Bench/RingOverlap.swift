@@ -9,6 +9,8 @@
 //   overlap    (t_comm + t_compute - t_fused) / min(t_comm, t_compute): 1 when the shorter one hides entirely, 0 when
 //              they run one after the other; `overlap` is the standard mode's (what a run would use), and every
 //              mode's is in `overlap_by_progress`
+// In bf16 (`options.precision`) the inputs are rounded to bf16 and the exchanges carry bf16 K/V blocks (half the
+// bytes) with fp32 dK/dV accumulators, as a bf16 run's do.
 // Each time is the slowest rank's (ranks start together after a barrier). The variants run interleaved, one of each
 // per round in a rotating order, so drift in the machine's speed touches them alike; times are medians over `repeats`
 // rounds after `warmup`, and the overlap is the median of each round's overlap.
@@ -21,6 +23,8 @@ public struct OverlapResult: Codable, Sendable {
     public var seqLen: Int, heads: Int, kvHeads: Int, headDim: Int
     public var causal: Bool
     public var layout: SequenceLayout
+    /// fp32, or bf16 (K/V blocks sent as bf16: half the bytes).
+    public var precision: Precision = .fp32
     /// Bytes of one K/V block (the message of one ring step).
     public var blockBytes: Int
     public var tCommS: Double, tComputeS: Double
@@ -63,7 +67,10 @@ public enum RingOverlap {
         let x = SeededInputs.attention(shape: shape, options: options, positions: positions, seed: 5)
         let dO = SeededInputs.gradOut(shape: shape, positions: positions, seed: 5)
         if options.precision == .bf16 {
-            try OneDNN.require()
+            // oneDNN on every rank, agreed (a rank without it names the package; none is left waiting).
+            var failure: Error?
+            do { try OneDNN.require() } catch { failure = error }
+            try comm.agree(failure)
             for t in [x.q, x.k, x.v, dO] { t.roundToBF16() }
         }
         let packedShape = { (r: Int) in [RingAttention.packedCount(x, rank: r, ranks: ranks)] }
@@ -104,7 +111,7 @@ public enum RingOverlap {
             }
             let standard = (modes.contains(.standard) ? RingProgress.standard : modes[0]).rawValue
             return OverlapResult(direction: direction, ranks: ranks, seqLen: length, heads: shape.heads, kvHeads: shape.kvHeads, headDim: shape.headDim,
-                                 causal: options.causal, layout: options.layout, blockBytes: (counts.max() ?? 0) * options.precision.operandBytes,
+                                 causal: options.causal, layout: options.layout, precision: options.precision, blockBytes: (counts.max() ?? 0) * options.precision.operandBytes,
                                  tCommS: KernelBench.median(tc), tComputeS: KernelBench.median(tk), progress: RingProgress(rawValue: standard)!, tFusedS: fused[standard]!, overlap: overlaps[standard]!,
                                  tFusedByProgress: fused, overlapByProgress: overlaps, repeats: repeats)
         }
