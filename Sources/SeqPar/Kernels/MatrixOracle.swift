@@ -24,7 +24,15 @@ public enum MatrixOracle {
                     beta, c, blasint(n))
     }
 
-    @inline(__always) static func r(_ x: Double) -> Double { Double(BF16.rounded(Float(x))) }
+    /// `x` rounded to fp32, then to bf16 (nearest, ties to even), as `BF16.rounded` does, on scalar bits: this runs
+    /// per element of L x L matrices, where the sixteen-lane conversion costs a whole vector per value (and far more
+    /// in a debug build).
+    @inline(__always) static func r(_ x: Double) -> Double {
+        let f = Float(x)
+        if f.isNaN { return x }
+        let b = f.bitPattern
+        return Double(Float(bitPattern: (b &+ 0x7FFF &+ ((b >> 16) & 1)) & 0xFFFF_0000))
+    }
 
     /// Scratch for one head: L x D operands and results, the L x L probabilities and dP.
     final class Workspace {
@@ -72,10 +80,14 @@ public enum MatrixOracle {
                 if plainBF16 {
                     let fs = Float(scale)
                     var m = -Float.infinity
-                    for j in 0..<n { m = max(m, fs * Float(r(row[j]))) }
+                    for j in 0..<n {
+                        let sj = fs * Float(r(row[j]))
+                        row[j] = Double(sj)
+                        m = max(m, sj)
+                    }
                     var sum: Float = 0
                     for j in 0..<n {
-                        let e = Float(_exp(Double(fs * Float(r(row[j])) - m)))
+                        let e = Float(_exp(Double(Float(row[j]) - m)))
                         row[j] = Double(e)
                         sum += e
                     }
@@ -115,13 +127,14 @@ public enum MatrixOracle {
         return DenseOracle.Forward(o: o, lse: lse)
     }
 
-    /// dq, dk, dv as `DenseOracle.backward` and `PlainBF16Attention.backward` give them.
-    public static func backward(q: Tensor, k: Tensor, v: Tensor, gradOut: Tensor, causal: Bool, scale: Double, plainBF16: Bool = false) -> DenseOracle.Gradients {
+    /// dq, dk, dv as `DenseOracle.backward` and `PlainBF16Attention.backward` give them. The plain reference's
+    /// rowsum(dO * O) uses its own o: `plainO` when the caller has it (from `forward(..., plainBF16: true)`).
+    public static func backward(q: Tensor, k: Tensor, v: Tensor, gradOut: Tensor, causal: Bool, scale: Double, plainBF16: Bool = false,
+                                plainO known: [Double]? = nil) -> DenseOracle.Gradients {
         let x = DenseOracle.dims(q, k)
         let group = x.h / x.g
         let w = Workspace(l: x.l, d: x.d)
-        // The plain reference's rowsum(dO * O) uses its own (rounded) O.
-        let plainO = plainBF16 ? forward(q: q, k: k, v: v, causal: causal, scale: scale, plainBF16: true).o : []
+        let plainO = plainBF16 ? known ?? forward(q: q, k: k, v: v, causal: causal, scale: scale, plainBF16: true).o : []
         var dq = [Double](repeating: 0, count: q.count), dk = [Double](repeating: 0, count: k.count), dv = [Double](repeating: 0, count: v.count)
         for b in 0..<x.b {
             for h in 0..<x.h {

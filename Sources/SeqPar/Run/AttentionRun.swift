@@ -605,11 +605,11 @@ public enum AttentionRun {
         func plainError(_ plain: [Double], _ oracle: [Double]) -> Double {
             plain.map(Float.init).withUnsafeBufferPointer { relativeError($0, oracle[...]) }
         }
-        var plainForwardError: Double?
+        var plainForwardError: Double?, plainO: [Double]?
         if bf16Rule {
             let plain = cache?.plainForward[key] ?? MatrixOracle.forward(q: g.q, k: g.k, v: g.v, causal: config.options.causal, scale: scale, plainBF16: true).o
             cache?.plainForward[key] = plain
-            plainForwardError = plainError(plain, ref.o)
+            (plainForwardError, plainO) = (plainError(plain, ref.o), plain)
         }
         let forwardLimit = plainForwardError.map { PlainBF16Attention.bound(referenceError: $0) } ?? config.forwardTolerance
         // lse: absolute difference, relative to max(1, |lse|) (lse is a log, so its scale is its own).
@@ -660,7 +660,8 @@ public enum AttentionRun {
             report.dvError = relativeError(grads.dv, refG.dv)
             var limits = [config.gradientTolerance, config.gradientTolerance, config.gradientTolerance]
             if bf16Rule {
-                let plain = cache?.plainGradients[key] ?? MatrixOracle.backward(q: g.q, k: g.k, v: g.v, gradOut: d, causal: config.options.causal, scale: scale, plainBF16: true)
+                let plain = cache?.plainGradients[key] ?? MatrixOracle.backward(q: g.q, k: g.k, v: g.v, gradOut: d, causal: config.options.causal, scale: scale,
+                                                                                  plainBF16: true, plainO: plainO)
                 cache?.plainGradients[key] = plain
                 report.plainBF16DqError = plainError(plain.dq, refG.dq)
                 report.plainBF16DkError = plainError(plain.dk, refG.dk)
