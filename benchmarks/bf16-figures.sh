@@ -8,6 +8,9 @@
 #                                       the same problems
 #   benchmarks/bf16-figures.sh ring     16 ranks: ring zigzag causal, L 16384, H 8, D 128, forward+backward, fp32 and bf16
 #                                       (two launches each), and PyTorch SDPA with 16 threads on the same problem
+#   benchmarks/bf16-figures.sh latent   decode step at 32K context, TP-MLA and TPLA, H 16 and 128, 4 ranks, fp32 then bf16
+#   benchmarks/bf16-figures.sh lasp     LASP-2 (with LASP-1 beside it), 16 ranks, L 262144, H 8, D 128, decay 0.99,
+#                                       forward and backward, fp32 then bf16
 #   benchmarks/bf16-figures.sh verbose  oneDNN's choice of implementation for each of the kernel's products
 #
 # SEQPAR is the binary (default .device/bin/seqpar, else .build/release/seqpar); MPIRUN_FLAGS is added to mpirun.
@@ -18,7 +21,7 @@ mkdir -p "$OUT"
 . "$(dirname "$0")/common.sh"
 export OMP_NUM_THREADS=1
 PEER="python3 $(dirname "$0")/peers/torch_sdpa.py"
-parts=${*:-kernel ring verbose}
+parts=${*:-kernel ring latent lasp verbose}
 
 "$BIN" info > "$OUT/info.txt" 2>&1
 
@@ -44,10 +47,22 @@ ring)
         $PEER --threads 16 --seq-len 16384 --heads 8 --head-dim 128 --causal --backward --dtype $dtype >> "$OUT/peer-ring.jsonl" 2>> "$OUT/log.txt"
     done
     ;;
+latent)
+    for precision in fp32 bf16; do
+        $MPIRUN -np 4 --bind-to core "$BIN" bench latent --algorithm tp-mla tpla --seq-len 32768 --heads 16 128 --repeats 20 --warmup 3 \
+            --precision $precision --json >> "$OUT/latent.jsonl" 2>> "$OUT/log.txt"
+    done
+    ;;
+lasp)
+    for precision in fp32 bf16; do
+        $MPIRUN -np 16 --bind-to core "$BIN" bench attention --algorithm lasp2 lasp1 --seq-len 262144 --heads 8 --head-dim 128 --decay 0.99 \
+            --repeats 3 --warmup 1 --no-baseline --precision $precision --json >> "$OUT/lasp.jsonl" 2>> "$OUT/log.txt"
+    done
+    ;;
 verbose)
     DNNL_VERBOSE=1 "$BIN" bench kernel --seq-len 1024 --head-dim 128 --precision bf16 --repeats 1 --warmup 0 --mask causal 2>&1 \
         | grep -E 'verbose,(create|exec)' | awk -F, -v OFS=, '{NF--; print}' | sort | uniq -c | sort -rn | head -40 > "$OUT/verbose.txt"
     ;;
-*) echo "unknown part $part: give kernel, ring or verbose" >&2; exit 64 ;;
+*) echo "unknown part $part: give kernel, ring, latent, lasp or verbose" >&2; exit 64 ;;
 esac
 done

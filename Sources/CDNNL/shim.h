@@ -21,6 +21,8 @@ typedef __typeof__(&dnnl_primitive_desc_destroy) seqpar_dnnl_primitive_desc_dest
 typedef __typeof__(&dnnl_primitive_desc_query) seqpar_dnnl_primitive_desc_query;
 typedef __typeof__(&dnnl_primitive_create) seqpar_dnnl_primitive_create;
 typedef __typeof__(&dnnl_primitive_execute) seqpar_dnnl_primitive_execute;
+typedef __typeof__(&dnnl_primitive_destroy) seqpar_dnnl_primitive_destroy;
+typedef __typeof__(&dnnl_memory_destroy) seqpar_dnnl_memory_destroy;
 typedef __typeof__(&dnnl_memory_create) seqpar_dnnl_memory_create;
 typedef __typeof__(&dnnl_memory_set_data_handle) seqpar_dnnl_memory_set_data_handle;
 typedef __typeof__(&dnnl_get_effective_cpu_isa) seqpar_dnnl_get_effective_cpu_isa;

@@ -8,6 +8,14 @@ struct Attention: ParsableCommand {
         discussion: """
         Inputs are generated from --seed (the same global tensors for any number of ranks) or read from .npy files \
         (float32/float64, C order; q (seq, heads, head_dim) or (batch, seq, heads, head_dim), k and v with kv_heads).
+
+        --precision bf16 (softmax algorithms: dense, allgather, ring, rsa, ulysses): q, k, v and dO are rounded to \
+        bf16 first (a value beyond bf16's range is an error), the products run on bf16 operands (oneDNN; statistics \
+        and accumulators fp32), K and V travel between ranks as bf16 (half the bytes), and o, dq, dk, dv are stored \
+        in bf16 as FlashAttention stores them: --out and --grads-prefix write them as float32 .npy files holding \
+        those bf16 values. --check then applies FlashAttention's rule: each of o, dq, dk, dv within 2x the error of \
+        a plain bf16 implementation (every product rounded to bf16) plus 1e-4, both against the Double oracle on the \
+        rounded inputs; the report gives both errors and the bound. Needs oneDNN (apt-get install libdnnl2).
         """)
 
     @Option(help: "Algorithm: \(AlgorithmChoice.allValueStrings.joined(separator: ", ")).")
@@ -35,7 +43,7 @@ struct Attention: ParsableCommand {
     @Option(help: "Linear attention: feature map on q and k: identity or elu1 (elu(x)+1).") var featureMap: FeatureMap?
     @Option(help: "How the sequence is split over ranks: contiguous or zigzag.") var layout: SequenceLayout = .contiguous
     @Option(help: "Softmax scale (default 1/sqrt(head_dim)).") var scale: Float?
-    @Option(help: "Precision: fp32 (the reference, OpenBLAS) or bf16 (oneDNN on the matrix units; statistics and accumulators stay fp32).")
+    @Option(help: "Precision: fp32 (the reference, OpenBLAS) or bf16 (oneDNN on the matrix units; statistics and accumulators stay fp32; outputs stored in bf16, see below).")
     var precision: Precision = .fp32
 
     @Flag(help: "Also compute dq, dk, dv.") var backward = false
@@ -43,7 +51,7 @@ struct Attention: ParsableCommand {
     @Option(help: "Write the gradients to PREFIX.dq.npy, PREFIX.dk.npy, PREFIX.dv.npy.") var gradsPrefix: String?
     @Option(help: "Write the full output, gathered in global order, to this .npy file.") var out: String?
 
-    @Flag(help: "Compare with the dense Double oracle; exit 1 above tolerance (forward 2e-5, gradients 1e-4).") var check = false
+    @Flag(help: "Compare with the dense Double oracle; exit 1 above tolerance (forward 2e-5, gradients 1e-4; bf16: 2x the plain bf16 reference's error + 1e-4).") var check = false
     @Flag(help: "Print one JSON object instead of the table.") var json = false
 
     @Option(help: "Latent attention (mla, tp-mla, tpla): latent dimension d_c (default 512).") var latentDim: Int?

@@ -209,6 +209,7 @@ struct OverlapBenchCommand: ParsableCommand {
     @Option(help: "Head dimension D.") var headDim = 128
     @Flag(help: "Causal mask.") var causal = false
     @Option(help: "Sequence layout over ranks.") var layout: SequenceLayout = .contiguous
+    @Option(help: "Precision: fp32, or bf16 (K/V blocks sent in bf16, half the bytes; kernels on bf16 operands; needs oneDNN).") var precision: Precision = .fp32
     @Option(help: "Timed repetitions (the median is reported).") var repeats = 10
     @Option(help: "Untimed repetitions first.") var warmup = 2
     @Flag(help: "Forward only.") var forwardOnly = false
@@ -225,7 +226,9 @@ struct OverlapBenchCommand: ParsableCommand {
 
     func run() throws {
         let shape = AttentionShape(seqLen: seqLen, heads: heads, kvHeads: kvHeads ?? heads, headDim: headDim)
-        let options = AttentionOptions(causal: causal, layout: layout)
+        var o = AttentionOptions(causal: causal, layout: layout)
+        o.precision = precision
+        let options = o
         let (repeats, warmup, backward) = (self.repeats, self.warmup, !forwardOnly)
         let out = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout) { comm, backend in
             (try RingOverlap.measure(shape: shape, options: options, comm: comm, repeats: repeats, warmup: warmup, backward: backward), backend)
@@ -234,7 +237,7 @@ struct OverlapBenchCommand: ParsableCommand {
         if json { results.forEach { print(Report.json($0)) }; return }
         let modes = RingProgress.allCases.map(\.rawValue)
         (Provenance.header("bench overlap") + [
-            "# ring attention, \(backend.ranks) rank(s), backend \(backend.name); \(shape), \(causal ? "causal" : "full"), layout \(layout.rawValue)",
+            "# ring attention, \(backend.ranks) rank(s), backend \(backend.name); \(shape), \(causal ? "causal" : "full"), layout \(layout.rawValue), precision \(precision.rawValue)",
             "# K/V block per ring step \(SystemInfo.bytesText(results[0].blockBytes)); slowest rank's time, median of \(repeats) after \(warmup) warm-up",
             "# overlap = (t_comm + t_compute - t_fused) / min(t_comm, t_compute), per progress mode: none (moves at the wait), tests (MPI_Test between tiles), thread (a progress thread); this run's standard: \(results[0].progress.rawValue)",
             (["direction", "t_comm_s", "t_compute_s"] + modes.map { "fused_\($0)_s" } + modes.map { "overlap_\($0)" }).map { Report.pad($0, 15) }.joined(),
@@ -269,6 +272,7 @@ struct AttentionBenchCommand: ParsableCommand {
     @Option(parsing: .upToNextOption, help: "How tokens are split over ranks: equal, or speed (in proportion to each rank's speed, probed just before; helps where ranks run at different speeds and work grows with tokens: ring with zigzag, allgather, RSA, LASP). Several: each algorithm under each, in turn.") var balance: [SpeedBalance.Mode] = [.equal]
     @Option(help: "Linear attention decay: one value or one per head, comma-separated.") var decay = "1"
     @Option(help: "Linear attention feature map: identity or elu1.") var featureMap: FeatureMap = .identity
+    @Option(help: "Precision of every algorithm and baseline: fp32, or bf16 (inputs rounded to bf16, products on bf16 operands, K/V sent in bf16; needs oneDNN).") var precision: Precision = .fp32
     @Option(help: "Timed repetitions (the median is reported).") var repeats = 5
     @Option(help: "Untimed repetitions first.") var warmup = 1
     @Flag(help: "Forward only.") var forwardOnly = false
@@ -292,9 +296,11 @@ struct AttentionBenchCommand: ParsableCommand {
     }
 
     func options(_ a: AlgorithmName) throws -> AttentionOptions {
-        a.family == .linear
+        var o = a.family == .linear
             ? AttentionOptions(causal: !bidirectional, layout: .contiguous, decay: try Attention.parseDecay(decay), featureMap: featureMap)
             : AttentionOptions(causal: causal, layout: layout)
+        o.precision = precision
+        return o
     }
 
     func run() throws {
@@ -335,7 +341,7 @@ struct AttentionBenchCommand: ParsableCommand {
                        ("peak_rss", 11), ("rel_time", 9)]
         let baselineNote = results.compactMap { r in r.baselineTimeS.map { String(format: "%@ %@ %.4f s", r.algorithm.family == .softmax ? "dense" : "linear", r.direction, $0) } }
         (Provenance.header("bench attention") + Provenance.placementLines(placement) + [
-            "# \(backend.ranks) rank(s), backend \(backend.name); \(shape); median of \(repeats) after \(warmup) warm-up, slowest rank per repetition",
+            "# \(backend.ranks) rank(s), backend \(backend.name); \(shape); precision \(precision.rawValue); median of \(repeats) after \(warmup) warm-up, slowest rank per repetition",
             "# rank_spread: slowest rank's median over the fastest's; rel_time: time over the first algorithm's in the same direction",
             "# wait_s: seconds per step blocked in communication (waits, collectives), least-most over ranks",
             "# efficiency: GFLOP/s over ranks x the one-rank baseline's (same launch" + (baselineSeqLen.map { ", L=\($0)" } ?? "")

@@ -4,13 +4,20 @@ import SeqPar
 
 struct Demo: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "The main job on embedded defaults: every algorithm on one generated input, forward and backward, each checked against the Double oracle; a table of errors and timings.")
+        abstract: "The main job on embedded defaults: every algorithm on one generated input, forward and backward, each checked against the Double oracle; a table of errors and timings.",
+        discussion: """
+        --precision bf16 runs every algorithm in bf16 (inputs rounded to bf16, outputs stored in bf16). Softmax \
+        attention is then checked by FlashAttention's rule: each of o, dq, dk, dv within 2x the error of a plain bf16 \
+        implementation plus 1e-4, against the Double oracle on the rounded inputs (the table gives the bounds); \
+        linear attention against its oracle on the rounded inputs within \(Demo.bf16LinearTolerance).
+        """)
 
     @Option(help: "Sequence length.") var seqLen = 1024
     @Option(help: "Query heads.") var heads = 8
     @Option(help: "Key/value heads (GQA).") var kvHeads = 2
     @Option(help: "Head dimension.") var headDim = 64
     @Option(help: "Seed of the generated inputs.") var seed: UInt64 = 0
+    @Option(help: "Precision of every run: fp32 or bf16 (needs oneDNN).") var precision: Precision = .fp32
     @Flag(help: "Print one JSON object per run instead of the table.") var json = false
     @OptionGroup var rankOptions: RankOptions
 
@@ -22,6 +29,10 @@ struct Demo: ParsableCommand {
     /// The decay of the demo's linear-attention runs.
     static let linearDecay = 0.99
 
+    /// The tolerance of linear attention in a bf16 demo (forward and gradients): bf16 inputs and outputs carry about
+    /// 2^-8 relative error each. (fp32 runs keep the fp32 tolerances; softmax attention in bf16 has the bf16 rule.)
+    static let bf16LinearTolerance = 2e-2
+
     /// The runs of the demo: the one-rank baseline, then each distributed algorithm in each layout.
     func configs() -> [AttentionRunConfig] {
         let shape = AttentionShape(seqLen: seqLen, heads: heads, kvHeads: kvHeads, headDim: headDim)
@@ -30,11 +41,13 @@ struct Demo: ParsableCommand {
             let linear = algorithm.family == .linear
             let layouts: [SequenceLayout] = algorithm == .dense || linear ? [.contiguous] : SequenceLayout.allCases
             for layout in layouts {
-                let options = AttentionOptions(causal: true, layout: layout, decay: linear ? [Self.linearDecay] : [1])
+                var options = AttentionOptions(causal: true, layout: layout, decay: linear ? [Self.linearDecay] : [1])
+                options.precision = precision
                 var c = AttentionRunConfig(algorithm: algorithm, shape: shape, options: options)
                 c.seed = seed
                 c.backward = true
                 c.check = true
+                if linear && precision == .bf16 { (c.forwardTolerance, c.gradientTolerance) = (Self.bf16LinearTolerance, Self.bf16LinearTolerance) }
                 runs.append(c)
             }
         }
@@ -75,18 +88,28 @@ struct Demo: ParsableCommand {
             return
         }
         print("# seqpar demo: every algorithm on one generated input, forward and backward, checked against the Double oracle")
-        print("# B=1 L=\(seqLen) H=\(heads) G=\(kvHeads) D=\(headDim), causal, seed \(seed); \(backend.ranks) rank(s), backend \(backend.name)")
+        let bf16 = precision == .bf16
+        print("# B=1 L=\(seqLen) H=\(heads) G=\(kvHeads) D=\(headDim), causal, seed \(seed); \(backend.ranks) rank(s), backend \(backend.name); precision \(precision.rawValue)")
         print("# softmax attention: dense, allgather, ring, rsa, ulysses; linear attention (decay \(Self.linearDecay), checked against the linear-attention oracle): lasp1, lasp2")
-        print("# errors: max |x - oracle| / max |oracle|; tolerances: forward 2e-05, gradients 1e-04")
-        let header = [("algorithm", 11), ("layout", 12), ("ranks", 6), ("fwd_s", 9), ("bwd_s", 9), ("fwd_err", 10), ("lse_err", 10),
-                      ("dq_err", 10), ("dk_err", 10), ("dv_err", 10), ("sent_B/rank", 13), ("check", 6)]
+        if bf16 {
+            print("# errors: max |x - oracle| / max |oracle|, the oracle in Double on the bf16-rounded inputs; softmax: the bf16 rule, each error within its bound")
+            print("#   (2x the plain bf16 reference's error + 1e-4; lse within \(AttentionRun.bf16LSETolerance)); linear: tolerance \(Self.bf16LinearTolerance)")
+        } else {
+            print("# errors: max |x - oracle| / max |oracle|; tolerances: forward 2e-05, gradients 1e-04")
+        }
+        var header = [("algorithm", 11), ("layout", 12), ("ranks", 6), ("fwd_s", 9), ("bwd_s", 9), ("fwd_err", 10), ("lse_err", 10),
+                      ("dq_err", 10), ("dk_err", 10), ("dv_err", 10)]
+        if bf16 { header += [("fwd_bound", 10), ("dq_bound", 10), ("dk_bound", 10), ("dv_bound", 10)] }
+        header += [("sent_B/rank", 13), ("check", 6)]
         print(header.map { Report.pad($0.0, $0.1) }.joined())
         for r in all {
             let c = r.check
             let sent = r.bytesSent.max() ?? 0
-            let cells = [r.algorithm.rawValue, r.layout.rawValue, "\(r.ranks)", String(format: "%.4f", r.timeS["forward"]?.max ?? 0),
+            var cells = [r.algorithm.rawValue, r.layout.rawValue, "\(r.ranks)", String(format: "%.4f", r.timeS["forward"]?.max ?? 0),
                          String(format: "%.4f", r.timeS["backward"]?.max ?? 0), Report.sci(c?.forwardError), Report.sci(c?.lseError),
-                         Report.sci(c?.dqError), Report.sci(c?.dkError), Report.sci(c?.dvError), "\(sent)", c?.passed == true ? "PASS" : "FAIL"]
+                         Report.sci(c?.dqError), Report.sci(c?.dkError), Report.sci(c?.dvError)]
+            if bf16 { cells += [Report.sci(c?.forwardBound), Report.sci(c?.dqBound), Report.sci(c?.dkBound), Report.sci(c?.dvBound)] }
+            cells += ["\(sent)", c?.passed == true ? "PASS" : "FAIL"]
             print(zip(cells, header).map { Report.pad($0, $1.1) }.joined())
         }
         for note in skipped { print("# skipped \(note)") }

@@ -5,7 +5,7 @@ import SeqParMPI
 
 struct Info: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "MPI library, ranks and hosts, core binding, BLAS kernel and threads, and a warning for each setting that will cost speed.")
+        abstract: "MPI library, ranks and hosts, core binding, BLAS kernel and threads, oneDNN (the bf16 path) and the instruction set it dispatches to, and a warning for each setting that will cost speed.")
 
     @OptionGroup var rankOptions: RankOptions
 
@@ -19,7 +19,9 @@ struct Info: ParsableCommand {
 
     static func describe(comm: some Communicator, backend: Backend, mpiVersion: String?) throws -> [String] {
         let cpus = SystemInfo.allowedCPUs()
-        let mine = "\(SystemInfo.hostName)|\(SystemInfo.cpuList(cpus))|\(cpus.count)|\(SystemInfo.onlineCPUs)|\(BLAS.threads)"
+        // oneDNN as each rank sees it (hosts may differ): version, instruction set, bf16 unit.
+        let dnn = OneDNN.isAvailable ? "\(OneDNN.version ?? "?")|\(OneDNN.isa ?? "?")|\(OneDNN.hasBF16Unit ? 1 : 0)" : "-|-|0"
+        let mine = "\(SystemInfo.hostName)|\(SystemInfo.cpuList(cpus))|\(cpus.count)|\(SystemInfo.onlineCPUs)|\(BLAS.threads)|\(dnn)"
         let all = try comm.allGatherStrings(mine).map { $0.split(separator: "|", omittingEmptySubsequences: false).map(String.init) }
         guard comm.rank == 0 else { return [] }
         var lines = ["# seqpar info", "version: \(SeqParCommand.version)"]
@@ -39,6 +41,12 @@ struct Info: ParsableCommand {
         let core = BLAS.coreName
         lines.append("blas: OpenBLAS, core type \(core), \(BLAS.threads) thread(s) on rank 0; \(BLAS.config)")
         if let t = ProcessInfo.processInfo.environment["OPENBLAS_CORETYPE"] { lines.append("blas: OPENBLAS_CORETYPE=\(t)") }
+        if let v = OneDNN.version {
+            let product = (try? OneDNN.context().implementation(m: SoftmaxAttention.tileRows, n: SoftmaxAttention.tileCols, k: 64)) ?? "?"
+            lines.append("onednn: version \(v), isa \(OneDNN.isa ?? "?") on rank 0 (bf16 unit: \(OneDNN.hasBF16Unit ? "yes" : "no")); bf16 matmul of a \(SoftmaxAttention.tileRows)x\(SoftmaxAttention.tileCols)x64 tile: \(product)")
+        } else {
+            lines.append("onednn: not loaded on rank 0 (--precision bf16 needs it)")
+        }
 
         var warnings: [String] = []
         for (host, ranks) in perHost.sorted(by: { $0.key < $1.key }) {
@@ -50,6 +58,11 @@ struct Info: ParsableCommand {
             }
             if backend.name == "mpi" && threads > online {
                 warnings.append("\(host): \(ranks.count) rank(s) x BLAS threads = \(threads) threads on \(online) cores: set OPENBLAS_NUM_THREADS=\(max(1, online / ranks.count))")
+            }
+            if fields.contains(where: { $0.count > 7 && $0[5] == "-" }) {
+                warnings.append("\(host): oneDNN (libdnnl.so.2) cannot be loaded: --precision bf16 fails there; install it with `apt-get install libdnnl2` (or libdnnl-dev; launch/install-deps does)")
+            } else if let f = fields.first(where: { $0.count > 7 && $0[7] == "0" }) {
+                warnings.append("\(host): oneDNN dispatches to \(f[6]), which has no bf16 unit (AVX512-BF16 or AMX): --precision bf16 is emulated there, slower than fp32")
             }
             let unbound = fields.filter { (Int($0[2]) ?? 0) >= online }.count
             if backend.name == "mpi" && ranks.count > 1 && unbound == ranks.count {

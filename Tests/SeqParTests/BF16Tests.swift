@@ -72,6 +72,19 @@ struct BF16Verdict: CustomStringConvertible {
 }
 
 @Suite(.enabled(if: OneDNN.isAvailable, "oneDNN (libdnnl) is not installed")) struct BF16KernelTests {
+    /// Key tiles cover 0..<reach in order, and every reach from 1 to 4 tiles' worth uses at most 8 + 63 widths (each a
+    /// oneDNN primitive: a growing decode cache must not create one per step).
+    @Test func keyTilesHaveFewWidths() {
+        var widths = Set<Int>()
+        for reach in 1...(4 * SoftmaxAttention.tileCols) {
+            let tiles = SoftmaxAttention.bf16KeyTiles(reach)
+            #expect(tiles.first?.0 == 0 && tiles.last?.1 == reach && zip(tiles, tiles.dropFirst()).allSatisfy { $0.1 == $1.0 })
+            widths.formUnion(tiles.map { $0.1 - $0.0 })
+        }
+        #expect(widths.count <= 8 + 63, "\(widths.count) widths")
+        #expect(SoftmaxAttention.bf16KeyTiles(589).map { $0.1 - $0.0 } == [512, 64, 13])
+    }
+
     /// Several query and key tiles, GQA, causal and not, a ragged last tile: o, lse and every gradient under the rule.
     @Test(arguments: [false, true]) func blockwiseKernelMeetsTheBF16Rule(causal: Bool) throws {
         try OneDNN.require()

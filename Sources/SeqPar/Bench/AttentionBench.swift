@@ -6,6 +6,8 @@
 // FLOPs are `AttentionRun.attentionFlops` (softmax: 4 B H L^2 D, half when causal; linear: the chunk form's work),
 // backward `backwardFlopsFactor` times that; tokens/s is L*B over the step time. Bytes are one step's payload per
 // rank (the most any rank sent). Memory is refused before allocating, as in `seqpar attention`.
+// Precision: a bf16 figure (`options.precision`) needs oneDNN on every rank (checked and agreed first) and rounds its
+// inputs to bf16, as a bf16 run does; the FLOPs counted are the same.
 
 public struct AttentionBenchResult: Codable, Sendable {
     public var bench = "attention"
@@ -15,6 +17,8 @@ public struct AttentionBenchResult: Codable, Sendable {
     public var batch: Int, seqLen: Int, heads: Int, kvHeads: Int, headDim: Int
     public var causal: Bool
     public var layout: SequenceLayout
+    /// fp32 or bf16 (the algorithm's and its baseline's).
+    public var precision: Precision = .fp32
     /// How the tokens were split: equally, or by the ranks' speeds (`SpeedBalance`); with speed, each rank's tokens
     /// and the probe's rate per rank (GFLOP/s) that set them.
     public var balance: SpeedBalance.Mode = .equal
@@ -125,6 +129,7 @@ public enum AttentionBench {
         do {
             try shape.validate()
             try algorithm.validate(ranks: ranks, shape: shape, options: options)
+            if options.precision == .bf16 { try OneDNN.require() }
         } catch { failure = error }
         try comm.agree(failure)
         let rates = balance == .speed ? try SpeedBalance.rates(family: algorithm.family, shape: shape, comm: comm) : nil
@@ -143,6 +148,7 @@ public enum AttentionBench {
         let positions = options.partition.positions(rank: rank, ranks: ranks, length: shape.seqLen)
         let x = SeededInputs.attention(shape: shape, options: options, positions: positions, seed: seed)
         let dO = SeededInputs.gradOut(shape: shape, positions: positions, seed: seed)
+        if options.precision == .bf16 { for t in [x.q, x.k, x.v, dO] { t.roundToBF16() } }
         let implementation = algorithm.implementation
 
         /// Runs `step` warmup + repeats times from a barrier; returns this rank's times, one step's counters, and its
@@ -190,7 +196,7 @@ public enum AttentionBench {
             let stepFlops = direction == "forward" ? flops : flops * AttentionRun.backwardFlopsFactor(family)
             return AttentionBenchResult(
                 algorithm: algorithm, direction: direction, ranks: ranks, batch: shape.batch, seqLen: shape.seqLen, heads: shape.heads,
-                kvHeads: shape.kvHeads, headDim: shape.headDim, causal: options.causal, layout: options.layout,
+                kvHeads: shape.kvHeads, headDim: shape.headDim, causal: options.causal, layout: options.layout, precision: options.precision,
                 balance: balance, rankTokens: rates == nil ? nil : options.partition.counts(ranks: ranks, length: shape.seqLen), balanceRates: rates,
                 decay: family == .linear ? options.decayPerHead(shape.heads).map(Double.init) : nil,
                 featureMap: family == .linear ? options.featureMap : nil,

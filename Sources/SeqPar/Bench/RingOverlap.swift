@@ -9,6 +9,8 @@
 //   overlap    (t_comm + t_compute - t_fused) / min(t_comm, t_compute): 1 when the shorter one hides entirely, 0 when
 //              they run one after the other; `overlap` is the standard mode's (what a run would use), and every
 //              mode's is in `overlap_by_progress`
+// In bf16 (`options.precision`) the inputs are rounded to bf16 and the exchanges carry bf16 K/V blocks (half the
+// bytes) with fp32 dK/dV accumulators, as a bf16 run's do.
 // Each time is the slowest rank's (ranks start together after a barrier). The variants run interleaved, one of each
 // per round in a rotating order, so drift in the machine's speed touches them alike; times are medians over `repeats`
 // rounds after `warmup`, and the overlap is the median of each round's overlap.
@@ -21,6 +23,8 @@ public struct OverlapResult: Codable, Sendable {
     public var seqLen: Int, heads: Int, kvHeads: Int, headDim: Int
     public var causal: Bool
     public var layout: SequenceLayout
+    /// fp32, or bf16 (K/V blocks sent as bf16: half the bytes).
+    public var precision: Precision = .fp32
     /// Bytes of one K/V block (the message of one ring step).
     public var blockBytes: Int
     public var tCommS: Double, tComputeS: Double
@@ -62,7 +66,27 @@ public enum RingOverlap {
         let positions = layout.positions(rank: rank, ranks: ranks, length: length)
         let x = SeededInputs.attention(shape: shape, options: options, positions: positions, seed: 5)
         let dO = SeededInputs.gradOut(shape: shape, positions: positions, seed: 5)
+        if options.precision == .bf16 {
+            // oneDNN on every rank, agreed (a rank without it names the package; none is left waiting).
+            var failure: Error?
+            do { try OneDNN.require() } catch { failure = error }
+            try comm.agree(failure)
+            for t in [x.q, x.k, x.v, dO] { t.roundToBF16() }
+        }
         let packedShape = { (r: Int) in [RingAttention.packedCount(x, rank: r, ranks: ranks)] }
+        /// The ring's exchanges alone, with the block a run of this precision sends (bf16: half the bytes).
+        func circulateOnly(accumulate: Bool) throws {
+            switch options.precision {
+            case .fp32:
+                try Ring.circulate(RingAttention.pack(x.k, x.v), shape: packedShape, tag: RingAttention.kvTag, accumulate: accumulate, comm: comm) { _, _, _, _ in }
+            case .bf16:
+                try Ring.circulate(RingAttention.packBF16(x.k, x.v), shape: packedShape, tag: RingAttention.kvTag, accumulate: accumulate, comm: comm) { _, _, _, _ in }
+            }
+        }
+        /// The compute-only runs pack the own block as a run does (the received blocks are fetched beforehand, in fp32).
+        func pack() {
+            if options.precision == .bf16 { _ = RingAttention.packBF16(x.k, x.v) } else { _ = RingAttention.pack(x.k, x.v) }
+        }
         // Every rank's packed block, fetched once, for the compute-only runs.
         let counts = (0..<ranks).map { packedShape($0)[0] }
         let all = Tensor(zeros: [counts.reduce(0, +)])
@@ -87,15 +111,15 @@ public enum RingOverlap {
             }
             let standard = (modes.contains(.standard) ? RingProgress.standard : modes[0]).rawValue
             return OverlapResult(direction: direction, ranks: ranks, seqLen: length, heads: shape.heads, kvHeads: shape.kvHeads, headDim: shape.headDim,
-                                 causal: options.causal, layout: options.layout, blockBytes: (counts.max() ?? 0) * MemoryLayout<Float>.size,
+                                 causal: options.causal, layout: options.layout, precision: options.precision, blockBytes: (counts.max() ?? 0) * options.precision.operandBytes,
                                  tCommS: KernelBench.median(tc), tComputeS: KernelBench.median(tk), progress: RingProgress(rawValue: standard)!, tFusedS: fused[standard]!, overlap: overlaps[standard]!,
                                  tFusedByProgress: fused, overlapByProgress: overlaps, repeats: repeats)
         }
 
         let forward: [(name: String, body: () throws -> Void)] = [
-            ("comm", { try Ring.circulate(RingAttention.pack(x.k, x.v), shape: packedShape, tag: RingAttention.kvTag, comm: comm) { _, _, _, _ in } }),
+            ("comm", { try circulateOnly(accumulate: false) }),
             ("compute", {
-                _ = RingAttention.pack(x.k, x.v)
+                pack()
                 let acc = AttentionOutput(o: Tensor(zeros: x.q.shape), lse: Tensor(zeros: [shape.batch, shape.heads, x.tokens]))
                 acc.lse.fill(-.infinity)
                 for source in order where !RingAttention.skips(x, keys: blocks[source].keys) {
@@ -109,11 +133,9 @@ public enum RingOverlap {
         guard backward else { return results }
 
         let backwardVariants: [(name: String, body: () throws -> Void)] = [
-            ("comm", {
-                try Ring.circulate(RingAttention.pack(x.k, x.v), shape: packedShape, tag: RingAttention.kvTag, accumulate: true, comm: comm) { _, _, _, _ in }
-            }),
+            ("comm", { try circulateOnly(accumulate: true) }),
             ("compute", {
-                _ = RingAttention.pack(x.k, x.v)
+                pack()
                 let dq = Tensor(zeros: x.q.shape)
                 let home = Tensor(zeros: [counts[rank]]), other = Tensor(zeros: [counts.max() ?? 0])
                 // RingAttention's order: the first share of the own block, the other blocks, the rest of the own block.

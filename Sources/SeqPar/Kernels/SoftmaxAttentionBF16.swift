@@ -48,6 +48,21 @@ extension SoftmaxAttention {
         }
     }
 
+    /// Key tiles over `0..<reach`: `tileCols` wide, and a shorter last one split into a multiple of 64 and a
+    /// remainder under 64. Each width is a oneDNN primitive to create (and cache): a decode step, whose cache grows by
+    /// one key, would otherwise ask for a new width every step; this way there are at most 8 + 63 of them.
+    static func bf16KeyTiles(_ reach: Int) -> [(Int, Int)] {
+        var tiles: [(Int, Int)] = []
+        var j0 = 0
+        while j0 < reach {
+            let rest = reach - j0
+            let width = rest >= tileCols ? tileCols : (rest > 64 && rest % 64 != 0 ? rest - rest % 64 : rest)
+            tiles.append((j0, j0 + width))
+            j0 += width
+        }
+        return tiles
+    }
+
     static func forwardBF16(q: Tensor, k: Tensor, v: Tensor, visible: [Int], scale: Float, into out: AttentionOutput,
                             progress: () -> Void) {
         let (batch, cq, heads) = (q.shape[0], q.shape[1], q.shape[2])
@@ -76,8 +91,8 @@ extension SoftmaxAttention {
             let rows = i1 - i0
             defer { i0 = i1 }
             for i in 0..<rows { scratch.rowMax[i] = -.infinity; scratch.rowSum[i] = 0 }
-            for j0 in stride(from: 0, to: reach, by: tileCols) {
-                let j1 = min(j0 + tileCols, reach), width = j1 - j0
+            for (j0, j1) in bf16KeyTiles(reach) {
+                let width = j1 - j0
                 let s = Matrix(base: scores, rows: rows, cols: width)
                 scratch.dnn.gemm(qh.rows(i0..<i1), kg.rows(j0..<j1), transposeB: true, into: s)
                 for i in 0..<rows {
@@ -137,8 +152,8 @@ extension SoftmaxAttention {
                     defer { done += cost }
                     if reach == 0 || !work.contains((done + cost / 2) / total) { continue }
                     for i in i0..<i1 { rowDot[i - i0] = VectorMath.dot(doh.base + i * doh.ld, oh.base + i * oh.ld, dim) }
-                    for j0 in stride(from: 0, to: reach, by: tileCols) {
-                        let j1 = min(j0 + tileCols, reach), width = j1 - j0
+                    for (j0, j1) in bf16KeyTiles(reach) {
+                        let width = j1 - j0
                         let sm = Matrix(base: scratch.scores, rows: rows, cols: width), dpm = Matrix(base: scratch.dp, rows: rows, cols: width)
                         scratch.dnn.gemm(qb.rows(i0..<i1), kb.rows(j0..<j1), transposeB: true, into: sm)
                         scratch.dnn.gemm(dob.rows(i0..<i1), vb.rows(j0..<j1), transposeB: true, into: dpm)

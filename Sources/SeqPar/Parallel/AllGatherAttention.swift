@@ -5,14 +5,18 @@
 // Communication: forward, two AllGatherV (K, V); backward, two AllGatherV (K, V again, not kept from forward) and two
 // ReduceScatter (dK, dV: each rank's partial sums over its queries, summed and returned to the owners).
 // Memory per rank grows as L * G * D (the gathered K and V, and dK, dV in backward).
+// Precision: in a bf16 run K and V are gathered as bf16 (half the bytes) and widened exactly on arrival for the
+// kernel, which multiplies them in bf16; dK and dV are reduce-scattered in fp32 (they are sums over ranks).
 // Causal: the keys sit in global order, so each query tile multiplies only against the prefix it can see.
 
 public struct AllGatherAttention: AttentionAlgorithm {
     public init() {}
 
     func gatherKV(_ x: LocalAttention, comm: some Communicator) throws -> (k: Tensor, v: Tensor) {
-        (try x.options.partition.gather(x.k, length: x.shape.seqLen, comm: comm),
-         try x.options.partition.gather(x.v, length: x.shape.seqLen, comm: comm))
+        let precision = x.options.precision
+        if precision == .bf16 { try OneDNN.require() }
+        return (try x.options.partition.gather(x.k, length: x.shape.seqLen, comm: comm, as: precision),
+                try x.options.partition.gather(x.v, length: x.shape.seqLen, comm: comm, as: precision))
     }
 
     public func forward(_ x: LocalAttention, comm: some Communicator) throws -> AttentionOutput {

@@ -159,12 +159,30 @@ extension Tensor {
     /// `positions` maps local token rows to global positions.
     public func requireFinite(_ name: String, positions: [Int]? = nil) throws {
         guard let flat = firstNonFinite() else { return }
+        let (index, axes) = describeIndex(flat, positions: positions)
+        throw SeqParError.nonFinite(tensor: name, index: index, value: pointer[flat], axes: axes)
+    }
+
+    /// A bf16 run's input: checked for NaN/Inf as `requireFinite` does, rounded to bf16 in place, and checked again,
+    /// since a finite value beyond bf16's range (|x| of about 3.3961e38 or more) rounds to infinity: that is reported
+    /// like a non-finite input, naming the tensor and the index.
+    public func roundToBF16Input(_ name: String, positions: [Int]? = nil) throws {
+        try requireFinite(name, positions: positions)
+        roundToBF16()
+        guard let flat = firstNonFinite() else { return }
+        let (index, axes) = describeIndex(flat, positions: positions)
+        throw SeqParError.invalidInput("\(name) holds a value at \(axes) \(index) that overflows bf16's range: it rounds to \(pointer[flat]) in bf16 (largest finite bf16 \(Float(bitPattern: 0x7F7F_0000))); a bf16 run needs inputs within that range: scale them down, or run with --precision fp32")
+    }
+
+    /// The full index of flat index `flat` and the names of its axes ((batch, token, head, dim) for rank-4 tensors,
+    /// the token mapped to its global position through `positions`).
+    func describeIndex(_ flat: Int, positions: [Int]?) -> (index: [Int], axes: String) {
         var index = multiIndex(flat)
         var axes = "index"
         if rank == 4 {
             axes = "(batch, token, head, dim)"
             if let p = positions { index[1] = p[index[1]] }
         }
-        throw SeqParError.nonFinite(tensor: name, index: index, value: pointer[flat], axes: axes)
+        return (index, axes)
     }
 }

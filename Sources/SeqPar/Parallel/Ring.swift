@@ -16,6 +16,10 @@ import Foundation
 // caller can keep work back from step 0 for a `tail` that runs while it travels.
 // Receive buffers are allocated once per pass (the largest block's size) and recycled, without zero-filling: their
 // pages are first touched by the transfer, which then overlaps the compute too.
+// The circulating block is a `RingBlock`: an fp32 `Tensor`, or a `BF16Tensor` in a bf16 run (half the bytes on the
+// wire). The accumulators are fp32 `Tensor`s of the block's shape whatever the block is: they sum contributions of
+// every rank, and a sum rounded to bf16 at every hop would lose what each hop adds (ring-flash-attention keeps its
+// travelling dK, dV in fp32 too).
 
 /// How a ring step's exchange progresses while the block computes.
 public enum RingProgress: String, CaseIterable, Sendable, Codable {
@@ -73,6 +77,39 @@ struct RingAccumulator {
     let get: () throws -> Tensor
 }
 
+/// What a ring pass can circulate: fp32 `Tensor`s, or `BF16Tensor`s (a bf16 run's K and V).
+protocol RingBlock {
+    associatedtype Element: CommElement
+    /// A flat buffer of `count` elements, contents unspecified (a receive buffer).
+    static func ringBuffer(_ count: Int) -> Self
+    /// The first `count` elements, viewed as `shape`.
+    func ringView(_ count: Int, shape: [Int]) -> Self
+    /// The elements, to send or to receive into.
+    var ringElements: UnsafeMutableBufferPointer<Element> { get }
+    /// The block's fp32 values: the block itself, or its bf16 values widened (exactly) into `scratch`, which grows
+    /// as needed (one per pass, reused from step to step).
+    func widened(scratch: inout Tensor?) -> Tensor
+}
+
+extension Tensor: RingBlock {
+    static func ringBuffer(_ count: Int) -> Tensor { Tensor(uninitialized: [count]) }
+    func ringView(_ count: Int, shape: [Int]) -> Tensor { rows(0..<count).reshaped(shape) }
+    var ringElements: UnsafeMutableBufferPointer<Float> { buffer }
+    func widened(scratch: inout Tensor?) -> Tensor { self }
+}
+
+extension BF16Tensor: RingBlock {
+    static func ringBuffer(_ count: Int) -> BF16Tensor { BF16Tensor(uninitialized: [count]) }
+    func ringView(_ count: Int, shape: [Int]) -> BF16Tensor { rows(0..<count).reshaped(shape) }
+    var ringElements: UnsafeMutableBufferPointer<UInt16> { buffer }
+    func widened(scratch: inout Tensor?) -> Tensor {
+        if (scratch?.count ?? -1) < count { scratch = Tensor(uninitialized: [count]) }
+        let t = scratch!.rows(0..<count).reshaped(shape)
+        widen(into: t)
+        return t
+    }
+}
+
 enum Ring {
     /// Runs the pass; returns this rank's own accumulator when `accumulate` is set.
     /// `shape(rank)` is the shape of rank `rank`'s block.
@@ -83,17 +120,18 @@ enum Ring {
     /// them): work kept back from step 0 (ring attention's second half of its own block), so that trip has compute to
     /// hide behind as the first K/V exchange has; it may add to the home accumulator it is given.
     @discardableResult
-    static func circulate(_ own: Tensor, shape: (Int) -> [Int], tag: Int, accumulate: Bool = false,
+    static func circulate<Block: RingBlock>(_ own: Block, shape: (Int) -> [Int], tag: Int, accumulate: Bool = false,
                           progress mode: RingProgress = .standard, comm: some Communicator,
                           tail: ((_ home: Tensor?, _ progress: () -> Void) throws -> Void)? = nil,
-                          _ body: (_ source: Int, _ block: Tensor, _ accumulator: RingAccumulator?, _ progress: () -> Void) throws -> Void) throws -> Tensor? {
+                          _ body: (_ source: Int, _ block: Block, _ accumulator: RingAccumulator?, _ progress: () -> Void) throws -> Void) throws -> Tensor? {
         let (rank, ranks) = (comm.rank, comm.size)
         let (nextRank, prevRank) = ((rank + 1) % ranks, (rank - 1 + ranks) % ranks)
         let sizes = (0..<ranks).map { shape($0).reduce(1, *) }
         let largest = sizes.max() ?? 0
-        var free: [Tensor] = [], freeAccumulators: [Tensor] = []
-        func view(_ base: Tensor, _ r: Int) -> Tensor { base.rows(0..<sizes[r]).reshaped(shape(r)) }
-        var current = own, currentBase: Tensor?
+        var free: [Block] = [], freeAccumulators: [Tensor] = []
+        func view(_ base: Block, _ r: Int) -> Block { base.ringView(sizes[r], shape: shape(r)) }
+        func accumulatorView(_ base: Tensor, _ r: Int) -> Tensor { base.ringView(sizes[r], shape: shape(r)) }
+        var current = own, currentBase: Block?
         // The own block's accumulator (never sent); the accumulator of the block in hand, its base buffer, and the
         // exchange bringing it (and sending the previous one).
         let home = accumulate ? Tensor(zeros: [sizes[rank]]).reshaped(shape(rank)) : nil
@@ -107,7 +145,7 @@ enum Ring {
         }
         /// Runs the body on `block` (or, without one, the tail) with `requests` and the accumulator exchange in flight,
         /// progressed as `mode` says; returns when all have completed.
-        func overlapped(_ requests: [CommRequest], _ block: (source: Int, tensor: Tensor)?) throws {
+        func overlapped(_ requests: [CommRequest], _ block: (source: Int, tensor: Block)?) throws {
             let inFlight = requests + accumulatorRequests
             if mode == .thread && !inFlight.isEmpty {
                 // Only the thread waits on the requests; the work waits on the thread for its accumulator.
@@ -135,24 +173,24 @@ enum Ring {
             let source = (rank - step + ranks) % ranks
             let nextSource = (source - 1 + ranks) % ranks
             var requests: [CommRequest] = []
-            var nextBase: Tensor?
+            var nextBase: Block?
             if step < ranks - 1 {
-                let base = free.popLast() ?? Tensor(uninitialized: [largest])
-                requests.append(try comm.irecv(view(base, nextSource).buffer, from: prevRank, tag: tag))
-                requests.append(try comm.isend(UnsafeBufferPointer(current.buffer), to: nextRank, tag: tag))
+                let base = free.popLast() ?? Block.ringBuffer(largest)
+                requests.append(try comm.irecv(view(base, nextSource).ringElements, from: prevRank, tag: tag))
+                requests.append(try comm.isend(UnsafeBufferPointer(current.ringElements), to: nextRank, tag: tag))
                 nextBase = base
             }
             if accumulate && step == 1 {
                 // This rank is the first to visit block r-1: its accumulator starts here, empty.
                 accumulatorBase = Tensor(zeros: [largest])
-                accumulator = view(accumulatorBase!, source)
+                accumulator = accumulatorView(accumulatorBase!, source)
                 accumulatorReady = true
             }
             try overlapped(requests, (source, current))
             if step > 0, let acc = accumulator, let accBase = accumulatorBase {
                 // Send the accumulator on; receive the next block's (after the last step: our own one's, coming home).
                 let base = freeAccumulators.popLast() ?? Tensor(uninitialized: [largest])
-                let incoming = view(base, nextSource)
+                let incoming = accumulatorView(base, nextSource)
                 accumulatorRequests = [try comm.irecv(incoming.buffer, from: prevRank, tag: tag + 1),
                                        try comm.isend(UnsafeBufferPointer(acc.buffer), to: nextRank, tag: tag + 1)]
                 sentAccumulatorBase = accBase

@@ -14,6 +14,9 @@
 // dQ stays local.
 // Communication: forward P-1 messages per rank (one packed K/V block each); backward P-1 K/V blocks plus P-1 dK/dV
 // blocks. Memory per rank grows as C * G * D (two K/V blocks, two gradient blocks), not L.
+// Precision: in an fp32 run everything travels in fp32. In a bf16 run the K/V blocks travel as bf16 (UInt16 bits,
+// half the bytes), widened exactly to fp32 on arrival for the kernel, which multiplies them in bf16; the dK/dV
+// accumulators travel in fp32 (they are sums over ranks, as in ring-flash-attention), and (o, lse) merge in fp32.
 
 public struct RingAttention: AttentionAlgorithm {
     /// How the exchange in flight progresses during a block's compute (see `RingProgress`).
@@ -35,6 +38,14 @@ public struct RingAttention: AttentionAlgorithm {
         return t
     }
 
+    /// The packed block a bf16 run sends: [K | V] rounded to bf16.
+    static func packBF16(_ k: Tensor, _ v: Tensor) -> BF16Tensor {
+        let t = BF16Tensor(uninitialized: [k.count + v.count])
+        k.convertToBF16(t.pointer)
+        v.convertToBF16(t.pointer + k.count)
+        return t
+    }
+
     /// Views of K and V inside a packed block of `tokens` tokens.
     static func unpack(_ t: Tensor, _ x: LocalAttention, tokens: Int) -> (k: Tensor, v: Tensor) {
         let shape = x.shape.kvShape(tokens: tokens), n = shape.reduce(1, *)
@@ -48,31 +59,54 @@ public struct RingAttention: AttentionAlgorithm {
     }
 
     public func forward(_ x: LocalAttention, comm: some Communicator) throws -> AttentionOutput {
+        switch x.options.precision {
+        case .fp32: return try forward(x, own: Self.pack(x.k, x.v), comm: comm)
+        case .bf16:
+            try OneDNN.require()
+            return try forward(x, own: Self.packBF16(x.k, x.v), comm: comm)
+        }
+    }
+
+    public func backward(_ x: LocalAttention, output: AttentionOutput, gradOut: Tensor, comm: some Communicator) throws -> AttentionGradients {
+        switch x.options.precision {
+        case .fp32: return try backward(x, own: Self.pack(x.k, x.v), output: output, gradOut: gradOut, comm: comm)
+        case .bf16:
+            try OneDNN.require()
+            return try backward(x, own: Self.packBF16(x.k, x.v), output: output, gradOut: gradOut, comm: comm)
+        }
+    }
+
+    /// The forward pass with `own` (this rank's packed [K | V], fp32 or bf16) circulating.
+    func forward<Block: RingBlock>(_ x: LocalAttention, own: Block, comm: some Communicator) throws -> AttentionOutput {
         let (ranks, layout, length) = (comm.size, x.options.partition, x.shape.seqLen)
         let acc = AttentionOutput(o: Tensor(zeros: x.q.shape), lse: Tensor(zeros: [x.shape.batch, x.shape.heads, x.tokens]))
         acc.lse.fill(-.infinity)
-        try Ring.circulate(Self.pack(x.k, x.v), shape: { [Self.packedCount(x, rank: $0, ranks: ranks)] }, tag: Self.kvTag, progress: self.progress, comm: comm) { source, block, _, progress in
+        var wide: Tensor?
+        try Ring.circulate(own, shape: { [Self.packedCount(x, rank: $0, ranks: ranks)] }, tag: Self.kvTag, progress: self.progress, comm: comm) { source, block, _, progress in
             let keys = layout.positions(rank: source, ranks: ranks, length: length)
             if Self.skips(x, keys: keys) { return }
-            let (k, v) = Self.unpack(block, x, tokens: keys.count)
+            let (k, v) = Self.unpack(block.widened(scratch: &wide), x, tokens: keys.count)
             LSEMerge.merge(into: acc, SoftmaxAttention.forward(q: x.q, qPositions: x.positions, k: k, v: v, kPositions: keys,
                                                                causal: x.options.causal, scale: x.scale, precision: x.options.precision, progress: progress))
         }
         return acc
     }
 
-    public func backward(_ x: LocalAttention, output: AttentionOutput, gradOut: Tensor, comm: some Communicator) throws -> AttentionGradients {
+    /// The backward pass with `own` (this rank's packed [K | V], fp32 or bf16) circulating; dK/dV travel in fp32.
+    func backward<Block: RingBlock>(_ x: LocalAttention, own ownBlock: Block, output: AttentionOutput, gradOut: Tensor,
+                                    comm: some Communicator) throws -> AttentionGradients {
         let (rank, ranks, layout, length) = (comm.rank, comm.size, x.options.partition, x.shape.seqLen)
         let dq = Tensor(zeros: x.q.shape)
         // dK and dV of a block whose accumulator is still on its way: summed here, added when it has arrived.
         let largest = (0..<ranks).map { Self.packedCount(x, rank: $0, ranks: ranks) }.max() ?? 0
         let scratch = ranks > 2 ? Tensor(zeros: [largest]) : nil
+        var wide: Tensor?
         /// This rank's queries against one block: `work` of the kernel (see `SoftmaxAttention.backward`), dQ added
         /// to dq, dK and dV to the block's accumulator: at once when it is here, else through `scratch`.
-        func contribute(_ source: Int, _ block: Tensor, _ grad: RingAccumulator, work: Range<Double>, _ progress: () -> Void) throws {
+        func contribute(_ source: Int, _ block: Block, _ grad: RingAccumulator, work: Range<Double>, _ progress: () -> Void) throws {
             let keys = layout.positions(rank: source, ranks: ranks, length: length)
             if Self.skips(x, keys: keys) { return }
-            let (k, v) = Self.unpack(block, x, tokens: keys.count)
+            let (k, v) = Self.unpack(block.widened(scratch: &wide), x, tokens: keys.count)
             let sums = grad.ready ?? scratch!.rows(0..<(2 * k.count))
             if grad.ready == nil { sums.fill(0) }
             let (dk, dv) = Self.unpack(sums, x, tokens: keys.count)
@@ -81,7 +115,6 @@ public struct RingAttention: AttentionAlgorithm {
                                       work: work, progress: progress)
             if grad.ready == nil { BLAS.axpy(sums, into: try grad.get()) }
         }
-        let ownBlock = Self.pack(x.k, x.v)
         let own = Self.ownShares(ranks: ranks)
         let home = try Ring.circulate(ownBlock, shape: { [Self.packedCount(x, rank: $0, ranks: ranks)] }, tag: Self.kvTag,
                                       accumulate: true, progress: self.progress, comm: comm,

@@ -46,7 +46,9 @@ public enum SequenceLayout: String, CaseIterable, Sendable, Codable {
     public func positions(rank: Int, ranks: Int, length: Int) -> [Int] { equal.positions(rank: rank, ranks: ranks, length: length) }
     public func counts(ranks: Int, length: Int) -> [Int] { equal.counts(ranks: ranks, length: length) }
     public func scatter(_ global: Tensor, rank: Int, ranks: Int) -> Tensor { equal.scatter(global, rank: rank, ranks: ranks) }
-    public func gather(_ local: Tensor, length: Int, comm: some Communicator) throws -> Tensor { try equal.gather(local, length: length, comm: comm) }
+    public func gather(_ local: Tensor, length: Int, comm: some Communicator, as precision: Precision = .fp32) throws -> Tensor {
+        try equal.gather(local, length: length, comm: comm, as: precision)
+    }
     public func reduceScatter(_ global: Tensor, comm: some Communicator) throws -> Tensor { try equal.reduceScatter(global, comm: comm) }
 }
 
@@ -104,8 +106,10 @@ public struct Partition: Sendable, Equatable {
         return out
     }
 
-    /// The global (batch, length, ...) tensor from every rank's part: one `allGatherV`, then reordering.
-    public func gather(_ local: Tensor, length: Int, comm: some Communicator) throws -> Tensor {
+    /// The global (batch, length, ...) tensor from every rank's part: one `allGatherV`, then reordering. With
+    /// `precision` bf16 the parts travel as bf16 (half the bytes): each rank's values are rounded to bf16 first, and
+    /// the result holds those bf16 values in fp32 (exact where the parts held bf16 values already).
+    public func gather(_ local: Tensor, length: Int, comm: some Communicator, as precision: Precision = .fp32) throws -> Tensor {
         precondition(local.rank >= 2, "gather needs a (batch, seq, ...) tensor")
         let batch = local.shape[0]
         let row = local.shape.dropFirst(2).reduce(1, *)
@@ -113,13 +117,22 @@ public struct Partition: Sendable, Equatable {
         guard local.shape[1] == counts[comm.rank] else {
             throw SeqParError.invalidInput("rank \(comm.rank) holds \(local.shape[1]) tokens, the \(layout.rawValue) layout of \(length) over \(comm.size) ranks gives it \(counts[comm.rank])")
         }
-        let rankMajor = Tensor(zeros: [counts.reduce(0, +) * batch * row])
-        try comm.allGatherV(UnsafeBufferPointer(local.buffer), into: rankMajor.buffer, counts: counts.map { $0 * batch * row })
         var shape = local.shape
         shape[1] = length
-        let global = Tensor(zeros: shape)
-        permute(rankMajor: rankMajor.pointer, global: global.pointer, batch: batch, length: length, row: row, ranks: comm.size, toGlobal: true)
-        return global
+        let total = counts.reduce(0, +) * batch * row
+        switch precision {
+        case .fp32:
+            let rankMajor = Tensor(zeros: [total])
+            try comm.allGatherV(UnsafeBufferPointer(local.buffer), into: rankMajor.buffer, counts: counts.map { $0 * batch * row })
+            let global = Tensor(zeros: shape)
+            permute(rankMajor: rankMajor.pointer, global: global.pointer, batch: batch, length: length, row: row, ranks: comm.size, toGlobal: true)
+            return global
+        case .bf16:
+            let mine = BF16Tensor(rounding: local), rankMajor = BF16Tensor(uninitialized: [total]), ordered = BF16Tensor(uninitialized: [total])
+            try comm.allGatherV(UnsafeBufferPointer(mine.buffer), into: rankMajor.buffer, counts: counts.map { $0 * batch * row })
+            permute(rankMajor: rankMajor.pointer, global: ordered.pointer, batch: batch, length: length, row: row, ranks: comm.size, toGlobal: true)
+            return ordered.reshaped(shape).widened()
+        }
     }
 
     /// The adjoint of `gather`: every rank holds a full (batch, length, ...) tensor of partial sums; returns this
@@ -138,7 +151,7 @@ public struct Partition: Sendable, Equatable {
     }
 
     /// Copies between rank-major order (rank 0's (batch, C0, ...) block, then rank 1's ...) and global order.
-    func permute(rankMajor: UnsafeMutablePointer<Float>, global: UnsafeMutablePointer<Float>,
+    func permute<T>(rankMajor: UnsafeMutablePointer<T>, global: UnsafeMutablePointer<T>,
                  batch: Int, length: Int, row: Int, ranks: Int, toGlobal: Bool) {
         var offset = 0
         for r in 0..<ranks {

@@ -3,8 +3,16 @@
 //
 // Order of work (each step a point where every rank agrees before going on, so bad input never leaves a rank
 // waiting in a collective): read input files -> agree -> compare every rank's configuration (one small collective)
-// -> shape and algorithm checks, memory estimate -> inputs, NaN/Inf check -> agree -> forward [-> backward]
-// -> gather outputs -> oracle check on rank 0 -> verdict broadcast -> files written by rank 0.
+// -> shape and algorithm checks (bf16: oneDNN loads), memory estimate -> inputs (bf16: rounded), NaN/Inf check
+// -> agree -> forward [-> backward] -> gather outputs -> oracle check on rank 0 -> verdict broadcast -> files written
+// by rank 0.
+// bf16 (--precision bf16): the inputs (generated or read, q, k, v and dO) are rounded to bf16 before the NaN/Inf
+// check (a value beyond bf16's range is reported like a NaN); the algorithm computes in bf16; the outputs o, dq, dk,
+// dv are rounded to bf16, as FlashAttention stores them (o before the backward pass reads it), and written to .npy
+// as fp32 holding those bf16 values. --check compares with the Double oracle on the rounded inputs under
+// FlashAttention's rule: each of o, dq, dk, dv within 2x the error of the plain bf16 reference on the same inputs
+// plus 1e-4 (`PlainBF16Attention.bound`); both errors and the bound are reported. The linear family is checked
+// against its oracle on the rounded inputs, with the configuration's tolerances.
 import Foundation
 
 public struct AttentionRunConfig: Codable, Sendable, Equatable {
@@ -63,6 +71,65 @@ public struct CheckReport: Codable, Sendable {
     public var forwardTolerance: Double
     public var gradientTolerance: Double
     public var passed: Bool
+    /// The precision checked. bf16 (softmax family): the bf16 rule; the plain bf16 reference's errors against the
+    /// same oracle, and the bounds each error must stay within (`PlainBF16Attention.bound`); lse within
+    /// `lseTolerance`.
+    public var precision: Precision = .fp32
+    public var plainBF16ForwardError: Double?
+    public var plainBF16DqError: Double?
+    public var plainBF16DkError: Double?
+    public var plainBF16DvError: Double?
+    public var lseTolerance: Double?
+
+    public var forwardBound: Double? { plainBF16ForwardError.map { PlainBF16Attention.bound(referenceError: $0) } }
+    public var dqBound: Double? { plainBF16DqError.map { PlainBF16Attention.bound(referenceError: $0) } }
+    public var dkBound: Double? { plainBF16DkError.map { PlainBF16Attention.bound(referenceError: $0) } }
+    public var dvBound: Double? { plainBF16DvError.map { PlainBF16Attention.bound(referenceError: $0) } }
+
+    enum CodingKeys: String, CodingKey {
+        case forwardError, lseError, perRankForwardError, dqError, dkError, dvError, forwardTolerance, gradientTolerance, passed
+        case precision, plainBF16ForwardError, plainBF16DqError, plainBF16DkError, plainBF16DvError, lseTolerance
+        case forwardBound, dqBound, dkBound, dvBound
+    }
+
+    public init(forwardError: Double, lseError: Double?, perRankForwardError: [Double], dqError: Double? = nil, dkError: Double? = nil,
+                dvError: Double? = nil, forwardTolerance: Double, gradientTolerance: Double, passed: Bool) {
+        (self.forwardError, self.lseError, self.perRankForwardError) = (forwardError, lseError, perRankForwardError)
+        (self.dqError, self.dkError, self.dvError) = (dqError, dkError, dvError)
+        (self.forwardTolerance, self.gradientTolerance, self.passed) = (forwardTolerance, gradientTolerance, passed)
+    }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        self.init(forwardError: try c.decode(Double.self, forKey: .forwardError), lseError: try c.decodeIfPresent(Double.self, forKey: .lseError),
+                  perRankForwardError: try c.decode([Double].self, forKey: .perRankForwardError),
+                  dqError: try c.decodeIfPresent(Double.self, forKey: .dqError), dkError: try c.decodeIfPresent(Double.self, forKey: .dkError),
+                  dvError: try c.decodeIfPresent(Double.self, forKey: .dvError), forwardTolerance: try c.decode(Double.self, forKey: .forwardTolerance),
+                  gradientTolerance: try c.decode(Double.self, forKey: .gradientTolerance), passed: try c.decode(Bool.self, forKey: .passed))
+        precision = try c.decodeIfPresent(Precision.self, forKey: .precision) ?? .fp32
+        plainBF16ForwardError = try c.decodeIfPresent(Double.self, forKey: .plainBF16ForwardError)
+        plainBF16DqError = try c.decodeIfPresent(Double.self, forKey: .plainBF16DqError)
+        plainBF16DkError = try c.decodeIfPresent(Double.self, forKey: .plainBF16DkError)
+        plainBF16DvError = try c.decodeIfPresent(Double.self, forKey: .plainBF16DvError)
+        lseTolerance = try c.decodeIfPresent(Double.self, forKey: .lseTolerance)
+    }
+
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(forwardError, forKey: .forwardError); try c.encodeIfPresent(lseError, forKey: .lseError)
+        try c.encode(perRankForwardError, forKey: .perRankForwardError)
+        try c.encodeIfPresent(dqError, forKey: .dqError); try c.encodeIfPresent(dkError, forKey: .dkError); try c.encodeIfPresent(dvError, forKey: .dvError)
+        try c.encode(forwardTolerance, forKey: .forwardTolerance); try c.encode(gradientTolerance, forKey: .gradientTolerance)
+        try c.encode(passed, forKey: .passed); try c.encode(precision, forKey: .precision)
+        try c.encodeIfPresent(plainBF16ForwardError, forKey: .plainBF16ForwardError); try c.encodeIfPresent(plainBF16DqError, forKey: .plainBF16DqError)
+        try c.encodeIfPresent(plainBF16DkError, forKey: .plainBF16DkError); try c.encodeIfPresent(plainBF16DvError, forKey: .plainBF16DvError)
+        try c.encodeIfPresent(lseTolerance, forKey: .lseTolerance)
+        try c.encodeIfPresent(forwardBound, forKey: .forwardBound); try c.encodeIfPresent(dqBound, forKey: .dqBound)
+        try c.encodeIfPresent(dkBound, forKey: .dkBound); try c.encodeIfPresent(dvBound, forKey: .dvBound)
+    }
+
+    /// Whether the bf16 rule applies (a bf16 check of softmax attention, with the plain reference's errors).
+    public var usesBF16Rule: Bool { plainBF16ForwardError != nil }
 }
 
 public struct RankStats: Codable, Sendable {
@@ -83,6 +150,8 @@ public struct AttentionRunReport: Encodable, Sendable {
     public var causal: Bool
     public var layout: SequenceLayout
     public var scale: Float
+    /// fp32, or bf16 (operands and messages in bf16, outputs stored in bf16).
+    public var precision: Precision = .fp32
     public var backwardRun: Bool
     /// Linear attention: the decay per head and the feature map (nil for softmax attention).
     public var decay: [Double]?
@@ -99,7 +168,7 @@ public struct AttentionRunReport: Encodable, Sendable {
     public var peakRSSBytes: [Int] { perRank.map(\.peakRSSBytes) }
 
     enum CodingKeys: String, CodingKey {
-        case bench, algorithm, backend, ranks, batch, seqLen, heads, kvHeads, headDim, causal, layout, scale
+        case bench, algorithm, backend, ranks, batch, seqLen, heads, kvHeads, headDim, causal, layout, scale, precision
         case backwardRun = "backward", decay, featureMap, timeS, forwardGflops, backwardGflops, memoryEstimateBytes, perRank, check
         case bytesSent, bytesReceived, peakRSSBytes
     }
@@ -110,7 +179,8 @@ public struct AttentionRunReport: Encodable, Sendable {
         try c.encode(backend, forKey: .backend); try c.encode(ranks, forKey: .ranks)
         try c.encode(batch, forKey: .batch); try c.encode(seqLen, forKey: .seqLen); try c.encode(heads, forKey: .heads)
         try c.encode(kvHeads, forKey: .kvHeads); try c.encode(headDim, forKey: .headDim); try c.encode(causal, forKey: .causal)
-        try c.encode(layout, forKey: .layout); try c.encode(scale, forKey: .scale); try c.encode(backwardRun, forKey: .backwardRun)
+        try c.encode(layout, forKey: .layout); try c.encode(scale, forKey: .scale); try c.encode(precision, forKey: .precision)
+        try c.encode(backwardRun, forKey: .backwardRun)
         try c.encodeIfPresent(decay, forKey: .decay); try c.encodeIfPresent(featureMap, forKey: .featureMap)
         try c.encode(timeS, forKey: .timeS); try c.encode(forwardGflops, forKey: .forwardGflops)
         try c.encodeIfPresent(backwardGflops, forKey: .backwardGflops)
@@ -177,6 +247,12 @@ public struct MemoryEstimate: Sendable {
             // Global inputs in fp32 plus the oracle's Double copies of inputs and results.
             let globals = s.seqLen * (2 * qRow + 2 * kvRow)
             items.append(("oracle (rank 0)", globals * (config.backward ? 6 : 3)))
+            if config.options.precision == .bf16 && config.algorithm.family == .softmax {
+                // The bf16 check's oracles work on whole L x L Double matrices, head by head (`MatrixOracle`), and
+                // keep the plain bf16 reference's results beside the oracle's.
+                items.append(("bf16 check: L x L Double matrices and the plain bf16 reference (rank 0)",
+                              2 * s.seqLen * s.seqLen * MemoryLayout<Double>.size + globals * (config.backward ? 4 : 2)))
+            }
         }
         return MemoryEstimate(items: items)
     }
@@ -222,6 +298,8 @@ public enum AttentionRun {
         do {
             try config.shape.validate()
             try config.algorithm.validate(ranks: ranks, shape: config.shape, options: config.options)
+            // Every rank loads oneDNN (a rank on a host without it names the package to install; the others stop too).
+            if config.options.precision == .bf16 { try OneDNN.require() }
             estimate = MemoryEstimate.attention(config, ranks: ranks, rank: rank)
             if let available = SystemInfo.availableMemory(), estimate.total * ranksPerHost > available {
                 throw SeqParError.outOfMemory(outOfMemoryMessage(config, estimate: estimate, ranks: ranks, ranksPerHost: ranksPerHost, available: available))
@@ -231,6 +309,7 @@ public enum AttentionRun {
 
         // 4. Inputs.
         let shape = config.shape
+        let bf16 = config.options.precision == .bf16
         let positions = config.options.partition.positions(rank: rank, ranks: ranks, length: shape.seqLen)
         var x: LocalAttention!
         var dO: Tensor?
@@ -246,10 +325,10 @@ public enum AttentionRun {
                 x = SeededInputs.attention(shape: shape, options: config.options, positions: positions, seed: config.seed, scale: config.inputScale)
             }
             if config.backward && dO == nil { dO = SeededInputs.gradOut(shape: shape, positions: positions, seed: config.seed) }
-            try x.q.requireFinite(config.qPath ?? "q", positions: positions)
-            try x.k.requireFinite(config.kPath ?? "k", positions: positions)
-            try x.v.requireFinite(config.vPath ?? "v", positions: positions)
-            try dO?.requireFinite(config.gradOutPath ?? "grad-out", positions: positions)
+            let inputs = [(x.q, config.qPath ?? "q"), (x.k, config.kPath ?? "k"), (x.v, config.vPath ?? "v")] + (dO.map { [($0, config.gradOutPath ?? "grad-out")] } ?? [])
+            for (t, name) in inputs {
+                if bf16 { try t.roundToBF16Input(name, positions: positions) } else { try t.requireFinite(name, positions: positions) }
+            }
         } catch { failure = error }
         try comm.agree(failure)
         if rank != 0 { fileInputs = nil }
@@ -262,6 +341,8 @@ public enum AttentionRun {
         comm.resetCounters()
         var t = SystemInfo.now()
         let output = try algorithm.forward(x, comm: comm)
+        // bf16: o is stored in bf16 (the backward pass reads that o).
+        if bf16 { output.o.roundToBF16() }
         let tForward = SystemInfo.now() - t
         let forwardCounters = comm.counters
         var grads: AttentionGradients?
@@ -272,6 +353,7 @@ public enum AttentionRun {
             comm.resetCounters()
             t = SystemInfo.now()
             grads = try algorithm.backward(x, output: output, gradOut: g, comm: comm)
+            if bf16, let gr = grads { for t in [gr.dq, gr.dk, gr.dv] { t.roundToBF16() } }
             tBackward = SystemInfo.now() - t
             backwardCounters = comm.counters
         }
@@ -299,19 +381,24 @@ public enum AttentionRun {
         t = SystemInfo.now()
         var checkReport: CheckReport?
         if config.check {
-            var verdict = [Double](repeating: 0, count: 6 + ranks)
+            var verdict = [Double](repeating: 0, count: 11 + ranks)
             if rank == 0, let gl = global {
                 log("checking against the Double oracle (about \(String(format: "%.1f", oracleFlops(config) / 1e9)) GFLOP)")
                 let report = checkAgainstOracle(config: config, inputs: fileInputs, global: gl, ranks: ranks, cache: oracle)
                 verdict = [report.forwardError, report.lseError ?? -1, report.dqError ?? -1, report.dkError ?? -1, report.dvError ?? -1,
-                           report.passed ? 1 : 0] + report.perRankForwardError
+                           report.passed ? 1 : 0, report.plainBF16ForwardError ?? -1, report.plainBF16DqError ?? -1,
+                           report.plainBF16DkError ?? -1, report.plainBF16DvError ?? -1, report.lseTolerance ?? -1] + report.perRankForwardError
             }
             try verdict.withUnsafeMutableBufferPointer { try comm.broadcast($0, root: 0) }
             func opt(_ v: Double) -> Double? { v < 0 ? nil : v }
-            checkReport = CheckReport(forwardError: verdict[0], lseError: opt(verdict[1]), perRankForwardError: Array(verdict[6...]),
-                                      dqError: opt(verdict[2]), dkError: opt(verdict[3]), dvError: opt(verdict[4]),
-                                      forwardTolerance: config.forwardTolerance, gradientTolerance: config.gradientTolerance,
-                                      passed: verdict[5] == 1)
+            var c = CheckReport(forwardError: verdict[0], lseError: opt(verdict[1]), perRankForwardError: Array(verdict[11...]),
+                                dqError: opt(verdict[2]), dkError: opt(verdict[3]), dvError: opt(verdict[4]),
+                                forwardTolerance: config.forwardTolerance, gradientTolerance: config.gradientTolerance,
+                                passed: verdict[5] == 1)
+            c.precision = config.options.precision
+            (c.plainBF16ForwardError, c.plainBF16DqError, c.plainBF16DkError, c.plainBF16DvError) = (opt(verdict[6]), opt(verdict[7]), opt(verdict[8]), opt(verdict[9]))
+            c.lseTolerance = opt(verdict[10])
+            checkReport = c
         }
         let tCheck = SystemInfo.now() - t
 
@@ -347,7 +434,8 @@ public enum AttentionRun {
         var report = AttentionRunReport(
             algorithm: config.algorithm, backend: backend, ranks: ranks, batch: shape.batch, seqLen: shape.seqLen,
             heads: shape.heads, kvHeads: shape.kvHeads, headDim: shape.headDim, causal: config.options.causal,
-            layout: config.options.layout, scale: config.options.effectiveScale(headDim: shape.headDim), backwardRun: config.backward,
+            layout: config.options.layout, scale: config.options.effectiveScale(headDim: shape.headDim), precision: config.options.precision,
+            backwardRun: config.backward,
             timeS: timeS, forwardGflops: fwdFlops / max(timeS["forward"]!.max, 1e-12) / 1e9,
             backwardGflops: timeS["backward"].map { backwardFlopsFactor(config.algorithm.family) * fwdFlops / max($0.max, 1e-12) / 1e9 },
             memoryEstimateBytes: estimate.total, perRank: perRank, check: checkReport)
@@ -360,6 +448,10 @@ public enum AttentionRun {
         }
         return report
     }
+
+    /// The bf16 check's limit on lse (relative to max(1, |lse|)): lse comes from fp32 sums of exact products of
+    /// bf16 inputs, so it is nearly as accurate as in fp32; this leaves room for large logits.
+    public static let bf16LSETolerance = 1e-3
 
     /// Forward FLOPs. Softmax: 4*B*H*L^2*D, half when causal. Linear, the chunk form's work per token and head:
     /// 4D^2 bidirectional (state and state term); causal adds the block states and terms (4D^2) and the masked
@@ -388,6 +480,16 @@ public enum AttentionRun {
     }
 
     public static func checkSummary(_ c: CheckReport) -> String {
+        if c.usesBF16Rule {
+            // bf16: each error next to the plain bf16 reference's and its bound.
+            var parts = ["bf16 rule (error <= 2 x the plain bf16 reference's + 1e-4): " + String(format: "forward %.2e (plain bf16 %.2e, bound %.2e)", c.forwardError, c.plainBF16ForwardError ?? .nan, c.forwardBound ?? .nan)]
+            if let e = c.lseError { parts.append(String(format: "lse %.2e (tolerance %.0e)", e, c.lseTolerance ?? .nan)) }
+            for (name, e, plain, bound) in [("dq", c.dqError, c.plainBF16DqError, c.dqBound), ("dk", c.dkError, c.plainBF16DkError, c.dkBound),
+                                            ("dv", c.dvError, c.plainBF16DvError, c.dvBound)] {
+                if let e { parts.append(String(format: "%@ %.2e (plain bf16 %.2e, bound %.2e)", name, e, plain ?? .nan, bound ?? .nan)) }
+            }
+            return parts.joined(separator: ", ")
+        }
         var parts = [String(format: "forward max relative error %.2e (tolerance %.0e)", c.forwardError, c.forwardTolerance)]
         if let e = c.lseError { parts.append(String(format: "lse %.2e", e)) }
         for (name, e) in [("dq", c.dqError), ("dk", c.dkError), ("dv", c.dvError)] {
@@ -483,15 +585,33 @@ public enum AttentionRun {
             g = SeededInputs.attention(shape: s, options: config.options, positions: all, seed: config.seed, scale: config.inputScale)
         }
         if config.backward && dO == nil { dO = SeededInputs.gradOut(shape: s, positions: all, seed: config.seed) }
+        // bf16: the oracle sees the inputs the run saw, rounded to bf16 (already checked finite on every rank).
+        let bf16 = config.options.precision == .bf16
+        if bf16 { for t in [g.q, g.k, g.v] + (dO.map { [$0] } ?? []) { t.roundToBF16() } }
         let scale = Double(config.options.effectiveScale(headDim: s.headDim))
         let key = OracleCache.key(config)
         let linear = config.algorithm.family == .linear
+        // Softmax in bf16: the Double oracle and the plain bf16 reference in whole matrices (MatrixOracle: fast enough
+        // for the thousands of tokens a bf16 run is checked at).
+        let bf16Rule = bf16 && !linear
         let decay = config.options.decayPerHead(s.heads).map(Double.init)
         let ref = cache?.forward[key] ?? (linear
             ? DenseOracle.Forward(o: LinearOracle.forward(q: g.q, k: g.k, v: g.v, decay: decay, featureMap: config.options.featureMap, causal: config.options.causal), lse: [])
+            : bf16Rule ? MatrixOracle.forward(q: g.q, k: g.k, v: g.v, causal: config.options.causal, scale: scale)
             : DenseOracle.forward(q: g.q, k: g.k, v: g.v, causal: config.options.causal, scale: scale))
         cache?.forward[key] = ref
         let forwardError = relativeError(global.o, ref.o)
+        /// The plain bf16 reference's error against the oracle.
+        func plainError(_ plain: [Double], _ oracle: [Double]) -> Double {
+            plain.map(Float.init).withUnsafeBufferPointer { relativeError($0, oracle[...]) }
+        }
+        var plainForwardError: Double?, plainO: [Double]?
+        if bf16Rule {
+            let plain = cache?.plainForward[key] ?? MatrixOracle.forward(q: g.q, k: g.k, v: g.v, causal: config.options.causal, scale: scale, plainBF16: true).o
+            cache?.plainForward[key] = plain
+            (plainForwardError, plainO) = (plainError(plain, ref.o), plain)
+        }
+        let forwardLimit = plainForwardError.map { PlainBF16Attention.bound(referenceError: $0) } ?? config.forwardTolerance
         // lse: absolute difference, relative to max(1, |lse|) (lse is a log, so its scale is its own).
         var lseDiff = 0.0, lseScale = 1.0
         for b in 0..<s.batch where !linear {
@@ -525,17 +645,30 @@ public enum AttentionRun {
         }
         var report = CheckReport(forwardError: forwardError, lseError: lseError, perRankForwardError: perRank,
                                  forwardTolerance: config.forwardTolerance, gradientTolerance: config.gradientTolerance, passed: false)
-        var passed = forwardError <= config.forwardTolerance && (lseError ?? 0) <= config.forwardTolerance * 10
-            && perRank.allSatisfy { $0 <= config.forwardTolerance }
+        report.precision = config.options.precision
+        let lseLimit = bf16Rule ? AttentionRun.bf16LSETolerance : config.forwardTolerance * 10
+        if bf16Rule { (report.plainBF16ForwardError, report.lseTolerance) = (plainForwardError, lseLimit) }
+        var passed = forwardError <= forwardLimit && (lseError ?? 0) <= lseLimit && perRank.allSatisfy { $0 <= forwardLimit }
         if let grads = global.grads, let d = dO {
             let refG = cache?.gradients[key] ?? (linear
                 ? LinearOracle.backward(q: g.q, k: g.k, v: g.v, gradOut: d, decay: decay, featureMap: config.options.featureMap, causal: config.options.causal)
+                : bf16Rule ? MatrixOracle.backward(q: g.q, k: g.k, v: g.v, gradOut: d, causal: config.options.causal, scale: scale)
                 : DenseOracle.backward(q: g.q, k: g.k, v: g.v, gradOut: d, causal: config.options.causal, scale: scale))
             cache?.gradients[key] = refG
             report.dqError = relativeError(grads.dq, refG.dq)
             report.dkError = relativeError(grads.dk, refG.dk)
             report.dvError = relativeError(grads.dv, refG.dv)
-            passed = passed && [report.dqError!, report.dkError!, report.dvError!].allSatisfy { $0 <= config.gradientTolerance }
+            var limits = [config.gradientTolerance, config.gradientTolerance, config.gradientTolerance]
+            if bf16Rule {
+                let plain = cache?.plainGradients[key] ?? MatrixOracle.backward(q: g.q, k: g.k, v: g.v, gradOut: d, causal: config.options.causal, scale: scale,
+                                                                                  plainBF16: true, plainO: plainO)
+                cache?.plainGradients[key] = plain
+                report.plainBF16DqError = plainError(plain.dq, refG.dq)
+                report.plainBF16DkError = plainError(plain.dk, refG.dk)
+                report.plainBF16DvError = plainError(plain.dv, refG.dv)
+                limits = [report.dqBound!, report.dkBound!, report.dvBound!]
+            }
+            passed = passed && zip([report.dqError!, report.dkError!, report.dvError!], limits).allSatisfy { $0 <= $1 }
         }
         report.passed = passed
         return report
@@ -547,10 +680,14 @@ public enum AttentionRun {
 public final class OracleCache: @unchecked Sendable {
     var forward: [String: DenseOracle.Forward] = [:]
     var gradients: [String: DenseOracle.Gradients] = [:]
+    /// bf16: the plain bf16 reference's o and gradients.
+    var plainForward: [String: [Double]] = [:]
+    var plainGradients: [String: DenseOracle.Gradients] = [:]
     public init() {}
 
-    /// What the oracle depends on: the problem, not the algorithm, layout or rank count.
+    /// What the oracle depends on: the problem (with the precision, which rounds the inputs), not the algorithm,
+    /// layout or rank count.
     static func key(_ c: AttentionRunConfig) -> String {
-        "\(c.algorithm.family) decay=\(c.options.decay) map=\(c.options.featureMap) \(c.shape) causal=\(c.options.causal) scale=\(c.options.effectiveScale(headDim: c.shape.headDim)) seed=\(c.seed) x\(c.inputScale) files=\(c.qPath ?? "")|\(c.kPath ?? "")|\(c.vPath ?? "")|\(c.gradOutPath ?? "")"
+        "\(c.algorithm.family) \(c.options.precision) decay=\(c.options.decay) map=\(c.options.featureMap) \(c.shape) causal=\(c.options.causal) scale=\(c.options.effectiveScale(headDim: c.shape.headDim)) seed=\(c.seed) x\(c.inputScale) files=\(c.qPath ?? "")|\(c.kPath ?? "")|\(c.vPath ?? "")|\(c.gradOutPath ?? "")"
     }
 }

@@ -180,3 +180,83 @@ extension Tensor {
     /// This tensor's values as bf16 bits (`count` of them), into `dst`.
     public func convertToBF16(_ dst: UnsafeMutablePointer<UInt16>) { BF16.convert(pointer, to: dst, count) }
 }
+
+/// 64-byte aligned bf16 storage, freed when the last view goes away (the bf16 twin of `TensorStorage`).
+public final class BF16Storage: @unchecked Sendable {
+    public let base: UnsafeMutablePointer<UInt16>
+    public let count: Int
+
+    init(count: Int) {
+        self.count = count
+        base = UnsafeMutableRawPointer.allocate(byteCount: max(count, 1) * 2, alignment: 64).bindMemory(to: UInt16.self, capacity: max(count, 1))
+    }
+
+    deinit { UnsafeMutableRawPointer(base).deallocate() }
+}
+
+/// A row-major bf16 tensor: what a bf16 run sends (K/V blocks, gathered K and V, Ulysses' q, k, v, o, dO) and what
+/// its products read; half the bytes of the fp32 `Tensor` it packs. Views share storage, as `Tensor`'s do.
+public struct BF16Tensor: @unchecked Sendable, CustomStringConvertible {
+    public let shape: [Int]
+    public let storage: BF16Storage
+    public let offset: Int
+
+    /// Contents unspecified until written (a receive buffer).
+    public init(uninitialized shape: [Int]) {
+        precondition(shape.allSatisfy { $0 >= 0 }, "negative dimension in \(shape)")
+        self.shape = shape
+        storage = BF16Storage(count: shape.reduce(1, *))
+        offset = 0
+    }
+
+    /// `t` rounded to bf16 (nearest, ties to even): exact where `t` already holds bf16 values.
+    public init(rounding t: Tensor) {
+        self.init(uninitialized: t.shape)
+        t.convertToBF16(pointer)
+    }
+
+    init(storage: BF16Storage, offset: Int, shape: [Int]) {
+        (self.storage, self.offset, self.shape) = (storage, offset, shape)
+    }
+
+    public var count: Int { shape.reduce(1, *) }
+    public var pointer: UnsafeMutablePointer<UInt16> { storage.base + offset }
+    public var buffer: UnsafeMutableBufferPointer<UInt16> { UnsafeMutableBufferPointer(start: pointer, count: count) }
+    public var rowSize: Int { shape.dropFirst().reduce(1, *) }
+
+    /// A view of rows `range` of the leading dimension, sharing storage.
+    public func rows(_ range: Range<Int>) -> BF16Tensor {
+        precondition(!shape.isEmpty && range.lowerBound >= 0 && range.upperBound <= shape[0], "rows \(range) out of bounds for shape \(shape)")
+        var s = shape
+        s[0] = range.count
+        return BF16Tensor(storage: storage, offset: offset + range.lowerBound * rowSize, shape: s)
+    }
+
+    /// A view with another shape of the same element count, sharing storage.
+    public func reshaped(_ newShape: [Int]) -> BF16Tensor {
+        precondition(newShape.reduce(1, *) == count, "cannot reshape \(shape) to \(newShape)")
+        return BF16Tensor(storage: storage, offset: offset, shape: newShape)
+    }
+
+    /// Head `head` of batch `batch` of a (batch, seq, heads, dim) tensor as a strided (seq x dim) matrix.
+    public func head(batch: Int = 0, _ head: Int) -> BF16Matrix {
+        precondition(shape.count == 4, "head(_:) needs a (batch, seq, heads, dim) tensor, got \(shape)")
+        let (s, h, d) = (shape[1], shape[2], shape[3])
+        return BF16Matrix(base: pointer + batch * s * h * d + head * d, rows: s, cols: d, ld: h * d)
+    }
+
+    /// The fp32 values (exact), written into `t` (same element count).
+    public func widen(into t: Tensor) {
+        precondition(t.count == count, "widening \(shape) into \(t.shape)")
+        BF16.convert(UnsafePointer(pointer), to: t.pointer, count)
+    }
+
+    /// The fp32 values (exact), as a new tensor of the same shape.
+    public func widened() -> Tensor {
+        let t = Tensor(uninitialized: shape)
+        widen(into: t)
+        return t
+    }
+
+    public var description: String { "BF16Tensor\(shape)" }
+}

@@ -31,6 +31,8 @@ public enum OneDNN {
         let primitiveDescQuery: seqpar_dnnl_primitive_desc_query
         let primitiveCreate: seqpar_dnnl_primitive_create
         let primitiveExecute: seqpar_dnnl_primitive_execute
+        let primitiveDestroy: seqpar_dnnl_primitive_destroy
+        let memoryDestroy: seqpar_dnnl_memory_destroy
         let memoryCreate: seqpar_dnnl_memory_create
         let memorySetDataHandle: seqpar_dnnl_memory_set_data_handle
         let effectiveISA: seqpar_dnnl_get_effective_cpu_isa
@@ -39,8 +41,12 @@ public enum OneDNN {
         let engine: dnnl_engine_t
     }
 
-    /// The library names tried, newest ABI first.
-    static let libraryNames = ["libdnnl.so.2", "libdnnl.so.3", "libdnnl.so"]
+    /// The library names tried, newest ABI first; $SEQPAR_DNNL_LIBRARY (a path or a name) replaces them (another
+    /// build of oneDNN 2.x, or a missing one: how the tests provoke the error a host without oneDNN gives).
+    static let libraryNames: [String] = {
+        if let l = ProcessInfo.processInfo.environment["SEQPAR_DNNL_LIBRARY"], !l.isEmpty { return [l] }
+        return ["libdnnl.so.2", "libdnnl.so.3", "libdnnl.so"]
+    }()
 
     static let loaded: Result<Functions, SeqParError> = {
         guard let handle = libraryNames.lazy.compactMap({ dlopen($0, RTLD_NOW | RTLD_GLOBAL) }).first else {
@@ -75,6 +81,8 @@ public enum OneDNN {
                 primitiveDescQuery: try symbol("dnnl_primitive_desc_query", seqpar_dnnl_primitive_desc_query.self),
                 primitiveCreate: try symbol("dnnl_primitive_create", seqpar_dnnl_primitive_create.self),
                 primitiveExecute: try symbol("dnnl_primitive_execute", seqpar_dnnl_primitive_execute.self),
+                primitiveDestroy: try symbol("dnnl_primitive_destroy", seqpar_dnnl_primitive_destroy.self),
+                memoryDestroy: try symbol("dnnl_memory_destroy", seqpar_dnnl_memory_destroy.self),
                 memoryCreate: try symbol("dnnl_memory_create", seqpar_dnnl_memory_create.self),
                 memorySetDataHandle: try symbol("dnnl_memory_set_data_handle", seqpar_dnnl_memory_set_data_handle.self),
                 effectiveISA: try symbol("dnnl_get_effective_cpu_isa", seqpar_dnnl_get_effective_cpu_isa.self),
@@ -141,14 +149,20 @@ public enum OneDNN {
         let transposeA, transposeB, accumulate: Bool
     }
 
-    /// One cached matmul: the primitive and its three memory objects, whose data pointers are set per call.
+    /// One cached matmul: the primitive and its three memory objects, whose data pointers are set per call; destroyed
+    /// with the cache (a simulated rank's thread ends with its run).
     final class Matmul {
+        let f: Functions
         let primitive: dnnl_primitive_t
         let src: dnnl_memory_t, weights: dnnl_memory_t, dst: dnnl_memory_t
         /// oneDNN's name for the implementation it chose (e.g. brg:avx512_core_amx_bf16).
         let implementation: String
-        init(primitive: dnnl_primitive_t, src: dnnl_memory_t, weights: dnnl_memory_t, dst: dnnl_memory_t, implementation: String) {
-            (self.primitive, self.src, self.weights, self.dst, self.implementation) = (primitive, src, weights, dst, implementation)
+        init(_ f: Functions, primitive: dnnl_primitive_t, src: dnnl_memory_t, weights: dnnl_memory_t, dst: dnnl_memory_t, implementation: String) {
+            (self.f, self.primitive, self.src, self.weights, self.dst, self.implementation) = (f, primitive, src, weights, dst, implementation)
+        }
+        deinit {
+            _ = f.primitiveDestroy(primitive)
+            for m in [src, weights, dst] { _ = f.memoryDestroy(m) }
         }
     }
 
@@ -208,7 +222,7 @@ public enum OneDNN {
             try check(f.memoryCreate(&ma, &a, f.engine, nil), "dnnl_memory_create")
             try check(f.memoryCreate(&mb, &b, f.engine, nil), "dnnl_memory_create")
             try check(f.memoryCreate(&mc, &c, f.engine, nil), "dnnl_memory_create")
-            let m = Matmul(primitive: p!, src: ma!, weights: mb!, dst: mc!, implementation: impl.map { String(cString: $0) } ?? "?")
+            let m = Matmul(f, primitive: p!, src: ma!, weights: mb!, dst: mc!, implementation: impl.map { String(cString: $0) } ?? "?")
             cache[key] = m
             return m
         }
