@@ -63,7 +63,7 @@ let package = Package(
             ],
             plugins: ["BuildInfo"]),
         .plugin(name: "BuildInfo", capability: .buildTool()),
-        // The README's Swift example (Tests/SeqParMPITests/ReadmeTests.swift runs it and checks that the README shows
+        // The README's Swift example (Tests/SeqParMPITests/DocumentationTests.swift runs it and checks that the README shows
         // this file byte for byte).
         .executableTarget(name: "ring-attention-example", dependencies: ["SeqPar"], path: "Examples/RingAttention"),
         .testTarget(

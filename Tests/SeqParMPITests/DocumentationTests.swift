@@ -117,7 +117,7 @@ import Testing
                 }
             }
         }
-        #expect(broken.isEmpty, "broken links:\n" + broken.joined(separator: "\n"))
+        #expect(broken.isEmpty, "broken links:\n\(broken.joined(separator: "\n"))")
     }
 
     @Test func anchorsFollowGitHub() {
