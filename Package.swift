@@ -13,8 +13,9 @@ import PackageDescription
 
 // The kernels' SIMD code (the polynomial exp, row max/sum/scale on SIMD16<Float>) is compiled for AVX2 + FMA
 // (`-target-cpu haswell`: 256-bit vectors instead of SSE2's 128) when the building machine has them, as every
-// x86-64 server since 2013 does: about 1.4x on the D=64 softmax kernel. SEQPAR_TARGET_CPU=generic builds for any
-// x86-64 (a binary to copy to an older machine); another value is passed as the LLVM CPU name.
+// x86-64 server since 2013 does: about 1.4x on the D=64 softmax kernel; and for AVX-512 where it has that too.
+// SEQPAR_TARGET_CPU=generic builds for any x86-64 (a binary to copy to an older machine); another value is passed as
+// the LLVM CPU name.
 let targetCPU: String? = {
     if let cpu = ProcessInfo.processInfo.environment["SEQPAR_TARGET_CPU"] { return cpu == "generic" || cpu.isEmpty ? nil : cpu }
     #if arch(x86_64)
@@ -23,7 +24,12 @@ let targetCPU: String? = {
     let set = Set(flags.split(separator: " "))
     // Everything `haswell` may emit: a VM that masks any of these gets a portable build instead of SIGILL.
     let needed = ["avx", "avx2", "fma", "bmi1", "bmi2", "abm", "movbe", "f16c", "popcnt"]  // abm: LZCNT
-    return needed.allSatisfy { set.contains(Substring($0)) } ? "haswell" : nil
+    guard needed.allSatisfy({ set.contains(Substring($0)) }) else { return nil }
+    // AVX-512 (every Xeon since Skylake-SP): SIMD16<Float> in one 512-bit register instead of two. The bf16 kernels'
+    // softmax (exponentials, rounding P to bf16) is then the smaller part: 1.6x on the bf16 forward kernel on the AMX
+    // device (benchmarks/results/bf16/run-0b1cbf2). The device bundle is built elsewhere: SEQPAR_TARGET_CPU=skylake-avx512.
+    let avx512 = ["avx512f", "avx512dq", "avx512cd", "avx512bw", "avx512vl"]
+    return avx512.allSatisfy { set.contains(Substring($0)) } ? "skylake-avx512" : "haswell"
     #else
     return nil
     #endif

@@ -11,9 +11,14 @@
 #   benchmarks/bf16-figures.sh latent   decode step at 32K context, TP-MLA and TPLA, H 16 and 128, 4 ranks, fp32 then bf16
 #   benchmarks/bf16-figures.sh lasp     LASP-2 (with LASP-1 beside it), 16 ranks, L 262144, H 8, D 128, decay 0.99,
 #                                       forward and backward, fp32 then bf16
+#   benchmarks/bf16-figures.sh ceiling  the kernel alone on all 16 cores at once (16 ranks, each its own problem): the
+#                                       host's rate per rank when every core computes, at the ring's block size (1024
+#                                       queries, causal) and at L 4096, fp32 and bf16: what a 16-rank ring can reach
 #   benchmarks/bf16-figures.sh verbose  oneDNN's choice of implementation for each of the kernel's products
 #
 # SEQPAR is the binary (default .device/bin/seqpar, else .build/release/seqpar); MPIRUN_FLAGS is added to mpirun.
+# Build the device bundle for AVX-512 (SEQPAR_TARGET_CPU=skylake-avx512 ../shared/device/bundle): the dev machines
+# have AVX2 only, and the bf16 kernels' softmax runs 1.6x faster on 512-bit vectors (run-0b1cbf2).
 # KERNEL_FLAGS is added to bench kernel (e.g. --seq-len 1024 for a quick run).
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/bf16}
@@ -21,7 +26,7 @@ mkdir -p "$OUT"
 . "$(dirname "$0")/common.sh"
 export OMP_NUM_THREADS=1
 PEER="python3 $(dirname "$0")/peers/torch_sdpa.py"
-parts=${*:-kernel ring latent lasp verbose}
+parts=${*:-kernel ring ceiling latent lasp verbose}
 
 "$BIN" info > "$OUT/info.txt" 2>&1
 
@@ -47,6 +52,11 @@ ring)
         $PEER --threads 16 --seq-len 16384 --heads 8 --head-dim 128 --causal --backward --dtype $dtype >> "$OUT/peer-ring.jsonl" 2>> "$OUT/log.txt"
     done
     ;;
+ceiling)
+    echo "# $MPIRUN -np 16 --bind-to core $BIN bench kernel --seq-len 1024 4096 --head-dim 128 --heads 8 --mask causal --forward-only --precision fp32 bf16" >> "$OUT/ceiling.txt"
+    $MPIRUN -np 16 --bind-to core "$BIN" bench kernel --seq-len 1024 4096 --head-dim 128 --heads 8 --mask causal --forward-only \
+        --precision fp32 bf16 >> "$OUT/ceiling.txt" 2>> "$OUT/log.txt"
+    ;;
 latent)
     for precision in fp32 bf16; do
         $MPIRUN -np 4 --bind-to core "$BIN" bench latent --algorithm tp-mla tpla --seq-len 32768 --heads 16 128 --repeats 20 --warmup 3 \
@@ -63,6 +73,6 @@ verbose)
     DNNL_VERBOSE=1 "$BIN" bench kernel --seq-len 1024 --head-dim 128 --precision bf16 --repeats 1 --warmup 0 --mask causal 2>&1 \
         | grep -E 'verbose,(create|exec)' | awk -F, -v OFS=, '{NF--; print}' | sort | uniq -c | sort -rn | head -40 > "$OUT/verbose.txt"
     ;;
-*) echo "unknown part $part: give kernel, ring, latent, lasp or verbose" >&2; exit 64 ;;
+*) echo "unknown part $part: give kernel, ring, ceiling, latent, lasp or verbose" >&2; exit 64 ;;
 esac
 done

@@ -64,7 +64,7 @@ public enum SoftmaxAttention {
         precondition(zip(visible, visible.dropFirst()).allSatisfy { $0 <= $1 }, "query positions must ascend")
         if precision == .bf16 {
             let out = AttentionOutput(o: o, lse: lse)
-            forwardBF16(q: q, k: k, v: v, visible: visible, scale: scale, into: out, progress: progress)
+            forwardBF16(q: .fp32(q), k: .fp32(k), v: .fp32(v), visible: visible, scale: scale, into: out, progress: progress)
             return out
         }
         let scratch = Scratch()
@@ -156,7 +156,7 @@ public enum SoftmaxAttention {
         let (dq, dk, dv) = (grads.dq, grads.dk, grads.dv)
         let visible = visibleCounts(qPositions, kPositions, causal: causal)
         if precision == .bf16 {
-            return backwardBF16(q: q, k: k, v: v, visible: visible, output: output, gradOut: dO, scale: scale, adding: grads,
+            return backwardBF16(q: .fp32(q), k: .fp32(k), v: .fp32(v), visible: visible, output: output, gradOut: dO, scale: scale, adding: grads,
                                 work: work, progress: progress)
         }
         let p = UnsafeMutablePointer<Float>.allocate(capacity: tileRows * tileCols)

@@ -21,6 +21,7 @@ extension SoftmaxAttention {
         let dnn: OneDNN.Context
         /// The kv head whose K and V the buffers hold (GQA: consecutive query heads share it).
         var kvHead: (batch: Int, head: Int)? = nil
+        var kvConverted: (k: BF16Matrix, v: BF16Matrix)? = nil
 
         init() {
             guard let c = try? OneDNN.context() else {
@@ -30,22 +31,42 @@ extension SoftmaxAttention {
         }
         deinit { scores.deallocate(); dp.deallocate() }
 
-        /// K and V of kv head (b, g) in bf16 (converted on a change of head only).
+        /// K and V of kv head (b, g) in bf16 (views of bf16 operands; fp32 ones converted on a change of head only).
         /// Tried on AMX (benchmarks/results/bf16/run-b519c4b): K^T converted once per head, so that S = Q K^T reads plain
         /// row-major operands, and P^T, dS^T written out for dV and dK instead of oneDNN's transposed source: neither was
         /// faster (the forward half as fast, the backward 10-20% slower, on a host whose bf16 baseline itself moved
         /// between 250 and 450 GFLOP/s across those runs), so oneDNN reads the transposes itself.
-        func kv(_ k: Tensor, _ v: Tensor, batch b: Int, head g: Int) -> (k: BF16Matrix, v: BF16Matrix) {
-            let (kh, vh) = (k.head(batch: b, g), v.head(batch: b, g))
-            let kb = BF16Matrix(base: self.k.reserve(kh.rows * kh.cols), rows: kh.rows, cols: kh.cols)
-            let vb = BF16Matrix(base: self.v.reserve(vh.rows * vh.cols), rows: vh.rows, cols: vh.cols)
-            if kvHead.map({ $0 != (b, g) }) ?? true {
-                _ = BF16.convert(kh, into: kb.base)
-                _ = BF16.convert(vh, into: vb.base)
-                kvHead = (b, g)
-            }
-            return (kb, vb)
+        func kv(_ k: BF16Operand, _ v: BF16Operand, batch b: Int, head g: Int) -> (k: BF16Matrix, v: BF16Matrix) {
+            if case .bf16(let kt) = k, case .bf16(let vt) = v { return (kt.head(batch: b, g), vt.head(batch: b, g)) }
+            if let converted = kvConverted, kvHead.map({ $0 == (b, g) }) ?? false { return converted }
+            let converted = (k.head(batch: b, g, buffer: self.k), v.head(batch: b, g, buffer: self.v))
+            (kvHead, kvConverted) = ((b, g), converted)
+            return converted
         }
+    }
+
+    /// The bf16 kernel on operands already in bf16 (a bf16 ring's q, converted once per pass, and its K/V blocks as they
+    /// arrive): `forward(..., precision: .bf16)` on their values, without converting them again. q (B, Cq, H, D),
+    /// k and v (B, Ck, G, D); o and lse in fp32.
+    public static func forward(q: BF16Tensor, qPositions: [Int], k: BF16Tensor, v: BF16Tensor, kPositions: [Int],
+                               causal: Bool, scale: Float, progress: () -> Void = {}) -> AttentionOutput {
+        precondition(q.shape[2] % k.shape[2] == 0 && qPositions.count == q.shape[1] && kPositions.count == k.shape[1] && v.shape == k.shape)
+        let out = AttentionOutput(o: Tensor(zeros: [q.shape[0], q.shape[1], q.shape[2], v.shape[3]]), lse: Tensor(zeros: [q.shape[0], q.shape[2], q.shape[1]]))
+        let visible = visibleCounts(qPositions, kPositions, causal: causal)
+        precondition(zip(visible, visible.dropFirst()).allSatisfy { $0 <= $1 }, "query positions must ascend")
+        forwardBF16(q: .bf16(q), k: .bf16(k), v: .bf16(v), visible: visible, scale: scale, into: out, progress: progress)
+        return out
+    }
+
+    /// The bf16 backward on operands already in bf16, adding into `grads` (`backward(..., adding:)`); `gradOut` is dO in
+    /// fp32 (for the row sums of dO * O) and `gradOutBF16` the same values in bf16 (for the products).
+    public static func backward(q: BF16Tensor, qPositions: [Int], k: BF16Tensor, v: BF16Tensor, kPositions: [Int],
+                                output: AttentionOutput, gradOut: Tensor, gradOutBF16: BF16Tensor, causal: Bool, scale: Float,
+                                adding grads: AttentionGradients, work: Range<Double> = 0..<1, progress: () -> Void = {}) {
+        precondition(gradOut.shape == q.shape && gradOutBF16.shape == q.shape && output.o.shape == q.shape && kPositions.count == k.shape[1])
+        precondition(grads.dq.shape == q.shape && grads.dk.shape == k.shape && grads.dv.shape == v.shape)
+        backwardBF16(q: .bf16(q), k: .bf16(k), v: .bf16(v), visible: visibleCounts(qPositions, kPositions, causal: causal), output: output,
+                     gradOut: gradOut, gradOutBF16: gradOutBF16, scale: scale, adding: grads, work: work, progress: progress)
     }
 
     /// Key tiles over `0..<reach`: `tileCols` wide, and a shorter last one split into a multiple of 64 and a
@@ -63,15 +84,39 @@ extension SoftmaxAttention {
         return tiles
     }
 
-    static func forwardBF16(q: Tensor, k: Tensor, v: Tensor, visible: [Int], scale: Float, into out: AttentionOutput,
+    /// Where the bf16 kernel reads its operands, head by head: fp32 tensors converted into the scratch (a head at a
+    /// time), or tensors already in bf16, read in place (a ring's K/V blocks arrive in bf16; its q and dO are converted
+    /// once per pass rather than once per step).
+    enum BF16Operand {
+        case fp32(Tensor)
+        case bf16(BF16Tensor)
+
+        var shape: [Int] {
+            switch self {
+            case .fp32(let t): t.shape
+            case .bf16(let t): t.shape
+            }
+        }
+
+        /// Head (b, h) as a bf16 matrix: a strided view, or a conversion into `buffer`.
+        func head(batch b: Int, _ h: Int, buffer: BF16Buffer) -> BF16Matrix {
+            switch self {
+            case .bf16(let t): return t.head(batch: b, h)
+            case .fp32(let t):
+                let m = t.head(batch: b, h)
+                return BF16.convert(m, into: buffer.reserve(m.rows * m.cols))
+            }
+        }
+    }
+
+    static func forwardBF16(q: BF16Operand, k: BF16Operand, v: BF16Operand, visible: [Int], scale: Float, into out: AttentionOutput,
                             progress: () -> Void) {
         let (batch, cq, heads) = (q.shape[0], q.shape[1], q.shape[2])
         let group = heads / k.shape[2]
         let scratch = BF16Scratch()
         for b in 0..<batch {
             for h in 0..<heads {
-                let qh = q.head(batch: b, h)
-                let qb = BF16.convert(qh, into: scratch.q.reserve(qh.rows * qh.cols))
+                let qb = q.head(batch: b, h, buffer: scratch.q)
                 let (kb, vb) = scratch.kv(k, v, batch: b, head: h / group)
                 forwardBF16(q: qb, k: kb, v: vb, visible: visible, scale: scale, into: out.o.head(batch: b, h),
                             lse: out.lse.pointer + (b * heads + h) * cq, scratch: scratch, progress: progress)
@@ -123,8 +168,11 @@ extension SoftmaxAttention {
     }
 
     /// The bf16 backward of `backward(..., adding:)`: same tiles and work shares, fp32 accumulators added into.
-    static func backwardBF16(q: Tensor, k: Tensor, v: Tensor, visible: [Int], output: AttentionOutput, gradOut dO: Tensor,
-                             scale: Float, adding grads: AttentionGradients, work: Range<Double>, progress: () -> Void) {
+    /// `gradOut` (fp32) gives the row sums of dO * O; `gradOutBF16`, where given, is the same dO in bf16 for the products.
+    static func backwardBF16(q: BF16Operand, k: BF16Operand, v: BF16Operand, visible: [Int], output: AttentionOutput, gradOut dO: Tensor,
+                             gradOutBF16: BF16Tensor? = nil, scale: Float, adding grads: AttentionGradients, work: Range<Double>,
+                             progress: () -> Void) {
+        let dOperand = gradOutBF16.map { BF16Operand.bf16($0) } ?? .fp32(dO)
         let (batch, cq, heads, dim) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3])
         let group = heads / k.shape[2]
         let scratch = BF16Scratch()
@@ -140,9 +188,9 @@ extension SoftmaxAttention {
                 let headWork = done / total..<(done + perHead) / total
                 if headWork.upperBound <= work.lowerBound || headWork.lowerBound >= work.upperBound { continue }
                 let g = h / group
-                let (qh, oh, doh) = (q.head(batch: b, h), output.o.head(batch: b, h), dO.head(batch: b, h))
-                let qb = BF16.convert(qh, into: scratch.q.reserve(qh.rows * qh.cols))
-                let dob = BF16.convert(doh, into: scratch.gradOut.reserve(doh.rows * doh.cols))
+                let (oh, doh) = (output.o.head(batch: b, h), dO.head(batch: b, h))
+                let qb = q.head(batch: b, h, buffer: scratch.q)
+                let dob = dOperand.head(batch: b, h, buffer: scratch.gradOut)
                 let (kb, vb) = scratch.kv(k, v, batch: b, head: g)
                 let (dqh, dkg, dvg) = (grads.dq.head(batch: b, h), grads.dk.head(batch: b, g), grads.dv.head(batch: b, g))
                 let lseRow = output.lse.pointer + (b * heads + h) * cq

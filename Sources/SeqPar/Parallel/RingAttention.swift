@@ -15,7 +15,7 @@
 // Communication: forward P-1 messages per rank (one packed K/V block each); backward P-1 K/V blocks plus P-1 dK/dV
 // blocks. Memory per rank grows as C * G * D (two K/V blocks, two gradient blocks), not L.
 // Precision: in an fp32 run everything travels in fp32. In a bf16 run the K/V blocks travel as bf16 (UInt16 bits,
-// half the bytes), widened exactly to fp32 on arrival for the kernel, which multiplies them in bf16; the dK/dV
+// half the bytes), and go to the kernel's bf16 products as they arrived (q and dO are converted once per pass); the dK/dV
 // accumulators travel in fp32 (they are sums over ranks, as in ring-flash-attention), and (o, lse) merge in fp32.
 
 public struct RingAttention: AttentionAlgorithm {
@@ -52,6 +52,12 @@ public struct RingAttention: AttentionAlgorithm {
         return (t.rows(0..<n).reshaped(shape), t.rows(n..<(2 * n)).reshaped(shape))
     }
 
+    /// Views of K and V inside a packed bf16 block of `tokens` tokens.
+    static func unpack(_ t: BF16Tensor, _ x: LocalAttention, tokens: Int) -> (k: BF16Tensor, v: BF16Tensor) {
+        let shape = x.shape.kvShape(tokens: tokens), n = shape.reduce(1, *)
+        return (t.rows(0..<n).reshaped(shape), t.rows(n..<(2 * n)).reshaped(shape))
+    }
+
     /// True when no local query can see any key of the block (causal), or either side is empty.
     static func skips(_ x: LocalAttention, keys: [Int]) -> Bool {
         guard let firstKey = keys.first, let lastQuery = x.positions.last else { return true }
@@ -82,9 +88,17 @@ public struct RingAttention: AttentionAlgorithm {
         let acc = AttentionOutput(o: Tensor(zeros: x.q.shape), lse: Tensor(zeros: [x.shape.batch, x.shape.heads, x.tokens]))
         acc.lse.fill(-.infinity)
         var wide: Tensor?
+        // A bf16 block goes to the kernel as it arrived, with q converted once for the whole pass.
+        let q16 = Block.self == BF16Tensor.self ? BF16Tensor(rounding: x.q) : nil
         try Ring.circulate(own, shape: { [Self.packedCount(x, rank: $0, ranks: ranks)] }, tag: Self.kvTag, progress: self.progress, comm: comm) { source, block, _, progress in
             let keys = layout.positions(rank: source, ranks: ranks, length: length)
             if Self.skips(x, keys: keys) { return }
+            if let q16, let block = block as? BF16Tensor {
+                let (k, v) = Self.unpack(block, x, tokens: keys.count)
+                LSEMerge.merge(into: acc, SoftmaxAttention.forward(q: q16, qPositions: x.positions, k: k, v: v, kPositions: keys,
+                                                                   causal: x.options.causal, scale: x.scale, progress: progress))
+                return
+            }
             let (k, v) = Self.unpack(block.widened(scratch: &wide), x, tokens: keys.count)
             LSEMerge.merge(into: acc, SoftmaxAttention.forward(q: x.q, qPositions: x.positions, k: k, v: v, kPositions: keys,
                                                                causal: x.options.causal, scale: x.scale, precision: x.options.precision, progress: progress))
@@ -101,18 +115,28 @@ public struct RingAttention: AttentionAlgorithm {
         let largest = (0..<ranks).map { Self.packedCount(x, rank: $0, ranks: ranks) }.max() ?? 0
         let scratch = ranks > 2 ? Tensor(zeros: [largest]) : nil
         var wide: Tensor?
+        // A bf16 block goes to the kernel as it arrived, with q and dO converted once for the whole pass.
+        let bf16Queries = Block.self == BF16Tensor.self ? (BF16Tensor(rounding: x.q), BF16Tensor(rounding: gradOut)) : nil
         /// This rank's queries against one block: `work` of the kernel (see `SoftmaxAttention.backward`), dQ added
         /// to dq, dK and dV to the block's accumulator: at once when it is here, else through `scratch`.
         func contribute(_ source: Int, _ block: Block, _ grad: RingAccumulator, work: Range<Double>, _ progress: () -> Void) throws {
             let keys = layout.positions(rank: source, ranks: ranks, length: length)
             if Self.skips(x, keys: keys) { return }
-            let (k, v) = Self.unpack(block.widened(scratch: &wide), x, tokens: keys.count)
-            let sums = grad.ready ?? scratch!.rows(0..<(2 * k.count))
+            let count = 2 * x.shape.batch * keys.count * x.shape.kvHeads * x.shape.headDim
+            let sums = grad.ready ?? scratch!.rows(0..<count)
             if grad.ready == nil { sums.fill(0) }
             let (dk, dv) = Self.unpack(sums, x, tokens: keys.count)
-            SoftmaxAttention.backward(q: x.q, qPositions: x.positions, k: k, v: v, kPositions: keys, output: output, gradOut: gradOut,
-                                      causal: x.options.causal, scale: x.scale, precision: x.options.precision, adding: AttentionGradients(dq: dq, dk: dk, dv: dv),
-                                      work: work, progress: progress)
+            let adding = AttentionGradients(dq: dq, dk: dk, dv: dv)
+            if let (q16, dO16) = bf16Queries, let block = block as? BF16Tensor {
+                let (k, v) = Self.unpack(block, x, tokens: keys.count)
+                SoftmaxAttention.backward(q: q16, qPositions: x.positions, k: k, v: v, kPositions: keys, output: output, gradOut: gradOut,
+                                          gradOutBF16: dO16, causal: x.options.causal, scale: x.scale, adding: adding, work: work, progress: progress)
+            } else {
+                let (k, v) = Self.unpack(block.widened(scratch: &wide), x, tokens: keys.count)
+                SoftmaxAttention.backward(q: x.q, qPositions: x.positions, k: k, v: v, kPositions: keys, output: output, gradOut: gradOut,
+                                          causal: x.options.causal, scale: x.scale, precision: x.options.precision, adding: adding,
+                                          work: work, progress: progress)
+            }
             if grad.ready == nil { BLAS.axpy(sums, into: try grad.get()) }
         }
         let own = Self.ownShares(ranks: ranks)
