@@ -80,8 +80,35 @@ public enum SoftmaxAttention {
     /// A score tile and per-row statistics, allocated once per call and reused across heads.
     final class Scratch {
         let scores = UnsafeMutablePointer<Float>.allocate(capacity: tileRows * tileCols)
-        var rowMax = [Float](repeating: 0, count: maxTileRows), rowSum = [Float](repeating: 0, count: maxTileRows)
-        deinit { scores.deallocate() }
+        let rowMax = UnsafeMutablePointer<Float>.allocate(capacity: maxTileRows), rowSum = UnsafeMutablePointer<Float>.allocate(capacity: maxTileRows)
+        deinit { scores.deallocate(); rowMax.deallocate(); rowSum.deallocate() }
+    }
+
+    /// The online softmax's step for query row `i` of a tile (both precisions): a key tile whose exponentials, taken
+    /// against `max`, sum to `sum`. When the row's running max grows, its output row (`dv` values, the products
+    /// so far) and running sum are rescaled by exp(old max - max) first.
+    @inline(__always)
+    static func absorb(sum: Float, max newMax: Float, row i: Int, _ rowMax: UnsafeMutablePointer<Float>, _ rowSum: UnsafeMutablePointer<Float>,
+                       output: UnsafeMutablePointer<Float>, _ dv: Int) {
+        if rowMax[i] != -.infinity && rowMax[i] != newMax {
+            let alpha = VectorMath.exp(rowMax[i] - newMax)
+            VectorMath.scale(output, dv, by: alpha)
+            rowSum[i] *= alpha
+        }
+        rowSum[i] += sum
+        rowMax[i] = newMax
+    }
+
+    /// The end of a query tile (rows `rows` of the head, statistics from index 0): each output row divided by its
+    /// running sum, and lse = max + log(sum); -inf for a row that saw no key (its output stays 0).
+    @inline(__always)
+    static func finish(rows: Range<Int>, _ rowMax: UnsafeMutablePointer<Float>, _ rowSum: UnsafeMutablePointer<Float>,
+                       output oh: Matrix, lse lseRow: UnsafeMutablePointer<Float>) {
+        for (i, r) in rows.enumerated() {
+            if rowSum[i] == 0 { lseRow[r] = -.infinity; continue }
+            VectorMath.scale(oh.base + r * oh.ld, oh.cols, by: 1 / rowSum[i])
+            lseRow[r] = rowMax[i] + Float(log(Double(rowSum[i])))
+        }
     }
 
     /// One head: rows of `q` (Cq x Dk) against rows of `k` (Ck x Dk) and `v` (Ck x Dv, any leading dimension: a
@@ -109,21 +136,11 @@ public enum SoftmaxAttention {
                     let newMax = max(scratch.rowMax[i], VectorMath.max(row, valid))
                     let sum = VectorMath.expInPlace(row, valid, subtract: newMax)
                     if valid < width { (row + valid).update(repeating: 0, count: width - valid) }
-                    if scratch.rowMax[i] != -.infinity && scratch.rowMax[i] != newMax {
-                        let alpha = VectorMath.exp(scratch.rowMax[i] - newMax)
-                        VectorMath.scale(oh.base + (i0 + i) * oh.ld, dv, by: alpha)
-                        scratch.rowSum[i] *= alpha
-                    }
-                    scratch.rowSum[i] += sum
-                    scratch.rowMax[i] = newMax
+                    absorb(sum: sum, max: newMax, row: i, scratch.rowMax, scratch.rowSum, output: oh.base + (i0 + i) * oh.ld, dv)
                 }
                 BLAS.gemm(s, vg.rows(j0..<j1), into: oh.rows(i0..<i1), beta: 1)
             }
-            for i in 0..<rows {
-                if scratch.rowSum[i] == 0 { lseRow[i0 + i] = -.infinity; continue }
-                VectorMath.scale(oh.base + (i0 + i) * oh.ld, dv, by: 1 / scratch.rowSum[i])
-                lseRow[i0 + i] = scratch.rowMax[i] + Float(log(Double(scratch.rowSum[i])))
-            }
+            finish(rows: i0..<i1, scratch.rowMax, scratch.rowSum, output: oh, lse: lseRow)
             progress()
         }
     }

@@ -17,7 +17,7 @@ extension SoftmaxAttention {
         let p = BF16Buffer(capacity: tileRows * tileCols), ds = BF16Buffer(capacity: tileRows * tileCols)
         let scores = UnsafeMutablePointer<Float>.allocate(capacity: tileRows * tileCols)
         let dp = UnsafeMutablePointer<Float>.allocate(capacity: tileRows * tileCols)
-        var rowMax = [Float](repeating: 0, count: maxTileRows), rowSum = [Float](repeating: 0, count: maxTileRows)
+        let rowMax = UnsafeMutablePointer<Float>.allocate(capacity: maxTileRows), rowSum = UnsafeMutablePointer<Float>.allocate(capacity: maxTileRows)
         let dnn: OneDNN.Context
         /// The kv head whose K and V the buffers hold (GQA: consecutive query heads share it).
         var kvHead: (batch: Int, head: Int)? = nil
@@ -29,7 +29,7 @@ extension SoftmaxAttention {
             }
             dnn = c
         }
-        deinit { scores.deallocate(); dp.deallocate() }
+        deinit { scores.deallocate(); dp.deallocate(); rowMax.deallocate(); rowSum.deallocate() }
 
         /// K and V of kv head (b, g) in bf16 (views of bf16 operands; fp32 ones converted on a change of head only).
         /// Tried on AMX (benchmarks/results/bf16/run-b519c4b): K^T converted once per head, so that S = Q K^T reads plain
@@ -148,21 +148,11 @@ extension SoftmaxAttention {
                     let newMax = max(scratch.rowMax[i], scale * VectorMath.max(row, valid))
                     let sum = VectorMath.expToBF16(row, valid, scale: scale, subtract: newMax, into: prow)
                     if valid < width { (prow + valid).update(repeating: 0, count: width - valid) }
-                    if scratch.rowMax[i] != -.infinity && scratch.rowMax[i] != newMax {
-                        let alpha = VectorMath.exp(scratch.rowMax[i] - newMax)
-                        VectorMath.scale(oh.base + (i0 + i) * oh.ld, dv, by: alpha)
-                        scratch.rowSum[i] *= alpha
-                    }
-                    scratch.rowSum[i] += sum
-                    scratch.rowMax[i] = newMax
+                    absorb(sum: sum, max: newMax, row: i, scratch.rowMax, scratch.rowSum, output: oh.base + (i0 + i) * oh.ld, dv)
                 }
                 scratch.dnn.gemm(BF16Matrix(base: p, rows: rows, cols: width), vg.rows(j0..<j1), into: oh.rows(i0..<i1), accumulate: true)
             }
-            for i in 0..<rows {
-                if scratch.rowSum[i] == 0 { lseRow[i0 + i] = -.infinity; continue }
-                VectorMath.scale(oh.base + (i0 + i) * oh.ld, dv, by: 1 / scratch.rowSum[i])
-                lseRow[i0 + i] = scratch.rowMax[i] + Float(log(Double(scratch.rowSum[i])))
-            }
+            finish(rows: i0..<i1, scratch.rowMax, scratch.rowSum, output: oh, lse: lseRow)
             progress()
         }
     }
