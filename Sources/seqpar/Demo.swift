@@ -4,7 +4,7 @@ import SeqPar
 
 struct Demo: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "The main job on embedded defaults: every algorithm on one generated input, forward and backward, each checked against the Double oracle; a table of errors and timings.",
+        abstract: "The main job on embedded defaults: every algorithm on one generated input, forward and backward, each checked against the Double oracle; a table of errors and timings (then the lasp2h hybrid stack and a TP-MLA and TPLA decode step, each checked).",
         discussion: """
         --precision bf16 runs every algorithm in bf16 (inputs rounded to bf16, outputs stored in bf16). Softmax \
         attention is then checked by FlashAttention's rule: each of o, dq, dk, dv within 2x the error of a plain bf16 \
@@ -54,8 +54,25 @@ struct Demo: ParsableCommand {
         return runs
     }
 
+    /// The lasp2h hybrid stack (three linear layers and a softmax layer) on the demo's shape, forward and backward.
+    func hybridConfig() -> HybridRunConfig {
+        var c = HybridRunConfig(layers: "LLLS", shape: AttentionShape(seqLen: seqLen, heads: heads, kvHeads: kvHeads, headDim: headDim))
+        (c.decay, c.seed, c.backward, c.check, c.precision) = ([Self.linearDecay], seed, true, true, precision)
+        return c
+    }
+
+    /// A decode step of latent attention (TP-MLA, then TPLA) over a cache of the demo's length, DeepSeek's sizes.
+    func latentConfigs() -> [LatentRunConfig] {
+        [LatentAlgorithm.tpMLA, .tpla].map { a in
+            var c = LatentRunConfig(algorithm: a, shape: LatentShape(seqLen: seqLen, heads: heads, latentDim: 512, ropeDim: 64, vDim: 128))
+            (c.seed, c.check, c.precision) = (seed, true, precision)
+            return c
+        }
+    }
+
     func run() throws {
         let runs = configs()
+        let (hybrid, latents) = (hybridConfig(), latentConfigs())
         let json = self.json
         let simulated = try Launch.simulatedRanks(rankOptions.ranks ?? (Launch.underMPI ? nil : 4))
         let reports = try Launch.run(ranks: simulated, timeout: rankOptions.timeout) { comm, backend in
@@ -80,11 +97,29 @@ struct Demo: ParsableCommand {
                                                             ranksPerHost: backend.ranksPerHost, oracle: oracle))
                 }
             }
-            return (reports, skipped, backend)
+            // The hybrid stack and latent attention: a shape that does not split over these ranks is refused on every
+            // rank together (`onRanks`), and the demo says so and goes on; a failed check stops it, as above.
+            func unlessRefused<R>(_ name: String, _ body: () throws -> R) throws -> R? {
+                do { return try body() } catch SeqParError.onRanks(let failures) {
+                    skipped.append("\(name): \(SeqParError.onRanks(failures))")
+                    return nil
+                }
+            }
+            let hybridReport = try unlessRefused("lasp2h") {
+                try HybridRun.execute(hybrid, comm: comm, backend: backend.name, ranksPerHost: backend.ranksPerHost)
+            }
+            let latentReports = try latents.compactMap { c in
+                try unlessRefused(c.algorithm.rawValue) {
+                    try LatentRun.execute(c, comm: comm, backend: backend.name, ranksPerHost: backend.ranksPerHost)
+                }
+            }
+            return (reports, hybridReport, latentReports, skipped, backend)
         }
-        guard let (all, skipped, backend) = reports else { return }
+        guard let (all, hybridReport, latentReports, skipped, backend) = reports else { return }
         if json {
             for r in all { print(Report.json(r)) }
+            if let h = hybridReport { print(Report.json(h)) }
+            for r in latentReports { print(Report.json(r)) }
             return
         }
         print("# seqpar demo: every algorithm on one generated input, forward and backward, checked against the Double oracle")
@@ -111,6 +146,21 @@ struct Demo: ParsableCommand {
             if bf16 { cells += [Report.sci(c?.forwardBound), Report.sci(c?.dqBound), Report.sci(c?.dkBound), Report.sci(c?.dvBound)] }
             cells += ["\(sent)", c?.passed == true ? "PASS" : "FAIL"]
             print(zip(cells, header).map { Report.pad($0, $1.1) }.joined())
+        }
+        print("# lasp2h: the hybrid stack \(hybrid.layers) (L: linear, LASP-2; S: softmax, allgather), forward and backward, against the stack in Double on one rank;")
+        print("# tp-mla, tpla: one decode step over the cache (d_c 512, d_r 64, d_v 128), against their Double definitions")
+        let others = [("algorithm", 11), ("ranks", 6), ("time_s", 9), ("error", 10), ("grad_err", 10), ("tolerance", 10), ("check", 6)]
+        print(others.map { Report.pad($0.0, $0.1) }.joined())
+        if let h = hybridReport, let c = h.check {
+            let gradient = [c.dxError, c.weightGradientError].compactMap { $0 }.max()
+            let cells = ["lasp2h", "\(h.ranks)", String(format: "%.4f", (h.timeS["forward"]?.max ?? 0) + (h.timeS["backward"]?.max ?? 0)),
+                         Report.sci(c.forwardError), Report.sci(gradient), Report.sci(c.forwardTolerance), c.passed ? "PASS" : "FAIL"]
+            print(zip(cells, others).map { Report.pad($0, $1.1) }.joined())
+        }
+        for r in latentReports {
+            let cells = [r.algorithm.rawValue, "\(r.ranks)", String(format: "%.4f", (r.timeS["attend"]?.max ?? 0) + (r.timeS["combine"]?.max ?? 0)),
+                         Report.sci(r.check?.error), "-", Report.sci(r.check?.tolerance), r.check?.passed == true ? "PASS" : "FAIL"]
+            print(zip(cells, others).map { Report.pad($0, $1.1) }.joined())
         }
         for note in skipped { print("# skipped \(note)") }
     }
