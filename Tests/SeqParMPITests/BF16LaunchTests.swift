@@ -105,6 +105,10 @@ import Testing
         let demo = try Harness.simulated(["demo", "--precision", "bf16", "--seq-len", "48", "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--ranks", "2"], timeout: 300)
         #expect(!demo.timedOut && demo.status == 0 && !demo.output.contains("FAIL"), "\(demo.output)")
         #expect(demo.output.contains("precision bf16") && demo.output.contains("dq_bound") && demo.output.contains("lasp2"), "\(demo.output)")
+        // Every algorithm: the hybrid stack and both latent decode steps follow the table, each checked.
+        for name in ["lasp2h", "tp-mla", "tpla"] {
+            #expect(demo.output.split(separator: "\n").contains { $0.hasPrefix(name + " ") && $0.hasSuffix("PASS  ") }, "\(name) in \(demo.output)")
+        }
         let bench = try Harness.mpirun(2, ["bench", "attention", "--algorithm", "ring", "allgather", "--precision", "bf16", "--seq-len", "256", "--heads", "2",
                                            "--head-dim", "32", "--repeats", "1", "--warmup", "0", "--json"], timeout: 300)
         #expect(!bench.timedOut && bench.status == 0 && bench.output.contains("\"precision\":\"bf16\""), "\(bench.output)")
