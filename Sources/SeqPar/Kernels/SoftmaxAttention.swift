@@ -180,43 +180,61 @@ public enum SoftmaxAttention {
         let dp = UnsafeMutablePointer<Float>.allocate(capacity: tileRows * tileCols)
         var rowDot = [Float](repeating: 0, count: tileRows)
         defer { p.deallocate(); dp.deallocate() }
-        let tiles = stride(from: 0, to: cq, by: tileRows).map { i0 in (rows: min(tileRows, cq - i0), reach: visible[i0..<min(i0 + tileRows, cq)].max()!) }
-        let perHead = tiles.reduce(0.0) { $0 + Double($1.rows * $1.reach) }
-        let total = perHead * Double(batch * heads)
-        for b in 0..<batch {
-            for h in 0..<heads {
-                var done = perHead * Double(b * heads + h)
-                let g = h / group
-                let (qh, kg, vg) = (q.head(batch: b, h), k.head(batch: b, g), v.head(batch: b, g))
-                let (oh, doh, dqh, dkg, dvg) = (output.o.head(batch: b, h), dO.head(batch: b, h), dq.head(batch: b, h), dk.head(batch: b, g), dv.head(batch: b, g))
-                let lseRow = output.lse.pointer + (b * heads + h) * cq
-                for (t, tile) in tiles.enumerated() {
-                    let (i0, rows, reach) = (t * tileRows, tile.rows, tile.reach)
-                    let i1 = i0 + rows, cost = Double(rows * reach)
-                    defer { done += cost }
-                    if reach == 0 || !work.contains((done + cost / 2) / total) { continue }
-                    for i in i0..<i1 { rowDot[i - i0] = VectorMath.dot(doh.base + i * doh.ld, oh.base + i * oh.ld, dim) }
-                    for j0 in stride(from: 0, to: reach, by: tileCols) {
-                        let j1 = min(j0 + tileCols, reach), width = j1 - j0
-                        let pm = Matrix(base: p, rows: rows, cols: width), dpm = Matrix(base: dp, rows: rows, cols: width)
-                        BLAS.gemm(qh.rows(i0..<i1), kg.rows(j0..<j1), transposeB: true, into: pm, alpha: scale)
-                        BLAS.gemm(doh.rows(i0..<i1), vg.rows(j0..<j1), transposeB: true, into: dpm)
-                        for i in 0..<rows {
-                            let valid = min(max(visible[i0 + i] - j0, 0), width)
-                            let pr = p + i * width, dpr = dp + i * width
-                            if valid > 0 { VectorMath.expInPlace(pr, valid, subtract: lseRow[i0 + i]) }
-                            if valid < width { (pr + valid).update(repeating: 0, count: width - valid) }
-                            VectorMath.softmaxGradient(probabilities: pr, gradient: dpr, width, rowDot: rowDot[i])
-                        }
-                        // dpm now holds dS = P * (dP - rowDot).
-                        BLAS.gemm(dpm, kg.rows(j0..<j1), into: dqh.rows(i0..<i1), alpha: scale, beta: 1)
-                        BLAS.gemm(dpm, transposeA: true, qh.rows(i0..<i1), into: dkg.rows(j0..<j1), alpha: scale, beta: 1)
-                        BLAS.gemm(pm, transposeA: true, doh.rows(i0..<i1), into: dvg.rows(j0..<j1), beta: 1)
+        for unit in backwardShare(batch: batch, heads: heads, visible: visible, work: work) {
+            let (b, h, g) = (unit.batch, unit.head, unit.head / group)
+            let (qh, kg, vg) = (q.head(batch: b, h), k.head(batch: b, g), v.head(batch: b, g))
+            let (oh, doh, dqh, dkg, dvg) = (output.o.head(batch: b, h), dO.head(batch: b, h), dq.head(batch: b, h), dk.head(batch: b, g), dv.head(batch: b, g))
+            let lseRow = output.lse.pointer + (b * heads + h) * cq
+            for (i0, rows, reach) in unit.tiles {
+                let i1 = i0 + rows
+                for i in i0..<i1 { rowDot[i - i0] = VectorMath.dot(doh.base + i * doh.ld, oh.base + i * oh.ld, dim) }
+                for j0 in stride(from: 0, to: reach, by: tileCols) {
+                    let j1 = min(j0 + tileCols, reach), width = j1 - j0
+                    let pm = Matrix(base: p, rows: rows, cols: width), dpm = Matrix(base: dp, rows: rows, cols: width)
+                    BLAS.gemm(qh.rows(i0..<i1), kg.rows(j0..<j1), transposeB: true, into: pm, alpha: scale)
+                    BLAS.gemm(doh.rows(i0..<i1), vg.rows(j0..<j1), transposeB: true, into: dpm)
+                    for i in 0..<rows {
+                        let valid = min(max(visible[i0 + i] - j0, 0), width)
+                        let pr = p + i * width, dpr = dp + i * width
+                        if valid > 0 { VectorMath.expInPlace(pr, valid, subtract: lseRow[i0 + i]) }
+                        if valid < width { (pr + valid).update(repeating: 0, count: width - valid) }
+                        VectorMath.softmaxGradient(probabilities: pr, gradient: dpr, width, rowDot: rowDot[i])
                     }
-                    progress()
+                    // dpm now holds dS = P * (dP - rowDot).
+                    BLAS.gemm(dpm, kg.rows(j0..<j1), into: dqh.rows(i0..<i1), alpha: scale, beta: 1)
+                    BLAS.gemm(dpm, transposeA: true, qh.rows(i0..<i1), into: dkg.rows(j0..<j1), alpha: scale, beta: 1)
+                    BLAS.gemm(pm, transposeA: true, doh.rows(i0..<i1), into: dvg.rows(j0..<j1), beta: 1)
                 }
+                progress()
             }
         }
+    }
+
+    /// A query tile of the backward: its first row, its rows, and its reach (the most keys any of its rows sees).
+    typealias BackwardTile = (i0: Int, rows: Int, reach: Int)
+
+    /// The backward's work in a share `work` of 0..<1 (both precisions): its units are (batch, head, query tile), in
+    /// that order, each costing rows x reach; a unit belongs to the share holding the middle of its cost, so shares
+    /// that partition 0..<1 split the work without overlap. Heads with no unit in the share are left out.
+    static func backwardShare(batch: Int, heads: Int, visible: [Int], work: Range<Double>) -> [(batch: Int, head: Int, tiles: [BackwardTile])] {
+        let cq = visible.count
+        let tiles: [BackwardTile] = stride(from: 0, to: cq, by: tileRows).map { i0 in
+            (i0, min(tileRows, cq - i0), visible[i0..<min(i0 + tileRows, cq)].max()!)
+        }
+        let total = tiles.reduce(0.0) { $0 + Double($1.rows * $1.reach) } * Double(batch * heads)
+        var done = 0.0
+        var share: [(batch: Int, head: Int, tiles: [BackwardTile])] = []
+        for b in 0..<batch {
+            for h in 0..<heads {
+                let mine = tiles.filter { t in
+                    let cost = Double(t.rows * t.reach)
+                    defer { done += cost }
+                    return t.reach > 0 && work.contains((done + cost / 2) / total)
+                }
+                if !mine.isEmpty { share.append((b, h, mine)) }
+            }
+        }
+        return share
     }
 }
 

@@ -167,48 +167,37 @@ extension SoftmaxAttention {
         let group = heads / k.shape[2]
         let scratch = BF16Scratch()
         var rowDot = [Float](repeating: 0, count: tileRows)
-        let tiles = stride(from: 0, to: cq, by: tileRows).map { i0 in (rows: min(tileRows, cq - i0), reach: visible[i0..<min(i0 + tileRows, cq)].max()!) }
-        let perHead = tiles.reduce(0.0) { $0 + Double($1.rows * $1.reach) }
-        let total = perHead * Double(batch * heads)
         let (p, ds) = (scratch.p.base, scratch.ds.base)
-        for b in 0..<batch {
-            for h in 0..<heads {
-                var done = perHead * Double(b * heads + h)
-                // Skip heads with no work in this share before converting anything.
-                let headWork = done / total..<(done + perHead) / total
-                if headWork.upperBound <= work.lowerBound || headWork.lowerBound >= work.upperBound { continue }
-                let g = h / group
-                let (oh, doh) = (output.o.head(batch: b, h), dO.head(batch: b, h))
-                let qb = q.head(batch: b, h, buffer: scratch.q)
-                let dob = dOperand.head(batch: b, h, buffer: scratch.gradOut)
-                let (kb, vb) = scratch.kv(k, v, batch: b, head: g)
-                let (dqh, dkg, dvg) = (grads.dq.head(batch: b, h), grads.dk.head(batch: b, g), grads.dv.head(batch: b, g))
-                let lseRow = output.lse.pointer + (b * heads + h) * cq
-                for (t, tile) in tiles.enumerated() {
-                    let (i0, rows, reach) = (t * tileRows, tile.rows, tile.reach)
-                    let i1 = i0 + rows, cost = Double(rows * reach)
-                    defer { done += cost }
-                    if reach == 0 || !work.contains((done + cost / 2) / total) { continue }
-                    for i in i0..<i1 { rowDot[i - i0] = VectorMath.dot(doh.base + i * doh.ld, oh.base + i * oh.ld, dim) }
-                    for (j0, j1) in bf16KeyTiles(reach) {
-                        let width = j1 - j0
-                        let sm = Matrix(base: scratch.scores, rows: rows, cols: width), dpm = Matrix(base: scratch.dp, rows: rows, cols: width)
-                        scratch.dnn.gemm(qb.rows(i0..<i1), kb.rows(j0..<j1), transposeB: true, into: sm)
-                        scratch.dnn.gemm(dob.rows(i0..<i1), vb.rows(j0..<j1), transposeB: true, into: dpm)
-                        for i in 0..<rows {
-                            let valid = min(max(visible[i0 + i] - j0, 0), width)
-                            VectorMath.softmaxGradientBF16(scores: scratch.scores + i * width, gradient: scratch.dp + i * width, width, valid: valid,
-                                                           scale: scale, lse: lseRow[i0 + i], rowDot: rowDot[i],
-                                                           probabilities: p + i * width, scaledGradient: ds + i * width)
-                        }
-                        let pm = BF16Matrix(base: p, rows: rows, cols: width), dsm = BF16Matrix(base: ds, rows: rows, cols: width)
-                        // ds holds scale * P * (dP - rowDot), rounded: dQ += dS K, dK += dS^T Q, dV += P^T dO.
-                        scratch.dnn.gemm(dsm, kb.rows(j0..<j1), into: dqh.rows(i0..<i1), accumulate: true)
-                        scratch.dnn.gemm(dsm, transposeA: true, qb.rows(i0..<i1), into: dkg.rows(j0..<j1), accumulate: true)
-                        scratch.dnn.gemm(pm, transposeA: true, dob.rows(i0..<i1), into: dvg.rows(j0..<j1), accumulate: true)
+        // Heads with no work in this share are left out before anything is converted.
+        for unit in backwardShare(batch: batch, heads: heads, visible: visible, work: work) {
+            let (b, h, g) = (unit.batch, unit.head, unit.head / group)
+            let (oh, doh) = (output.o.head(batch: b, h), dO.head(batch: b, h))
+            let qb = q.head(batch: b, h, buffer: scratch.q)
+            let dob = dOperand.head(batch: b, h, buffer: scratch.gradOut)
+            let (kb, vb) = scratch.kv(k, v, batch: b, head: g)
+            let (dqh, dkg, dvg) = (grads.dq.head(batch: b, h), grads.dk.head(batch: b, g), grads.dv.head(batch: b, g))
+            let lseRow = output.lse.pointer + (b * heads + h) * cq
+            for (i0, rows, reach) in unit.tiles {
+                let i1 = i0 + rows
+                for i in i0..<i1 { rowDot[i - i0] = VectorMath.dot(doh.base + i * doh.ld, oh.base + i * oh.ld, dim) }
+                for (j0, j1) in bf16KeyTiles(reach) {
+                    let width = j1 - j0
+                    let sm = Matrix(base: scratch.scores, rows: rows, cols: width), dpm = Matrix(base: scratch.dp, rows: rows, cols: width)
+                    scratch.dnn.gemm(qb.rows(i0..<i1), kb.rows(j0..<j1), transposeB: true, into: sm)
+                    scratch.dnn.gemm(dob.rows(i0..<i1), vb.rows(j0..<j1), transposeB: true, into: dpm)
+                    for i in 0..<rows {
+                        let valid = min(max(visible[i0 + i] - j0, 0), width)
+                        VectorMath.softmaxGradientBF16(scores: scratch.scores + i * width, gradient: scratch.dp + i * width, width, valid: valid,
+                                                       scale: scale, lse: lseRow[i0 + i], rowDot: rowDot[i],
+                                                       probabilities: p + i * width, scaledGradient: ds + i * width)
                     }
-                    progress()
+                    let pm = BF16Matrix(base: p, rows: rows, cols: width), dsm = BF16Matrix(base: ds, rows: rows, cols: width)
+                    // ds holds scale * P * (dP - rowDot), rounded: dQ += dS K, dK += dS^T Q, dV += P^T dO.
+                    scratch.dnn.gemm(dsm, kb.rows(j0..<j1), into: dqh.rows(i0..<i1), accumulate: true)
+                    scratch.dnn.gemm(dsm, transposeA: true, qb.rows(i0..<i1), into: dkg.rows(j0..<j1), accumulate: true)
+                    scratch.dnn.gemm(pm, transposeA: true, dob.rows(i0..<i1), into: dvg.rows(j0..<j1), accumulate: true)
                 }
+                progress()
             }
         }
     }
