@@ -8,6 +8,7 @@
 
 typedef __typeof__(&dnnl_engine_create) seqpar_dnnl_engine_create;
 typedef __typeof__(&dnnl_stream_create) seqpar_dnnl_stream_create;
+typedef __typeof__(&dnnl_stream_destroy) seqpar_dnnl_stream_destroy;
 typedef __typeof__(&dnnl_memory_desc_init_by_strides) seqpar_dnnl_memory_desc_init_by_strides;
 typedef __typeof__(&dnnl_matmul_desc_init) seqpar_dnnl_matmul_desc_init;
 typedef __typeof__(&dnnl_primitive_attr_create) seqpar_dnnl_primitive_attr_create;

@@ -18,6 +18,7 @@ public enum OneDNN {
     struct Functions: @unchecked Sendable {
         let engineCreate: seqpar_dnnl_engine_create
         let streamCreate: seqpar_dnnl_stream_create
+        let streamDestroy: seqpar_dnnl_stream_destroy
         let memoryDescInitByStrides: seqpar_dnnl_memory_desc_init_by_strides
         let matmulDescInit: seqpar_dnnl_matmul_desc_init
         let attrCreate: seqpar_dnnl_primitive_attr_create
@@ -68,6 +69,7 @@ public enum OneDNN {
             return .success(Functions(
                 engineCreate: engineCreate,
                 streamCreate: try symbol("dnnl_stream_create", seqpar_dnnl_stream_create.self),
+                streamDestroy: try symbol("dnnl_stream_destroy", seqpar_dnnl_stream_destroy.self),
                 memoryDescInitByStrides: try symbol("dnnl_memory_desc_init_by_strides", seqpar_dnnl_memory_desc_init_by_strides.self),
                 matmulDescInit: try symbol("dnnl_matmul_desc_init", seqpar_dnnl_matmul_desc_init.self),
                 attrCreate: try symbol("dnnl_primitive_attr_create", seqpar_dnnl_primitive_attr_create.self),
@@ -180,6 +182,12 @@ public enum OneDNN {
             var s: dnnl_stream_t?
             try check(f.streamCreate(&s, f.engine, UInt32(dnnl_stream_default_flags.rawValue)), "dnnl_stream_create")
             stream = s!
+        }
+
+        /// The thread has ended (its key's destructor released the context): primitives first, then the stream.
+        deinit {
+            cache = [:]
+            _ = f.streamDestroy(stream)
         }
 
         func matmul(_ key: Key) throws -> Matmul {
