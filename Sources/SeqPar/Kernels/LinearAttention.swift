@@ -80,6 +80,28 @@ public enum LinearAttention {
     }
 
     /// The intra-block mask Λ (n x n, row-major) for `direction`.
+    /// One head's decay weights for blocks of `n` rows (both precisions' chunk loops): the full block's, computed once
+    /// per head, and a shorter last block's (`m` rows) on demand; nil weights where the head does not decay.
+    struct BlockWeights {
+        let lambda: Float, n: Int, direction: Direction
+        let decays: Bool
+        let fullTerm: [Float]?, fullAbsorb: [Float]?, fullBeta: Float
+
+        init(_ lambda: Float, rows n: Int, _ direction: Direction) {
+            (self.lambda, self.n, self.direction, decays) = (lambda, n, direction, lambda < 1)
+            fullTerm = decays ? termWeights(lambda, rows: n, direction) : nil
+            fullAbsorb = decays ? absorbWeights(lambda, rows: n, direction) : nil
+            fullBeta = decays ? powers(lambda, [n])[0] : 1
+        }
+
+        /// The weights of the state term on a block of `m` rows.
+        func term(_ m: Int) -> [Float]? { decays ? (m == n ? fullTerm : termWeights(lambda, rows: m, direction)) : nil }
+        /// The weights of a block of `m` rows absorbed into the state.
+        func absorb(_ m: Int) -> [Float]? { decays ? (m == n ? fullAbsorb : absorbWeights(lambda, rows: m, direction)) : nil }
+        /// The state's decay across a block of `m` rows (0 before the first block: the state starts empty).
+        func beta(_ m: Int, step: Int) -> Float { step == 0 ? 0 : (m == n ? fullBeta : powers(lambda, [m])[0]) }
+    }
+
     static func mask(_ lambda: Float, rows n: Int, _ direction: Direction) -> [Float] {
         let p = powers(lambda, 0..<n)
         var m = [Float](repeating: 0, count: n * n)
@@ -161,25 +183,16 @@ public enum LinearAttention {
         let blocks = Array(stride(from: 0, to: rows, by: n))
         let order = direction == .forward ? blocks : blocks.reversed()
         for h in 0..<heads {
-            let lambda = decay[h]
-            let decays = lambda < 1
-            fullMask.update(from: mask(lambda, rows: n, direction), count: n * n)
-            let fullTerm = decays ? termWeights(lambda, rows: n, direction) : nil
-            let fullAbsorb = decays ? absorbWeights(lambda, rows: n, direction) : nil
-            let fullBeta = decays ? powers(lambda, [n])[0] : 1
+            fullMask.update(from: mask(decay[h], rows: n, direction), count: n * n)
+            let weights = BlockWeights(decay[h], rows: n, direction)
             for bi in 0..<batch {
                 let (ah, bh, ch, oh) = (view(a, batch: bi, head: h, heads: heads), view(b, batch: bi, head: h, heads: heads),
                                         view(c, batch: bi, head: h, heads: heads), view(out, batch: bi, head: h, heads: heads))
                 let s = stateView(state, batch: 0, head: 0)
                 for (step, r0) in order.enumerated() {
                     let r1 = min(r0 + n, rows), m = r1 - r0
-                    let full = m == n
                     let (ab, bb, cb, ob) = (ah.rows(r0..<r1), bh.rows(r0..<r1), ch.rows(r0..<r1), oh.rows(r0..<r1))
-                    if step > 0 {
-                        addWeighted(ab, s, transposed: false,
-                                    weights: decays ? (full ? fullTerm : termWeights(lambda, rows: m, direction)) : nil,
-                                    into: ob, scratch: scratch)
-                    }
+                    if step > 0 { addWeighted(ab, s, transposed: false, weights: weights.term(m), into: ob, scratch: scratch) }
                     let sm = Matrix(base: scores, rows: m, cols: m)
                     BLAS.gemm(ab, bb, transposeB: true, into: sm)
                     for i in 0..<m {
@@ -187,8 +200,7 @@ public enum LinearAttention {
                     }
                     BLAS.gemm(sm, cb, into: ob, beta: 1)
                     if step + 1 < order.count {
-                        absorb(bb, cb, weights: decays ? (full ? fullAbsorb : absorbWeights(lambda, rows: m, direction)) : nil,
-                               beta: step == 0 ? 0 : (full ? fullBeta : powers(lambda, [m])[0]), into: s, scratch: scratch)
+                        absorb(bb, cb, weights: weights.absorb(m), beta: weights.beta(m, step: step), into: s, scratch: scratch)
                     }
                     progress()
                 }

@@ -79,12 +79,8 @@ extension LinearAttention {
         let blocks = Array(stride(from: 0, to: rows, by: n))
         let order = direction == .forward ? blocks : blocks.reversed()
         for h in 0..<heads {
-            let lambda = decay[h]
-            let decays = lambda < 1
-            fullMask.update(from: mask(lambda, rows: n, direction), count: n * n)
-            let fullTerm = decays ? termWeights(lambda, rows: n, direction) : nil
-            let fullAbsorb = decays ? absorbWeights(lambda, rows: n, direction) : nil
-            let fullBeta = decays ? powers(lambda, [n])[0] : 1
+            fullMask.update(from: mask(decay[h], rows: n, direction), count: n * n)
+            let weights = BlockWeights(decay[h], rows: n, direction)
             for bi in 0..<batch {
                 let (bh, oh) = (view(b, batch: bi, head: h, heads: heads), view(out, batch: bi, head: h, heads: heads))
                 let ab = scratch.convert(view(a, batch: bi, head: h, heads: heads), into: scratch.a)
@@ -93,21 +89,15 @@ extension LinearAttention {
                 let s = stateView(state, batch: 0, head: 0)
                 for (step, r0) in order.enumerated() {
                     let r1 = min(r0 + n, rows), m = r1 - r0
-                    let full = m == n
                     let ob = oh.rows(r0..<r1)
-                    if step > 0 {
-                        scratch.addWeighted(ab.rows(r0..<r1), s, transposed: false,
-                                            weights: decays ? (full ? fullTerm : termWeights(lambda, rows: m, direction)) : nil,
-                                            into: ob, tmp: tmp)
-                    }
+                    if step > 0 { scratch.addWeighted(ab.rows(r0..<r1), s, transposed: false, weights: weights.term(m), into: ob, tmp: tmp) }
                     // The masked block: fp32 scores, the mask applied in fp32, rounded for the product with C.
                     scratch.dnn.gemm(ab.rows(r0..<r1), bb.rows(r0..<r1), transposeB: true, into: Matrix(base: scores, rows: m, cols: m))
                     for i in 0..<m { BF16.convertProduct(scores + i * m, fullMask + i * n, to: p + i * m, m) }
                     scratch.dnn.gemm(BF16Matrix(base: p, rows: m, cols: m), cb.rows(r0..<r1), into: ob, accumulate: true)
                     if step + 1 < order.count {
-                        let bw = decays ? scratch.weightedRows(bh.rows(r0..<r1), full ? fullAbsorb : absorbWeights(lambda, rows: m, direction))
-                                        : bb.rows(r0..<r1)
-                        scratch.absorb(bw, cb.rows(r0..<r1), beta: step == 0 ? 0 : (full ? fullBeta : powers(lambda, [m])[0]), into: s)
+                        let bw = weights.absorb(m).map { scratch.weightedRows(bh.rows(r0..<r1), $0) } ?? bb.rows(r0..<r1)
+                        scratch.absorb(bw, cb.rows(r0..<r1), beta: weights.beta(m, step: step), into: s)
                     }
                     progress()
                 }
