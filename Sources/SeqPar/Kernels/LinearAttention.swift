@@ -135,9 +135,14 @@ public enum LinearAttention {
         }
         let tmp = Matrix(base: scratch, rows: out.rows, cols: out.cols)
         BLAS.gemm(a, s, transposeB: transposed, into: tmp)
+        addRows(tmp, weights: w, into: out)
+    }
+
+    /// `out[i] += w[i] * t[i]` for every row i (rows of weight 0 skipped): the decayed state term of both precisions.
+    static func addRows(_ t: Matrix, weights w: [Float], into out: Matrix) {
         for i in 0..<out.rows where w[i] != 0 {
             let wi = w[i]
-            VectorMath.update(out.base + i * out.ld, with: tmp.base + i * tmp.cols, out.cols) { o, t in o + t * wi }
+            VectorMath.update(out.base + i * out.ld, with: t.base + i * t.ld, out.cols) { o, x in o + x * wi }
         }
     }
 

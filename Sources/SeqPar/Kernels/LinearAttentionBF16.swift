@@ -50,10 +50,7 @@ extension LinearAttention {
             }
             let t = Matrix(base: tmp, rows: out.rows, cols: out.cols)
             dnn.gemm(a, sb, transposeB: transposed, into: t)
-            for i in 0..<out.rows where w[i] != 0 {
-                let wi = w[i]
-                VectorMath.update(out.base + i * out.ld, with: t.base + i * t.cols, out.cols) { o, x in o + x * wi }
-            }
+            LinearAttention.addRows(t, weights: w, into: out)
         }
 
         /// `S = bw^T c + beta S` with bw the weighted rows (`weightedRows`), S fp32 (beta 0: overwritten; otherwise
