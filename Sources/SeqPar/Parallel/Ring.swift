@@ -86,28 +86,18 @@ protocol RingBlock {
     func ringView(_ count: Int, shape: [Int]) -> Self
     /// The elements, to send or to receive into.
     var ringElements: UnsafeMutableBufferPointer<Element> { get }
-    /// The block's fp32 values: the block itself, or its bf16 values widened (exactly) into `scratch`, which grows
-    /// as needed (one per pass, reused from step to step).
-    func widened(scratch: inout Tensor?) -> Tensor
 }
 
 extension Tensor: RingBlock {
     static func ringBuffer(_ count: Int) -> Tensor { Tensor(uninitialized: [count]) }
     func ringView(_ count: Int, shape: [Int]) -> Tensor { rows(0..<count).reshaped(shape) }
     var ringElements: UnsafeMutableBufferPointer<Float> { buffer }
-    func widened(scratch: inout Tensor?) -> Tensor { self }
 }
 
 extension BF16Tensor: RingBlock {
     static func ringBuffer(_ count: Int) -> BF16Tensor { BF16Tensor(uninitialized: [count]) }
     func ringView(_ count: Int, shape: [Int]) -> BF16Tensor { rows(0..<count).reshaped(shape) }
     var ringElements: UnsafeMutableBufferPointer<UInt16> { buffer }
-    func widened(scratch: inout Tensor?) -> Tensor {
-        if (scratch?.count ?? -1) < count { scratch = Tensor(uninitialized: [count]) }
-        let t = scratch!.rows(0..<count).reshaped(shape)
-        widen(into: t)
-        return t
-    }
 }
 
 enum Ring {

@@ -87,7 +87,6 @@ public struct RingAttention: AttentionAlgorithm {
         let (ranks, layout, length) = (comm.size, x.options.partition, x.shape.seqLen)
         let acc = AttentionOutput(o: Tensor(zeros: x.q.shape), lse: Tensor(zeros: [x.shape.batch, x.shape.heads, x.tokens]))
         acc.lse.fill(-.infinity)
-        var wide: Tensor?
         // A bf16 block goes to the kernel as it arrived, with q converted once for the whole pass.
         let q16 = Block.self == BF16Tensor.self ? BF16Tensor(rounding: x.q) : nil
         try Ring.circulate(own, shape: { [Self.packedCount(x, rank: $0, ranks: ranks)] }, tag: Self.kvTag, progress: self.progress, comm: comm) { source, block, _, progress in
@@ -99,7 +98,8 @@ public struct RingAttention: AttentionAlgorithm {
                                                                    causal: x.options.causal, scale: x.scale, progress: progress))
                 return
             }
-            let (k, v) = Self.unpack(block.widened(scratch: &wide), x, tokens: keys.count)
+            // Otherwise an fp32 run: Block is Tensor (RingBlock's other conformance).
+            let (k, v) = Self.unpack(block as! Tensor, x, tokens: keys.count)
             LSEMerge.merge(into: acc, SoftmaxAttention.forward(q: x.q, qPositions: x.positions, k: k, v: v, kPositions: keys,
                                                                causal: x.options.causal, scale: x.scale, precision: x.options.precision, progress: progress))
         }
@@ -114,7 +114,6 @@ public struct RingAttention: AttentionAlgorithm {
         // dK and dV of a block whose accumulator is still on its way: summed here, added when it has arrived.
         let largest = (0..<ranks).map { Self.packedCount(x, rank: $0, ranks: ranks) }.max() ?? 0
         let scratch = ranks > 2 ? Tensor(zeros: [largest]) : nil
-        var wide: Tensor?
         // A bf16 block goes to the kernel as it arrived, with q and dO converted once for the whole pass.
         let bf16Queries = Block.self == BF16Tensor.self ? (BF16Tensor(rounding: x.q), BF16Tensor(rounding: gradOut)) : nil
         /// This rank's queries against one block: `work` of the kernel (see `SoftmaxAttention.backward`), dQ added
@@ -132,7 +131,7 @@ public struct RingAttention: AttentionAlgorithm {
                 SoftmaxAttention.backward(q: q16, qPositions: x.positions, k: k, v: v, kPositions: keys, output: output, gradOut: gradOut,
                                           gradOutBF16: dO16, causal: x.options.causal, scale: x.scale, adding: adding, work: work, progress: progress)
             } else {
-                let (k, v) = Self.unpack(block.widened(scratch: &wide), x, tokens: keys.count)
+                let (k, v) = Self.unpack(block as! Tensor, x, tokens: keys.count)  // an fp32 run: Block is Tensor
                 SoftmaxAttention.backward(q: x.q, qPositions: x.positions, k: k, v: v, kPositions: keys, output: output, gradOut: gradOut,
                                           causal: x.options.causal, scale: x.scale, precision: x.options.precision, adding: adding,
                                           work: work, progress: progress)

@@ -156,20 +156,6 @@ public enum BF16 {
         for i in 0..<m.rows { convert(m.base + i * m.ld, to: dst + i * m.cols, m.cols) }
         return BF16Matrix(base: dst, rows: m.rows, cols: m.cols)
     }
-
-    /// The transpose of a matrix, converted into `dst` (cols x rows, contiguous), in 16 x 16 blocks.
-    public static func convertTransposed(_ m: Matrix, into dst: UnsafeMutablePointer<UInt16>) -> BF16Matrix {
-        let (r, c) = (m.rows, m.cols)
-        for i0 in stride(from: 0, to: r, by: 16) {
-            for j0 in stride(from: 0, to: c, by: 16) {
-                for i in i0..<min(i0 + 16, r) {
-                    let row = m.base + i * m.ld
-                    for j in j0..<min(j0 + 16, c) { dst[j * r + i] = bits(row[j]) }
-                }
-            }
-        }
-        return BF16Matrix(base: dst, rows: c, cols: r)
-    }
 }
 
 extension Tensor {
