@@ -77,12 +77,13 @@ struct BF16Verdict: CustomStringConvertible {
     @Test func keyTilesHaveFewWidths() {
         var widths = Set<Int>()
         for reach in 1...(4 * SoftmaxAttention.tileCols) {
-            let tiles = SoftmaxAttention.bf16KeyTiles(reach)
+            let tiles = SoftmaxAttention.bf16KeyTiles(0, reach)
             #expect(tiles.first?.0 == 0 && tiles.last?.1 == reach && zip(tiles, tiles.dropFirst()).allSatisfy { $0.1 == $1.0 })
             widths.formUnion(tiles.map { $0.1 - $0.0 })
         }
         #expect(widths.count <= 8 + 63, "\(widths.count) widths")
-        #expect(SoftmaxAttention.bf16KeyTiles(589).map { $0.1 - $0.0 } == [512, 64, 13])
+        #expect(SoftmaxAttention.bf16KeyTiles(0, 589).map { $0.1 - $0.0 } == [512, 64, 13])
+        #expect(SoftmaxAttention.bf16KeyTiles(100, 689).map { $0.1 - $0.0 } == [512, 64, 13])
     }
 
     /// Several query and key tiles, GQA, causal and not, a ragged last tile: o, lse and every gradient under the rule.

@@ -179,13 +179,13 @@ import Testing
     @Test func shortKeyBlocksWidenQueryTiles() {
         let (n, short) = (900, 200)
         let all = Array(0..<n)
-        let visible = SoftmaxAttention.visibleCounts(all, Array(0..<short), causal: true)
+        let windows = KeyWindows(queries: all, keys: Array(0..<short), causal: true)
         var tiles: [Range<Int>] = [], i0 = 0
-        while i0 < n { let (end, _) = SoftmaxAttention.queryTile(from: i0, visible: visible); tiles.append(i0..<end); i0 = end }
+        while i0 < n { let (end, _, _) = SoftmaxAttention.queryTile(from: i0, windows: windows); tiles.append(i0..<end); i0 = end }
         #expect(tiles == [0..<128, 128..<384, 384..<640, 640..<900], "\(tiles)")
-        #expect(tiles.allSatisfy { $0.count * visible[$0.upperBound - 1] <= SoftmaxAttention.tileRows * SoftmaxAttention.tileCols })
-        let longer = SoftmaxAttention.visibleCounts(all, all, causal: true)
-        #expect(SoftmaxAttention.queryTile(from: 256, visible: longer).end == 384)
+        #expect(tiles.allSatisfy { $0.count * windows.upper[$0.upperBound - 1] <= SoftmaxAttention.tileRows * SoftmaxAttention.tileCols })
+        let longer = KeyWindows(queries: all, keys: all, causal: true)
+        #expect(SoftmaxAttention.queryTile(from: 256, windows: longer).end == 384)
 
         let s = AttentionShape(batch: 2, seqLen: n, heads: 2, kvHeads: 1, headDim: 16)
         let x = SeededInputs.attention(shape: s, options: AttentionOptions(), positions: all, seed: 6)

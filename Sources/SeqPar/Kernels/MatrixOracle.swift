@@ -72,11 +72,13 @@ public enum MatrixOracle {
         /// The probabilities of the loaded q and k into `p` (0 where masked); returns each row's lse (Double oracle)
         /// or nil (plain bf16, whose probabilities are bf16(softmax_fp32(scale bf16(Q K^T)))).
         @discardableResult
-        func probabilities(causal: Bool, scale: Double, plainBF16: Bool) -> [Double] {
+        func probabilities(mask: OracleMask, scale: Double, plainBF16: Bool) -> [Double] {
             gemm(q, k, transposeB: true, into: p, m: l, n: l, k: d)
             var lse = [Double](repeating: -.infinity, count: l)
             for i in 0..<l {
-                let row = p + i * l, n = causal ? i + 1 : l
+                // The row's keys, `keys` (a run); 0 on both sides of it.
+                let keys = mask.keys(i), n = keys.count
+                let row = p + i * l + keys.lowerBound
                 if plainBF16 {
                     let fs = Float(scale)
                     var m = -Float.infinity
@@ -100,7 +102,8 @@ public enum MatrixOracle {
                     for j in 0..<n { row[j] /= sum }
                     lse[i] = m + _log(sum)
                 }
-                (row + n).update(repeating: 0, count: l - n)
+                (p + i * l).update(repeating: 0, count: keys.lowerBound)
+                (row + n).update(repeating: 0, count: l - keys.upperBound)
             }
             return lse
         }
@@ -108,8 +111,10 @@ public enum MatrixOracle {
 
     /// O (and lse, for the Double oracle; empty for the plain bf16 reference), as `DenseOracle.forward` and
     /// `PlainBF16Attention.forward` give them.
-    public static func forward(q: Tensor, k: Tensor, v: Tensor, causal: Bool, scale: Double, plainBF16: Bool = false) -> DenseOracle.Forward {
+    public static func forward(q: Tensor, k: Tensor, v: Tensor, causal: Bool, documents: Documents? = nil, scale: Double,
+                               plainBF16: Bool = false) -> DenseOracle.Forward {
         let x = DenseOracle.dims(q, k)
+        let mask = OracleMask(length: x.l, causal: causal, documents: documents)
         let w = Workspace(l: x.l, d: x.d)
         var o = [Double](repeating: 0, count: q.count), lse = [Double](repeating: 0, count: plainBF16 ? 0 : x.b * x.h * x.l)
         for b in 0..<x.b {
@@ -118,7 +123,7 @@ public enum MatrixOracle {
                 w.load(q, batch: b, head: h, into: w.q)
                 w.load(k, batch: b, head: g, into: w.k)
                 w.load(v, batch: b, head: g, into: w.v)
-                let rows = w.probabilities(causal: causal, scale: scale, plainBF16: plainBF16)
+                let rows = w.probabilities(mask: mask, scale: scale, plainBF16: plainBF16)
                 if !plainBF16 { lse.replaceSubrange(((b * x.h + h) * x.l)..<((b * x.h + h + 1) * x.l), with: rows) }
                 gemm(w.p, w.v, into: w.out, m: x.l, n: x.d, k: x.l)
                 w.store(w.out, into: &o, heads: x.h, batch: b, head: h, plainBF16 ? { r($0) } : { $0 })
@@ -129,12 +134,13 @@ public enum MatrixOracle {
 
     /// dq, dk, dv as `DenseOracle.backward` and `PlainBF16Attention.backward` give them. The plain reference's
     /// rowsum(dO * O) uses its own o: `plainO` when the caller has it (from `forward(..., plainBF16: true)`).
-    public static func backward(q: Tensor, k: Tensor, v: Tensor, gradOut: Tensor, causal: Bool, scale: Double, plainBF16: Bool = false,
-                                plainO known: [Double]? = nil) -> DenseOracle.Gradients {
+    public static func backward(q: Tensor, k: Tensor, v: Tensor, gradOut: Tensor, causal: Bool, documents: Documents? = nil, scale: Double,
+                                plainBF16: Bool = false, plainO known: [Double]? = nil) -> DenseOracle.Gradients {
         let x = DenseOracle.dims(q, k)
+        let mask = OracleMask(length: x.l, causal: causal, documents: documents)
         let group = x.h / x.g
         let w = Workspace(l: x.l, d: x.d)
-        let plainO = plainBF16 ? known ?? forward(q: q, k: k, v: v, causal: causal, scale: scale, plainBF16: true).o : []
+        let plainO = plainBF16 ? known ?? forward(q: q, k: k, v: v, causal: causal, documents: documents, scale: scale, plainBF16: true).o : []
         var dq = [Double](repeating: 0, count: q.count), dk = [Double](repeating: 0, count: k.count), dv = [Double](repeating: 0, count: v.count)
         for b in 0..<x.b {
             for h in 0..<x.h {
@@ -143,11 +149,12 @@ public enum MatrixOracle {
                 w.load(k, batch: b, head: g, into: w.k)
                 w.load(v, batch: b, head: g, into: w.v)
                 w.load(gradOut, batch: b, head: h, into: w.gradOut)
-                w.probabilities(causal: causal, scale: scale, plainBF16: plainBF16)
+                w.probabilities(mask: mask, scale: scale, plainBF16: plainBF16)
                 gemm(w.gradOut, w.v, transposeB: true, into: w.dp, m: x.l, n: x.l, k: x.d)
                 // dP -> dS in place.
                 for i in 0..<x.l {
-                    let (pr, dpr) = (w.p + i * x.l, w.dp + i * x.l), n = causal ? i + 1 : x.l
+                    let keys = mask.keys(i), n = keys.count
+                    let (pr, dpr) = (w.p + i * x.l + keys.lowerBound, w.dp + i * x.l + keys.lowerBound)
                     if plainBF16 {
                         var rowDot: Float = 0
                         plainO.withUnsafeBufferPointer { o in
@@ -160,7 +167,8 @@ public enum MatrixOracle {
                         for j in 0..<n { weighted += pr[j] * dpr[j] }
                         for j in 0..<n { dpr[j] = pr[j] * (dpr[j] - weighted) }
                     }
-                    (dpr + n).update(repeating: 0, count: x.l - n)
+                    (w.dp + i * x.l).update(repeating: 0, count: keys.lowerBound)
+                    (dpr + n).update(repeating: 0, count: x.l - keys.upperBound)
                 }
                 // dQ = scale dS K; this head's dK = scale dS^T Q and dV = P^T dO, summed over the kv head's query heads.
                 gemm(w.dp, w.k, into: w.out, m: x.l, n: x.d, k: x.l, alpha: scale)

@@ -49,32 +49,30 @@ extension SoftmaxAttention {
     /// arrive): `forward(..., precision: .bf16)` on their values, without converting them again. q (B, Cq, H, D),
     /// k and v (B, Ck, G, D); o and lse in fp32.
     public static func forward(q: BF16Tensor, qPositions: [Int], k: BF16Tensor, v: BF16Tensor, kPositions: [Int],
-                               causal: Bool, scale: Float, progress: () -> Void = {}) -> AttentionOutput {
+                               causal: Bool, documents: Documents? = nil, scale: Float, progress: () -> Void = {}) -> AttentionOutput {
         precondition(q.shape[2] % k.shape[2] == 0 && qPositions.count == q.shape[1] && kPositions.count == k.shape[1] && v.shape == k.shape)
         let out = AttentionOutput(o: Tensor(zeros: [q.shape[0], q.shape[1], q.shape[2], v.shape[3]]), lse: Tensor(zeros: [q.shape[0], q.shape[2], q.shape[1]]))
-        let visible = visibleCounts(qPositions, kPositions, causal: causal)
-        precondition(zip(visible, visible.dropFirst()).allSatisfy { $0 <= $1 }, "query positions must ascend")
-        forwardBF16(q: .bf16(q), k: .bf16(k), v: .bf16(v), visible: visible, scale: scale, into: out, progress: progress)
+        forwardBF16(q: .bf16(q), k: .bf16(k), v: .bf16(v), windows: windows(qPositions, kPositions, causal: causal, documents: documents), scale: scale, into: out, progress: progress)
         return out
     }
 
     /// The bf16 backward on operands already in bf16, adding into `grads` (`backward(..., adding:)`); `gradOut` is dO in
     /// fp32 (for the row sums of dO * O) and `gradOutBF16` the same values in bf16 (for the products).
     public static func backward(q: BF16Tensor, qPositions: [Int], k: BF16Tensor, v: BF16Tensor, kPositions: [Int],
-                                output: AttentionOutput, gradOut: Tensor, gradOutBF16: BF16Tensor, causal: Bool, scale: Float,
+                                output: AttentionOutput, gradOut: Tensor, gradOutBF16: BF16Tensor, causal: Bool, documents: Documents? = nil, scale: Float,
                                 adding grads: AttentionGradients, work: Range<Double> = 0..<1, progress: () -> Void = {}) {
         precondition(gradOut.shape == q.shape && gradOutBF16.shape == q.shape && output.o.shape == q.shape && kPositions.count == k.shape[1])
         precondition(grads.dq.shape == q.shape && grads.dk.shape == k.shape && grads.dv.shape == v.shape)
-        backwardBF16(q: .bf16(q), k: .bf16(k), v: .bf16(v), visible: visibleCounts(qPositions, kPositions, causal: causal), output: output,
+        backwardBF16(q: .bf16(q), k: .bf16(k), v: .bf16(v), windows: windows(qPositions, kPositions, causal: causal, documents: documents), output: output,
                      gradOut: gradOut, gradOutBF16: gradOutBF16, scale: scale, adding: grads, work: work, progress: progress)
     }
 
-    /// Key tiles over `0..<reach`: `tileCols` wide, and a shorter last one split into a multiple of 64 and a
+    /// Key tiles over `start ..< reach`: `tileCols` wide, and a shorter last one split into a multiple of 64 and a
     /// remainder under 64. Each width is a oneDNN primitive to create (and cache): a decode step, whose cache grows by
     /// one key, would otherwise ask for a new width every step; this way there are at most 8 + 63 of them.
-    static func bf16KeyTiles(_ reach: Int) -> [(Int, Int)] {
+    static func bf16KeyTiles(_ start: Int, _ reach: Int) -> [(Int, Int)] {
         var tiles: [(Int, Int)] = []
-        var j0 = 0
+        var j0 = start
         while j0 < reach {
             let rest = reach - j0
             let width = rest >= tileCols ? tileCols : (rest > 64 && rest % 64 != 0 ? rest - rest % 64 : rest)
@@ -109,7 +107,7 @@ extension SoftmaxAttention {
         }
     }
 
-    static func forwardBF16(q: BF16Operand, k: BF16Operand, v: BF16Operand, visible: [Int], scale: Float, into out: AttentionOutput,
+    static func forwardBF16(q: BF16Operand, k: BF16Operand, v: BF16Operand, windows: KeyWindows, scale: Float, into out: AttentionOutput,
                             progress: () -> Void) {
         let (batch, cq, heads) = (q.shape[0], q.shape[1], q.shape[2])
         let group = heads / k.shape[2]
@@ -118,36 +116,37 @@ extension SoftmaxAttention {
             for h in 0..<heads {
                 let qb = q.head(batch: b, h, buffer: scratch.q)
                 let (kb, vb) = scratch.kv(k, v, batch: b, head: h / group)
-                forwardBF16(q: qb, k: kb, v: vb, visible: visible, scale: scale, into: out.o.head(batch: b, h),
+                forwardBF16(q: qb, k: kb, v: vb, windows: windows, scale: scale, into: out.o.head(batch: b, h),
                             lse: out.lse.pointer + (b * heads + h) * cq, scratch: scratch, progress: progress)
             }
         }
     }
 
     /// One head, bf16 operands (contiguous), fp32 `o` (zeroed by the caller) and lse: the fp32 kernel's tiles.
-    static func forwardBF16(q qh: BF16Matrix, k kg: BF16Matrix, v vg: BF16Matrix, visible: [Int], scale: Float, into oh: Matrix,
+    static func forwardBF16(q qh: BF16Matrix, k kg: BF16Matrix, v vg: BF16Matrix, windows: KeyWindows, scale: Float, into oh: Matrix,
                             lse lseRow: UnsafeMutablePointer<Float>, scratch: BF16Scratch, progress: () -> Void) {
         let (cq, dv) = (qh.rows, vg.cols)
         let scores = scratch.scores
         let p = scratch.p.base
         var i0 = 0
         while i0 < cq {
-            let (i1, reach) = queryTile(from: i0, visible: visible)
+            let (i1, start, reach) = queryTile(from: i0, windows: windows)
             let rows = i1 - i0
             defer { i0 = i1 }
             for i in 0..<rows { scratch.rowMax[i] = -.infinity; scratch.rowSum[i] = 0 }
-            for (j0, j1) in bf16KeyTiles(reach) {
+            for (j0, j1) in bf16KeyTiles(start, reach) {
                 let width = j1 - j0
                 let s = Matrix(base: scores, rows: rows, cols: width)
                 scratch.dnn.gemm(qh.rows(i0..<i1), kg.rows(j0..<j1), transposeB: true, into: s)
                 for i in 0..<rows {
                     let row = scores + i * width, prow = p + i * width
-                    let valid = min(max(visible[i0 + i] - j0, 0), width)
-                    if valid == 0 { prow.update(repeating: 0, count: width); continue }
+                    let (a, b) = segment(windows, row: i0 + i, tile: j0, width: width)
+                    if a == b { prow.update(repeating: 0, count: width); continue }
                     // Scores are unscaled here: the scale (positive) goes into the exponent, max(scale s) = scale max(s).
-                    let newMax = max(scratch.rowMax[i], scale * VectorMath.max(row, valid))
-                    let sum = VectorMath.expToBF16(row, valid, scale: scale, subtract: newMax, into: prow)
-                    if valid < width { (prow + valid).update(repeating: 0, count: width - valid) }
+                    let newMax = max(scratch.rowMax[i], scale * VectorMath.max(row + a, b - a))
+                    let sum = VectorMath.expToBF16(row + a, b - a, scale: scale, subtract: newMax, into: prow + a)
+                    prow.update(repeating: 0, count: a)
+                    (prow + b).update(repeating: 0, count: width - b)
                     absorb(sum: sum, max: newMax, row: i, scratch.rowMax, scratch.rowSum, output: oh.base + (i0 + i) * oh.ld, dv)
                 }
                 scratch.dnn.gemm(BF16Matrix(base: p, rows: rows, cols: width), vg.rows(j0..<j1), into: oh.rows(i0..<i1), accumulate: true)
@@ -159,7 +158,7 @@ extension SoftmaxAttention {
 
     /// The bf16 backward of `backward(..., adding:)`: same tiles and work shares, fp32 accumulators added into.
     /// `gradOut` (fp32) gives the row sums of dO * O; `gradOutBF16`, where given, is the same dO in bf16 for the products.
-    static func backwardBF16(q: BF16Operand, k: BF16Operand, v: BF16Operand, visible: [Int], output: AttentionOutput, gradOut dO: Tensor,
+    static func backwardBF16(q: BF16Operand, k: BF16Operand, v: BF16Operand, windows: KeyWindows, output: AttentionOutput, gradOut dO: Tensor,
                              gradOutBF16: BF16Tensor? = nil, scale: Float, adding grads: AttentionGradients, work: Range<Double>,
                              progress: () -> Void) {
         let dOperand = gradOutBF16.map { BF16Operand.bf16($0) } ?? .fp32(dO)
@@ -169,7 +168,7 @@ extension SoftmaxAttention {
         var rowDot = [Float](repeating: 0, count: tileRows)
         let (p, ds) = (scratch.p.base, scratch.ds.base)
         // Heads with no work in this share are left out before anything is converted.
-        for unit in backwardShare(batch: batch, heads: heads, visible: visible, work: work) {
+        for unit in backwardShare(batch: batch, heads: heads, windows: windows, work: work) {
             let (b, h, g) = (unit.batch, unit.head, unit.head / group)
             let (oh, doh) = (output.o.head(batch: b, h), dO.head(batch: b, h))
             let qb = q.head(batch: b, h, buffer: scratch.q)
@@ -177,19 +176,22 @@ extension SoftmaxAttention {
             let (kb, vb) = scratch.kv(k, v, batch: b, head: g)
             let (dqh, dkg, dvg) = (grads.dq.head(batch: b, h), grads.dk.head(batch: b, g), grads.dv.head(batch: b, g))
             let lseRow = output.lse.pointer + (b * heads + h) * cq
-            for (i0, rows, reach) in unit.tiles {
+            for (i0, rows, start, reach) in unit.tiles {
                 let i1 = i0 + rows
                 for i in i0..<i1 { rowDot[i - i0] = VectorMath.dot(doh.base + i * doh.ld, oh.base + i * oh.ld, dim) }
-                for (j0, j1) in bf16KeyTiles(reach) {
+                for (j0, j1) in bf16KeyTiles(start, reach) {
                     let width = j1 - j0
                     let sm = Matrix(base: scratch.scores, rows: rows, cols: width), dpm = Matrix(base: scratch.dp, rows: rows, cols: width)
                     scratch.dnn.gemm(qb.rows(i0..<i1), kb.rows(j0..<j1), transposeB: true, into: sm)
                     scratch.dnn.gemm(dob.rows(i0..<i1), vb.rows(j0..<j1), transposeB: true, into: dpm)
                     for i in 0..<rows {
-                        let valid = min(max(visible[i0 + i] - j0, 0), width)
-                        VectorMath.softmaxGradientBF16(scores: scratch.scores + i * width, gradient: scratch.dp + i * width, width, valid: valid,
-                                                       scale: scale, lse: lseRow[i0 + i], rowDot: rowDot[i],
-                                                       probabilities: p + i * width, scaledGradient: ds + i * width)
+                        let (a, b) = segment(windows, row: i0 + i, tile: j0, width: width)
+                        let (pr, dsr) = (p + i * width, ds + i * width)
+                        pr.update(repeating: 0, count: a)
+                        dsr.update(repeating: 0, count: a)
+                        VectorMath.softmaxGradientBF16(scores: scratch.scores + i * width + a, gradient: scratch.dp + i * width + a, width - a,
+                                                       valid: b - a, scale: scale, lse: lseRow[i0 + i], rowDot: rowDot[i],
+                                                       probabilities: pr + a, scaledGradient: dsr + a)
                     }
                     let pm = BF16Matrix(base: p, rows: rows, cols: width), dsm = BF16Matrix(base: ds, rows: rows, cols: width)
                     // ds holds scale * P * (dP - rowDot), rounded: dQ += dS K, dK += dS^T Q, dV += P^T dO.

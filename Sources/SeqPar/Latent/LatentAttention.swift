@@ -173,7 +173,7 @@ public enum LatentAttention {
         let lse = UnsafeMutablePointer<Float>.allocate(capacity: max(queries.rows, 1))
         defer { lse.deallocate() }
         SoftmaxAttention.forward(q: queries, k: cache, v: cache.cols(0..<latentCols),
-                                 visible: Array(repeating: cache.rows, count: queries.rows), scale: scale,
+                                 windows: KeyWindows(rows: queries.rows, allOf: cache.rows), scale: scale,
                                  into: z.matrix, lse: lse, scratch: SoftmaxAttention.Scratch())
         return upProject(z, heads: heads, wUV: wUV, vDim: vDim)
     }
@@ -187,7 +187,7 @@ public enum LatentAttention {
         defer { lse.deallocate() }
         let scratch = SoftmaxAttention.BF16Scratch()
         let q = BF16.convert(queries, into: scratch.q.reserve(queries.rows * queries.cols))
-        SoftmaxAttention.forwardBF16(q: q, k: cache, v: cache.cols(0..<latentCols), visible: Array(repeating: cache.rows, count: queries.rows),
+        SoftmaxAttention.forwardBF16(q: q, k: cache, v: cache.cols(0..<latentCols), windows: KeyWindows(rows: queries.rows, allOf: cache.rows),
                                      scale: scale, into: z.matrix, lse: lse, scratch: scratch, progress: {})
         return upProject(z, heads: heads, wUV: wUV, vDim: vDim)
     }

@@ -22,13 +22,13 @@ public struct AllGatherAttention: AttentionAlgorithm {
     public func forward(_ x: LocalAttention, comm: some Communicator) throws -> AttentionOutput {
         let (k, v) = try gatherKV(x, comm: comm)
         return SoftmaxAttention.forward(q: x.q, qPositions: x.positions, k: k, v: v, kPositions: Array(0..<x.shape.seqLen),
-                                        causal: x.options.causal, scale: x.scale, precision: x.options.precision)
+                                        causal: x.options.causal, documents: x.options.documents, scale: x.scale, precision: x.options.precision)
     }
 
     public func backward(_ x: LocalAttention, output: AttentionOutput, gradOut: Tensor, comm: some Communicator) throws -> AttentionGradients {
         let (k, v) = try gatherKV(x, comm: comm)
         let full = SoftmaxAttention.backward(q: x.q, qPositions: x.positions, k: k, v: v, kPositions: Array(0..<x.shape.seqLen),
-                                             output: output, gradOut: gradOut, causal: x.options.causal, scale: x.scale, precision: x.options.precision)
+                                             output: output, gradOut: gradOut, causal: x.options.causal, documents: x.options.documents, scale: x.scale, precision: x.options.precision)
         return AttentionGradients(dq: full.dq,
                                   dk: try x.options.partition.reduceScatter(full.dk, comm: comm),
                                   dv: try x.options.partition.reduceScatter(full.dv, comm: comm))

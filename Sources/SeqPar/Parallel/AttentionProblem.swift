@@ -52,6 +52,8 @@ public struct AttentionOptions: Sendable, Equatable, Codable {
     /// fp32 (the reference, OpenBLAS) or bf16 (oneDNN on the matrix units; operands and messages in bf16, statistics
     /// and accumulators in fp32).
     public var precision: Precision = .fp32
+    /// Packed documents (`--doc-lens`, `--cu-seqlens`): attention never crosses a boundary. nil is one document.
+    public var documents: Documents? = nil
 
     /// Where the tokens go: the layout with the shares.
     public var partition: Partition { Partition(layout: layout, shares: shares) }
@@ -96,6 +98,10 @@ public struct LocalAttention: @unchecked Sendable {
 
     public var tokens: Int { positions.count }
     public var scale: Float { options.effectiveScale(headDim: shape.headDim) }
+    /// The keys each local query sees of a block of keys at `keys` (ascending), under the mask of the options.
+    public func windows(keys: [Int]) -> KeyWindows {
+        KeyWindows(queries: positions, keys: keys, causal: options.causal, documents: options.documents)
+    }
 }
 
 /// Output of a forward pass on one rank: o (B, C, H, D) and the row log-sum-exp lse (B, H, C) of the scaled scores

@@ -9,13 +9,13 @@ public struct DenseAttention: AttentionAlgorithm {
         try AlgorithmName.dense.validate(ranks: comm.size, shape: x.shape, options: x.options)
         if x.options.precision == .bf16 { try OneDNN.require() }
         return SoftmaxAttention.forward(q: x.q, qPositions: x.positions, k: x.k, v: x.v, kPositions: x.positions,
-                                        causal: x.options.causal, scale: x.scale, precision: x.options.precision)
+                                        causal: x.options.causal, documents: x.options.documents, scale: x.scale, precision: x.options.precision)
     }
 
     public func backward(_ x: LocalAttention, output: AttentionOutput, gradOut: Tensor, comm: some Communicator) throws -> AttentionGradients {
         try AlgorithmName.dense.validate(ranks: comm.size, shape: x.shape, options: x.options)
         if x.options.precision == .bf16 { try OneDNN.require() }
         return SoftmaxAttention.backward(q: x.q, qPositions: x.positions, k: x.k, v: x.v, kPositions: x.positions,
-                                         output: output, gradOut: gradOut, causal: x.options.causal, scale: x.scale, precision: x.options.precision)
+                                         output: output, gradOut: gradOut, causal: x.options.causal, documents: x.options.documents, scale: x.scale, precision: x.options.precision)
     }
 }

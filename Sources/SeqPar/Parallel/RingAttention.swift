@@ -58,10 +58,11 @@ public struct RingAttention: AttentionAlgorithm {
         return (t.rows(0..<n).reshaped(shape), t.rows(n..<(2 * n)).reshaped(shape))
     }
 
-    /// True when no local query can see any key of the block (causal), or either side is empty.
+    /// True when no local query can see any key of the block (causal, or documents), or either side is empty.
     static func skips(_ x: LocalAttention, keys: [Int]) -> Bool {
         guard let firstKey = keys.first, let lastQuery = x.positions.last else { return true }
-        return x.options.causal && firstKey > lastQuery
+        if x.options.causal && firstKey > lastQuery { return true }
+        return x.options.documents != nil && x.windows(keys: keys).isEmpty
     }
 
     public func forward(_ x: LocalAttention, comm: some Communicator) throws -> AttentionOutput {
@@ -95,13 +96,14 @@ public struct RingAttention: AttentionAlgorithm {
             if let q16, let block = block as? BF16Tensor {
                 let (k, v) = Self.unpack(block, x, tokens: keys.count)
                 LSEMerge.merge(into: acc, SoftmaxAttention.forward(q: q16, qPositions: x.positions, k: k, v: v, kPositions: keys,
-                                                                   causal: x.options.causal, scale: x.scale, progress: progress))
+                                                                   causal: x.options.causal, documents: x.options.documents, scale: x.scale, progress: progress))
                 return
             }
             // Otherwise an fp32 run: Block is Tensor (RingBlock's other conformance).
             let (k, v) = Self.unpack(block as! Tensor, x, tokens: keys.count)
             LSEMerge.merge(into: acc, SoftmaxAttention.forward(q: x.q, qPositions: x.positions, k: k, v: v, kPositions: keys,
-                                                               causal: x.options.causal, scale: x.scale, precision: x.options.precision, progress: progress))
+                                                               causal: x.options.causal, documents: x.options.documents, scale: x.scale, precision: x.options.precision,
+                                                               progress: progress))
         }
         return acc
     }
@@ -129,11 +131,11 @@ public struct RingAttention: AttentionAlgorithm {
             if let (q16, dO16) = bf16Queries, let block = block as? BF16Tensor {
                 let (k, v) = Self.unpack(block, x, tokens: keys.count)
                 SoftmaxAttention.backward(q: q16, qPositions: x.positions, k: k, v: v, kPositions: keys, output: output, gradOut: gradOut,
-                                          gradOutBF16: dO16, causal: x.options.causal, scale: x.scale, adding: adding, work: work, progress: progress)
+                                          gradOutBF16: dO16, causal: x.options.causal, documents: x.options.documents, scale: x.scale, adding: adding, work: work, progress: progress)
             } else {
                 let (k, v) = Self.unpack(block as! Tensor, x, tokens: keys.count)  // an fp32 run: Block is Tensor
                 SoftmaxAttention.backward(q: x.q, qPositions: x.positions, k: k, v: v, kPositions: keys, output: output, gradOut: gradOut,
-                                          causal: x.options.causal, scale: x.scale, precision: x.options.precision, adding: adding,
+                                          causal: x.options.causal, documents: x.options.documents, scale: x.scale, precision: x.options.precision, adding: adding,
                                           work: work, progress: progress)
             }
             if grad.ready == nil { BLAS.axpy(sums, into: try grad.get()) }

@@ -3,7 +3,7 @@
 //
 // Per rank: q (B, C, H, D) stays. Pass 1 circulates K chunks: rank r fills its full score rows
 // S_r = scale * Q_r K^T, (B, H, C, L) with the columns in rank-major block order (block m = rank m's keys). Causal:
-// keys after a query are -inf; blocks no local query can see are not multiplied. Softmax over whole rows (lse kept).
+// keys after a query are -inf, and so are keys of other documents; blocks no local query can see are not multiplied. Softmax over whole rows (lse kept).
 // Pass 2 circulates V chunks: O_r = sum_m P_r[:, m] V_m. Forward: 2(P-1) messages per rank.
 // Backward along the same two rings, from the probabilities kept by the forward pass (`AttentionOutput.saved`):
 // V ring, with dV accumulators travelling one step behind: dV_m += P_m^T dO, dP_m = dO V_m^T, and P_m is overwritten
@@ -89,11 +89,11 @@ public struct RingSelfAttention: AttentionAlgorithm {
         let s = Tensor(zeros: [batch, heads, x.tokens, x.shape.seqLen])
         try circulate(x.k, x, blocks: blocks, tag: Self.keyTag, comm: comm) { source, k, _, progress in
             let cols = blocks.columns(source)
-            let visible = SoftmaxAttention.visibleCounts(x.positions, blocks.positions[source], causal: x.options.causal)
+            let windows = x.windows(keys: blocks.positions[source])
             for b in 0..<batch {
                 for h in 0..<heads {
                     let block = Self.rows(s, batch: b, head: h).cols(cols)
-                    if visible.max() ?? 0 > 0 {
+                    if !windows.isEmpty {
                         if let k = k.f32 {
                             BLAS.gemm(x.q.head(batch: b, h), k.head(batch: b, h / group), transposeB: true, into: block, alpha: x.scale)
                         } else if let k = k.b16, let dnn = products.dnn, let q = products.q {
@@ -101,8 +101,11 @@ public struct RingSelfAttention: AttentionAlgorithm {
                             for i in 0..<block.rows { VectorMath.scale(block.base + i * block.ld, block.cols, by: x.scale) }
                         }
                     }
-                    for i in 0..<block.rows where visible[i] < block.cols {
-                        (block.base + i * block.ld + visible[i]).update(repeating: -.infinity, count: block.cols - visible[i])
+                    for i in 0..<block.rows {
+                        let (a, b) = SoftmaxAttention.segment(windows, row: i, tile: 0, width: block.cols)
+                        let row = block.base + i * block.ld
+                        row.update(repeating: -.infinity, count: a)
+                        (row + b).update(repeating: -.infinity, count: block.cols - b)
                     }
                     progress()
                 }

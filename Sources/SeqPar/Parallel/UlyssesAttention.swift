@@ -155,7 +155,7 @@ public struct UlyssesAttention: AttentionAlgorithm {
         let q = Tensor(zeros: local.qShape(tokens: length)), k = Tensor(zeros: local.kvShape(tokens: length)), v = Tensor(zeros: k.shape)
         try Self.exchange([Part(tensor: x.q, heads: split.queryHeads, bf16: bf16), Part(tensor: x.k, heads: split.kvHeads, bf16: bf16),
                            Part(tensor: x.v, heads: split.kvHeads, bf16: bf16)], toHeads: true, outputs: [q, k, v], x: x, comm: comm)
-        let result = SoftmaxAttention.forward(q: q, qPositions: all, k: k, v: v, kPositions: all, causal: x.options.causal, scale: x.scale, precision: x.options.precision)
+        let result = SoftmaxAttention.forward(q: q, qPositions: all, k: k, v: v, kPositions: all, causal: x.options.causal, documents: x.options.documents, scale: x.scale, precision: x.options.precision)
         let o = Tensor(zeros: x.q.shape), lseRows = Tensor(zeros: [x.shape.batch, x.tokens, x.shape.heads, 1])
         try Self.exchange([Part(tensor: result.o, heads: split.queryHeads, bf16: bf16), Part(tensor: Self.lseAsRows(result.lse), heads: split.queryHeads)],
                           toHeads: false, outputs: [o, lseRows], x: x, comm: comm)
@@ -176,7 +176,7 @@ public struct UlyssesAttention: AttentionAlgorithm {
                           toHeads: true, outputs: [q, k, v, o, dO, lseRows], x: x, comm: comm)
         let g = SoftmaxAttention.backward(q: q, qPositions: all, k: k, v: v, kPositions: all,
                                           output: AttentionOutput(o: o, lse: Self.lseFromRows(lseRows)), gradOut: dO,
-                                          causal: x.options.causal, scale: x.scale, precision: x.options.precision)
+                                          causal: x.options.causal, documents: x.options.documents, scale: x.scale, precision: x.options.precision)
         let dq = Tensor(zeros: x.q.shape), dk = Tensor(zeros: x.k.shape), dv = Tensor(zeros: x.v.shape)
         try Self.exchange([Part(tensor: g.dq, heads: split.queryHeads), Part(tensor: g.dk, heads: split.kvHeads), Part(tensor: g.dv, heads: split.kvHeads)],
                           toHeads: false, outputs: [dq, dk, dv], add: true, x: x, comm: comm)

@@ -597,8 +597,8 @@ public enum AttentionRun {
         let decay = config.options.decayPerHead(s.heads).map(Double.init)
         let ref = cache?.forward[key] ?? (linear
             ? DenseOracle.Forward(o: LinearOracle.forward(q: g.q, k: g.k, v: g.v, decay: decay, featureMap: config.options.featureMap, causal: config.options.causal), lse: [])
-            : bf16Rule ? MatrixOracle.forward(q: g.q, k: g.k, v: g.v, causal: config.options.causal, scale: scale)
-            : DenseOracle.forward(q: g.q, k: g.k, v: g.v, causal: config.options.causal, scale: scale))
+            : bf16Rule ? MatrixOracle.forward(q: g.q, k: g.k, v: g.v, causal: config.options.causal, documents: config.options.documents, scale: scale)
+            : DenseOracle.forward(q: g.q, k: g.k, v: g.v, causal: config.options.causal, documents: config.options.documents, scale: scale))
         cache?.forward[key] = ref
         let forwardError = relativeError(global.o, ref.o)
         /// The plain bf16 reference's error against the oracle.
@@ -607,7 +607,7 @@ public enum AttentionRun {
         }
         var plainForwardError: Double?, plainO: [Double]?
         if bf16Rule {
-            let plain = cache?.plainForward[key] ?? MatrixOracle.forward(q: g.q, k: g.k, v: g.v, causal: config.options.causal, scale: scale, plainBF16: true).o
+            let plain = cache?.plainForward[key] ?? MatrixOracle.forward(q: g.q, k: g.k, v: g.v, causal: config.options.causal, documents: config.options.documents, scale: scale, plainBF16: true).o
             cache?.plainForward[key] = plain
             (plainForwardError, plainO) = (plainError(plain, ref.o), plain)
         }
@@ -652,15 +652,15 @@ public enum AttentionRun {
         if let grads = global.grads, let d = dO {
             let refG = cache?.gradients[key] ?? (linear
                 ? LinearOracle.backward(q: g.q, k: g.k, v: g.v, gradOut: d, decay: decay, featureMap: config.options.featureMap, causal: config.options.causal)
-                : bf16Rule ? MatrixOracle.backward(q: g.q, k: g.k, v: g.v, gradOut: d, causal: config.options.causal, scale: scale)
-                : DenseOracle.backward(q: g.q, k: g.k, v: g.v, gradOut: d, causal: config.options.causal, scale: scale))
+                : bf16Rule ? MatrixOracle.backward(q: g.q, k: g.k, v: g.v, gradOut: d, causal: config.options.causal, documents: config.options.documents, scale: scale)
+                : DenseOracle.backward(q: g.q, k: g.k, v: g.v, gradOut: d, causal: config.options.causal, documents: config.options.documents, scale: scale))
             cache?.gradients[key] = refG
             report.dqError = relativeError(grads.dq, refG.dq)
             report.dkError = relativeError(grads.dk, refG.dk)
             report.dvError = relativeError(grads.dv, refG.dv)
             var limits = [config.gradientTolerance, config.gradientTolerance, config.gradientTolerance]
             if bf16Rule {
-                let plain = cache?.plainGradients[key] ?? MatrixOracle.backward(q: g.q, k: g.k, v: g.v, gradOut: d, causal: config.options.causal, scale: scale,
+                let plain = cache?.plainGradients[key] ?? MatrixOracle.backward(q: g.q, k: g.k, v: g.v, gradOut: d, causal: config.options.causal, documents: config.options.documents, scale: scale,
                                                                                   plainBF16: true, plainO: plainO)
                 cache?.plainGradients[key] = plain
                 report.plainBF16DqError = plainError(plain.dq, refG.dq)
