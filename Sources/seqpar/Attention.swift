@@ -42,6 +42,7 @@ struct Attention: ParsableCommand {
     var decay: String?
     @Option(help: "Linear attention: feature map on q and k: identity or elu1 (elu(x)+1).") var featureMap: FeatureMap?
     @Option(help: "How the sequence is split over ranks: contiguous or zigzag.") var layout: SequenceLayout = .contiguous
+    @OptionGroup var documentOptions: DocumentOptions
     @Option(help: "Softmax scale (default 1/sqrt(head_dim)).") var scale: Float?
     @Option(help: "Precision: fp32 (the reference, OpenBLAS) or bf16 (oneDNN on the matrix units; statistics and accumulators stay fp32; outputs stored in bf16, see below).")
     var precision: Precision = .fp32
@@ -80,7 +81,7 @@ struct Attention: ParsableCommand {
                            ("--bidirectional", bidirectional), ("--layout", layout != .contiguous), ("--backward", backward),
                            ("--decay", decay != nil), ("--feature-map", featureMap != nil), ("--layers", layers != nil),
                            ("--q/--k/--v", q != nil || k != nil || v != nil), ("--grad-out", gradOut != nil), ("--grads-prefix", gradsPrefix != nil),
-                           ("--input-scale", inputScale != 1)].filter(\.1).map(\.0)
+                           ("--input-scale", inputScale != 1), ("--doc-lens/--cu-seqlens", documentOptions.given)].filter(\.1).map(\.0)
         if !softmaxOnly.isEmpty {
             throw ValidationError("\(softmaxOnly.joined(separator: ", ")) do not apply to latent attention (--algorithm \(algorithm), a decode step with every query attending the whole cache, forward only): drop them")
         }
@@ -126,6 +127,7 @@ struct Attention: ParsableCommand {
             guard layers != nil else { throw ValidationError("--algorithm lasp2h needs --layers, a pattern of L (linear) and S (softmax) layers, e.g. LLLS") }
             if !files.isEmpty || gradOut != nil { throw ValidationError("--algorithm lasp2h generates its input and weights from --seed: drop --q, --k, --v and --grad-out") }
             if bidirectional { throw ValidationError("--algorithm lasp2h is a causal language model: drop --bidirectional") }
+            if documentOptions.given { throw ValidationError("--doc-lens and --cu-seqlens are not wired to --algorithm lasp2h yet: run its layers' algorithms (lasp2, allgather) with them") }
         } else if layers != nil {
             throw ValidationError("--layers describes the lasp2h hybrid stack: use it with --algorithm lasp2h")
         }
@@ -181,6 +183,7 @@ struct Attention: ParsableCommand {
         c.check = check
         c.outPath = out
         c.gradsPrefix = gradsPrefix
+        (c.documentLengths, c.cuSeqlensPath) = (try documentOptions.lengths(), documentOptions.cuSeqlens)
         return c
     }
 

@@ -22,7 +22,7 @@ enum Report {
         var lines = [
             "# seqpar attention",
             "# algorithm \(r.algorithm.rawValue), backend \(r.backend), \(r.ranks) rank(s) on \(hosts) host(s)",
-            "# B=\(r.batch) L=\(r.seqLen) H=\(r.heads) G=\(r.kvHeads) D=\(r.headDim), \(r.causal ? "causal" : r.decay == nil ? "full" : "bidirectional"), layout \(r.layout.rawValue), \(r.decay.map { "linear attention, decay \($0.map { String(format: "%g", $0) }.joined(separator: ",")), feature map \(r.featureMap?.rawValue ?? "identity")" } ?? "scale \(r.scale)")\(r.backwardRun ? ", forward+backward" : "")",
+            "# B=\(r.batch) L=\(r.seqLen) H=\(r.heads) G=\(r.kvHeads) D=\(r.headDim), \(r.causal ? "causal" : r.decay == nil ? "full" : "bidirectional"), layout \(r.layout.rawValue), \(r.documents.map { "\($0) documents, " } ?? "")\(r.decay.map { "linear attention, decay \($0.map { String(format: "%g", $0) }.joined(separator: ",")), feature map \(r.featureMap?.rawValue ?? "identity")" } ?? "scale \(r.scale)")\(r.backwardRun ? ", forward+backward" : "")",
             "# memory estimate per rank \(SystemInfo.bytesText(r.memoryEstimateBytes))",
             "# precision \(r.precision.rawValue)" + (r.precision == .fp32 ? "" : r.decay == nil
                 ? " (inputs rounded to bf16, K/V sent in bf16, outputs stored in bf16; statistics and accumulators fp32)"

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 import SeqPar
 
 @main
@@ -32,5 +33,37 @@ struct RankOptions: ParsableArguments {
             throw ValidationError("--ranks \(r): give between 1 and 1024 simulated ranks")
         }
         guard timeout > 0, timeout.isFinite else { throw ValidationError("--timeout must be a positive number of seconds") }
+    }
+}
+
+/// Packed documents (`seqpar attention`, `demo`, `bench attention`): one sequence holding several documents back to
+/// back; attention never crosses a boundary, and linear attention restarts its state at each document start.
+struct DocumentOptions: ParsableArguments {
+    @Option(help: ArgumentHelp("Packed documents: their lengths, comma-separated, summing to the sequence length (e.g. 301,7,450). Attention never crosses a document; causal within it with --causal.",
+                               valueName: "n[,n...]"))
+    var docLens: String?
+
+    @Option(help: ArgumentHelp("Packed documents as flash-attn's cu_seqlens: a one-dimensional int32 or int64 .npy file of offsets 0, ..., L.",
+                               valueName: "file.npy"))
+    var cuSeqlens: String?
+
+    var given: Bool { docLens != nil || cuSeqlens != nil }
+
+    func validate() throws {
+        if docLens != nil && cuSeqlens != nil {
+            throw ValidationError("--doc-lens and --cu-seqlens both give the documents: give one")
+        }
+        _ = try lengths()
+        if let path = cuSeqlens, !FileManager.default.fileExists(atPath: path) { throw ValidationError("--cu-seqlens \(path): no such file") }
+    }
+
+    /// The lengths of --doc-lens (whether they sum to the sequence length is the run's check, which knows it).
+    func lengths() throws -> [Int]? {
+        guard let text = docLens else { return nil }
+        let values = text.split(separator: ",", omittingEmptySubsequences: false).map { Int($0.trimmingCharacters(in: .whitespaces)) }
+        guard values.allSatisfy({ $0 != nil }) else {
+            throw ValidationError("--doc-lens '\(text)': give the documents' lengths as whole numbers separated by commas, summing to the sequence length (e.g. --doc-lens 301,7,450)")
+        }
+        return values.map { $0! }
     }
 }

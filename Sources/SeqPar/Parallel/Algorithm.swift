@@ -41,6 +41,9 @@ public enum AlgorithmName: String, CaseIterable, Sendable, Codable {
         case .allgather, .ring, .rsa, .lasp1, .lasp2:
             break
         }
+        if let documents = options.documents, documents.seqLen != shape.seqLen {
+            throw SeqParError.invalidInput("the documents cover \(documents.seqLen) tokens (\(documents)), the sequence has \(shape.seqLen): they must cover it exactly")
+        }
         if let shares = options.shares {
             guard shares.count == ranks else {
                 throw SeqParError.invalidInput("\(shares.count) token shares for \(ranks) ranks: give one share per rank")

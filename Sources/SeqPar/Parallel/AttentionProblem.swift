@@ -56,7 +56,7 @@ public struct AttentionOptions: Sendable, Equatable, Codable {
     public var documents: Documents? = nil
 
     /// Where the tokens go: the layout with the shares.
-    public var partition: Partition { Partition(layout: layout, shares: shares) }
+    public var partition: Partition { Partition(layout: layout, shares: shares, documents: documents) }
 
     public init(causal: Bool = false, layout: SequenceLayout = .contiguous, scale: Float? = nil,
                 decay: [Double] = [1], featureMap: FeatureMap = .identity) {

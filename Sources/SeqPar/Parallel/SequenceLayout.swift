@@ -9,6 +9,12 @@
 // of equally (zigzag: both of its chunks), rounded by largest remainder (ties to the lower part), so equal shares give
 // the equal split above. The work a rank does grows with its tokens under zigzag, contiguous without a mask, and the
 // linear algorithms: shares in proportion to the ranks' speeds let a faster rank take more of it.
+// Packed documents (`Partition.documents`): zigzag applies per document, as ring-flash-attention's varlen zigzag does:
+// each document is cut in 2P chunks and rank r holds chunks r and 2P-1-r of every document, so the causal work of
+// every document, long or short, is balanced over the ranks (zigzag over the packed sequence would balance only a
+// single document's triangle). A document shorter than 2P tokens leaves some chunks empty; its tokens go to the
+// lower chunks, rotated by the document's index so that short documents spread over the ranks. Contiguous ignores
+// documents (it splits the packed sequence).
 // Tensors here are (batch, seq, ...): the layout splits axis 1 and keeps the batch axis whole on every rank.
 
 public enum SequenceLayout: String, CaseIterable, Sendable, Codable {
@@ -52,11 +58,14 @@ public enum SequenceLayout: String, CaseIterable, Sendable, Codable {
     public func reduceScatter(_ global: Tensor, comm: some Communicator) throws -> Tensor { try equal.reduceScatter(global, comm: comm) }
 }
 
-/// A layout and, optionally, each rank's share of the tokens (nil: equal).
+/// A layout and, optionally, each rank's share of the tokens (nil: equal) and the packed documents (zigzag splits each).
 public struct Partition: Sendable, Equatable {
     public var layout: SequenceLayout
     public var shares: [Double]?
-    public init(layout: SequenceLayout, shares: [Double]? = nil) { self.layout = layout; self.shares = shares }
+    public var documents: Documents?
+    public init(layout: SequenceLayout, shares: [Double]? = nil, documents: Documents? = nil) {
+        (self.layout, self.shares, self.documents) = (layout, shares, documents)
+    }
 
     /// `length` in `parts` pieces, each owned by rank `owner(piece)`, sized by the owners' shares (or equally).
     func split(_ length: Int, parts: Int, ranks: Int, owner: (Int) -> Int) -> [Range<Int>] {
@@ -71,8 +80,24 @@ public struct Partition: Sendable, Equatable {
         case .contiguous:
             return [split(length, parts: ranks, ranks: ranks) { $0 }[rank]]
         case .zigzag:
-            let chunks = split(length, parts: 2 * ranks, ranks: ranks) { $0 < ranks ? $0 : 2 * ranks - 1 - $0 }
-            return [chunks[rank], chunks[2 * ranks - 1 - rank]]
+            let owner = { (c: Int) in c < ranks ? c : 2 * ranks - 1 - c }
+            guard let documents, documents.count > 1 else {
+                let chunks = split(length, parts: 2 * ranks, ranks: ranks, owner: owner)
+                return [chunks[rank], chunks[2 * ranks - 1 - rank]]
+            }
+            precondition(documents.seqLen == length, "documents of \(documents.seqLen) tokens for a sequence of \(length)")
+            var mine: [Range<Int>] = []
+            for (d, start) in documents.offsets.dropLast().enumerated() {
+                let n = documents.offsets[d + 1] - start
+                // Rotating the chunks by d moves where a short document's remainder lands, not what each rank holds of
+                // a long one (its chunks are equal but for one token).
+                let shift = n < 2 * ranks ? d % (2 * ranks) : 0
+                let chunks = split(n, parts: 2 * ranks, ranks: ranks) { owner(($0 + 2 * ranks - shift) % (2 * ranks)) }
+                for c in [rank, 2 * ranks - 1 - rank].map({ ($0 + shift) % (2 * ranks) }).sorted() where !chunks[c].isEmpty {
+                    mine.append((chunks[c].lowerBound + start)..<(chunks[c].upperBound + start))
+                }
+            }
+            return mine
         }
     }
 

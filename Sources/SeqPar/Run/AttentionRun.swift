@@ -33,6 +33,10 @@ public struct AttentionRunConfig: Codable, Sendable, Equatable {
     public var gradsPrefix: String?
     public var forwardTolerance = 2e-5
     public var gradientTolerance = 1e-4
+    /// Packed documents by length (`--doc-lens`), or from a cu_seqlens file (`--cu-seqlens`, int32/int64 .npy): made
+    /// into `options.documents` once the sequence length is known (from the files, when there are files).
+    public var documentLengths: [Int]?
+    public var cuSeqlensPath: String?
 
     public init(algorithm: AlgorithmName, shape: AttentionShape, options: AttentionOptions = AttentionOptions()) {
         self.algorithm = algorithm
@@ -153,6 +157,8 @@ public struct AttentionRunReport: Encodable, Sendable {
     /// fp32, or bf16 (operands and messages in bf16, outputs stored in bf16).
     public var precision: Precision = .fp32
     public var backwardRun: Bool
+    /// The number of packed documents (nil: one, no --doc-lens or --cu-seqlens).
+    public var documents: Int?
     /// Linear attention: the decay per head and the feature map (nil for softmax attention).
     public var decay: [Double]?
     public var featureMap: FeatureMap?
@@ -169,7 +175,7 @@ public struct AttentionRunReport: Encodable, Sendable {
 
     enum CodingKeys: String, CodingKey {
         case bench, algorithm, backend, ranks, batch, seqLen, heads, kvHeads, headDim, causal, layout, scale, precision
-        case backwardRun = "backward", decay, featureMap, timeS, forwardGflops, backwardGflops, memoryEstimateBytes, perRank, check
+        case backwardRun = "backward", documents, decay, featureMap, timeS, forwardGflops, backwardGflops, memoryEstimateBytes, perRank, check
         case bytesSent, bytesReceived, peakRSSBytes
     }
 
@@ -180,7 +186,7 @@ public struct AttentionRunReport: Encodable, Sendable {
         try c.encode(batch, forKey: .batch); try c.encode(seqLen, forKey: .seqLen); try c.encode(heads, forKey: .heads)
         try c.encode(kvHeads, forKey: .kvHeads); try c.encode(headDim, forKey: .headDim); try c.encode(causal, forKey: .causal)
         try c.encode(layout, forKey: .layout); try c.encode(scale, forKey: .scale); try c.encode(precision, forKey: .precision)
-        try c.encode(backwardRun, forKey: .backwardRun)
+        try c.encode(backwardRun, forKey: .backwardRun); try c.encodeIfPresent(documents, forKey: .documents)
         try c.encodeIfPresent(decay, forKey: .decay); try c.encodeIfPresent(featureMap, forKey: .featureMap)
         try c.encode(timeS, forKey: .timeS); try c.encode(forwardGflops, forKey: .forwardGflops)
         try c.encodeIfPresent(backwardGflops, forKey: .backwardGflops)
@@ -287,6 +293,7 @@ public enum AttentionRun {
                 func four(_ t: Tensor) -> Tensor { t.rank == 3 ? t.reshaped([1] + t.shape) : t }
                 fileInputs = (four(files.q), four(files.k), four(files.v), files.dO.map(four))
             }
+            try readDocuments(&config)
         } catch { failure = error }
         try comm.agree(failure)
 
@@ -430,7 +437,7 @@ public enum AttentionRun {
         let perRank = (0..<ranks).map { r in
             RankStats(rank: r, host: hosts[r], tokens: counts[r], forward: fwdAll[r], backward: bwdAll?[r], peakRSSBytes: rss[r])
         }
-        let fwdFlops = attentionFlops(shape, causal: config.options.causal, family: config.algorithm.family)
+        let fwdFlops = attentionFlops(shape, causal: config.options.causal, documents: config.options.documents, family: config.algorithm.family)
         var report = AttentionRunReport(
             algorithm: config.algorithm, backend: backend, ranks: ranks, batch: shape.batch, seqLen: shape.seqLen,
             heads: shape.heads, kvHeads: shape.kvHeads, headDim: shape.headDim, causal: config.options.causal,
@@ -439,6 +446,7 @@ public enum AttentionRun {
             timeS: timeS, forwardGflops: fwdFlops / max(timeS["forward"]!.max, 1e-12) / 1e9,
             backwardGflops: timeS["backward"].map { backwardFlopsFactor(config.algorithm.family) * fwdFlops / max($0.max, 1e-12) / 1e9 },
             memoryEstimateBytes: estimate.total, perRank: perRank, check: checkReport)
+        report.documents = config.options.documents?.count
         if config.algorithm.family == .linear {
             report.decay = config.options.decayPerHead(shape.heads).map(Double.init)
             report.featureMap = config.options.featureMap
@@ -449,18 +457,31 @@ public enum AttentionRun {
         return report
     }
 
+    /// Sets `options.documents` from `--doc-lens` or `--cu-seqlens` (every rank reads the file), checked against the
+    /// sequence length.
+    static func readDocuments(_ config: inout AttentionRunConfig) throws {
+        if let lengths = config.documentLengths {
+            config.options.documents = try Documents(lengths: lengths, seqLen: config.shape.seqLen)
+        } else if let path = config.cuSeqlensPath {
+            config.options.documents = try Documents(cuSeqlens: NPY.readIntegers(path), seqLen: config.shape.seqLen, source: "--cu-seqlens \(path)")
+        }
+    }
+
     /// The bf16 check's limit on lse (relative to max(1, |lse|)): lse comes from fp32 sums of exact products of
     /// bf16 inputs, so it is nearly as accurate as in fp32; this leaves room for large logits.
     public static let bf16LSETolerance = 1e-3
 
-    /// Forward FLOPs. Softmax: 4*B*H*L^2*D, half when causal. Linear, the chunk form's work per token and head:
-    /// 4D^2 bidirectional (state and state term); causal adds the block states and terms (4D^2) and the masked
-    /// intra-block products (4*blockRows*D).
-    public static func attentionFlops(_ s: AttentionShape, causal: Bool, family: AlgorithmName.Family = .softmax) -> Double {
+    /// Forward FLOPs. Softmax: 4*B*H*L^2*D, half when causal; with documents, the sum of that over the documents
+    /// (the work a packed sequence needs). Linear, the chunk form's work per token and head: 4D^2 bidirectional
+    /// (state and state term); causal adds the block states and terms (4D^2) and the masked intra-block products
+    /// (4*blockRows*D).
+    public static func attentionFlops(_ s: AttentionShape, causal: Bool, documents: Documents? = nil, family: AlgorithmName.Family = .softmax) -> Double {
         let perHead = Double(s.batch * s.heads) * Double(s.seqLen)
         let d = Double(s.headDim)
         switch family {
-        case .softmax: return 4 * perHead * d * Double(s.seqLen) / (causal ? 2 : 1)
+        case .softmax:
+            let squares = documents.map { $0.lengths.reduce(0.0) { $0 + Double($1) * Double($1) } } ?? Double(s.seqLen) * Double(s.seqLen)
+            return 4 * Double(s.batch * s.heads) * d * squares / (causal ? 2 : 1)
         case .linear: return perHead * (causal ? 8 * d * d + 4 * Double(LinearAttention.blockRows) * d : 4 * d * d)
         }
     }
@@ -474,7 +495,7 @@ public enum AttentionRun {
         let s = c.shape
         let passes: Double = c.backward ? 4 : 1
         switch c.algorithm.family {
-        case .softmax: return attentionFlops(s, causal: c.options.causal) * passes
+        case .softmax: return attentionFlops(s, causal: c.options.causal, documents: c.options.documents) * passes
         case .linear: return 4 * Double(s.batch * s.heads * s.headDim) * Double(s.seqLen) * Double(s.seqLen) / (c.options.causal ? 2 : 1) * passes
         }
     }

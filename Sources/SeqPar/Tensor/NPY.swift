@@ -16,6 +16,16 @@ public enum NPY {
 
     /// Reads an array from `path`.
     public static func read(_ path: String) throws -> Tensor {
+        try decode(contents(path), file: path)
+    }
+
+    /// Reads a one-dimensional integer array (int32 or int64, e.g. flash-attn's cu_seqlens) from `path`.
+    public static func readIntegers(_ path: String) throws -> [Int] {
+        try decodeIntegers(contents(path), file: path)
+    }
+
+    /// The bytes of the regular file at `path`.
+    static func contents(_ path: String) throws -> [UInt8] {
         // Only regular files: a pipe or a device (/dev/zero, a FIFO nobody writes) would block or never end.
         var info = stat()
         if stat(path, &info) == 0 && (info.st_mode & S_IFMT) != S_IFREG {
@@ -26,12 +36,11 @@ public enum NPY {
             let why = FileManager.default.fileExists(atPath: path) ? "cannot be read (permissions?)" : "no such file"
             throw NPYError(file: path, problem: why)
         }
-        return try decode([UInt8](data), file: path)
+        return [UInt8](data)
     }
 
-    /// Decodes the bytes of a .npy file; `file` names it in errors.
-    public static func decode(_ bytes: [UInt8], file: String) throws -> Tensor {
-        func fail(_ problem: String) -> NPYError { NPYError(file: file, problem: problem) }
+    /// The header of a .npy file's bytes and where its data starts.
+    static func header(_ bytes: [UInt8], fail: (String) -> NPYError) throws -> (fields: Header, dataStart: Int) {
         guard bytes.count >= 10, Array(bytes[0..<6]) == magic else {
             throw fail("not a .npy file (it does not start with the \\x93NUMPY magic string); save arrays with numpy.save")
         }
@@ -55,6 +64,34 @@ public enum NPY {
             throw fail("malformed header: not \(major == 3 ? "UTF-8" : "ASCII") text")
         }
         let fields = try parseHeader(header, fail: fail)
+        if fields.fortranOrder {
+            throw fail("Fortran-order (column-major) array; SeqPar reads C order: save numpy.ascontiguousarray(a)")
+        }
+        return (fields, headerStart + headerLength)
+    }
+
+    /// The number of elements of `shape`, and checks that the data after `dataStart` holds exactly that many items.
+    static func elementCount(_ shape: [Int], itemSize: Int, descr: String, bytes: Int, dataStart: Int, fail: (String) -> NPYError) throws -> Int {
+        var count = 1
+        for d in shape {
+            let (product, overflow) = count.multipliedReportingOverflow(by: d)
+            guard !overflow, product <= Int.max / 8 else { throw fail("shape \(shapeText(shape)) is too large") }
+            count = product
+        }
+        let expected = count * itemSize, actual = bytes - dataStart
+        if actual < expected {
+            throw fail("truncated: shape \(shapeText(shape)) of \(descr) needs \(expected) bytes of data, the file has \(actual)")
+        }
+        if actual > expected {
+            throw fail("\(actual - expected) bytes after the data of shape \(shapeText(shape)): not a single .npy array, or corrupt")
+        }
+        return count
+    }
+
+    /// Decodes the bytes of a .npy file; `file` names it in errors.
+    public static func decode(_ bytes: [UInt8], file: String) throws -> Tensor {
+        func fail(_ problem: String) -> NPYError { NPYError(file: file, problem: problem) }
+        let (fields, dataStart) = try header(bytes, fail: fail)
         let itemSize: Int
         switch fields.descr {
         case "<f4", "=f4": itemSize = 4
@@ -64,27 +101,11 @@ public enum NPY {
         default:
             throw fail("dtype '\(fields.descr)' is not supported; SeqPar reads float32 or float64: save a.astype(numpy.float32)")
         }
-        if fields.fortranOrder {
-            throw fail("Fortran-order (column-major) array; SeqPar reads C order: save numpy.ascontiguousarray(a)")
-        }
         let shape = fields.shape
         guard (1...4).contains(shape.count) else {
             throw fail("array of rank \(shape.count) (shape \(shapeText(shape))); SeqPar reads arrays of rank 1 to 4")
         }
-        var count = 1
-        for d in shape {
-            let (product, overflow) = count.multipliedReportingOverflow(by: d)
-            guard !overflow, product <= Int.max / 8 else { throw fail("shape \(shapeText(shape)) is too large") }
-            count = product
-        }
-        let dataStart = headerStart + headerLength
-        let expected = count * itemSize, actual = bytes.count - dataStart
-        if actual < expected {
-            throw fail("truncated: shape \(shapeText(shape)) of \(fields.descr) needs \(expected) bytes of data, the file has \(actual)")
-        }
-        if actual > expected {
-            throw fail("\(actual - expected) bytes after the data of shape \(shapeText(shape)): not a single .npy array, or corrupt")
-        }
+        let count = try elementCount(shape, itemSize: itemSize, descr: fields.descr, bytes: bytes.count, dataStart: dataStart, fail: fail)
         let t = Tensor(zeros: shape)
         let out = t.pointer
         bytes.withUnsafeBytes { raw in
@@ -105,6 +126,29 @@ public enum NPY {
             }
         }
         return t
+    }
+
+    /// Decodes a one-dimensional little-endian int32 or int64 array; `file` names it in errors.
+    public static func decodeIntegers(_ bytes: [UInt8], file: String) throws -> [Int] {
+        func fail(_ problem: String) -> NPYError { NPYError(file: file, problem: problem) }
+        let (fields, dataStart) = try header(bytes, fail: fail)
+        let itemSize: Int
+        switch fields.descr {
+        case "<i4", "=i4": itemSize = 4
+        case "<i8", "=i8": itemSize = 8
+        default:
+            throw fail("dtype '\(fields.descr)' is not int32 or int64; offsets (cu_seqlens) must be integers: save numpy.asarray(cu_seqlens, dtype=numpy.int32)")
+        }
+        guard fields.shape.count == 1 else {
+            throw fail("array of shape \(shapeText(fields.shape)); offsets (cu_seqlens) are one-dimensional: save a flat array 0, ..., L")
+        }
+        let count = try elementCount(fields.shape, itemSize: itemSize, descr: fields.descr, bytes: bytes.count, dataStart: dataStart, fail: fail)
+        return bytes.withUnsafeBytes { raw in
+            (0..<count).map { i in
+                itemSize == 4 ? Int(Int32(littleEndian: raw.loadUnaligned(fromByteOffset: dataStart + 4 * i, as: Int32.self)))
+                              : Int(Int64(littleEndian: raw.loadUnaligned(fromByteOffset: dataStart + 8 * i, as: Int64.self)))
+            }
+        }
     }
 
     struct Header { var descr: String; var fortranOrder: Bool; var shape: [Int] }
