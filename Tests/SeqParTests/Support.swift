@@ -27,8 +27,10 @@ struct AttentionCase: CustomStringConvertible, Sendable {
     var ringProgress: RingProgress?
     /// Each rank's share of the tokens (nil: equal).
     var shares: [Double]?
+    /// Packed documents (nil: one).
+    var documents: Documents?
     var description: String {
-        "\(algorithm) P=\(ranks) \(shape) \(causal ? "causal" : "full") \(layout)\(shares.map { " shares \($0)" } ?? "") x\(inputScale)"
+        "\(algorithm) P=\(ranks) \(shape) \(causal ? "causal" : "full") \(layout)\(shares.map { " shares \($0)" } ?? "")\(documents.map { " docs \($0.lengths)" } ?? "") x\(inputScale)"
     }
 }
 
@@ -47,12 +49,13 @@ func checkAttention(_ c: AttentionCase, tolerance: Tolerance = Tolerance()) thro
     let s = c.shape
     var options = AttentionOptions(causal: c.causal, layout: c.layout)
     options.shares = c.shares
+    options.documents = c.documents
     let all = Array(0..<s.seqLen)
     let global = SeededInputs.attention(shape: s, options: options, positions: all, seed: c.seed, scale: c.inputScale)
     let dOGlobal = SeededInputs.gradOut(shape: s, positions: all, seed: c.seed)
     let scale = Double(options.effectiveScale(headDim: s.headDim))
-    let ref = DenseOracle.forward(q: global.q, k: global.k, v: global.v, causal: c.causal, scale: scale)
-    let refG = DenseOracle.backward(q: global.q, k: global.k, v: global.v, gradOut: dOGlobal, causal: c.causal, scale: scale)
+    let ref = DenseOracle.forward(q: global.q, k: global.k, v: global.v, causal: c.causal, documents: c.documents, scale: scale)
+    let refG = DenseOracle.backward(q: global.q, k: global.k, v: global.v, gradOut: dOGlobal, causal: c.causal, documents: c.documents, scale: scale)
     let algorithm: any AttentionAlgorithm = c.ringProgress.map { RingAttention(progress: $0) } ?? c.algorithm.implementation
     let results = try runOnCluster(algorithm, ranks: c.ranks, shape: s, options: options, seed: c.seed,
                                    inputScale: c.inputScale, dropSaved: c.dropSaved)

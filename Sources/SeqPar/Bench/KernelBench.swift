@@ -137,7 +137,7 @@ public enum KernelBench {
             try comm.barrier()
             let mine = time(repeats: repeats, warmup: warmup, call)
             // One profiled call at a time per process: simulated ranks (threads of one process) take turns.
-            var p = (seconds: 1.0, gemmSeconds: 0.0, expElements: 0)
+            var p = (seconds: 1.0, gemmSeconds: 0.0, expElements: 0, scoreElements: 0)
             for turn in 0..<(profileInTurns ? comm.size : 1) {
                 if profileInTurns { try comm.barrier() }
                 if !profileInTurns || turn == comm.rank { p = KernelProfile.measure(call) }

@@ -136,6 +136,7 @@ public enum SoftmaxAttention {
             for j0 in stride(from: start, to: reach, by: tileCols) {
                 let j1 = min(j0 + tileCols, reach), width = j1 - j0
                 let s = Matrix(base: scores, rows: rows, cols: width)
+                KernelProfile.countScores(rows * width)
                 BLAS.gemm(qh.rows(i0..<i1), kg.rows(j0..<j1), transposeB: true, into: s, alpha: scale)
                 for i in 0..<rows {
                     let row = scores + i * width

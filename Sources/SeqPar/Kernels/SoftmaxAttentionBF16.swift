@@ -137,6 +137,7 @@ extension SoftmaxAttention {
             for (j0, j1) in bf16KeyTiles(start, reach) {
                 let width = j1 - j0
                 let s = Matrix(base: scores, rows: rows, cols: width)
+                KernelProfile.countScores(rows * width)
                 scratch.dnn.gemm(qh.rows(i0..<i1), kg.rows(j0..<j1), transposeB: true, into: s)
                 for i in 0..<rows {
                     let row = scores + i * width, prow = p + i * width

@@ -17,11 +17,18 @@ public enum KernelProfile {
     @inline(__always) static var on: Bool { profiling && pthread_equal(owner, pthread_self()) != 0 }
     static let gemmNanoseconds = Atomic<Int>(0)
     static let expElements = Atomic<Int>(0)
+    /// Score elements the softmax kernels' forward multiplied (rows x width of every score tile): the work their tile
+    /// skipping leaves, which tests compare with the mask's.
+    static let scoreElements = Atomic<Int>(0)
     /// One profiled call at a time in this process.
     static let lock = NSLock()
 
     @inline(__always) static func countExp(_ n: Int) {
         if on { expElements.add(n, ordering: .relaxed) }
+    }
+
+    @inline(__always) static func countScores(_ n: Int) {
+        if on { scoreElements.add(n, ordering: .relaxed) }
     }
 
     @inline(__always) static func gemmStart() -> UInt64 { on ? DispatchClock.nanoseconds() : 0 }
@@ -30,19 +37,22 @@ public enum KernelProfile {
         if start != 0 { gemmNanoseconds.add(Int(DispatchClock.nanoseconds() - start), ordering: .relaxed) }
     }
 
-    /// One profiled call of `body`: its wall time, the seconds inside sgemm, and the exponentials evaluated.
-    public static func measure(_ body: () -> Void) -> (seconds: Double, gemmSeconds: Double, expElements: Int) {
+    /// One profiled call of `body`: its wall time, the seconds inside sgemm, the exponentials evaluated, and the
+    /// score elements the softmax forward multiplied.
+    public static func measure(_ body: () -> Void) -> (seconds: Double, gemmSeconds: Double, expElements: Int, scoreElements: Int) {
         lock.lock()
         defer { lock.unlock() }
         gemmNanoseconds.store(0, ordering: .relaxed)
         expElements.store(0, ordering: .relaxed)
+        scoreElements.store(0, ordering: .relaxed)
         owner = pthread_self()
         profiling = true
         let t = SystemInfo.now()
         body()
         let seconds = SystemInfo.now() - t
         profiling = false
-        return (seconds, Double(gemmNanoseconds.load(ordering: .relaxed)) * 1e-9, expElements.load(ordering: .relaxed))
+        return (seconds, Double(gemmNanoseconds.load(ordering: .relaxed)) * 1e-9, expElements.load(ordering: .relaxed),
+                scoreElements.load(ordering: .relaxed))
     }
 
     /// Seconds per element of `VectorMath.expInPlace` on rows of `rowLength` already in cache, as the kernel calls it
