@@ -269,6 +269,7 @@ struct AttentionBenchCommand: ParsableCommand {
     @Flag(help: "Causal mask for softmax algorithms.") var causal = false
     @Flag(help: "Bidirectional linear attention (no decay).") var bidirectional = false
     @Option(help: "Sequence layout for softmax algorithms.") var layout: SequenceLayout = .contiguous
+    @OptionGroup var documentOptions: DocumentOptions
     @Option(parsing: .upToNextOption, help: "How tokens are split over ranks: equal, or speed (in proportion to each rank's speed, probed just before; helps where ranks run at different speeds and work grows with tokens: ring with zigzag, allgather, RSA, LASP). Several: each algorithm under each, in turn.") var balance: [SpeedBalance.Mode] = [.equal]
     @Option(help: "Linear attention decay: one value or one per head, comma-separated.") var decay = "1"
     @Option(help: "Linear attention feature map: identity or elu1.") var featureMap: FeatureMap = .identity
@@ -293,6 +294,9 @@ struct AttentionBenchCommand: ParsableCommand {
         }
         guard warmup >= 0 else { throw ValidationError("--warmup \(warmup): must be 0 or more") }
         _ = try Attention.parseDecay(decay)
+        if documentOptions.given && baselineSeqLen != nil {
+            throw ValidationError("--baseline-seq-len cannot keep the documents of --doc-lens/--cu-seqlens: the baseline runs the same documents at --seq-len; drop it")
+        }
     }
 
     func options(_ a: AlgorithmName) throws -> AttentionOptions {
@@ -300,6 +304,7 @@ struct AttentionBenchCommand: ParsableCommand {
             ? AttentionOptions(causal: !bidirectional, layout: .contiguous, decay: try Attention.parseDecay(decay), featureMap: featureMap)
             : AttentionOptions(causal: causal, layout: layout)
         o.precision = precision
+        o.documents = try documentOptions.documents(seqLen: seqLen)
         return o
     }
 
@@ -351,6 +356,7 @@ struct AttentionBenchCommand: ParsableCommand {
         for r in results {
             let first = results.first { $0.direction == r.direction }!
             let mask = r.decay.map { d in r.causal ? "causal λ=\(Set(d).count == 1 ? String(format: "%g", d[0]) : "per-head")" : "bidirectional" } ?? (r.causal ? "causal" : "full")
+                + (r.documents.map { " \($0)doc" } ?? "")
             let cells = [r.algorithm.rawValue, r.direction, mask, r.layout.rawValue + (r.balance == .speed ? "+speed" : ""), String(format: "%.4f", r.timeS),
                          String(format: "%.4f", r.timeMinS), String(format: "%.4f", r.timeMaxS), String(format: "%.2f", r.rankTimeMaxS / r.rankTimeMinS),
                          String(format: "%.0f", r.tokensPerS), String(format: "%.1f", r.gflops),

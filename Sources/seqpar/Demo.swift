@@ -18,12 +18,14 @@ struct Demo: ParsableCommand {
     @Option(help: "Head dimension.") var headDim = 64
     @Option(help: "Seed of the generated inputs.") var seed: UInt64 = 0
     @Option(help: "Precision of every run: fp32 or bf16 (needs oneDNN).") var precision: Precision = .fp32
+    @OptionGroup var documentOptions: DocumentOptions
     @Flag(help: "Print one JSON object per run instead of the table.") var json = false
     @OptionGroup var rankOptions: RankOptions
 
     func validate() throws {
         guard seqLen >= 1, heads >= 1, kvHeads >= 1, headDim >= 1 else { throw ValidationError("sizes must be at least 1") }
         guard heads % kvHeads == 0 else { throw ValidationError("--kv-heads \(kvHeads) does not divide --heads \(heads)") }
+        _ = try documentOptions.documents(seqLen: seqLen)
     }
 
     /// The decay of the demo's linear-attention runs.
@@ -34,6 +36,8 @@ struct Demo: ParsableCommand {
     static let bf16LinearTolerance = 2e-2
 
     /// The runs of the demo: the one-rank baseline, then each distributed algorithm in each layout.
+    /// With --doc-lens or --cu-seqlens every attention run and the hybrid stack use the documents; the latent decode
+    /// steps (one query over the whole cache) do not.
     func configs() -> [AttentionRunConfig] {
         let shape = AttentionShape(seqLen: seqLen, heads: heads, kvHeads: kvHeads, headDim: headDim)
         var runs: [AttentionRunConfig] = []
@@ -47,6 +51,7 @@ struct Demo: ParsableCommand {
                 c.seed = seed
                 c.backward = true
                 c.check = true
+                (c.documentLengths, c.cuSeqlensPath) = ((try? documentOptions.lengths()) ?? nil, documentOptions.cuSeqlens)
                 if linear && precision == .bf16 { (c.forwardTolerance, c.gradientTolerance) = (Self.bf16LinearTolerance, Self.bf16LinearTolerance) }
                 runs.append(c)
             }

@@ -57,6 +57,13 @@ struct DocumentOptions: ParsableArguments {
         if let path = cuSeqlens, !FileManager.default.fileExists(atPath: path) { throw ValidationError("--cu-seqlens \(path): no such file") }
     }
 
+    /// The documents given, checked against the sequence length (nil when neither option is).
+    func documents(seqLen: Int) throws -> Documents? {
+        if let lengths = try lengths() { return try Documents(lengths: lengths, seqLen: seqLen) }
+        if let path = cuSeqlens { return try Documents(cuSeqlens: NPY.readIntegers(path), seqLen: seqLen, source: "--cu-seqlens \(path)") }
+        return nil
+    }
+
     /// The lengths of --doc-lens (whether they sum to the sequence length is the run's check, which knows it).
     func lengths() throws -> [Int]? {
         guard let text = docLens else { return nil }

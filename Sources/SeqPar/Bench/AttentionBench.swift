@@ -3,7 +3,8 @@
 // time is gathered and the maximum taken): the time a training step would wait. Warm-up runs are excluded; the
 // figure is the median over repetitions, with the min and max beside it, and the spread over ranks.
 //
-// FLOPs are `AttentionRun.attentionFlops` (softmax: 4 B H L^2 D, half when causal; linear: the chunk form's work),
+// FLOPs are `AttentionRun.attentionFlops` (softmax: 4 B H L^2 D, half when causal, summed over the documents of a
+// packed sequence; linear: the chunk form's work),
 // backward `backwardFlopsFactor` times that; tokens/s is L*B over the step time. Bytes are one step's payload per
 // rank (the most any rank sent). Memory is refused before allocating, as in `seqpar attention`.
 // Precision: a bf16 figure (`options.precision`) needs oneDNN on every rank (checked and agreed first) and rounds its
@@ -25,6 +26,8 @@ public struct AttentionBenchResult: Codable, Sendable {
     public var rankTokens: [Int]?, balanceRates: [Double]?
     public var decay: [Double]?
     public var featureMap: FeatureMap?
+    /// The number of packed documents (nil: one); FLOPs then count the documents' work, not L^2.
+    public var documents: Int?
     /// Median over repetitions of the slowest rank's time; min and max over repetitions.
     public var timeS: Double, timeMinS: Double, timeMaxS: Double
     /// Each rank's median time: fastest, mean and slowest rank.
@@ -86,7 +89,7 @@ public enum AttentionBench {
         }
         times = try comm.allReduce(times, op: .max)
         guard times[0] > 0 else { return nil }
-        let flops = AttentionRun.attentionFlops(shape, causal: options.causal, family: family)
+        let flops = AttentionRun.attentionFlops(shape, causal: options.causal, documents: options.documents, family: family)
         let b = times[1] > 0 ? times[1] : nil
         return AttentionBaseline(seqLen: shape.seqLen, busy: everyRank, forwardS: times[0], backwardS: b, forwardGflops: flops / times[0] / 1e9,
                                  backwardGflops: b.map { flops * AttentionRun.backwardFlopsFactor(family) / $0 / 1e9 })
@@ -183,7 +186,7 @@ public enum AttentionBench {
         let probeAfter = try probe ? KernelBench.sgemmProbe(comm: comm) : nil
         let rss = try comm.allReduce([SystemInfo.peakRSS()], op: .max)[0]
         let family = algorithm.family
-        let flops = AttentionRun.attentionFlops(shape, causal: options.causal, family: family)
+        let flops = AttentionRun.attentionFlops(shape, causal: options.causal, documents: options.documents, family: family)
         return try runs.map { direction, run in
             // Slowest rank per repetition, and each rank's median.
             let all = try comm.allGather(run.times)
@@ -199,7 +202,7 @@ public enum AttentionBench {
                 kvHeads: shape.kvHeads, headDim: shape.headDim, causal: options.causal, layout: options.layout, precision: options.precision,
                 balance: balance, rankTokens: rates == nil ? nil : options.partition.counts(ranks: ranks, length: shape.seqLen), balanceRates: rates,
                 decay: family == .linear ? options.decayPerHead(shape.heads).map(Double.init) : nil,
-                featureMap: family == .linear ? options.featureMap : nil,
+                featureMap: family == .linear ? options.featureMap : nil, documents: options.documents?.count,
                 timeS: t, timeMinS: slowest.min()!, timeMaxS: slowest.max()!,
                 rankTimeMinS: perRank.min()!, rankTimeAvgS: perRank.reduce(0, +) / Double(ranks), rankTimeMaxS: perRank.max()!,
                 tokensPerS: Double(shape.batch * shape.seqLen) / t, gflops: stepFlops / t / 1e9,

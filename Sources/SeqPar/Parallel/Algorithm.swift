@@ -38,7 +38,11 @@ public enum AlgorithmName: String, CaseIterable, Sendable, Codable {
             }
         case .ulysses:
             try UlyssesAttention.HeadSplit.validate(ranks: ranks, shape: shape)
-        case .allgather, .ring, .rsa, .lasp1, .lasp2:
+        case .lasp1, .lasp2:
+            if options.documents.map({ $0.count > 1 }) ?? false {
+                throw SeqParError.invalidInput("--algorithm \(rawValue) does not take packed documents yet: run the softmax algorithms with them")
+            }
+        case .allgather, .ring, .rsa:
             break
         }
         if let documents = options.documents, documents.seqLen != shape.seqLen {
