@@ -136,6 +136,21 @@ enum Harness {
         }
     }
 
+    /// Packed documents under mpirun: every softmax algorithm, causal zigzag (per document) and full contiguous,
+    /// forward and backward, against the oracle with the document mask; a boundary at a chunk edge and a document of
+    /// one token (L = 61: chunks of 61/P).
+    @Test(arguments: [2, 3, 4]) func documentsUnderMPI(np: Int) throws {
+        let lengths = [61 / np, 1, 3, 61 - 61 / np - 4].filter { $0 > 0 }.map(String.init).joined(separator: ",")
+        for algorithm in ["allgather", "ring", "rsa", "ulysses"] {
+            let heads = algorithm == "ulysses" ? [String(2 * np), String(np)] : ["4", "2"]
+            for extra in [["--causal", "--layout", "zigzag"], ["--layout", "contiguous"]] {
+                let r = try Harness.mpirun(np, ["attention", "--algorithm", algorithm, "--seq-len", "61", "--heads", heads[0], "--kv-heads", heads[1],
+                                                "--head-dim", "16", "--doc-lens", lengths, "--backward", "--check"] + extra)
+                #expect(!r.timedOut && r.status == 0 && r.output.contains(": PASS"), "\(algorithm) \(extra) \(lengths): \(r.output)")
+            }
+        }
+    }
+
     /// Ring attention under mpirun in each progress mode, causal contiguous (ranks skip blocks while accumulators pass
     /// through them) and zigzag, forward and backward checked: real buffers in flight, which the in-process backend
     /// (it copies a message when it is sent) cannot show.
@@ -319,6 +334,12 @@ enum Harness {
         BadInput(arguments: ["attention", "--algorithm", "ring", "--head-dim", "0"], message: "--head-dim 0: must be at least 1"),
         BadInput(arguments: ["attention", "--algorithm", "ring", "--timeout", "0"], message: "--timeout must be a positive number of seconds"),
         BadInput(arguments: ["decode", "--steps", "0"], message: "--steps is 0"),
+        // Packed documents that do not fit the sequence, or are not a list.
+        BadInput(arguments: ["attention", "--algorithm", "ring", "--seq-len", "100", "--doc-lens", "50,60"], message: "--doc-lens 50,60 sums to 110, the sequence length is 100"),
+        BadInput(arguments: ["attention", "--algorithm", "ring", "--seq-len", "100", "--doc-lens", "50,0,50"], message: "document 1 has length 0"),
+        BadInput(arguments: ["attention", "--algorithm", "ring", "--seq-len", "100", "--doc-lens", "50,-5,55"], message: "document 1 has length -5"),
+        BadInput(arguments: ["attention", "--algorithm", "ring", "--doc-lens", "50,x"], message: "give the documents' lengths as whole numbers"),
+        BadInput(arguments: ["attention", "--algorithm", "tpla", "--doc-lens", "512,512"], message: "do not apply to latent attention"),
     ]
 
     @Test(arguments: badInputs) func badOptionsFailClearlyUnderMPI(_ bad: BadInput) throws {
