@@ -6,7 +6,7 @@ import SeqParMPI
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks that print their figures next to a baseline measured in the same run.",
-        subcommands: [KernelBenchCommand.self, CommBenchCommand.self, OverlapBenchCommand.self, AttentionBenchCommand.self, LatentBenchCommand.self])
+        subcommands: [KernelBenchCommand.self, CommBenchCommand.self, OverlapBenchCommand.self, AttentionBenchCommand.self, DocumentsBenchCommand.self, LatentBenchCommand.self])
 }
 
 /// `#` lines that say where and how a benchmark ran.
