@@ -73,7 +73,8 @@ public enum RingOverlap {
             try comm.agree(failure)
             for t in [x.q, x.k, x.v, dO] { t.roundToBF16() }
         }
-        let packedShape = { (r: Int) in [RingAttention.packedCount(x, rank: r, ranks: ranks)] }
+        let tokens = options.partition.counts(ranks: ranks, length: shape.seqLen)
+        let packedShape = { (r: Int) in [RingAttention.packedCount(x, tokens: tokens[r])] }
         /// The ring's exchanges alone, with the block a run of this precision sends (bf16: half the bytes).
         func circulateOnly(accumulate: Bool) throws {
             switch options.precision {

@@ -26,9 +26,19 @@ public struct RingAttention: AttentionAlgorithm {
     /// The K/V blocks use this tag, their dK/dV accumulators the next one.
     static let kvTag = 300
 
-    /// Elements of rank `rank`'s packed [K | V] block.
-    static func packedCount(_ x: LocalAttention, rank: Int, ranks: Int) -> Int {
-        2 * x.shape.batch * x.options.partition.counts(ranks: ranks, length: x.shape.seqLen)[rank] * x.shape.kvHeads * x.shape.headDim
+    /// Elements of a packed [K | V] block of `tokens` tokens.
+    static func packedCount(_ x: LocalAttention, tokens: Int) -> Int {
+        2 * x.shape.batch * tokens * x.shape.kvHeads * x.shape.headDim
+    }
+
+    /// The global positions of each rank's tokens (the block it sends round the ring): the partition's, or in USP
+    /// those of each ring member's Ulysses group.
+    typealias BlockPositions = (_ rank: Int) -> [Int]
+
+    static func partitionPositions(_ x: LocalAttention, ranks: Int) -> BlockPositions {
+        let (layout, length) = (x.options.partition, x.shape.seqLen)
+        let all = (0..<ranks).map { layout.positions(rank: $0, ranks: ranks, length: length) }
+        return { all[$0] }
     }
 
     static func pack(_ k: Tensor, _ v: Tensor) -> Tensor {
@@ -66,32 +76,41 @@ public struct RingAttention: AttentionAlgorithm {
     }
 
     public func forward(_ x: LocalAttention, comm: some Communicator) throws -> AttentionOutput {
-        switch x.options.precision {
-        case .fp32: return try forward(x, own: Self.pack(x.k, x.v), comm: comm)
-        case .bf16:
-            try OneDNN.require()
-            return try forward(x, own: Self.packBF16(x.k, x.v), comm: comm)
-        }
+        try forward(x, blocks: Self.partitionPositions(x, ranks: comm.size), comm: comm)
     }
 
     public func backward(_ x: LocalAttention, output: AttentionOutput, gradOut: Tensor, comm: some Communicator) throws -> AttentionGradients {
+        try backward(x, blocks: Self.partitionPositions(x, ranks: comm.size), output: output, gradOut: gradOut, comm: comm)
+    }
+
+    /// The forward pass with each rank's block at `blocks(rank)` (x.positions are this rank's).
+    func forward(_ x: LocalAttention, blocks: @escaping BlockPositions, comm: some Communicator) throws -> AttentionOutput {
         switch x.options.precision {
-        case .fp32: return try backward(x, own: Self.pack(x.k, x.v), output: output, gradOut: gradOut, comm: comm)
+        case .fp32: return try forward(x, own: Self.pack(x.k, x.v), blocks: blocks, comm: comm)
         case .bf16:
             try OneDNN.require()
-            return try backward(x, own: Self.packBF16(x.k, x.v), output: output, gradOut: gradOut, comm: comm)
+            return try forward(x, own: Self.packBF16(x.k, x.v), blocks: blocks, comm: comm)
+        }
+    }
+
+    /// The backward pass with each rank's block at `blocks(rank)`.
+    func backward(_ x: LocalAttention, blocks: @escaping BlockPositions, output: AttentionOutput, gradOut: Tensor, comm: some Communicator) throws -> AttentionGradients {
+        switch x.options.precision {
+        case .fp32: return try backward(x, own: Self.pack(x.k, x.v), blocks: blocks, output: output, gradOut: gradOut, comm: comm)
+        case .bf16:
+            try OneDNN.require()
+            return try backward(x, own: Self.packBF16(x.k, x.v), blocks: blocks, output: output, gradOut: gradOut, comm: comm)
         }
     }
 
     /// The forward pass with `own` (this rank's packed [K | V], fp32 or bf16) circulating.
-    func forward<Block: RingBlock>(_ x: LocalAttention, own: Block, comm: some Communicator) throws -> AttentionOutput {
-        let (ranks, layout, length) = (comm.size, x.options.partition, x.shape.seqLen)
+    func forward<Block: RingBlock>(_ x: LocalAttention, own: Block, blocks: @escaping BlockPositions, comm: some Communicator) throws -> AttentionOutput {
         let acc = AttentionOutput(o: Tensor(zeros: x.q.shape), lse: Tensor(zeros: [x.shape.batch, x.shape.heads, x.tokens]))
         acc.lse.fill(-.infinity)
         // A bf16 block goes to the kernel as it arrived, with q converted once for the whole pass.
         let q16 = Block.self == BF16Tensor.self ? BF16Tensor(rounding: x.q) : nil
-        try Ring.circulate(own, shape: { [Self.packedCount(x, rank: $0, ranks: ranks)] }, tag: Self.kvTag, progress: self.progress, comm: comm) { source, block, _, progress in
-            let keys = layout.positions(rank: source, ranks: ranks, length: length)
+        try Ring.circulate(own, shape: { [Self.packedCount(x, tokens: blocks($0).count)] }, tag: Self.kvTag, progress: self.progress, comm: comm) { source, block, _, progress in
+            let keys = blocks(source)
             if Self.skips(x, keys: keys) { return }
             if let q16, let block = block as? BF16Tensor {
                 let (k, v) = Self.unpack(block, x, tokens: keys.count)
@@ -109,19 +128,19 @@ public struct RingAttention: AttentionAlgorithm {
     }
 
     /// The backward pass with `own` (this rank's packed [K | V], fp32 or bf16) circulating; dK/dV travel in fp32.
-    func backward<Block: RingBlock>(_ x: LocalAttention, own ownBlock: Block, output: AttentionOutput, gradOut: Tensor,
+    func backward<Block: RingBlock>(_ x: LocalAttention, own ownBlock: Block, blocks: @escaping BlockPositions, output: AttentionOutput, gradOut: Tensor,
                                     comm: some Communicator) throws -> AttentionGradients {
-        let (rank, ranks, layout, length) = (comm.rank, comm.size, x.options.partition, x.shape.seqLen)
+        let (rank, ranks) = (comm.rank, comm.size)
         let dq = Tensor(zeros: x.q.shape)
         // dK and dV of a block whose accumulator is still on its way: summed here, added when it has arrived.
-        let largest = (0..<ranks).map { Self.packedCount(x, rank: $0, ranks: ranks) }.max() ?? 0
+        let largest = (0..<ranks).map { Self.packedCount(x, tokens: blocks($0).count) }.max() ?? 0
         let scratch = ranks > 2 ? Tensor(zeros: [largest]) : nil
         // A bf16 block goes to the kernel as it arrived, with q and dO converted once for the whole pass.
         let bf16Queries = Block.self == BF16Tensor.self ? (BF16Tensor(rounding: x.q), BF16Tensor(rounding: gradOut)) : nil
         /// This rank's queries against one block: `work` of the kernel (see `SoftmaxAttention.backward`), dQ added
         /// to dq, dK and dV to the block's accumulator: at once when it is here, else through `scratch`.
         func contribute(_ source: Int, _ block: Block, _ grad: RingAccumulator, work: Range<Double>, _ progress: () -> Void) throws {
-            let keys = layout.positions(rank: source, ranks: ranks, length: length)
+            let keys = blocks(source)
             if Self.skips(x, keys: keys) { return }
             let count = 2 * x.shape.batch * keys.count * x.shape.kvHeads * x.shape.headDim
             let sums = grad.ready ?? scratch!.rows(0..<count)
@@ -141,7 +160,7 @@ public struct RingAttention: AttentionAlgorithm {
             if grad.ready == nil { BLAS.axpy(sums, into: try grad.get()) }
         }
         let own = Self.ownShares(ranks: ranks)
-        let home = try Ring.circulate(ownBlock, shape: { [Self.packedCount(x, rank: $0, ranks: ranks)] }, tag: Self.kvTag,
+        let home = try Ring.circulate(ownBlock, shape: { [Self.packedCount(x, tokens: blocks($0).count)] }, tag: Self.kvTag,
                                       accumulate: true, progress: self.progress, comm: comm,
                                       tail: own.last.map { last in { home, progress in
                                           try contribute(rank, ownBlock, RingAccumulator(ready: home!, get: { home! }), work: last, progress)

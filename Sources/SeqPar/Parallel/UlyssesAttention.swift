@@ -59,13 +59,20 @@ public struct UlyssesAttention: AttentionAlgorithm {
     /// `back` reverses it: head-sharded parts in, sequence-sharded out (`add` sums parts that arrive more than once).
     static func exchange(_ parts: [Part], toHeads: Bool, outputs: [Tensor], add: Bool = false,
                          x: LocalAttention, comm: some Communicator) throws {
+        let (ranks, layout, length) = (comm.size, x.options.partition, x.shape.seqLen)
+        try exchange(parts, toHeads: toHeads, outputs: outputs, add: add, headRows: (0..<ranks).map { layout.positions(rank: $0, ranks: ranks, length: length) },
+                     tokens: x.tokens, batch: x.shape.batch, comm: comm)
+    }
+
+    /// The same among the ranks of `comm` with the head-sharded side's rows given: rank j's `tokens` (this rank's
+    /// count) sequence-side rows are rows `headRows[j]` of the head-sharded tensors (USP: the rows of a Ulysses
+    /// group's tokens, in position order, within the group's union of positions).
+    static func exchange(_ parts: [Part], toHeads: Bool, outputs: [Tensor], add: Bool = false,
+                         headRows positions: [[Int]], tokens: Int, batch: Int, comm: some Communicator) throws {
         let (rank, ranks) = (comm.rank, comm.size)
-        let layout = x.options.partition, length = x.shape.seqLen
-        let positions = (0..<ranks).map { layout.positions(rank: $0, ranks: ranks, length: length) }
-        let batch = x.shape.batch
         precondition(!add || parts.allSatisfy { !$0.bf16 }, "parts that add up travel in fp32")
         // Sequence-sharded side: my tokens 0..<C, heads of rank j. Head-sharded side: rank i's positions, my heads.
-        func rows(_ j: Int, seqSide: Bool) -> [Int] { seqSide ? Array(0..<x.tokens) : positions[j] }
+        func rows(_ j: Int, seqSide: Bool) -> [Int] { seqSide ? Array(0..<tokens) : positions[j] }
         func headsOf(_ p: Int, _ j: Int, seqSide: Bool) -> Range<Int> {
             let r = parts[p].heads(seqSide ? j : rank)
             return seqSide ? r : 0..<r.count
