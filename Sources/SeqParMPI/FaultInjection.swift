@@ -4,8 +4,9 @@
 //   SEQPAR_FAULT=stall:rank=R[:after=N]   rank R stops before its communication call N+1 and never returns
 //   SEQPAR_FAULT=kill:rank=R[:after=N]    rank R sends itself SIGKILL there (a crash nothing can catch)
 //
-// Calls are counted on rank R as it makes them (sends, receives, collectives, barriers; not waits or tests);
-// `after` defaults to 0 (before the first call). The variable is read only under MPI and has no other effect.
+// R is a world rank. Calls are counted on rank R as it makes them (sends, receives, collectives, barriers, splits; not
+// waits or tests), in one count over the world communicator and every sub-communicator split from it; `after`
+// defaults to 0 (before the first call). The variable is read only under MPI and has no other effect.
 import Foundation
 import SeqPar
 

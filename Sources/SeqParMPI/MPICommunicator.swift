@@ -6,6 +6,8 @@
 // matches a user's messages on COMM_WORLD. Counts travel as Int32 (MPI's `int`): a larger message is an error.
 // MPI's blocking calls have no timeout: each one here runs under the `Watchdog`, which aborts the job when a wait
 // exceeds --timeout, naming the rank and what it waited for.
+// A sub-communicator (`split`, MPI_Comm_split) is an MPICommunicator too, with MPI_ERRORS_RETURN, the world's
+// watchdog and fault injection, and counters that also count in its parent's; it is freed when the object goes away.
 import CMPI
 import Foundation
 import SeqPar
@@ -150,50 +152,91 @@ func displacements(_ counts: [Int32], _ routine: String) throws -> [Int32] {
 }
 
 public final class MPICommunicator: Communicator, @unchecked Sendable {
-    let comm: MPI_Comm?
+    /// MPI_COMM_NULL once freed.
+    private(set) var comm: MPI_Comm?
     public let rank: Int
     public let size: Int
+    /// This process's rank in MPI_COMM_WORLD (what the watchdog and `abort` name).
+    let worldRank: Int
+    /// The communicator this one was split from (nil for the world): its counters count this one's traffic too,
+    /// and its fault injection counts this one's calls.
+    let parent: MPICommunicator?
+    /// For messages: a sub-communicator's members by world rank; nil for the world.
+    let group: SubGroup?
     private var counts = CommCounters()
     private let countsLock = NSLock()
-    /// Set by `MPIEnvironment.init(timeout:)`: every blocking call below is timed.
+    /// Set by `MPIEnvironment.init(timeout:)` (a sub-communicator takes its parent's): every blocking call below is
+    /// timed.
     var watchdog: Watchdog?
-    /// SEQPAR_FAULT (testing only) and the calls counted for it.
+    /// SEQPAR_FAULT (testing only) and the calls counted for it (on the world communicator: one count per process).
     var fault: FaultInjection?
     private var calls = 0
 
-    init(comm: MPI_Comm?) throws {
-        self.comm = comm
+    /// The world communicator (a duplicate of MPI_COMM_WORLD).
+    convenience init(comm: MPI_Comm?) throws {
         var r: Int32 = 0, s: Int32 = 0
         try check(MPI_Comm_rank(comm, &r), "MPI_Comm_rank")
         try check(MPI_Comm_size(comm, &s), "MPI_Comm_size")
-        rank = Int(r)
-        size = Int(s)
+        self.init(comm: comm, rank: Int(r), size: Int(s), worldRank: Int(r), parent: nil, group: nil)
     }
 
+    private init(comm: MPI_Comm?, rank: Int, size: Int, worldRank: Int, parent: MPICommunicator?, group: SubGroup?) {
+        self.comm = comm
+        self.rank = rank
+        self.size = size
+        self.worldRank = worldRank
+        self.parent = parent
+        self.group = group
+        watchdog = parent?.watchdog
+        fault = parent?.fault
+    }
+
+    /// Frees the MPI communicator (MPI_Comm_free), once; nothing after MPI_Finalize (which freed it). The standard
+    /// calls MPI_Comm_free collective, but it does not synchronise (OpenMPI's only marks the handle for
+    /// deallocation once pending operations complete), so ranks may free at different times.
     func free() {
+        var done: Int32 = 0
+        MPI_Finalized(&done)
+        guard done == 0, comm != MPI_COMM_NULL else { return }
         var c = comm
         MPI_Comm_free(&c)
+        comm = MPI_COMM_NULL
     }
+
+    /// A sub-communicator is freed when it goes away; the world by `MPIEnvironment.finalize` (or here, if never).
+    deinit { free() }
 
     public var counters: CommCounters { countsLock.withLock { counts } }
     public func resetCounters() { countsLock.withLock { counts = CommCounters() } }
     private func record(_ op: CommOperation, sent: Int = 0, received: Int = 0) {
         countsLock.withLock { counts.record(op, sent: sent, received: received) }
+        parent?.record(op, sent: sent, received: received)
     }
     public func addTime(_ seconds: Double, progress: Bool) {
         countsLock.withLock { counts.addTime(seconds, progress: progress) }
+        parent?.addTime(seconds, progress: progress)
     }
 
-    /// Called first by every communication call; only an injected fault does anything here.
+    /// Called first by every communication call; only an injected fault does anything here. Calls are counted on
+    /// the world communicator, sub-communicators' included, so that SEQPAR_FAULT's `after` counts a process's calls.
     @inline(__always) private func enter(_ routine: StaticString) {
         guard let f = fault else { return }
+        if let p = parent { return p.enter(routine) }
         let n = countsLock.withLock { calls += 1; return calls }
         f.before(call: n, routine: routine, rank: rank)
     }
 
     /// Runs a blocking MPI call under the watchdog.
     @inline(__always) private func blocking<R>(_ site: WaitSite, _ body: () throws -> R) rethrows -> R {
-        try timed { try watchdog.watchIfSet(site, body) }
+        try timed { try watchdog.watchIfSet(on(site), body) }
+    }
+
+    /// `site` on this communicator (a sub-communicator's members are named in the watchdog's message).
+    @inline(__always) private func on(_ site: WaitSite) -> WaitSite {
+        guard let g = group else { return site }
+        var s = site
+        s.group = g
+        return s
     }
 
     // MARK: point-to-point
@@ -211,7 +254,7 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
             self.request = request
             self.expected = expected
             self.watchdog = watchdog
-            self.site = site
+            self.site = owner.on(site)
             self.owner = owner
             self.onComplete = onComplete
         }
@@ -425,7 +468,47 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
     }
 
     public func abort(_ message: String) {
-        FileHandle.standardError.write(Data("seqpar: rank \(rank): aborting the job: \(message)\n".utf8))
+        let on = group.map { " (rank \(rank) of \($0))" } ?? ""
+        FileHandle.standardError.write(Data("seqpar: rank \(worldRank)\(on): aborting the job: \(message)\n".utf8))
         Watchdog.abortJob()
+    }
+
+    /// MPI_Comm_split, under the watchdog like every collective (a rank that never joins it stops the job), and
+    /// counted as a communication call for SEQPAR_FAULT; not in the counters.
+    public func split(color: Int, key: Int) throws -> MPICommunicator {
+        try checkSplitColor(color)
+        guard let c = Int32(exactly: color), let k = Int32(exactly: key) else {
+            throw SeqParError.invalidInput("split: color \(color) and key \(key) must each fit in 32 bits (MPI's int)")
+        }
+        enter("MPI_Comm_split")
+        var new: MPI_Comm? = MPI_COMM_NULL
+        try watchdog.watchIfSet(on(.collective("MPI_Comm_split", bytes: 0))) {
+            try check(MPI_Comm_split(comm, c, k, &new), "MPI_Comm_split")
+        }
+        do {
+            try check(MPI_Comm_set_errhandler(new, MPI_ERRORS_RETURN), "MPI_Comm_set_errhandler")
+            var r: Int32 = 0, s: Int32 = 0
+            try check(MPI_Comm_rank(new, &r), "MPI_Comm_rank")
+            try check(MPI_Comm_size(new, &s), "MPI_Comm_size")
+            let members = try Self.worldRanks(of: new, size: Int(s))
+            return MPICommunicator(comm: new, rank: Int(r), size: Int(s), worldRank: worldRank, parent: self,
+                                   group: SubGroup(color: color, worldRanks: members))
+        } catch {
+            MPI_Comm_free(&new)
+            throw error
+        }
+    }
+
+    /// The world rank of each rank of `comm`, in its rank order (MPI_Group_translate_ranks: local, no messages).
+    private static func worldRanks(of comm: MPI_Comm?, size: Int) throws -> [Int] {
+        var group: MPI_Group? = nil, world: MPI_Group? = nil
+        try check(MPI_Comm_group(comm, &group), "MPI_Comm_group")
+        defer { MPI_Group_free(&group) }
+        try check(MPI_Comm_group(MPI_COMM_WORLD, &world), "MPI_Comm_group")
+        defer { MPI_Group_free(&world) }
+        let ranks = (0..<Int32(size)).map { $0 }
+        var out = [Int32](repeating: -1, count: size)
+        try check(MPI_Group_translate_ranks(group, Int32(size), ranks, world, &out), "MPI_Group_translate_ranks")
+        return out.map(Int.init)
     }
 }

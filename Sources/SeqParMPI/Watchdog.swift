@@ -5,13 +5,29 @@
 // request, MPI_Send, MPI_Finalize) marks itself in a slot here with what it waits for and when it started; a thread
 // looks at the slots a few times per timeout. When one wait is older than the timeout it prints which rank waited
 // on what, and calls MPI_Abort, which ends every rank of the job. Waits on other threads (a ring's progress thread)
-// have slots of their own. The cost on the hot path is a lock and a clock read on entry and exit of a blocking call;
+// have slots of their own; so do waits in a sub-communicator (`MPICommunicator.split`), which share the world's
+// watchdog: the message then names the sub-communicator's members by world rank. The cost on the hot path is a lock and a clock read on entry and exit of a blocking call;
 // MPI_Test is not watched (it does not block).
 //
 // MPI_Abort needs the launcher: where the network to it is cut, it may never return, so a second thread ends this
 // process after a grace period; mpirun then sees a rank gone and ends the job.
 import CMPI
 import Foundation
+
+/// A sub-communicator's place in the world, for messages: its members' world ranks (in its rank order) and the
+/// color of the split that made it.
+final class SubGroup: Sendable, CustomStringConvertible {
+    let color: Int
+    let worldRanks: [Int]
+    init(color: Int, worldRanks: [Int]) {
+        self.color = color
+        self.worldRanks = worldRanks
+    }
+    var description: String { "the sub-communicator of color \(color), world ranks \(worldRanks)" }
+
+    /// The world rank of `rank` of the sub-communicator.
+    func worldRank(_ rank: Int) -> Int { worldRanks.indices.contains(rank) ? worldRanks[rank] : rank }
+}
 
 /// What a blocking call waits for; formatted only when it times out.
 struct WaitSite: Sendable {
@@ -24,15 +40,23 @@ struct WaitSite: Sendable {
     var peer: Int = -1
     var tag: Int = 0
     var bytes: Int = 0
+    /// The sub-communicator the call is on; nil for the world.
+    var group: SubGroup? = nil
 
     static func collective(_ routine: StaticString, bytes: Int) -> WaitSite { WaitSite(kind: .collective, routine: routine, bytes: bytes) }
 
     func describe(ranks: Int) -> String {
         let via = started.map { "\($0), \(routine)" } ?? "\(routine)"
+        // On a sub-communicator, peers by world rank, then by their rank there.
+        let peerName = group.map { "rank \($0.worldRank(peer)) (rank \(peer) of \($0))" } ?? "rank \(peer)"
         switch kind {
-        case .receive: return "a message from rank \(peer) (tag \(tag), \(bytes) bytes; \(via))"
-        case .send: return "rank \(peer) to take a message (tag \(tag), \(bytes) bytes; \(via))"
-        case .collective: return "the other ranks in \(started ?? routine) (all \(ranks) ranks, \(bytes) bytes from this rank\(started == nil ? "" : "; \(routine)"))"
+        case .receive:
+            if let g = group { return "a message from rank \(g.worldRank(peer)) (rank \(peer) of \(g); tag \(tag), \(bytes) bytes; \(via))" }
+            return "a message from rank \(peer) (tag \(tag), \(bytes) bytes; \(via))"
+        case .send: return "\(peerName) to take a message (tag \(tag), \(bytes) bytes; \(via))"
+        case .collective:
+            let all = group.map { "all \($0.worldRanks.count) ranks of \($0);" } ?? "all \(ranks) ranks,"
+            return "the other ranks in \(started ?? routine) (\(all) \(bytes) bytes from this rank\(started == nil ? "" : "; \(routine)"))"
         case .finalize: return "the other ranks in MPI_Finalize"
         }
     }

@@ -43,6 +43,40 @@ import Testing
         #expect(Harness.processes(tagged: tag).isEmpty, "processes left: \(Harness.processes(tagged: tag))")
     }
 
+    /// A stall of rank 1 inside a sub-communicator of `seqpar selftest`.
+    struct SubStall: Sendable, CustomStringConvertible {
+        var after: Int
+        /// The routine rank 1 stalls before.
+        var routine: String
+        /// What rank 0, the only one waiting, must print (a regular expression).
+        var waitedOn: String
+        var description: String { "stall before \(routine), call \(after + 1)" }
+    }
+
+    /// Under `mpirun -np 2 seqpar selftest`, rank 1's calls 35 and 38 are the first all-reduce and the sendRecv ring
+    /// inside the rows sub-communicator (color 0, keys reversed: world ranks [1, 0]), after 33 calls of the checks
+    /// before it and the split (call 34). The stall message names the routine, so a change to the checks that moves
+    /// these calls fails here rather than testing something else.
+    static let subStalls: [SubStall] = [
+        SubStall(after: 34, routine: "MPI_Allreduce",
+                 waitedOn: #"rank 0: timed out after 5 s waiting for the other ranks in MPI_Allreduce \(all 2 ranks of the sub-communicator of color 0, world ranks \[1, 0\]; 16 bytes"#),
+        SubStall(after: 37, routine: "MPI_Sendrecv",
+                 waitedOn: #"rank 0: timed out after 5 s waiting for a message from rank 1 \(rank 0 of the sub-communicator of color 0, world ranks \[1, 0\]; tag 105, "#),
+    ]
+
+    /// A rank that hangs inside a sub-communicator's collective or ring: the rank waiting on it in the
+    /// sub-communicator times out, names the sub-communicator and its peer by world rank, and aborts the whole job.
+    @Test(arguments: subStalls) func stalledRankInASubCommunicatorTimesOut(_ stall: SubStall) throws {
+        let tag = Harness.uniqueTag()
+        let r = try Harness.mpirun(2, ["selftest", "--timeout", "5"], timeout: 60,
+                                   environment: ["SEQPAR_FAULT": "stall:rank=1:after=\(stall.after)", "SEQPAR_TEST_TAG": tag])
+        #expect(!r.timedOut && r.status != 0, "\(r.output)")
+        #expect(r.output.contains("rank 1: SEQPAR_FAULT: stalling before communication call \(stall.after + 1) (\(stall.routine))"), "\(r.output)")
+        #expect(r.output.range(of: stall.waitedOn, options: .regularExpression) != nil, "expected /\(stall.waitedOn)/ in: \(r.output)")
+        #expect(r.seconds > 5 && r.seconds < 5 + 8, "ended after \(r.seconds) s")
+        #expect(Harness.processes(tagged: tag).isEmpty, "processes left: \(Harness.processes(tagged: tag))")
+    }
+
     /// Rank 1 sends itself SIGKILL after its first ring exchange (forward) or in the backward pass: mpirun sees a
     /// rank die and ends the job within 10 s, naming the rank and the signal.
     @Test(arguments: [7, 13]) func killedRankEndsTheJob(after: Int) throws {

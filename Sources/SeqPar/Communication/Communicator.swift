@@ -160,8 +160,27 @@ public protocol Communicator: AnyObject, Sendable {
     func barrier() throws
 
     /// Stops every rank of the job with `message`. Under MPI this calls MPI_Abort and does not return; in process it
-    /// marks the cluster failed, so every other rank's current or next call throws `CommError.aborted`.
+    /// marks the cluster failed, so every other rank's current or next call throws `CommError.aborted`. On a
+    /// sub-communicator it stops the whole job too, not only the sub-communicator's ranks.
     func abort(_ message: String)
+
+    /// Splits this communicator into sub-communicators (MPI_Comm_split): a collective, called by every rank. Ranks
+    /// that pass the same `color` form one new communicator, ranked by `key` (ties by their rank here). `color` must
+    /// be >= 0 (every rank joins one sub-communicator; there is no MPI_UNDEFINED). Splits nest.
+    ///
+    /// A sub-communicator behaves as a communicator of its own (its ranks, tags, collectives and order of calls are
+    /// its own) with two ties to its parent.
+    /// - Failure: as on the root, a wait that times out or an `abort` on a sub-communicator stops every rank of the
+    ///   job, not only the sub-communicator's (under MPI: the watchdog's MPI_Abort on MPI_COMM_WORLD, naming the
+    ///   world rank; in process: every cluster split from one root shares its failure, so a rank that throws in any
+    ///   of them stops the ranks blocked in all of them).
+    /// - Counters: it keeps its own `CommCounters`, and everything recorded there (calls, bytes, wait and progress
+    ///   time) is recorded in its parent's too, and so on up to the root: the world communicator's counters stay a
+    ///   complete account of a rank's communication. `resetCounters()` resets only the communicator it is called
+    ///   on. The split itself is not counted (nor is the MPI_Comm_dup that makes the world communicator).
+    ///
+    /// The sub-communicator lives as long as the returned object (under MPI, it is freed when that goes away).
+    func split(color: Int, key: Int) throws -> Self
 }
 
 extension Communicator {
@@ -171,6 +190,13 @@ extension Communicator {
     public func checkPeer(_ peer: Int, _ what: String) throws {
         guard peer >= 0 && peer < size else {
             throw CommError.invalidArgument("\(what) rank \(peer) does not exist (communicator of \(size) ranks)")
+        }
+    }
+
+    /// Checks a `split` color (colors are >= 0: every rank joins one sub-communicator).
+    public func checkSplitColor(_ color: Int) throws {
+        guard color >= 0 else {
+            throw SeqParError.invalidInput("split: color \(color) on rank \(rank) is negative; give every rank a color >= 0 (ranks with the same color form one sub-communicator)")
         }
     }
 

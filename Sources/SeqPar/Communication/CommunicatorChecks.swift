@@ -2,7 +2,9 @@
 // the in-process cluster in the unit tests, and MPI under `mpirun -np P seqpar selftest` (a user's check of a new
 // installation or cluster). Expected values are computed from rank numbers alone, independently of the operation
 // under test; a mismatch throws `CommunicatorCheckFailure` naming the check, the rank and the first wrong element.
-// Works for any size, 1 included. Uses tags 100-199.
+// Works for any size, 1 included. Uses tags 100-199. The last checks split the communicator as a grid of two
+// columns (rows: color rank / 2, keys reversed; columns: color rank % 2, equal keys), nest a split inside a column,
+// and run point-to-point and collectives inside each sub-communicator.
 
 import Foundation
 
@@ -199,6 +201,71 @@ public enum CommunicatorChecks {
             }
             guard c.progressSeconds == 0 else {
                 throw CommunicatorCheckFailure(check: "wait time", rank: r, detail: "progress time \(c.progressSeconds) s without a test")
+            }
+            comm.resetCounters()
+        }
+
+        /// Checks `sub`, whose ranks are world ranks `members` in its rank order: rank and size, then an allReduce,
+        /// an allGather, an allToAll and a sendRecv ring inside it. `r` (this rank) and `value` are the world's.
+        func checkSub(_ name: String, _ sub: some Communicator, members: [Int]) throws {
+            let n = members.count, me = members.firstIndex(of: r)!
+            guard sub.size == n, sub.rank == me else {
+                throw CommunicatorCheckFailure(check: name, rank: r, detail: "rank \(sub.rank) of \(sub.size), expected \(me) of \(n) (world ranks \(members))")
+            }
+            try expect("\(name): allReduce", try sub.allReduce([Int64(r), 1], op: .sum), [Int64(members.reduce(0, +)), Int64(n)])
+            try expect("\(name): allGather", try sub.allGather([Float(value(r, 0)), Float(value(r, 1))]).flatMap { $0 },
+                       members.flatMap { [Float(value($0, 0)), Float(value($0, 1))] })
+            // Block j of world rank q's send holds value(q, 10 * j + i): sub rank `me` receives value(q, 10 * me + i).
+            let send = (0..<n).flatMap { j in (0..<2).map { Int64(value(r, 10 * j + $0)) } }
+            var recv = [Int64](repeating: -1, count: send.count)
+            try send.withUnsafeBufferPointer { s in try recv.withUnsafeMutableBufferPointer { try sub.allToAll(s, into: $0) } }
+            try expect("\(name): allToAll", recv, members.flatMap { q in (0..<2).map { Int64(value(q, 10 * me + $0)) } })
+            let out = (0..<3).map { Int32(value(r, $0)) }
+            var got = [Int32](repeating: -1, count: 3)
+            let (subNext, subPrev) = ((me + 1) % n, (me + n - 1) % n)
+            try out.withUnsafeBufferPointer { s in try got.withUnsafeMutableBufferPointer { try sub.sendRecv(s, to: subNext, $0, from: subPrev, tag: 105) } }
+            try expect("\(name): sendRecv ring", got, (0..<3).map { Int32(value(members[subPrev], $0)) })
+        }
+
+        try check("split into rows and columns") {
+            // Rows of two with keys reversed (ordered by -rank), then the two columns with equal keys (ordered by rank).
+            let rows = try comm.split(color: r / 2, key: -r)
+            try checkSub("split rows", rows, members: (0..<p).filter { $0 / 2 == r / 2 }.reversed())
+            let columns = try comm.split(color: r % 2, key: 0)
+            try checkSub("split columns", columns, members: (0..<p).filter { $0 % 2 == r % 2 })
+            // The parent is unchanged by its splits.
+            try expect("allReduce after splits", try comm.allReduce([Int64(1)], op: .sum), [Int64(p)])
+        }
+
+        try check("nested split") {
+            // Inside a column, every other rank of it, in reverse column order.
+            let columnMembers = (0..<p).filter { $0 % 2 == r % 2 }
+            let column = try comm.split(color: r % 2, key: r)
+            let c = column.rank
+            let nested = try column.split(color: c % 2, key: -c)
+            try checkSub("nested split", nested, members: columnMembers.indices.filter { $0 % 2 == c % 2 }.reversed().map { columnMembers[$0] })
+        }
+
+        try check("split counters") {
+            // A sub-communicator counts what it does, and so does its parent; the split itself counts nowhere.
+            comm.resetCounters()
+            let rows = try comm.split(color: r / 2, key: r)
+            guard comm.counters == CommCounters(), rows.counters == CommCounters() else {
+                throw CommunicatorCheckFailure(check: "split counters", rank: r, detail: "the split was counted: \(comm.counters), \(rows.counters)")
+            }
+            _ = try rows.allReduce([Int64(r), 0], op: .sum)
+            for (which, c) in [("sub-communicator", rows.counters), ("parent", comm.counters)] {
+                let expected: [(String, Int, Int)] = [
+                    ("calls[allReduce]", c[.allReduce], 1), ("collectives", c.collectives, 1),
+                    ("bytesSent", c.bytesSent, 16), ("bytesReceived", c.bytesReceived, 16 * (rows.size - 1)),
+                ]
+                for (name, actual, want) in expected where actual != want {
+                    throw CommunicatorCheckFailure(check: "split counters", rank: r, detail: "\(which): \(name) is \(actual), expected \(want)")
+                }
+            }
+            rows.resetCounters()
+            guard rows.counters == CommCounters(), comm.counters[.allReduce] == 1 else {
+                throw CommunicatorCheckFailure(check: "split counters", rank: r, detail: "resetting the sub-communicator's counters changed the parent's: \(comm.counters)")
             }
             comm.resetCounters()
         }

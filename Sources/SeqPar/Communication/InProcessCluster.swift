@@ -8,29 +8,58 @@
 // rendezvous sends will not deadlock here; and there is no network, so timings say nothing about communication cost.
 // A wait that exceeds `timeout` seconds fails with a message naming who waited for whom, and fails the whole cluster,
 // so no rank hangs. Reductions add contributions in rank order: results are bit-identical run to run.
+// A split (`InProcessCommunicator.split`) makes one new cluster per color, with the same timeout; every cluster split
+// from one root shares the root's lock and failure, so a failure in any of them stops every rank of all of them, as
+// MPI_Abort on MPI_COMM_WORLD would.
 import Foundation
 
 public final class InProcessCluster: @unchecked Sendable {
     public let size: Int
     public let timeout: Double
 
-    private let condition = NSCondition()
+    /// What every cluster split from one root shares: one lock (so a failure anywhere wakes every waiting rank at
+    /// once) and the first failure, with the rank in the root's numbering.
+    private final class Family: @unchecked Sendable {
+        let condition = NSCondition()
+        var failure: (rank: Int, message: String)?
+    }
+    private let family: Family
+    private var condition: NSCondition { family.condition }
+    /// The root cluster's rank of each of this cluster's ranks (the identity for a root).
+    let rootRanks: [Int]
+    /// For messages: "" for a root, else which sub-cluster this is (its rank numbers are its own).
+    let context: String
+
     private struct Key: Hashable { let source, destination, tag: Int }
     private struct Message { let kind: CommElementKind; let bytes: [UInt8] }
     private var mailbox: [Key: [Int: Message]] = [:]
     private var sendTickets: [Key: Int] = [:]
     private var recvTickets: [Key: Int] = [:]
     private var slots: [Int: Slot] = [:]
-    private var failure: (rank: Int, message: String)?
+    /// Sub-clusters being handed out by a split: created by the first member to ask, removed once all have it.
+    private struct SplitKey: Hashable { let sequence, color: Int }
+    private var splits: [SplitKey: (cluster: InProcessCluster, handedOut: Int)] = [:]
+
+    /// What a collective slot is for: one of the protocol's operations, or a split (not a counted operation).
+    enum Collective: Equatable, CustomStringConvertible {
+        case operation(CommOperation)
+        case split
+        var description: String {
+            switch self {
+            case let .operation(op): "\(op)"
+            case .split: "split"
+            }
+        }
+    }
 
     final class Slot {
-        let op: CommOperation
+        let op: Collective
         let kind: CommElementKind
         var arguments: [[Int]?]
         var payloads: [[UInt8]]
         var arrived = 0
         var departed = 0
-        init(op: CommOperation, kind: CommElementKind, size: Int) {
+        init(op: Collective, kind: CommElementKind, size: Int) {
             self.op = op
             self.kind = kind
             arguments = Array(repeating: nil, count: size)
@@ -42,6 +71,18 @@ public final class InProcessCluster: @unchecked Sendable {
         precondition(size >= 1, "a cluster needs at least one rank")
         self.size = size
         self.timeout = timeout
+        family = Family()
+        rootRanks = Array(0..<size)
+        context = ""
+    }
+
+    /// A sub-cluster of `parent`'s family: `rootRanks` are its members' ranks in the root, in its rank order.
+    private init(subclusterOf parent: InProcessCluster, rootRanks: [Int], color: Int) {
+        size = rootRanks.count
+        timeout = parent.timeout
+        family = parent.family
+        self.rootRanks = rootRanks
+        context = " (in the sub-communicator of color \(color): ranks \(rootRanks) of the root cluster)"
     }
 
     /// One communicator per rank; each keeps the cluster alive.
@@ -83,17 +124,23 @@ public final class InProcessCluster: @unchecked Sendable {
         return box.results.map { $0 as! R }
     }
 
-    /// Marks the cluster failed: every rank's current and next communication throws `CommError.aborted`.
+    /// Marks the cluster failed, with every cluster split from the same root: every rank's current and next
+    /// communication throws `CommError.aborted`, naming `rank` (of this cluster) by its rank in the root.
     func fail(rank: Int, message: String) {
         condition.lock()
-        if failure == nil { failure = (rank, message) }
-        condition.broadcast()
+        recordFailure(rank: rank, message: message)
         condition.unlock()
+    }
+
+    /// Called with the lock held: keeps the first failure and wakes every waiting rank of the family.
+    private func recordFailure(rank: Int, message: String) {
+        if family.failure == nil { family.failure = (rootRanks[rank], message) }
+        condition.broadcast()
     }
 
     /// Called with the lock held.
     private func checkFailure() throws {
-        if let f = failure { throw CommError.aborted(rank: f.rank, message: f.message) }
+        if let f = family.failure { throw CommError.aborted(rank: f.rank, message: f.message) }
     }
 
     /// Waits (lock held) until `ready()`; throws on failure or timeout, failing the cluster with `describe()`.
@@ -103,9 +150,8 @@ public final class InProcessCluster: @unchecked Sendable {
             try checkFailure()
             if !condition.wait(until: deadline) && !ready() {
                 try checkFailure()
-                let text = describe()
-                if failure == nil { failure = (rank, "timed out: \(text)") }
-                condition.broadcast()
+                let text = describe() + context
+                recordFailure(rank: rank, message: "timed out: \(text)")
                 throw CommError.timeout(text)
             }
         }
@@ -149,14 +195,14 @@ public final class InProcessCluster: @unchecked Sendable {
 
     /// Deposits this rank's part of collective number `sequence` and waits for all ranks. Returns the slot, whose
     /// `payloads` and `arguments` then hold every rank's contribution.
-    func enter(_ sequence: Int, op: CommOperation, kind: CommElementKind, rank: Int, arguments: [Int], payload: [UInt8]) throws -> Slot {
+    func enter(_ sequence: Int, op: Collective, kind: CommElementKind, rank: Int, arguments: [Int], payload: [UInt8]) throws -> Slot {
         try deposit(sequence, op: op, kind: kind, rank: rank, arguments: arguments, payload: payload)
         return try awaitAll(sequence, op: op, rank: rank)
     }
 
     /// Deposits this rank's part of collective number `sequence` without waiting (the start of a non-blocking
     /// collective).
-    func deposit(_ sequence: Int, op: CommOperation, kind: CommElementKind, rank: Int, arguments: [Int], payload: [UInt8]) throws {
+    func deposit(_ sequence: Int, op: Collective, kind: CommElementKind, rank: Int, arguments: [Int], payload: [UInt8]) throws {
         condition.lock(); defer { condition.unlock() }
         try checkFailure()
         let slot: Slot
@@ -167,9 +213,8 @@ public final class InProcessCluster: @unchecked Sendable {
             slots[sequence] = slot
         }
         guard slot.op == op && slot.kind == kind else {
-            let text = "rank \(rank) called \(op)(\(kind)) as collective #\(sequence), other ranks \(slot.op)(\(slot.kind))"
-            if failure == nil { failure = (rank, "ranks disagree: \(text)") }
-            condition.broadcast()
+            let text = "rank \(rank) called \(op)(\(kind)) as collective #\(sequence), other ranks \(slot.op)(\(slot.kind))" + context
+            recordFailure(rank: rank, message: "ranks disagree: \(text)")
             throw CommError.mismatch(text)
         }
         slot.arguments[rank] = arguments
@@ -179,7 +224,7 @@ public final class InProcessCluster: @unchecked Sendable {
     }
 
     /// Waits until every rank has deposited its part of collective number `sequence`.
-    func awaitAll(_ sequence: Int, op: CommOperation, rank: Int) throws -> Slot {
+    func awaitAll(_ sequence: Int, op: Collective, rank: Int) throws -> Slot {
         condition.lock(); defer { condition.unlock() }
         try checkFailure()
         let slot = slots[sequence]!
@@ -196,6 +241,18 @@ public final class InProcessCluster: @unchecked Sendable {
         slot.departed += 1
         if slot.departed == size { slots.removeValue(forKey: sequence) }
     }
+
+    /// The sub-cluster of `color` made by the split that is collective number `sequence` here, whose members are
+    /// `members` (this cluster's ranks, in the new rank order; every member passes the same list). The first
+    /// member to ask creates it; the others get the same one.
+    func subcluster(_ sequence: Int, color: Int, members: [Int]) -> InProcessCluster {
+        condition.lock(); defer { condition.unlock() }
+        let key = SplitKey(sequence: sequence, color: color)
+        var entry = splits[key] ?? (InProcessCluster(subclusterOf: self, rootRanks: members.map { rootRanks[$0] }, color: color), 0)
+        entry.handedOut += 1
+        splits[key] = entry.handedOut == members.count ? nil : entry
+        return entry.cluster
+    }
 }
 
 /// Per-rank results of `InProcessCluster.run`, written under the cluster's lock.
@@ -210,22 +267,27 @@ public final class InProcessCommunicator: Communicator, @unchecked Sendable {
     public let rank: Int
     public var size: Int { cluster.size }
     let cluster: InProcessCluster
+    /// The communicator this one was split from (nil for a root cluster's): its counters count this one's traffic too.
+    let parent: InProcessCommunicator?
     private var sequence = 0
     private var counts = CommCounters()
     private let countsLock = NSLock()
 
-    init(cluster: InProcessCluster, rank: Int) {
+    init(cluster: InProcessCluster, rank: Int, parent: InProcessCommunicator? = nil) {
         self.cluster = cluster
         self.rank = rank
+        self.parent = parent
     }
 
     public var counters: CommCounters { countsLock.lock(); defer { countsLock.unlock() }; return counts }
     public func resetCounters() { countsLock.lock(); counts = CommCounters(); countsLock.unlock() }
     private func record(_ op: CommOperation, sent: Int = 0, received: Int = 0) {
         countsLock.lock(); counts.record(op, sent: sent, received: received); countsLock.unlock()
+        parent?.record(op, sent: sent, received: received)
     }
     public func addTime(_ seconds: Double, progress: Bool) {
         countsLock.lock(); counts.addTime(seconds, progress: progress); countsLock.unlock()
+        parent?.addTime(seconds, progress: progress)
     }
 
     // MARK: point-to-point
@@ -290,16 +352,24 @@ public final class InProcessCommunicator: Communicator, @unchecked Sendable {
                                             finish: (_ payloads: [[UInt8]], _ arguments: [[Int]]) throws -> Void) throws {
         let seq = sequence
         sequence += 1
-        let slot = try timed { try cluster.enter(seq, op: op, kind: T.kind, rank: rank, arguments: arguments, payload: payload) }
+        let slot = try timed { try cluster.enter(seq, op: .operation(op), kind: T.kind, rank: rank, arguments: arguments, payload: payload) }
         defer { cluster.leave(seq) }
         let args = slot.arguments.map { $0! }
         do {
             try validate(args)
         } catch {
-            cluster.fail(rank: rank, message: "\(error)")
-            throw error
+            throw disagreement(error)
         }
         try finish(slot.payloads, args)
+    }
+
+    /// Fails the cluster with `error`, from a collective whose ranks disagree, and returns it; a sub-cluster's
+    /// mismatch says which sub-cluster (its rank numbers are its own).
+    private func disagreement(_ error: Error) -> Error {
+        var error = error
+        if case let CommError.mismatch(text)? = error as? CommError { error = CommError.mismatch(text + cluster.context) }
+        cluster.fail(rank: rank, message: "\(error)")
+        return error
     }
 
     private func sameArguments(_ op: CommOperation, _ what: String) -> ([[Int]]) throws -> Void {
@@ -328,18 +398,17 @@ public final class InProcessCommunicator: Communicator, @unchecked Sendable {
         }
         let seq = sequence
         sequence += 1
-        try cluster.deposit(seq, op: .allGather, kind: T.kind, rank: rank, arguments: [send.count], payload: bytes(send))
+        try cluster.deposit(seq, op: .operation(.allGather), kind: T.kind, rank: rank, arguments: [send.count], payload: bytes(send))
         let b = send.count * MemoryLayout<T>.stride
         record(.allGather, sent: b, received: b * (size - 1))
         let check = sameArguments(.allGather, "count")
         return Request { [self] asProgress in
-            let slot = try timed(progress: asProgress) { try cluster.awaitAll(seq, op: .allGather, rank: rank) }
+            let slot = try timed(progress: asProgress) { try cluster.awaitAll(seq, op: .operation(.allGather), rank: rank) }
             defer { cluster.leave(seq) }
             do {
                 try check(slot.arguments.map { $0! })
             } catch {
-                cluster.fail(rank: rank, message: "\(error)")
-                throw error
+                throw disagreement(error)
             }
             concatenate(slot.payloads, into: UnsafeMutableRawBufferPointer(recv))
         }
@@ -448,6 +517,20 @@ public final class InProcessCommunicator: Communicator, @unchecked Sendable {
 
     public func abort(_ message: String) {
         cluster.fail(rank: rank, message: message)
+    }
+
+    /// One collective over this cluster gathers every rank's (color, key); each color's members then share one new
+    /// cluster (see `InProcessCluster.subcluster`).
+    public func split(color: Int, key: Int) throws -> InProcessCommunicator {
+        try checkSplitColor(color)
+        let seq = sequence
+        sequence += 1
+        let slot = try cluster.enter(seq, op: .split, kind: .int64, rank: rank, arguments: [color, key], payload: [])
+        defer { cluster.leave(seq) }
+        let args = slot.arguments.map { $0! }
+        let members = (0..<size).filter { args[$0][0] == color }.sorted { (args[$0][1], $0) < (args[$1][1], $1) }
+        let sub = cluster.subcluster(seq, color: color, members: members)
+        return InProcessCommunicator(cluster: sub, rank: members.firstIndex(of: rank)!, parent: self)
     }
 }
 
