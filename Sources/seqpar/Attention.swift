@@ -43,6 +43,8 @@ struct Attention: ParsableCommand {
     @Option(help: "Linear attention: feature map on q and k: identity or elu1 (elu(x)+1).") var featureMap: FeatureMap?
     @Option(help: "How the sequence is split over ranks: contiguous or zigzag.") var layout: SequenceLayout = .contiguous
     @OptionGroup var documentOptions: DocumentOptions
+    @Option(help: "usp: U, the ranks of each Ulysses group (all-to-all inside a group, ring attention across the P/U groups); it divides the ranks and the heads.")
+    var ulyssesDegree: Int?
     @Option(help: "Softmax scale (default 1/sqrt(head_dim)).") var scale: Float?
     @Option(help: "Precision: fp32 (the reference, OpenBLAS) or bf16 (oneDNN on the matrix units; statistics and accumulators stay fp32; outputs stored in bf16, see below).")
     var precision: Precision = .fp32
@@ -142,6 +144,12 @@ struct Attention: ParsableCommand {
             if scale != nil { throw ValidationError("--algorithm \(algorithm) is unnormalised linear attention, which has no softmax scale: drop --scale") }
         }
         _ = try decayValues()
+        if case .single(.usp) = algorithm {
+            guard let u = ulyssesDegree else { throw ValidationError("--algorithm usp needs --ulysses-degree U, the ranks of each Ulysses group (1 is ring attention, the number of ranks is Ulysses)") }
+            guard u >= 1 else { throw ValidationError("--ulysses-degree \(u): must be at least 1") }
+        } else if let u = ulyssesDegree {
+            throw ValidationError("--ulysses-degree \(u) sets the Ulysses groups of --algorithm usp: drop it, or run usp")
+        }
         if gradOut != nil && !backward { throw ValidationError("--grad-out needs --backward") }
         if gradsPrefix != nil && !backward { throw ValidationError("--grads-prefix needs --backward") }
         if let s = scale, !(s.isFinite && s > 0) { throw ValidationError("--scale \(s): give a positive finite number") }
@@ -176,6 +184,7 @@ struct Attention: ParsableCommand {
             options: AttentionOptions(causal: linear ? !bidirectional : causal, layout: layout, scale: scale,
                                       decay: try decayValues(), featureMap: featureMap ?? .identity))
         c.options.precision = precision
+        c.options.ulyssesDegree = ulyssesDegree
         c.seed = seed
         c.inputScale = inputScale
         (c.qPath, c.kPath, c.vPath, c.gradOutPath) = (q, k, v, gradOut)

@@ -27,6 +27,8 @@
 //              block then P-1 full blocks of 4 H C^2 D
 //   rsa        two rings (K, then V), messages of G C D 4 bytes, same overlap rule, compute F/P at RSA's rate
 //   ulysses    all-to-all of (H + 2G) C D 4 bytes, F/P, all-to-all of H C D 4 bytes back (backward: twice each)
+//   usp        ring attention over P/U ranks on H/U heads (the same hop bytes; the kernel rate at every rank busy),
+//              plus Ulysses' two all-to-alls among U ranks (backward: twice each)
 //   allgather  allgather of 2 G C D 4 bytes per rank, then the slowest rank's compute: contiguous causal
 //              4 H D C (L - C/2), zigzag F/P, no mask 4 H D C L
 //   lasp2      F/P + one allgather of H D^2 4 bytes per rank (its state products are in F/P's one-rank rate)
@@ -306,6 +308,10 @@ public struct CostModel: Sendable {
         public var ranksPerHost: Int
         /// Decode only.
         public var queries = 1, latentDim = 512, ropeDim = 64, vDim = 128
+        /// USP only: U, the ranks of a Ulysses group.
+        public var ulyssesDegree = 1
+        /// Ranks busy at once on a host, where not min(ranks, ranksPerHost) (USP's ring runs on P/U ranks, every one busy).
+        var busyRanks: Int? = nil
 
         public init(algorithm: String, seqLen: Int, heads: Int, kvHeads: Int? = nil, headDim: Int, causal: Bool = true,
                     layout: SequenceLayout = .contiguous, direction: String = "forward", ranks: Int, ranksPerHost: Int) {
@@ -346,13 +352,26 @@ public struct CostModel: Sendable {
             throw SeqParError.invalidInput("model: L=\(q.seqLen), H=\(q.heads), G=\(q.kvHeads), D=\(q.headDim), P=\(p): need L >= P, G dividing H, all positive")
         }
         let (h, g, d, l) = (Double(q.heads), Double(q.kvHeads), Double(q.headDim), Double(q.seqLen))
-        let c = l / Double(p), pd = Double(p), k = min(p, max(q.ranksPerHost, 1))
+        let c = l / Double(p), pd = Double(p), k = q.busyRanks ?? min(p, max(q.ranksPerHost, 1))
         let f = 4.0
         if q.algorithm == "tpla" { return try predictDecode(q, k: k) }
         guard let name = AlgorithmName(rawValue: q.algorithm) else {
-            throw SeqParError.invalidInput("model: unknown algorithm \"\(q.algorithm)\": give dense, allgather, ring, rsa, ulysses, lasp1, lasp2 or tpla")
+            throw SeqParError.invalidInput("model: unknown algorithm \"\(q.algorithm)\": give dense, allgather, ring, rsa, ulysses, usp, lasp1, lasp2 or tpla")
         }
         if name == .dense && p != 1 { throw SeqParError.invalidInput("model: dense runs on one rank") }
+        if name == .usp {
+            // Ring attention across P/U groups on H/U heads (blocks of U C tokens, as many bytes a hop as the ring's C
+            // tokens of G heads), every one of the P ranks busy; plus Ulysses' all-to-alls inside each group of U.
+            let u = q.ulyssesDegree
+            guard u >= 1, p % u == 0, q.heads % u == 0, q.kvHeads % u == 0 || (q.heads / q.kvHeads) % (q.heads / u) == 0 else {
+                throw SeqParError.invalidInput("model: usp needs the Ulysses degree (\(u)) to divide P (\(p)) and the heads (\(q.heads)), and the kv heads (\(q.kvHeads)) or heads/U to divide heads/kv-heads")
+            }
+            var ring = q
+            (ring.algorithm, ring.heads, ring.kvHeads, ring.ranks, ring.ulyssesDegree, ring.busyRanks) = ("ring", q.heads / u, max(q.kvHeads / u, 1), p / u, 1, k)
+            let r = try predictTime(ring)
+            let a2a = u == 1 ? 0 : (backward ? 2 : 1) * (try collective("alltoall", bytes: (h + 2 * g) * c * d * 4, ranks: u) + collective("alltoall", bytes: h * c * d * 4, ranks: u))
+            return Prediction(timeS: r.timeS + a2a, computeS: r.computeS, commS: r.commS + a2a, exposedCommS: r.exposedCommS + a2a)
+        }
         if name == .ulysses && (q.heads % p != 0 || q.kvHeads % p != 0) {
             throw SeqParError.invalidInput("model: ulysses needs P (\(p)) to divide the heads (\(q.heads)) and kv heads (\(q.kvHeads))")
         }
@@ -416,6 +435,8 @@ public struct CostModel: Sendable {
                 : q.layout == .zigzag ? 2 * diagonalBlock(c / 2) + f * h * d * (c / 2) * (l - c / 2) * factor / rate
                 : diagonalBlock(c) + f * h * d * c * (l - c) * factor / rate
             return Prediction(timeS: compute + comm, computeS: compute, commS: comm, exposedCommS: comm)
+        case .usp:
+            preconditionFailure("usp is predicted above, as ring attention over its groups")
         case .lasp1, .lasp2:
             let state = h * d * d * 4
             // Besides the kernel's chunk, a rank forms its state and adds the inter-chunk terms: LASP does both on one

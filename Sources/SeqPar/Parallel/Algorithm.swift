@@ -9,7 +9,7 @@ public protocol AttentionAlgorithm: Sendable {
 }
 
 public enum AlgorithmName: String, CaseIterable, Sendable, Codable {
-    case dense, allgather, ring, rsa, ulysses, lasp1, lasp2
+    case dense, allgather, ring, rsa, ulysses, usp, lasp1, lasp2
 
     /// Softmax attention or (unnormalised) linear attention.
     public enum Family: String, Sendable { case softmax, linear }
@@ -23,6 +23,7 @@ public enum AlgorithmName: String, CaseIterable, Sendable, Codable {
         case .ring: RingAttention()
         case .rsa: RingSelfAttention()
         case .ulysses: UlyssesAttention()
+        case .usp: USPAttention()
         case .lasp1: LinearSequenceParallel(.lasp1, exchange: .chain)
         case .lasp2: LinearSequenceParallel(.lasp2, exchange: .allGather)
         }
@@ -38,12 +39,17 @@ public enum AlgorithmName: String, CaseIterable, Sendable, Codable {
             }
         case .ulysses:
             try UlyssesAttention.HeadSplit.validate(ranks: ranks, shape: shape)
+        case .usp:
+            try USPAttention.validate(degree: options.ulyssesDegree ?? 1, ranks: ranks, shape: shape)
         case .lasp1, .lasp2:
             if options.documents.map({ $0.count > 1 }) ?? false {
                 throw SeqParError.invalidInput("--algorithm \(rawValue) does not take packed documents yet: run the softmax algorithms with them")
             }
         case .allgather, .ring, .rsa:
             break
+        }
+        if self != .usp, let u = options.ulyssesDegree {
+            throw SeqParError.invalidInput("--ulysses-degree \(u) sets the Ulysses groups of --algorithm usp; --algorithm \(rawValue) has none: drop it, or run usp")
         }
         if let documents = options.documents, documents.seqLen != shape.seqLen {
             throw SeqParError.invalidInput("the documents cover \(documents.seqLen) tokens (\(documents)), the sequence has \(shape.seqLen): they must cover it exactly")

@@ -54,6 +54,8 @@ public struct AttentionOptions: Sendable, Equatable, Codable {
     public var precision: Precision = .fp32
     /// Packed documents (`--doc-lens`, `--cu-seqlens`): attention never crosses a boundary. nil is one document.
     public var documents: Documents? = nil
+    /// USP (`--algorithm usp`): U, the ranks of each Ulysses group (`--ulysses-degree`); nil for the other algorithms.
+    public var ulyssesDegree: Int? = nil
 
     /// Where the tokens go: the layout with the shares.
     public var partition: Partition { Partition(layout: layout, shares: shares, documents: documents) }

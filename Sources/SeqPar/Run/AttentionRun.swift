@@ -211,6 +211,10 @@ public struct MemoryEstimate: Sendable {
         // Ulysses: each rank's heads over the whole sequence (q, o and k, v), plus the all-to-all buffers.
         let headRow = s.batch * s.headDim * f * 2 * (max(s.heads / ranks, 1) + max(s.kvHeads / ranks, 1))
         let scoreRows = s.batch * s.heads * local * s.seqLen * f
+        // USP: a Ulysses group's U x C tokens on H/U heads (kv heads G/U, or the one the heads read).
+        let u = config.options.ulyssesDegree ?? 1, groupTokens = u * local
+        let uspHeadRow = s.batch * s.headDim * f * 2 * (max(s.heads / u, 1) + max(s.kvHeads / u, 1))
+        let uspKVRow = s.batch * max(s.kvHeads / u, 1) * s.headDim * f
         switch config.algorithm {
         case .dense: items.append(("score tile", tile))
         case .allgather:
@@ -230,6 +234,10 @@ public struct MemoryEstimate: Sendable {
             items.append(("head-sharded q, k, v, o over L", s.seqLen * headRow))
             items.append(("all-to-all buffers", 2 * local * (2 * qRow + 2 * kvRow)))
             items.append(("score tile", tile))
+        case .usp:
+            items.append(("head-sharded q, k, v, o over the Ulysses group's tokens", groupTokens * uspHeadRow))
+            items.append(("all-to-all buffers", 2 * local * (2 * qRow + 2 * kvRow)))
+            items.append(("K/V blocks in flight, score tile, block output", 4 * groupTokens * uspKVRow + tile + groupTokens * qRow / u))
         }
         if config.backward {
             items.append(("dO, dq, dk, dv chunks", local * (2 * qRow + 2 * kvRow)))
@@ -243,6 +251,9 @@ public struct MemoryEstimate: Sendable {
             case .rsa: items.append(("dP block, dK or dV blocks in flight", local * local * f + 4 * local * kvRow))
             case .lasp1, .lasp2: items.append(("gradient states", s.batch * s.heads * s.headDim * s.headDim * f * (config.algorithm == .lasp2 ? ranks + 2 : 3)))
             case .ulysses: items.append(("head-sharded dO, dq, dk, dv and buffers", s.seqLen * headRow + 2 * local * (3 * qRow + 2 * kvRow)))
+            case .usp:
+                items.append(("head-sharded dO, dq, dk, dv, buffers; dK/dV in flight", groupTokens * uspHeadRow + 2 * local * (3 * qRow + 2 * kvRow)
+                              + 8 * groupTokens * uspKVRow + 2 * tile))
             }
         }
         if config.usesFiles { items.append(("input files, read whole", s.seqLen * (qRow + 2 * kvRow) * (config.backward ? 2 : 1))) }
