@@ -24,7 +24,7 @@ struct Attention: ParsableCommand {
     @Option(help: "lasp2h: the hybrid stack's layers, L (linear, LASP-2) and S (softmax, allgather), e.g. LLLS.")
     var layers: String?
 
-    @Option(help: "Sequence length L (generated inputs; default 1024).") var seqLen: Int?
+    @Option(help: "Sequence length L (generated inputs; default: the documents' total with --doc-lens or --cu-seqlens, else 1024).") var seqLen: Int?
     @Option(help: "Query heads H (default 8).") var heads: Int?
     @Option(help: "Key/value heads G, dividing H (default H).") var kvHeads: Int?
     @Option(help: "Head dimension D (default 64).") var headDim: Int?
@@ -180,7 +180,7 @@ struct Attention: ParsableCommand {
         let linear = algorithm.family == .linear
         var c = AttentionRunConfig(
             algorithm: algorithm,
-            shape: AttentionShape(batch: batch ?? 1, seqLen: seqLen ?? 1024, heads: h, kvHeads: kvHeads ?? h, headDim: headDim ?? 64),
+            shape: AttentionShape(batch: batch ?? 1, seqLen: try seqLen ?? documentOptions.impliedSeqLen() ?? 1024, heads: h, kvHeads: kvHeads ?? h, headDim: headDim ?? 64),
             options: AttentionOptions(causal: linear ? !bidirectional : causal, layout: layout, scale: scale,
                                       decay: try decayValues(), featureMap: featureMap ?? .identity))
         c.options.precision = precision

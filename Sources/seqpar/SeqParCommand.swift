@@ -64,6 +64,12 @@ struct DocumentOptions: ParsableArguments {
         return nil
     }
 
+    /// The sequence length the documents give (their sum, or the last offset), for runs that are not told one.
+    func impliedSeqLen() throws -> Int? {
+        if let lengths = try lengths() { return lengths.reduce(0, +) }
+        return try cuSeqlens.map { try NPY.readIntegers($0).last ?? 0 }
+    }
+
     /// The lengths of --doc-lens (whether they sum to the sequence length is the run's check, which knows it).
     func lengths() throws -> [Int]? {
         guard let text = docLens else { return nil }

@@ -151,6 +151,21 @@ enum Harness {
         }
     }
 
+    /// USP under mpirun on MPI sub-communicators: the command (4 ranks, 2 x 2, documents, GQA), and the grids
+    /// of 4 ranks with and without documents, both layouts.
+    @Test func uspUnderMPI() throws {
+        let done = try Harness.mpirun(4, ["attention", "--algorithm", "usp", "--ulysses-degree", "2", "--layout", "zigzag", "--causal", "--backward",
+                                          "--doc-lens", "1000,1,2000", "--heads", "4", "--kv-heads", "2", "--head-dim", "64", "--check"], timeout: 300)
+        #expect(!done.timedOut && done.status == 0 && done.output.contains(": PASS"), "\(done.output)")
+        for degree in ["1", "2", "4"] {
+            for extra in [["--causal", "--layout", "zigzag", "--doc-lens", "20,1,40"], ["--layout", "contiguous"]] {
+                let r = try Harness.mpirun(4, ["attention", "--algorithm", "usp", "--ulysses-degree", degree, "--seq-len", "61", "--heads", "8", "--kv-heads", "4",
+                                               "--head-dim", "16", "--backward", "--check"] + extra)
+                #expect(!r.timedOut && r.status == 0 && r.output.contains(": PASS"), "U=\(degree) \(extra): \(r.output)")
+            }
+        }
+    }
+
     /// Ring attention under mpirun in each progress mode, causal contiguous (ranks skip blocks while accumulators pass
     /// through them) and zigzag, forward and backward checked: real buffers in flight, which the in-process backend
     /// (it copies a message when it is sent) cannot show.
@@ -340,6 +355,11 @@ enum Harness {
         BadInput(arguments: ["attention", "--algorithm", "ring", "--seq-len", "100", "--doc-lens", "50,-5,55"], message: "document 1 has length -5"),
         BadInput(arguments: ["attention", "--algorithm", "ring", "--doc-lens", "50,x"], message: "give the documents' lengths as whole numbers"),
         BadInput(arguments: ["attention", "--algorithm", "tpla", "--doc-lens", "512,512"], message: "do not apply to latent attention"),
+        // USP degrees that do not fit 3 ranks or the heads, and the degree without usp.
+        BadInput(arguments: ["attention", "--algorithm", "usp", "--ulysses-degree", "2"], message: "--ulysses-degree 2 must divide the 3 ranks"),
+        BadInput(arguments: ["attention", "--algorithm", "usp", "--ulysses-degree", "3", "--heads", "4"], message: "degrees that work with 3 ranks"),
+        BadInput(arguments: ["attention", "--algorithm", "usp"], message: "--algorithm usp needs --ulysses-degree"),
+        BadInput(arguments: ["attention", "--algorithm", "ring", "--ulysses-degree", "3"], message: "sets the Ulysses groups of --algorithm usp"),
     ]
 
     @Test(arguments: badInputs) func badOptionsFailClearlyUnderMPI(_ bad: BadInput) throws {

@@ -86,17 +86,21 @@ struct RankResult: @unchecked Sendable {
 /// Runs `algorithm` forward and backward on seeded inputs on the in-process cluster; every rank also gathers the
 /// outputs in global order.
 func runOnCluster(_ algorithm: any AttentionAlgorithm, ranks: Int, shape s: AttentionShape, options: AttentionOptions,
-                  seed: UInt64, inputScale: Float = 1, dropSaved: Bool = false) throws -> [RankResult] {
+                  seed: UInt64, inputScale: Float = 1, dropSaved: Bool = false, storeBF16: Bool = false) throws -> [RankResult] {
     try InProcessCluster.run(ranks: ranks, timeout: 60) { comm -> RankResult in
         let positions = options.partition.positions(rank: comm.rank, ranks: comm.size, length: s.seqLen)
         let x = SeededInputs.attention(shape: s, options: options, positions: positions, seed: seed, scale: inputScale)
         let dO = SeededInputs.gradOut(shape: s, positions: positions, seed: seed)
+        // As a bf16 run stores them (AttentionRun): inputs and dO rounded to bf16, o before backward reads it, gradients.
+        if storeBF16 { for t in [x.q, x.k, x.v, dO] { t.roundToBF16() } }
         comm.resetCounters()
         let out = try algorithm.forward(x, comm: comm)
+        if storeBF16 { out.o.roundToBF16() }
         let fwd = comm.counters
         comm.resetCounters()
         let grads = try algorithm.backward(x, output: dropSaved ? AttentionOutput(o: out.o, lse: out.lse) : out, gradOut: dO, comm: comm)
         let bwd = comm.counters
+        if storeBF16 { for t in [grads.dq, grads.dk, grads.dv] { t.roundToBF16() } }
         let layout = options.partition
         let gathered = (try layout.gather(out.o, length: s.seqLen, comm: comm), try layout.gather(grads.dq, length: s.seqLen, comm: comm),
                         try layout.gather(grads.dk, length: s.seqLen, comm: comm), try layout.gather(grads.dv, length: s.seqLen, comm: comm))
