@@ -270,6 +270,7 @@ struct AttentionBenchCommand: ParsableCommand {
     @Flag(help: "Bidirectional linear attention (no decay).") var bidirectional = false
     @Option(help: "Sequence layout for softmax algorithms.") var layout: SequenceLayout = .contiguous
     @OptionGroup var documentOptions: DocumentOptions
+    @Option(parsing: .upToNextOption, help: "usp: Ulysses degrees U, one run of usp per value (e.g. 4 2 for 4x4 and 2x8 grids on 16 ranks).") var ulyssesDegree: [Int] = []
     @Option(parsing: .upToNextOption, help: "How tokens are split over ranks: equal, or speed (in proportion to each rank's speed, probed just before; helps where ranks run at different speeds and work grows with tokens: ring with zigzag, allgather, RSA, LASP). Several: each algorithm under each, in turn.") var balance: [SpeedBalance.Mode] = [.equal]
     @Option(help: "Linear attention decay: one value or one per head, comma-separated.") var decay = "1"
     @Option(help: "Linear attention feature map: identity or elu1.") var featureMap: FeatureMap = .identity
@@ -294,6 +295,9 @@ struct AttentionBenchCommand: ParsableCommand {
         }
         guard warmup >= 0 else { throw ValidationError("--warmup \(warmup): must be 0 or more") }
         _ = try Attention.parseDecay(decay)
+        if algorithm.contains(.usp) != !ulyssesDegree.isEmpty {
+            throw ValidationError(algorithm.contains(.usp) ? "--algorithm usp needs --ulysses-degree U (one or more degrees)" : "--ulysses-degree applies to --algorithm usp: add it, or drop the degrees")
+        }
         if documentOptions.given && baselineSeqLen != nil {
             throw ValidationError("--baseline-seq-len cannot keep the documents of --doc-lens/--cu-seqlens: the baseline runs the same documents at --seq-len; drop it")
         }
@@ -310,7 +314,13 @@ struct AttentionBenchCommand: ParsableCommand {
 
     func run() throws {
         let shape = AttentionShape(batch: batch, seqLen: seqLen, heads: heads, kvHeads: kvHeads ?? heads, headDim: headDim)
-        let runs = try algorithm.map { ($0, try options($0)) }
+        let runs = try algorithm.flatMap { a in
+            try (a == .usp ? ulyssesDegree.map(Optional.some) : [nil]).map { u in
+                var o = try options(a)
+                o.ulyssesDegree = u
+                return (a, o)
+            }
+        }
         let (repeats, warmup, backward, measureOverlap, busy, balances) = (self.repeats, self.warmup, !forwardOnly, overlap, busyBaseline, balance)
         // One baseline per family present, on the first such algorithm's options, contiguous.
         let baselineShape = AttentionShape(batch: batch, seqLen: baselineSeqLen ?? seqLen, heads: heads, kvHeads: kvHeads ?? heads, headDim: headDim)
@@ -341,7 +351,7 @@ struct AttentionBenchCommand: ParsableCommand {
         guard let (results, backend, placement, missing) = out else { return }
         for family in missing { printNote("no \(family) baseline: one rank would not fit the whole sequence in memory; give --baseline-seq-len N for a shorter one") }
         if json { results.forEach { print(Report.json($0)) }; return }
-        let columns = [("algorithm", 11), ("direction", 10), ("mask", 14), ("layout", 17), ("time_s", 10), ("min_s", 10), ("max_s", 10),
+        let columns = [("algorithm", 13), ("direction", 10), ("mask", 14), ("layout", 17), ("time_s", 10), ("min_s", 10), ("max_s", 10),
                        ("rank_spread", 12), ("tokens/s", 11), ("GFLOP/s", 9), ("efficiency", 11), ("overlap", 8), ("wait_s", 16), ("sent_B/rank", 13), ("msgs", 6), ("colls", 6),
                        ("peak_rss", 11), ("rel_time", 9)]
         let baselineNote = results.compactMap { r in r.baselineTimeS.map { String(format: "%@ %@ %.4f s", r.algorithm.family == .softmax ? "dense" : "linear", r.direction, $0) } }
@@ -357,7 +367,7 @@ struct AttentionBenchCommand: ParsableCommand {
             let first = results.first { $0.direction == r.direction }!
             let mask = r.decay.map { d in r.causal ? "causal λ=\(Set(d).count == 1 ? String(format: "%g", d[0]) : "per-head")" : "bidirectional" } ?? (r.causal ? "causal" : "full")
                 + (r.documents.map { " \($0)doc" } ?? "")
-            let cells = [r.algorithm.rawValue, r.direction, mask, r.layout.rawValue + (r.balance == .speed ? "+speed" : ""), String(format: "%.4f", r.timeS),
+            let cells = [r.algorithm.rawValue + (r.ulyssesDegree.map { " \($0)x\(r.ranks / $0)" } ?? ""), r.direction, mask, r.layout.rawValue + (r.balance == .speed ? "+speed" : ""), String(format: "%.4f", r.timeS),
                          String(format: "%.4f", r.timeMinS), String(format: "%.4f", r.timeMaxS), String(format: "%.2f", r.rankTimeMaxS / r.rankTimeMinS),
                          String(format: "%.0f", r.tokensPerS), String(format: "%.1f", r.gflops),
                          r.efficiency.map { String(format: "%.2f", $0) } ?? "-", r.overlap.map { String(format: "%.0f%%", 100 * $0) } ?? "-",

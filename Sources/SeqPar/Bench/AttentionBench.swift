@@ -28,6 +28,8 @@ public struct AttentionBenchResult: Codable, Sendable {
     public var featureMap: FeatureMap?
     /// The number of packed documents (nil: one); FLOPs then count the documents' work, not L^2.
     public var documents: Int?
+    /// USP: the Ulysses degree U (a grid of U x ranks/U).
+    public var ulyssesDegree: Int?
     /// Median over repetitions of the slowest rank's time; min and max over repetitions.
     public var timeS: Double, timeMinS: Double, timeMaxS: Double
     /// Each rank's median time: fastest, mean and slowest rank.
@@ -202,7 +204,7 @@ public enum AttentionBench {
                 kvHeads: shape.kvHeads, headDim: shape.headDim, causal: options.causal, layout: options.layout, precision: options.precision,
                 balance: balance, rankTokens: rates == nil ? nil : options.partition.counts(ranks: ranks, length: shape.seqLen), balanceRates: rates,
                 decay: family == .linear ? options.decayPerHead(shape.heads).map(Double.init) : nil,
-                featureMap: family == .linear ? options.featureMap : nil, documents: options.documents?.count,
+                featureMap: family == .linear ? options.featureMap : nil, documents: options.documents?.count, ulyssesDegree: options.ulyssesDegree,
                 timeS: t, timeMinS: slowest.min()!, timeMaxS: slowest.max()!,
                 rankTimeMinS: perRank.min()!, rankTimeAvgS: perRank.reduce(0, +) / Double(ranks), rankTimeMaxS: perRank.max()!,
                 tokensPerS: Double(shape.batch * shape.seqLen) / t, gflops: stepFlops / t / 1e9,
