@@ -212,6 +212,20 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         countsLock.withLock { counts.record(op, sent: sent, received: received) }
         parent?.record(op, sent: sent, received: received)
     }
+    /// Bytes sent to each peer (`bytes[j]` to rank j here; this rank's own entry is skipped), counted by the peers'
+    /// world ranks here and in every parent.
+    private func recordPeers(_ bytes: [Int]) {
+        recordWorld(bytes.indices.compactMap { j in j != rank && bytes[j] > 0 ? (group?.worldRanks[j] ?? j, bytes[j]) : nil })
+    }
+    private func recordWorld(_ peers: [(Int, Int)]) {
+        countsLock.withLock { for (p, b) in peers { counts.sentTo[p, default: 0] += b } }
+        parent?.recordWorld(peers)
+    }
+    private func recordPeer(_ peer: Int, _ bytes: Int) {
+        var all = [Int](repeating: 0, count: size)
+        all[peer] = bytes
+        recordPeers(all)
+    }
     public func addTime(_ seconds: Double, progress: Bool) {
         countsLock.withLock { counts.addTime(seconds, progress: progress) }
         parent?.addTime(seconds, progress: progress)
@@ -297,6 +311,7 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
             try check(MPI_Send(buffer.baseAddress, n, datatype(T.kind), Int32(destination), Int32(tag), comm), "MPI_Send")
         }
         record(.send, sent: buffer.count * MemoryLayout<T>.stride)
+        recordPeer(destination, buffer.count * MemoryLayout<T>.stride)
     }
 
     public func recv<T: CommElement>(_ buffer: UnsafeMutableBufferPointer<T>, from source: Int, tag: Int) throws {
@@ -310,7 +325,7 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         try check(MPI_Isend(buffer.baseAddress, try int32(buffer.count, "MPI_Isend"), datatype(T.kind), Int32(destination), Int32(tag), comm, &request), "MPI_Isend")
         let bytes = buffer.count * MemoryLayout<T>.stride
         let site = WaitSite(kind: .send, routine: "MPI_Wait", started: "MPI_Isend", peer: destination, tag: tag, bytes: bytes)
-        return Request(request, expected: nil, watchdog: watchdog, site: site, owner: self) { [self] in record(.send, sent: bytes) }
+        return Request(request, expected: nil, watchdog: watchdog, site: site, owner: self) { [self] in record(.send, sent: bytes); recordPeer(destination, bytes) }
     }
 
     public func irecv<T: CommElement>(_ buffer: UnsafeMutableBufferPointer<T>, from source: Int, tag: Int) throws -> CommRequest {
@@ -346,6 +361,7 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         }
         let s = MemoryLayout<T>.stride
         record(.send, sent: send.count * s)
+        recordPeer(destination, send.count * s)
         record(.recv, received: recv.count * s)
     }
 
@@ -362,6 +378,7 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
             try check(MPI_Allgather(send.baseAddress, n, type, recv.baseAddress, n, type, comm), "MPI_Allgather")
         }
         record(.allGather, sent: b, received: b * (size - 1))
+        recordPeers(Array(repeating: b, count: size))
     }
 
     public func iallGather<T: CommElement>(_ send: UnsafeBufferPointer<T>, into recv: UnsafeMutableBufferPointer<T>) throws -> CommRequest {
@@ -374,6 +391,7 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         try check(MPI_Iallgather(send.baseAddress, n, type, recv.baseAddress, n, type, comm, &request), "MPI_Iallgather")
         let b = send.count * MemoryLayout<T>.stride
         record(.allGather, sent: b, received: b * (size - 1))
+        recordPeers(Array(repeating: b, count: size))
         return Request(request, expected: nil, watchdog: watchdog,
                        site: WaitSite(kind: .collective, routine: "MPI_Wait", started: "MPI_Iallgather", bytes: b),
                        owner: self) {}
@@ -392,6 +410,7 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
             try check(MPI_Allgatherv(send.baseAddress, c[rank], type, recv.baseAddress, c, d, type, comm), "MPI_Allgatherv")
         }
         record(.allGatherV, sent: send.count * s, received: (recv.count - send.count) * s)
+        recordPeers(Array(repeating: send.count * s, count: size))
     }
 
     public func allReduce<T: CommElement>(_ buffer: UnsafeMutableBufferPointer<T>, op: ReduceOp) throws {
@@ -430,6 +449,7 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         }
         let b = (send.count - send.count / size) * MemoryLayout<T>.stride
         record(.allToAll, sent: b, received: b)
+        recordPeers(Array(repeating: send.count / size * MemoryLayout<T>.stride, count: size))
     }
 
     public func allToAllV<T: CommElement>(_ send: UnsafeBufferPointer<T>, counts sendCounts: [Int],
@@ -448,6 +468,7 @@ public final class MPICommunicator: Communicator, @unchecked Sendable {
         }
         let s = MemoryLayout<T>.stride, own = sendCounts[rank] * s
         record(.allToAllV, sent: send.count * s - own, received: recv.count * s - recvCounts[rank] * s)
+        recordPeers(sendCounts.map { $0 * s })
     }
 
     public func broadcast<T: CommElement>(_ buffer: UnsafeMutableBufferPointer<T>, root: Int) throws {

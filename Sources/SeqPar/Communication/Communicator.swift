@@ -43,6 +43,11 @@ public struct CommCounters: Sendable, Equatable, Codable {
     public var bytesReceived = 0
     /// Calls per operation (point-to-point calls included, blocking and non-blocking alike).
     public var calls: [CommOperation: Int] = [:]
+    /// Payload bytes this rank addressed to each other rank, by that rank's number in the world (root) communicator:
+    /// point-to-point messages, all-to-all blocks, and its all-gather contribution (once to every other rank). Where
+    /// the ranks sit on hosts, this gives the bytes that cross between hosts. Reductions and broadcasts, whose wire
+    /// pattern is MPI's choice, are not counted per peer.
+    public var sentTo: [Int: Int] = [:]
     /// Seconds spent blocked in communication (a request's wait, a blocking send or receive, a collective, a ring
     /// step waiting for its progress thread), and in progress: inside a request's test (where MPI moves a message on
     /// the calling core) or a progress thread's waits beside the computation.
@@ -59,6 +64,12 @@ public struct CommCounters: Sendable, Equatable, Codable {
 
     public mutating func addTime(_ seconds: Double, progress: Bool) {
         if progress { progressSeconds += seconds } else { waitSeconds += seconds }
+    }
+
+    /// Bytes this rank sent to other ranks, by world rank, that live on another host than `hosts[rank]` does
+    /// (`hosts`: every world rank's host).
+    public func bytesToOtherHosts(rank: Int, hosts: [String]) -> Int {
+        sentTo.reduce(0) { $0 + (hosts.indices.contains($1.key) && hosts[$1.key] != hosts[rank] ? $1.value : 0) }
     }
 
     public mutating func record(_ op: CommOperation, sent: Int = 0, received: Int = 0) {

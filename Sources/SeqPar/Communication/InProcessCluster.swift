@@ -285,6 +285,20 @@ public final class InProcessCommunicator: Communicator, @unchecked Sendable {
         countsLock.lock(); counts.record(op, sent: sent, received: received); countsLock.unlock()
         parent?.record(op, sent: sent, received: received)
     }
+    /// Bytes sent to each peer (`bytes[j]` to rank j of this communicator; this rank's own entry is skipped), counted
+    /// by the peers' root ranks here and in every parent.
+    private func recordPeers(_ bytes: [Int]) {
+        recordWorld(bytes.indices.compactMap { j in j != rank && bytes[j] > 0 ? (cluster.rootRanks[j], bytes[j]) : nil })
+    }
+    private func recordWorld(_ peers: [(Int, Int)]) {
+        countsLock.lock(); for (p, b) in peers { counts.sentTo[p, default: 0] += b }; countsLock.unlock()
+        parent?.recordWorld(peers)
+    }
+    private func recordPeer(_ peer: Int, _ bytes: Int) {
+        var all = [Int](repeating: 0, count: size)
+        all[peer] = bytes
+        recordPeers(all)
+    }
     public func addTime(_ seconds: Double, progress: Bool) {
         countsLock.lock(); counts.addTime(seconds, progress: progress); countsLock.unlock()
         parent?.addTime(seconds, progress: progress)
@@ -310,6 +324,7 @@ public final class InProcessCommunicator: Communicator, @unchecked Sendable {
         try checkPeer(destination, "send to")
         try cluster.post(bytes(buffer), kind: T.kind, from: rank, to: destination, tag: tag)
         record(.send, sent: buffer.count * MemoryLayout<T>.stride)
+        recordPeer(destination, buffer.count * MemoryLayout<T>.stride)
     }
 
     public func isend<T: CommElement>(_ buffer: UnsafeBufferPointer<T>, to destination: Int, tag: Int) throws -> CommRequest {
@@ -390,6 +405,7 @@ public final class InProcessCommunicator: Communicator, @unchecked Sendable {
         }
         let b = send.count * MemoryLayout<T>.stride
         record(.allGather, sent: b, received: b * (size - 1))
+        recordPeers(Array(repeating: b, count: size))
     }
 
     public func iallGather<T: CommElement>(_ send: UnsafeBufferPointer<T>, into recv: UnsafeMutableBufferPointer<T>) throws -> CommRequest {
@@ -401,6 +417,7 @@ public final class InProcessCommunicator: Communicator, @unchecked Sendable {
         try cluster.deposit(seq, op: .operation(.allGather), kind: T.kind, rank: rank, arguments: [send.count], payload: bytes(send))
         let b = send.count * MemoryLayout<T>.stride
         record(.allGather, sent: b, received: b * (size - 1))
+        recordPeers(Array(repeating: b, count: size))
         let check = sameArguments(.allGather, "count")
         return Request { [self] asProgress in
             let slot = try timed(progress: asProgress) { try cluster.awaitAll(seq, op: .operation(.allGather), rank: rank) }
@@ -425,6 +442,7 @@ public final class InProcessCommunicator: Communicator, @unchecked Sendable {
         }
         let s = MemoryLayout<T>.stride
         record(.allGatherV, sent: send.count * s, received: (recv.count - send.count) * s)
+        recordPeers(Array(repeating: send.count * s, count: size))
     }
 
     public func allReduce<T: CommElement>(_ buffer: UnsafeMutableBufferPointer<T>, op: ReduceOp) throws {
@@ -496,6 +514,7 @@ public final class InProcessCommunicator: Communicator, @unchecked Sendable {
         }
         let own = sendCounts[rank] * s
         record(op, sent: send.count * s - own, received: recv.count * s - own)
+        recordPeers(sendCounts.map { $0 * s })
     }
 
     public func broadcast<T: CommElement>(_ buffer: UnsafeMutableBufferPointer<T>, root: Int) throws {
