@@ -201,6 +201,18 @@ enum Harness {
         #expect(mpi.output.contains("\"bytes_sent\":[\(Array(repeating: "\(2 * 4 * 16 * 16 * 4)", count: np).joined(separator: ","))]"), "\(mpi.output)")
     }
 
+    /// Packed documents under mpirun -np 3: the issue's acceptance command (`--algorithm lasp2 --doc-lens 500,501
+    /// --decay 0.9 --check`, with the --seq-len it needs), then LASP-1 and the bidirectional form with backward over
+    /// documents that cross chunk edges, with a one-token document: each passes its oracle check.
+    @Test func linearAttentionWithDocumentsUnderMPI() throws {
+        for args in [["--algorithm", "lasp2", "--doc-lens", "500,501", "--seq-len", "1001", "--decay", "0.9"],
+                     ["--algorithm", "lasp1", "--doc-lens", "40,1,99,161", "--seq-len", "301", "--decay", "0.9", "--backward"],
+                     ["--algorithm", "lasp2", "--doc-lens", "40,1,99,161", "--seq-len", "301", "--bidirectional", "--backward"]] {
+            let r = try Harness.mpirun(3, ["attention"] + args + ["--heads", "2", "--head-dim", "16", "--check"])
+            #expect(!r.timedOut && r.status == 0 && r.output.contains(": PASS"), "\(args): \(r.output)")
+        }
+    }
+
     /// LASP-2H: the hybrid stack under mpirun, forward and backward, checked against the Double stack.
     @Test func hybridStackUnderMPI() throws {
         let r = try Harness.mpirun(3, ["attention", "--algorithm", "lasp2h", "--layers", "LSLL", "--seq-len", "301", "--heads", "4",

@@ -3,6 +3,7 @@
 // definitions (LinearOracle, HybridOracle) on the bf16-rounded inputs: within 2e-2 relative error, both the kernels'
 // fp32 results and the run's outputs rounded to bf16. The kernels' own error must also be bf16-sized (above 1e-5,
 // where the fp32 path on the same rounded inputs stays near 1e-7), so these tests fail if bf16 silently ran fp32.
+// Packed documents too (the oracles with the document mask), within the same 2e-2.
 import Testing
 @testable import SeqPar
 
@@ -53,16 +54,17 @@ struct BF16Error: CustomStringConvertible {
     /// One case: bf16 against the oracle on rounded inputs; `fp32Too` also runs fp32 on the same rounded inputs, which
     /// must stay at fp32 accuracy (the rounded inputs themselves are not the error).
     static func check(_ algorithm: AlgorithmName, ranks: Int, shape s: AttentionShape, causal: Bool, decay: [Double],
-                      map: FeatureMap = .identity, seed: UInt64 = 13, fp32Too: Bool = false) throws {
-        let options = AttentionOptions(causal: causal, decay: decay, featureMap: map)
+                      map: FeatureMap = .identity, seed: UInt64 = 13, fp32Too: Bool = false, documents: Documents? = nil) throws {
+        var options = AttentionOptions(causal: causal, decay: decay, featureMap: map)
+        options.documents = documents
         let all = Array(0..<s.seqLen)
         let g = SeededInputs.attention(shape: s, options: options, positions: all, seed: seed)
         let dO = SeededInputs.gradOut(shape: s, positions: all, seed: seed)
         for t in [g.q, g.k, g.v, dO] { t.roundToBF16() }
         let d = options.decayPerHead(s.heads).map(Double.init)
-        let o = LinearOracle.forward(q: g.q, k: g.k, v: g.v, decay: d, featureMap: map, causal: causal)
-        let grads = LinearOracle.backward(q: g.q, k: g.k, v: g.v, gradOut: dO, decay: d, featureMap: map, causal: causal)
-        let label = "\(algorithm) P=\(ranks) \(s) \(causal ? "causal" : "bidirectional") decay \(decay) \(map)"
+        let o = LinearOracle.forward(q: g.q, k: g.k, v: g.v, decay: d, featureMap: map, causal: causal, documents: documents)
+        let grads = LinearOracle.backward(q: g.q, k: g.k, v: g.v, gradOut: dO, decay: d, featureMap: map, causal: causal, documents: documents)
+        let label = "\(algorithm) P=\(ranks) \(s) \(causal ? "causal" : "bidirectional") decay \(decay) \(map)\(documents.map { " documents \($0.lengths)" } ?? "")"
         let r = try run(algorithm, ranks: ranks, shape: s, options: options, precision: .bf16, seed: seed)
         let errors = [BF16Error("o", r.o, o), BF16Error("dq", r.dq, grads.dq), BF16Error("dk", r.dk, grads.dk), BF16Error("dv", r.dv, grads.dv)]
         for e in errors { e.expectBF16(label) }
@@ -82,6 +84,24 @@ struct BF16Error: CustomStringConvertible {
         try Self.check(algorithm, ranks: ranks, shape: s, causal: true, decay: [0.95, 0.9, 0.7, 1.0], fp32Too: ranks == 3)
         try Self.check(algorithm, ranks: ranks, shape: s, causal: false, decay: [1])
         try Self.check(algorithm, ranks: ranks, shape: s, causal: true, decay: [0.9], map: .elu1)
+    }
+
+    /// Packed documents (one-token ones, a boundary at the 4-rank chunk edge 28, one over several chunks), causal with
+    /// decay and bidirectional, and chunks of several blocks with starts at and inside block edges.
+    @Test(arguments: [1, 2, 3, 4], [AlgorithmName.lasp1, .lasp2])
+    func laspWithDocuments(ranks: Int, algorithm: AlgorithmName) throws {
+        try OneDNN.require()
+        let s = AttentionShape(seqLen: 37, heads: 4, kvHeads: 2, headDim: 16)
+        let documents = try Documents(lengths: [1, 6, 1, 20, 9], seqLen: 37)
+        try Self.check(algorithm, ranks: ranks, shape: s, causal: true, decay: [0.95, 0.9, 0.7, 1.0], fp32Too: ranks == 3, documents: documents)
+        try Self.check(algorithm, ranks: ranks, shape: s, causal: false, decay: [1], documents: documents)
+        try Self.check(algorithm, ranks: ranks, shape: s, causal: true, decay: [0.9], map: .elu1, documents: documents)
+        if ranks == 2 {
+            let n = LinearAttention.blockRows, c = 2 * n + 37
+            let long = AttentionShape(batch: 2, seqLen: 2 * c, heads: 2, kvHeads: 1, headDim: 16)
+            let cuts = try Documents(lengths: [40, n - 40, 1, c - n - 1, n, 70, c - n - 70], seqLen: long.seqLen)
+            try Self.check(algorithm, ranks: 2, shape: long, causal: true, decay: [0.99, 0.9], seed: 5, documents: cuts)
+        }
     }
 
     /// Chunks of several kernel blocks with a partial last one (the running block state in bf16 products), batch 2.
@@ -116,13 +136,15 @@ struct BF16Error: CustomStringConvertible {
 
     /// The hybrid stack in bf16 (rounded input and output gradient, bf16 weights) against the Double stack on the same
     /// values: y and dx (rounded to bf16, as HybridRun stores them) and every weight gradient within 2e-2, y's error
-    /// bf16-sized.
+    /// bf16-sized; once with packed documents.
     @Test(arguments: [1, 2, 3, 4])
     func hybridMatchesOracle(ranks: Int) throws {
         try OneDNN.require()
         let s = AttentionShape(seqLen: 29, heads: 4, kvHeads: 2, headDim: 8)
-        for (pattern, decay, map) in [("LLLS", [0.9, 0.95, 0.99, 1], FeatureMap.identity), ("SLSL", [0.8], .elu1)] {
-            let stack = HybridStack(layers: try HybridStack.layers(pattern), shape: s, decay: decay, featureMap: map, seed: 3, precision: .bf16)
+        let documents = try Documents(lengths: [1, 7, 1, 12, 8], seqLen: s.seqLen)
+        for (pattern, decay, map, docs) in [("LLLS", [0.9, 0.95, 0.99, 1], FeatureMap.identity, nil), ("SLSL", [0.8], .elu1, nil),
+                                            ("SLSL", [0.8], .elu1, documents)] {
+            let stack = HybridStack(layers: try HybridStack.layers(pattern), shape: s, decay: decay, featureMap: map, seed: 3, precision: .bf16, documents: docs)
             #expect(stack.weights.allSatisfy { $0.all.allSatisfy { t in t.buffer.allSatisfy { BF16.rounded($0) == $0 } } }, "bf16 weights")
             let all = Array(0..<s.seqLen)
             let x = SeededInputs.hidden(.hidden, seed: 3, batch: 1, length: s.seqLen, width: stack.width, positions: all)
@@ -140,7 +162,7 @@ struct BF16Error: CustomStringConvertible {
                 return Out(y: try SequenceLayout.contiguous.gather(y, length: s.seqLen, comm: comm),
                            dx: try SequenceLayout.contiguous.gather(dx, length: s.seqLen, comm: comm), dW: dW)
             }[0]
-            let label = "lasp2h \(pattern) P=\(ranks) \(s)"
+            let label = "lasp2h \(pattern) P=\(ranks) \(s)\(docs.map { " documents \($0.lengths)" } ?? "")"
             let y = BF16Error("y", out.y, ref.y), dx = BF16Error("dx", out.dx, ref.dx!)
             y.expectBF16(label)
             #expect(dx.kernel <= 2e-2 && dx.rounded <= 2e-2, "\(label) \(dx)")

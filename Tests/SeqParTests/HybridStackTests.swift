@@ -1,6 +1,7 @@
 // LASP-2H: a hybrid stack of linear (LASP-2) and softmax (allgather) layers with residuals, forward and backward,
 // across 1, 2, 3, 4 and 8 ranks against the same stack computed in one process in Double with the oracles: each
-// rank's rows of y and dx, and the weight gradients (all-reduced, the same on every rank).
+// rank's rows of y and dx, and the weight gradients (all-reduced, the same on every rank). With packed documents too:
+// every layer attends within a document (the oracle masks likewise), y within 2e-5, dx and weight gradients 1e-4.
 import Testing
 @testable import SeqPar
 
@@ -13,8 +14,9 @@ import Testing
     }
 
     @discardableResult
-    func check(_ pattern: String, ranks: Int, shape s: AttentionShape, decay: [Double], map: FeatureMap = .identity, seed: UInt64 = 3) throws -> [Run] {
-        let stack = HybridStack(layers: try HybridStack.layers(pattern), shape: s, decay: decay, featureMap: map, seed: seed)
+    func check(_ pattern: String, ranks: Int, shape s: AttentionShape, decay: [Double], map: FeatureMap = .identity, seed: UInt64 = 3,
+               documents: Documents? = nil) throws -> [Run] {
+        let stack = HybridStack(layers: try HybridStack.layers(pattern), shape: s, decay: decay, featureMap: map, seed: seed, documents: documents)
         let all = Array(0..<s.seqLen)
         let x = SeededInputs.hidden(.hidden, seed: seed, batch: s.batch, length: s.seqLen, width: stack.width, positions: all)
         let dY = SeededInputs.hidden(.gradHidden, seed: seed, batch: s.batch, length: s.seqLen, width: stack.width, positions: all)
@@ -30,7 +32,7 @@ import Testing
             let (dx, dW) = try stack.backward(cache, gradOut: dYr, comm: comm)
             return Run(positions: positions, y: y, dx: dx, dWeights: dW, forward: fwd, backward: comm.counters)
         }
-        let label = "\(pattern) P=\(ranks) \(s) decay \(decay) \(map)"
+        let label = "\(pattern) P=\(ranks) \(s) decay \(decay) \(map)\(documents.map { " documents \($0.lengths)" } ?? "")"
         #expect(!ref.dx!.contains { !$0.isFinite }, "\(label): oracle dx not finite")
         #expect(!runs[0].dx.buffer.contains { !$0.isFinite }, "\(label): dx not finite")
         for r in runs {
@@ -56,6 +58,38 @@ import Testing
         let s = AttentionShape(seqLen: 29, heads: 4, kvHeads: 2, headDim: 8)
         try check("LLLS", ranks: ranks, shape: s, decay: [0.9, 0.95, 0.99, 1])
         try check("SLSL", ranks: ranks, shape: s, decay: [0.8], map: .elu1)
+    }
+
+    /// Packed documents (one-token ones, one at a chunk edge at 4 ranks, one over several chunks): every layer stays
+    /// inside its document, and the communication is that of the stack without documents.
+    @Test(arguments: [1, 2, 3, 4, 8])
+    func documentsMatchOracle(ranks: Int) throws {
+        let s = AttentionShape(seqLen: 29, heads: 4, kvHeads: 2, headDim: 8)
+        for lengths in [[1, 7, 1, 12, 8], [16, 13]] {
+            let documents = try Documents(lengths: lengths, seqLen: s.seqLen)
+            let runs = try check("LLLS", ranks: ranks, shape: s, decay: [0.9, 0.95, 0.99, 1], documents: documents)
+            try check("SLSL", ranks: ranks, shape: s, decay: [0.8], map: .elu1, documents: documents)
+            let plain = try check("LLLS", ranks: ranks, shape: s, decay: [0.9, 0.95, 0.99, 1])
+            for (a, b) in zip(runs, plain) {
+                #expect(a.forward.calls == b.forward.calls && a.forward.bytesSent == b.forward.bytesSent && a.backward.calls == b.backward.calls)
+            }
+        }
+        // One document is none, bit for bit.
+        let single = try check("LS", ranks: ranks, shape: s, decay: [0.9], documents: Documents(single: s.seqLen))
+        let plain = try check("LS", ranks: ranks, shape: s, decay: [0.9])
+        #expect(zip(single, plain).allSatisfy { $0.y.toArray() == $1.y.toArray() && $0.dx.toArray() == $1.dx.toArray() })
+    }
+
+    /// HybridRun with documents: --check passes; documents that do not cover the sequence are refused.
+    @Test func hybridRunWithDocuments() throws {
+        var config = HybridRunConfig(layers: "LSL", shape: AttentionShape(seqLen: 40, heads: 2, headDim: 8))
+        (config.backward, config.check, config.decay, config.documents) = (true, true, [0.9], try Documents(lengths: [13, 1, 26], seqLen: 40))
+        let c = config
+        let report = try InProcessCluster.run(ranks: 3) { try HybridRun.execute(c, comm: $0, backend: "test") }[0]
+        #expect(report.check?.passed == true, "\(report.check?.summary ?? "no check")")
+        config.documents = try Documents(lengths: [13, 28], seqLen: 41)
+        let bad = config
+        #expect { _ = try InProcessCluster.run(ranks: 2) { try HybridRun.execute(bad, comm: $0, backend: "test") } } throws: { "\($0)".contains("cover 41 tokens") }
     }
 
     /// Batch 2, a softmax first layer, chunks longer than a linear block, the identity decay.

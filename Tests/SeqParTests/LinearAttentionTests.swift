@@ -18,13 +18,16 @@ struct LinearCase: CustomStringConvertible, Sendable {
     var seed: UInt64 = 11
     var dropSaved = false
     var shares: [Double]?
+    /// Packed documents (nil: one).
+    var documents: Documents?
     var options: AttentionOptions {
         var o = AttentionOptions(causal: causal, decay: decay, featureMap: featureMap)
         o.shares = shares
+        o.documents = documents
         return o
     }
     var description: String {
-        "\(algorithm) P=\(ranks) \(shape) \(causal ? "causal" : "bidirectional") decay \(decay) \(featureMap)"
+        "\(algorithm) P=\(ranks) \(shape) \(causal ? "causal" : "bidirectional") decay \(decay) \(featureMap)\(documents.map { " documents \($0.lengths)" } ?? "")"
     }
 }
 
@@ -36,8 +39,9 @@ func checkLinear(_ c: LinearCase, tolerance: Tolerance = Tolerance()) throws -> 
     let g = SeededInputs.attention(shape: s, options: c.options, positions: all, seed: c.seed)
     let dO = SeededInputs.gradOut(shape: s, positions: all, seed: c.seed)
     let decay = c.options.decayPerHead(s.heads).map(Double.init)
-    let o = LinearOracle.forward(q: g.q, k: g.k, v: g.v, decay: decay, featureMap: c.featureMap, causal: c.causal)
-    let grads = LinearOracle.backward(q: g.q, k: g.k, v: g.v, gradOut: dO, decay: decay, featureMap: c.featureMap, causal: c.causal)
+    let o = LinearOracle.forward(q: g.q, k: g.k, v: g.v, decay: decay, featureMap: c.featureMap, causal: c.causal, documents: c.documents)
+    let grads = LinearOracle.backward(q: g.q, k: g.k, v: g.v, gradOut: dO, decay: decay, featureMap: c.featureMap, causal: c.causal,
+                                      documents: c.documents)
     let results = try runOnCluster(c.algorithm.implementation, ranks: c.ranks, shape: s, options: c.options, seed: c.seed, dropSaved: c.dropSaved)
     expectMatches(results, o: o, dq: grads.dq, dk: grads.dk, dv: grads.dv, shape: s, tolerance: tolerance, "\(c)")
     return results

@@ -17,6 +17,16 @@
 // Across chunks (ranks) the same two operations appear at chunk size: `state` is a chunk's S, `addStateTerm` adds
 // a prefix (or suffix) state's contribution to every row. Decay powers are computed in Double and are 0 below 1e-30
 // (never subnormal, never a negative power, so never inf or NaN).
+//
+// Packed documents (`starts`: the rows of the chunk where a document starts): no pair crosses a document, so
+//   forward:  out_i += Σ_{j <= i, doc(j) = doc(i)} λ^(i-j) (a_i · b_j) c_j      (reverse likewise, j >= i)
+// and the running state restarts at each start: it is replaced, not decayed, by the rows from the block's last start
+// on (forward; reverse: the rows before its first start), and it reaches only the rows before a block's first start
+// (reverse: after its last). A block holding a boundary keeps its shape: the cross-document entries of Λ and the
+// weights of the rows outside those ranges are zeroed, so every product stays one gemm of the unchanged size (and
+// the bf16 path needs no matmul primitive for a new shape). Without starts the code path is the one above, bit for
+// bit. At chunk size, `state` and `addStateTerm` take the `rows` they apply to (LASP: the rows from the chunk's last
+// start, the rows before its first).
 // `carry` (state arithmetic, no product) is fp32 in both precisions: states are fp32 everywhere.
 import Foundation
 
@@ -79,7 +89,6 @@ public enum LinearAttention {
         direction == .forward ? powers(lambda, (0..<n).map { n - 1 - $0 }) : powers(lambda, 0..<n)
     }
 
-    /// The intra-block mask Λ (n x n, row-major) for `direction`.
     /// One head's decay weights for blocks of `n` rows (both precisions' chunk loops): the full block's, computed once
     /// per head, and a shorter last block's (`m` rows) on demand; nil weights where the head does not decay.
     struct BlockWeights {
@@ -102,6 +111,71 @@ public enum LinearAttention {
         func beta(_ m: Int, step: Int) -> Float { step == 0 ? 0 : (m == n ? fullBeta : powers(lambda, [m])[0]) }
     }
 
+    /// Where documents cut one block [r0, r1) of a chunk (local rows 0..<m of the block), for `direction`. A block
+    /// with a cut drops the state passed in when it forms the one it passes on (replaced, not decayed).
+    struct BlockDocuments {
+        /// Rows the running state of the blocks already passed reaches: forward, those before the first start in
+        /// [r0, r1); reverse, those after the last start in (r0, r1] (a start at r1 cuts the block off from the state).
+        let termRows: Range<Int>
+        /// Rows that enter the state passed on: forward, from the last start in [r0, r1); reverse, before the first
+        /// start in (r0, r1].
+        let absorbRows: Range<Int>
+        /// With a start strictly inside the block: per row, forward the first column of its document, reverse one past
+        /// its last (the block mask is zeroed beyond); nil when every row of the block is one document.
+        let limits: [Int]?
+
+        /// The block's view of `starts` (ascending chunk rows). nil where no start touches the block: the plain path.
+        init?(starts: [Int], block r0: Int, _ r1: Int, _ direction: Direction) {
+            let m = r1 - r0
+            let forward = direction == .forward
+            // Starts that cut the state: [r0, r1) forward, (r0, r1] reverse; inside the block: (r0, r1).
+            let (lo, hi) = forward ? (r0, r1) : (r0 + 1, r1 + 1)
+            let cutting = starts[Self.firstIndex(in: starts, atLeast: lo)..<Self.firstIndex(in: starts, atLeast: hi)].map { $0 - r0 }
+            guard !cutting.isEmpty else { return nil }
+            let inside = cutting.filter { $0 > 0 && $0 < m }
+            termRows = forward ? 0..<cutting.first! : cutting.last!..<m
+            absorbRows = forward ? cutting.last!..<m : 0..<cutting.first!
+            if inside.isEmpty {
+                limits = nil
+            } else if forward {
+                var next = 0, first = 0
+                limits = (0..<m).map { i in
+                    while next < inside.count && inside[next] <= i { first = inside[next]; next += 1 }
+                    return first
+                }
+            } else {
+                var next = 0
+                limits = (0..<m).map { i in
+                    while next < inside.count && inside[next] <= i { next += 1 }
+                    return next < inside.count ? inside[next] : m
+                }
+            }
+        }
+
+        /// The index of the first of the ascending `values` that is >= `bound` (binary search: a chunk may hold many
+        /// documents, and every block looks).
+        static func firstIndex(in values: [Int], atLeast bound: Int) -> Int {
+            var (lo, hi) = (0, values.count)
+            while lo < hi { let mid = (lo + hi) / 2; if values[mid] < bound { lo = mid + 1 } else { hi = mid } }
+            return lo
+        }
+
+        /// `weights` (nil: ones) of `m` rows with the rows outside `keep` zeroed; `weights` itself when `keep` is all.
+        static func masked(_ weights: [Float]?, rows m: Int, keep: Range<Int>) -> [Float]? {
+            if keep == 0..<m { return weights }
+            var w = weights ?? [Float](repeating: 1, count: m)
+            for i in 0..<m where !keep.contains(i) { w[i] = 0 }
+            return w
+        }
+
+        /// Zeroes the cross-document entries of row `i` of a masked block (`row`, m entries).
+        func cut<T: Numeric>(_ row: UnsafeMutablePointer<T>, _ i: Int, _ m: Int, _ direction: Direction) {
+            guard let limits else { return }
+            if direction == .forward { row.update(repeating: 0, count: limits[i]) } else { (row + limits[i]).update(repeating: 0, count: m - limits[i]) }
+        }
+    }
+
+    /// The intra-block mask Λ (n x n, row-major) for `direction`.
     static func mask(_ lambda: Float, rows n: Int, _ direction: Direction) -> [Float] {
         let p = powers(lambda, 0..<n)
         var m = [Float](repeating: 0, count: n * n)
@@ -168,16 +242,17 @@ public enum LinearAttention {
     }
 
     /// `out += ` the masked chunk product (see the file comment) over this chunk's rows, in blocks; `progress` runs
-    /// after every block (LASP passes its collective's `test`). `out` is (B, C, heads_out, D_c). bf16 needs
-    /// `OneDNN.require()` to have succeeded.
+    /// after every block (LASP passes its collective's `test`). `out` is (B, C, heads_out, D_c). `starts`: the rows
+    /// where a packed document starts (ascending; none: one document). bf16 needs `OneDNN.require()` to have succeeded.
     public static func chunk(_ a: Tensor, _ b: Tensor, _ c: Tensor, heads: Int, decay: [Float], direction: Direction,
-                             precision: Precision = .fp32, into out: Tensor, progress: () -> Void = {}) {
+                             starts: [Int] = [], precision: Precision = .fp32, into out: Tensor, progress: () -> Void = {}) {
         checkDecay(decay, heads: heads)
         let (batch, rows) = (a.shape[0], a.shape[1])
         let (db, dc) = (b.shape[3], c.shape[3])
         precondition(a.shape[3] == db && b.shape[1] == rows && c.shape[1] == rows && out.shape[1] == rows && out.shape[3] == dc)
+        precondition(zip(starts, starts.dropFirst()).allSatisfy { $0 < $1 } && starts.allSatisfy { (0..<rows).contains($0) }, "document starts \(starts) in \(rows) rows")
         if rows == 0 { return }
-        if precision == .bf16 { return chunkBF16(a, b, c, heads: heads, decay: decay, direction: direction, into: out, progress: progress) }
+        if precision == .bf16 { return chunkBF16(a, b, c, heads: heads, decay: decay, direction: direction, starts: starts, into: out, progress: progress) }
         let n = min(blockRows, rows)
         let scores = UnsafeMutablePointer<Float>.allocate(capacity: n * n)
         let scratch = UnsafeMutablePointer<Float>.allocate(capacity: n * max(db, dc))
@@ -187,6 +262,7 @@ public enum LinearAttention {
         defer { scores.deallocate(); scratch.deallocate(); fullMask.deallocate(); withExtendedLifetime(state) {} }
         let blocks = Array(stride(from: 0, to: rows, by: n))
         let order = direction == .forward ? blocks : blocks.reversed()
+        let cuts = order.map { BlockDocuments(starts: starts, block: $0, min($0 + n, rows), direction) }
         for h in 0..<heads {
             fullMask.update(from: mask(decay[h], rows: n, direction), count: n * n)
             let weights = BlockWeights(decay[h], rows: n, direction)
@@ -197,15 +273,24 @@ public enum LinearAttention {
                 for (step, r0) in order.enumerated() {
                     let r1 = min(r0 + n, rows), m = r1 - r0
                     let (ab, bb, cb, ob) = (ah.rows(r0..<r1), bh.rows(r0..<r1), ch.rows(r0..<r1), oh.rows(r0..<r1))
-                    if step > 0 { addWeighted(ab, s, transposed: false, weights: weights.term(m), into: ob, scratch: scratch) }
+                    let cut = cuts[step]
+                    if step > 0, cut.map({ !$0.termRows.isEmpty }) ?? true {
+                        let w = cut.map { BlockDocuments.masked(weights.term(m), rows: m, keep: $0.termRows) } ?? weights.term(m)
+                        addWeighted(ab, s, transposed: false, weights: w, into: ob, scratch: scratch)
+                    }
                     let sm = Matrix(base: scores, rows: m, cols: m)
                     BLAS.gemm(ab, bb, transposeB: true, into: sm)
                     for i in 0..<m {
                         VectorMath.update(scores + i * m, with: fullMask + i * n, m) { $0 * $1 }
+                        cut?.cut(scores + i * m, i, m, direction)
                     }
                     BLAS.gemm(sm, cb, into: ob, beta: 1)
                     if step + 1 < order.count {
-                        absorb(bb, cb, weights: weights.absorb(m), beta: weights.beta(m, step: step), into: s, scratch: scratch)
+                        if let cut {
+                            absorb(bb, cb, weights: BlockDocuments.masked(weights.absorb(m), rows: m, keep: cut.absorbRows), beta: 0, into: s, scratch: scratch)
+                        } else {
+                            absorb(bb, cb, weights: weights.absorb(m), beta: weights.beta(m, step: step), into: s, scratch: scratch)
+                        }
                     }
                     progress()
                 }
@@ -213,51 +298,58 @@ public enum LinearAttention {
         }
     }
 
-    /// A chunk's state per query head, (B, H, D_b, D_c): Σ_j w_j b_j^T c_j with w_j = λ^(C-1-j) (forward: what the
-    /// chunk passes to later chunks) or λ^j (reverse: what it passes to earlier ones).
+    /// A chunk's state per query head, (B, H, D_b, D_c): Σ_j w_j b_j^T c_j over `rows` (nil: all C) with
+    /// w_j = λ^(end-1-j) (forward: the state just after the range's last row, what the chunk passes to later chunks
+    /// when the range ends the chunk) or λ^(j-start) (reverse: the state just before its first row).
     public static func state(_ b: Tensor, _ c: Tensor, heads: Int, decay: [Float], direction: Direction,
-                             precision: Precision = .fp32) -> Tensor {
+                             rows range: Range<Int>? = nil, precision: Precision = .fp32) -> Tensor {
         checkDecay(decay, heads: heads)
-        if precision == .bf16 { return stateBF16(b, c, heads: heads, decay: decay, direction: direction) }
-        let (batch, rows, db, dc) = (b.shape[0], b.shape[1], b.shape[3], c.shape[3])
+        let range = range ?? 0..<b.shape[1]
+        if precision == .bf16 { return stateBF16(b, c, heads: heads, decay: decay, direction: direction, rows: range) }
+        let (batch, rows, db, dc) = (b.shape[0], range.count, b.shape[3], c.shape[3])
         let s = Tensor(zeros: [batch, heads, db, dc])
         let scratch = UnsafeMutablePointer<Float>.allocate(capacity: max(rows * db, 1))
         defer { scratch.deallocate() }
         for h in 0..<heads {
             let w = decay[h] < 1 ? absorbWeights(decay[h], rows: rows, direction) : nil
             for bi in 0..<batch {
-                absorb(view(b, batch: bi, head: h, heads: heads), view(c, batch: bi, head: h, heads: heads), weights: w, beta: 0,
+                absorb(view(b, batch: bi, head: h, heads: heads).rows(range), view(c, batch: bi, head: h, heads: heads).rows(range), weights: w, beta: 0,
                        into: stateView(s, batch: bi, head: h), scratch: scratch)
             }
         }
         return s
     }
 
-    /// `out_i += w_i a_i S_h` (or `S_h^T`) for every row, with w_i = λ^(i+1) (forward: S is the prefix state ending
-    /// just before the chunk) or λ^(C-i) (reverse: S is the suffix state starting just after it).
+    /// `out_i += w_i a_i S_h` (or `S_h^T`) for every row i in `rows` (nil: all C), with w_i = λ^(i-start+1)
+    /// (forward: S is the state just before the range's first row, the prefix state when it starts the chunk) or
+    /// λ^(end-i) (reverse: S is the state just after its last row, the suffix state when it ends the chunk).
     public static func addStateTerm(_ a: Tensor, state: Tensor, transposed: Bool = false, heads: Int, decay: [Float],
-                                    direction: Direction, precision: Precision = .fp32, into out: Tensor) {
+                                    direction: Direction, rows range: Range<Int>? = nil, precision: Precision = .fp32, into out: Tensor) {
         checkDecay(decay, heads: heads)
+        let range = range ?? 0..<a.shape[1]
+        if range.isEmpty { return }
         if precision == .bf16 {
-            return addStateTermBF16(a, state: state, transposed: transposed, heads: heads, decay: decay, direction: direction, into: out)
+            return addStateTermBF16(a, state: state, transposed: transposed, heads: heads, decay: decay, direction: direction, rows: range, into: out)
         }
-        let (batch, rows) = (a.shape[0], a.shape[1])
+        let (batch, rows) = (a.shape[0], range.count)
         let scratch = UnsafeMutablePointer<Float>.allocate(capacity: max(rows * out.shape[3], 1))
         defer { scratch.deallocate() }
         for h in 0..<heads {
             let w = decay[h] < 1 ? termWeights(decay[h], rows: rows, direction) : nil
             for bi in 0..<batch {
-                addWeighted(view(a, batch: bi, head: h, heads: heads), stateView(state, batch: bi, head: h), transposed: transposed,
-                            weights: w, into: view(out, batch: bi, head: h, heads: heads), scratch: scratch)
+                addWeighted(view(a, batch: bi, head: h, heads: heads).rows(range), stateView(state, batch: bi, head: h), transposed: transposed,
+                            weights: w, into: view(out, batch: bi, head: h, heads: heads).rows(range), scratch: scratch)
             }
         }
     }
 
     /// `s ← λ_h^tokens s + m` for each (batch, head) block of two (B, H, D, D) states: carries a state across a
-    /// chunk of `tokens` rows and adds that chunk's own state. LASP-1 and LASP-2 both use exactly this arithmetic,
-    /// in the same order, so they agree bit for bit.
-    public static func carry(_ s: Tensor, adding m: Tensor, tokens: Int, decay: [Float]) {
+    /// chunk of `tokens` rows and adds that chunk's own state; with `restart` (a document starts in that chunk, so
+    /// nothing before it reaches past it) `s ← m`. LASP-1 and LASP-2 both use exactly this arithmetic, in the same
+    /// order, so they agree bit for bit.
+    public static func carry(_ s: Tensor, adding m: Tensor, tokens: Int, decay: [Float], restart: Bool = false) {
         precondition(s.shape == m.shape)
+        if restart { return s.pointer.update(from: m.pointer, count: m.count) }
         let (batch, heads) = (s.shape[0], s.shape[1])
         let block = s.shape[2] * s.shape[3]
         for h in 0..<heads {

@@ -12,6 +12,9 @@
 // fp32 S), a chunk's M_r and dM_r, and everything LASP does with them (AllGather, prefix and suffix sums, `carry`);
 // the scores A B^T before the mask; every accumulator (out, which the products add into directly).
 // The kernel leaves its fp32 results as they are: whoever holds the final o, dq, dk, dv rounds them.
+// Packed documents: the same cuts as the fp32 kernel (`BlockDocuments`): a block holding a boundary has its cross-
+// document entries zeroed after the mask (the rounded block then holds exact zeros there) and the weights of the rows
+// the state skips zeroed, so the products keep their shapes; the state restarts (beta 0) in fp32.
 // Scratch per call: the three operands' heads (C x D each, bf16), one masked block (128 x 128, bf16), the weighted
 // rows of one block (bf16), a state copy (D x D, bf16) and one block's fp32 product (C x D at most).
 
@@ -62,7 +65,7 @@ extension LinearAttention {
     }
 
     static func chunkBF16(_ a: Tensor, _ b: Tensor, _ c: Tensor, heads: Int, decay: [Float], direction: Direction,
-                          into out: Tensor, progress: () -> Void) {
+                          starts: [Int], into out: Tensor, progress: () -> Void) {
         let (batch, rows) = (a.shape[0], a.shape[1])
         let (db, dc) = (b.shape[3], c.shape[3])
         let n = min(blockRows, rows)
@@ -75,6 +78,7 @@ extension LinearAttention {
         defer { scores.deallocate(); tmp.deallocate(); fullMask.deallocate(); withExtendedLifetime(state) {} }
         let blocks = Array(stride(from: 0, to: rows, by: n))
         let order = direction == .forward ? blocks : blocks.reversed()
+        let cuts = order.map { BlockDocuments(starts: starts, block: $0, min($0 + n, rows), direction) }
         for h in 0..<heads {
             fullMask.update(from: mask(decay[h], rows: n, direction), count: n * n)
             let weights = BlockWeights(decay[h], rows: n, direction)
@@ -87,14 +91,22 @@ extension LinearAttention {
                 for (step, r0) in order.enumerated() {
                     let r1 = min(r0 + n, rows), m = r1 - r0
                     let ob = oh.rows(r0..<r1)
-                    if step > 0 { scratch.addWeighted(ab.rows(r0..<r1), s, transposed: false, weights: weights.term(m), into: ob, tmp: tmp) }
+                    let cut = cuts[step]
+                    if step > 0, cut.map({ !$0.termRows.isEmpty }) ?? true {
+                        let w = cut.map { BlockDocuments.masked(weights.term(m), rows: m, keep: $0.termRows) } ?? weights.term(m)
+                        scratch.addWeighted(ab.rows(r0..<r1), s, transposed: false, weights: w, into: ob, tmp: tmp)
+                    }
                     // The masked block: fp32 scores, the mask applied in fp32, rounded for the product with C.
                     scratch.dnn.gemm(ab.rows(r0..<r1), bb.rows(r0..<r1), transposeB: true, into: Matrix(base: scores, rows: m, cols: m))
-                    for i in 0..<m { BF16.convertProduct(scores + i * m, fullMask + i * n, to: p + i * m, m) }
+                    for i in 0..<m {
+                        BF16.convertProduct(scores + i * m, fullMask + i * n, to: p + i * m, m)
+                        cut?.cut(p + i * m, i, m, direction)
+                    }
                     scratch.dnn.gemm(BF16Matrix(base: p, rows: m, cols: m), cb.rows(r0..<r1), into: ob, accumulate: true)
                     if step + 1 < order.count {
-                        let bw = weights.absorb(m).map { scratch.weightedRows(bh.rows(r0..<r1), $0) } ?? bb.rows(r0..<r1)
-                        scratch.absorb(bw, cb.rows(r0..<r1), beta: weights.beta(m, step: step), into: s)
+                        let absorbed = cut.map { BlockDocuments.masked(weights.absorb(m), rows: m, keep: $0.absorbRows) } ?? weights.absorb(m)
+                        let bw = absorbed.map { scratch.weightedRows(bh.rows(r0..<r1), $0) } ?? bb.rows(r0..<r1)
+                        scratch.absorb(bw, cb.rows(r0..<r1), beta: cut == nil ? weights.beta(m, step: step) : 0, into: s)
                     }
                     progress()
                 }
@@ -102,32 +114,32 @@ extension LinearAttention {
         }
     }
 
-    static func stateBF16(_ b: Tensor, _ c: Tensor, heads: Int, decay: [Float], direction: Direction) -> Tensor {
-        let (batch, rows, db, dc) = (b.shape[0], b.shape[1], b.shape[3], c.shape[3])
+    static func stateBF16(_ b: Tensor, _ c: Tensor, heads: Int, decay: [Float], direction: Direction, rows range: Range<Int>) -> Tensor {
+        let (batch, rows, db, dc) = (b.shape[0], range.count, b.shape[3], c.shape[3])
         let s = Tensor(zeros: [batch, heads, db, dc])
         let scratch = BF16Scratch()
         for h in 0..<heads {
             let w = decay[h] < 1 ? absorbWeights(decay[h], rows: rows, direction) : nil
             for bi in 0..<batch {
-                let cb = scratch.convert(view(c, batch: bi, head: h, heads: heads), into: scratch.c)
-                scratch.absorb(scratch.weightedRows(view(b, batch: bi, head: h, heads: heads), w), cb, beta: 0, into: stateView(s, batch: bi, head: h))
+                let cb = scratch.convert(view(c, batch: bi, head: h, heads: heads).rows(range), into: scratch.c)
+                scratch.absorb(scratch.weightedRows(view(b, batch: bi, head: h, heads: heads).rows(range), w), cb, beta: 0, into: stateView(s, batch: bi, head: h))
             }
         }
         return s
     }
 
     static func addStateTermBF16(_ a: Tensor, state: Tensor, transposed: Bool, heads: Int, decay: [Float], direction: Direction,
-                                 into out: Tensor) {
-        let (batch, rows) = (a.shape[0], a.shape[1])
+                                 rows range: Range<Int>, into out: Tensor) {
+        let (batch, rows) = (a.shape[0], range.count)
         let scratch = BF16Scratch()
         let tmp = UnsafeMutablePointer<Float>.allocate(capacity: max(rows * out.shape[3], 1))
         defer { tmp.deallocate() }
         for h in 0..<heads {
             let w = decay[h] < 1 ? termWeights(decay[h], rows: rows, direction) : nil
             for bi in 0..<batch {
-                let ab = scratch.convert(view(a, batch: bi, head: h, heads: heads), into: scratch.a)
+                let ab = scratch.convert(view(a, batch: bi, head: h, heads: heads).rows(range), into: scratch.a)
                 scratch.addWeighted(ab, stateView(state, batch: bi, head: h), transposed: transposed, weights: w,
-                                    into: view(out, batch: bi, head: h, heads: heads), tmp: tmp)
+                                    into: view(out, batch: bi, head: h, heads: heads).rows(range), tmp: tmp)
             }
         }
     }

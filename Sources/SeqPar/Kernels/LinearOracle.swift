@@ -1,11 +1,13 @@
 // The test oracle for linear attention: the definition, summed pair by pair in Double, O(L^2) and naive on purpose
 // (no chunks, no states, no BLAS), so it shares nothing with the kernel it checks.
 //
-//   causal:        o_s = Σ_{j <= s} λ^(s-j) (φ(q_s) · φ(k_j)) v_j
-//   bidirectional: o_s = Σ_j (φ(q_s) · φ(k_j)) v_j            (no decay)
+//   causal:        o_s = Σ_{j <= s, doc(j) = doc(s)} λ^(s-j) (φ(q_s) · φ(k_j)) v_j
+//   bidirectional: o_s = Σ_{doc(j) = doc(s)} (φ(q_s) · φ(k_j)) v_j            (no decay)
 // and, given dO, by the chain rule on each pair:
 //   dq_s = φ'(q_s) ⊙ Σ_j w_sj (dO_s · v_j) φ(k_j),  dk_j = φ'(k_j) ⊙ Σ_s w_sj (dO_s · v_j) φ(q_s),
-//   dv_j = Σ_s w_sj (φ(q_s) · φ(k_j)) dO_s,          w_sj = λ^(s-j) for j <= s (causal), 1 (bidirectional).
+//   dv_j = Σ_s w_sj (φ(q_s) · φ(k_j)) dO_s,          w_sj = λ^(s-j) for j <= s (causal), 1 (bidirectional),
+// over the pairs of one document only: doc(j) is token j's packed document (`documents`; nil is one document), found
+// by walking the documents' lengths (`OracleMask`), not through the kernels' `Documents` searches.
 // GQA: query head h uses kv head h / (H / G); dk, dv sum over the heads that share a kv head.
 // Shapes: q (B, L, H, D), k and v (B, L, G, D); results flattened in the same layouts.
 import Foundation
@@ -18,9 +20,10 @@ public enum LinearOracle {
     /// kv head) groups run in parallel: a task writes only its own heads' query rows and its own kv head's rows.
     /// Pairs whose weight underflows to 0 contribute nothing and are skipped (the powers only shrink with distance).
     @inline(__always)
-    static func pairs(batch: Int, length: Int, heads: Int, kvHeads: Int, decay: [Double], causal: Bool,
+    static func pairs(batch: Int, length: Int, heads: Int, kvHeads: Int, decay: [Double], causal: Bool, documents: Documents?,
                       _ pair: (_ b: Int, _ h: Int, _ s: Int, _ j: Int, _ w: Double) -> Void) {
         let group = heads / kvHeads
+        let mask = OracleMask(length: length, causal: causal, documents: documents)
         // The tasks write disjoint rows, so sharing the closure across threads is safe.
         struct Shared: @unchecked Sendable { let pair: (Int, Int, Int, Int, Double) -> Void }
         withoutActuallyEscaping(pair) { pair in
@@ -31,8 +34,9 @@ public enum LinearOracle {
                     let lambda = causal ? decay[h] : 1
                     let power = (0..<length).map { Foundation.pow(lambda, Double($0)) }
                     for s in 0..<length {
-                        var j = causal ? s : length - 1
-                        while j >= 0, power[abs(s - j)] != 0 {
+                        let keys = mask.keys(s)
+                        var j = keys.upperBound - 1
+                        while j >= keys.lowerBound, power[abs(s - j)] != 0 {
                             shared.pair(b, h, s, j, power[abs(s - j)])
                             j -= 1
                         }
@@ -56,27 +60,29 @@ public enum LinearOracle {
         return (s0 + s1) + (s2 + s3)
     }
 
-    public static func forward(q: Tensor, k: Tensor, v: Tensor, decay: [Double], featureMap: FeatureMap, causal: Bool) -> [Double] {
+    public static func forward(q: Tensor, k: Tensor, v: Tensor, decay: [Double], featureMap: FeatureMap, causal: Bool,
+                               documents: Documents? = nil) -> [Double] {
         forward(q: q.toArray().map(Double.init), k: k.toArray().map(Double.init), v: v.toArray().map(Double.init),
-                dims: DenseOracle.dims(q, k), decay: decay, featureMap: featureMap, causal: causal)
+                dims: DenseOracle.dims(q, k), decay: decay, featureMap: featureMap, causal: causal, documents: documents)
     }
 
     public static func backward(q: Tensor, k: Tensor, v: Tensor, gradOut: Tensor, decay: [Double], featureMap: FeatureMap,
-                                causal: Bool) -> DenseOracle.Gradients {
+                                causal: Bool, documents: Documents? = nil) -> DenseOracle.Gradients {
         backward(q: q.toArray().map(Double.init), k: k.toArray().map(Double.init), v: v.toArray().map(Double.init),
-                 gradOut: gradOut.toArray().map(Double.init), dims: DenseOracle.dims(q, k), decay: decay, featureMap: featureMap, causal: causal)
+                 gradOut: gradOut.toArray().map(Double.init), dims: DenseOracle.dims(q, k), decay: decay, featureMap: featureMap, causal: causal,
+                 documents: documents)
     }
 
     /// The same on Double arrays with explicit (B, L, H, G, D).
     public static func forward(q: [Double], k: [Double], v: [Double], dims x: (b: Int, l: Int, h: Int, g: Int, d: Int),
-                               decay: [Double], featureMap: FeatureMap, causal: Bool) -> [Double] {
+                               decay: [Double], featureMap: FeatureMap, causal: Bool, documents: Documents? = nil) -> [Double] {
         let (batch, length, heads, dim, kvHeads) = (x.b, x.l, x.h, x.d, x.g)
         let fq = q.map { phi($0, featureMap) }, fk = k.map { phi($0, featureMap) }
         let dv = v
         var o = [Double](repeating: 0, count: q.count)
         o.withUnsafeMutableBufferPointer { o in
             fq.withUnsafeBufferPointer { fq in fk.withUnsafeBufferPointer { fk in dv.withUnsafeBufferPointer { dv in
-                pairs(batch: batch, length: length, heads: heads, kvHeads: kvHeads, decay: decay, causal: causal) { b, h, s, j, w in
+                pairs(batch: batch, length: length, heads: heads, kvHeads: kvHeads, decay: decay, causal: causal, documents: documents) { b, h, s, j, w in
                     let g = h / (heads / kvHeads)
                     let qi = ((b * length + s) * heads + h) * dim, ki = ((b * length + j) * kvHeads + g) * dim
                     let c = w * dot(fq, qi, fk, ki, dim)
@@ -88,7 +94,7 @@ public enum LinearOracle {
     }
 
     public static func backward(q: [Double], k: [Double], v: [Double], gradOut: [Double], dims x: (b: Int, l: Int, h: Int, g: Int, d: Int),
-                                decay: [Double], featureMap: FeatureMap, causal: Bool) -> DenseOracle.Gradients {
+                                decay: [Double], featureMap: FeatureMap, causal: Bool, documents: Documents? = nil) -> DenseOracle.Gradients {
         let (batch, length, heads, dim, kvHeads) = (x.b, x.l, x.h, x.d, x.g)
         let fq = q.map { phi($0, featureMap) }, fk = k.map { phi($0, featureMap) }
         let vv = v, go = gradOut
@@ -96,7 +102,7 @@ public enum LinearOracle {
         var dv = [Double](repeating: 0, count: v.count)
         dq.withUnsafeMutableBufferPointer { dq in dk.withUnsafeMutableBufferPointer { dk in dv.withUnsafeMutableBufferPointer { dv in
             fq.withUnsafeBufferPointer { fq in fk.withUnsafeBufferPointer { fk in vv.withUnsafeBufferPointer { vv in go.withUnsafeBufferPointer { go in
-                pairs(batch: batch, length: length, heads: heads, kvHeads: kvHeads, decay: decay, causal: causal) { b, h, s, j, w in
+                pairs(batch: batch, length: length, heads: heads, kvHeads: kvHeads, decay: decay, causal: causal, documents: documents) { b, h, s, j, w in
                     let g = h / (heads / kvHeads)
                     let qi = ((b * length + s) * heads + h) * dim, ki = ((b * length + j) * kvHeads + g) * dim
                     let (a, c) = (w * dot(go, qi, vv, ki, dim), w * dot(fq, qi, fk, ki, dim))

@@ -1,7 +1,9 @@
 // LASP-2H: a small hybrid model, a stack of linear-attention layers (L) and softmax-attention layers (S), sequence
 // parallel across ranks. Linear layers run LASP-2 (one AllGather of the memory states); softmax layers AllGather K
 // and V once and attend their own query chunk with the blockwise kernel (`allgather`), as the LASP-2 paper does for
-// the softmax layers of its hybrid models. Every layer is causal (a language model).
+// the softmax layers of its hybrid models. Every layer is causal (a language model). Packed documents (`documents`):
+// no layer crosses a boundary: the linear layers restart their state at each document start (LASP-2's restarts) and
+// the softmax layers mask by document (the blockwise kernel's key runs); the Double oracle masks both likewise.
 //
 // Model width d = H * D. Layer l, with input x (tokens x d), pre-norm as in current language models:
 //   n = x / rms(x)  (per token, no gain, rms = sqrt(mean(x^2) + 1e-6)),
@@ -41,6 +43,8 @@ public struct HybridStack: Sendable {
     public let weights: [Weights]
     /// fp32, or bf16 (see the file comment).
     public let precision: Precision
+    /// Packed documents (nil: one): every layer attends within a document only.
+    public let documents: Documents?
 
     public var width: Int { shape.heads * shape.headDim }
 
@@ -56,12 +60,15 @@ public struct HybridStack: Sendable {
     }
 
     /// bf16 needs `OneDNN.require()` to have succeeded before `forward`.
-    public init(layers: [Layer], shape: AttentionShape, decay: [Double], featureMap: FeatureMap, seed: UInt64, precision: Precision = .fp32) {
+    public init(layers: [Layer], shape: AttentionShape, decay: [Double], featureMap: FeatureMap, seed: UInt64, precision: Precision = .fp32,
+                documents: Documents? = nil) {
         self.layers = layers
         self.shape = shape
         self.precision = precision
+        self.documents = documents
         var linear = AttentionOptions(causal: true, decay: decay, featureMap: featureMap)
         linear.precision = precision
+        linear.documents = documents
         self.linear = linear
         let (d, q, kv) = (shape.heads * shape.headDim, shape.heads * shape.headDim, shape.kvHeads * shape.headDim)
         weights = layers.indices.map { l in
@@ -81,6 +88,7 @@ public struct HybridStack: Sendable {
         if layer == .linear { return linear }
         var o = AttentionOptions(causal: true)
         o.precision = precision
+        o.documents = documents
         return o
     }
 
@@ -249,8 +257,8 @@ public enum HybridOracle {
             }
             let q = matmul(n, w[l][0], m: rows, k: d, n: d), k = matmul(n, w[l][1], m: rows, k: d, n: kv), v = matmul(n, w[l][2], m: rows, k: d, n: kv)
             let o = layer == .linear
-                ? LinearOracle.forward(q: q, k: k, v: v, dims: dims, decay: decay, featureMap: stack.linear.featureMap, causal: true)
-                : DenseOracle.forward(q: q, k: k, v: v, dims: dims, causal: true, scale: scale).o
+                ? LinearOracle.forward(q: q, k: k, v: v, dims: dims, decay: decay, featureMap: stack.linear.featureMap, causal: true, documents: stack.documents)
+                : DenseOracle.forward(q: q, k: k, v: v, dims: dims, causal: true, documents: stack.documents, scale: scale).o
             saved.append((n, rms, q, k, v, o))
             let proj = matmul(o, w[l][3], m: rows, k: d, n: d)
             h = zip(h, proj).map(+)
@@ -263,8 +271,9 @@ public enum HybridOracle {
             let dWo = matmul(c.o, dy, m: d, k: rows, n: d, transposeA: true)
             let dO = matmul(dy, w[l][3], m: rows, k: d, n: d, transposeB: true)
             let g = stack.layers[l] == .linear
-                ? LinearOracle.backward(q: c.q, k: c.k, v: c.v, gradOut: dO, dims: dims, decay: decay, featureMap: stack.linear.featureMap, causal: true)
-                : DenseOracle.backward(q: c.q, k: c.k, v: c.v, gradOut: dO, dims: dims, causal: true, scale: scale)
+                ? LinearOracle.backward(q: c.q, k: c.k, v: c.v, gradOut: dO, dims: dims, decay: decay, featureMap: stack.linear.featureMap, causal: true,
+                                        documents: stack.documents)
+                : DenseOracle.backward(q: c.q, k: c.k, v: c.v, gradOut: dO, dims: dims, causal: true, documents: stack.documents, scale: scale)
             var dn = [Double](repeating: 0, count: rows * d)
             var dw: [[Double]] = []
             for (grad, weight, cols) in [(g.dq, w[l][0], d), (g.dk, w[l][1], kv), (g.dv, w[l][2], kv)] {

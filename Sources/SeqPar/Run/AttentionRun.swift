@@ -628,7 +628,7 @@ public enum AttentionRun {
         let bf16Rule = bf16 && !linear
         let decay = config.options.decayPerHead(s.heads).map(Double.init)
         let ref = cache?.forward[key] ?? (linear
-            ? DenseOracle.Forward(o: LinearOracle.forward(q: g.q, k: g.k, v: g.v, decay: decay, featureMap: config.options.featureMap, causal: config.options.causal), lse: [])
+            ? DenseOracle.Forward(o: LinearOracle.forward(q: g.q, k: g.k, v: g.v, decay: decay, featureMap: config.options.featureMap, causal: config.options.causal, documents: config.options.documents), lse: [])
             : bf16Rule ? MatrixOracle.forward(q: g.q, k: g.k, v: g.v, causal: config.options.causal, documents: config.options.documents, scale: scale)
             : DenseOracle.forward(q: g.q, k: g.k, v: g.v, causal: config.options.causal, documents: config.options.documents, scale: scale))
         cache?.forward[key] = ref
@@ -683,7 +683,7 @@ public enum AttentionRun {
         var passed = forwardError <= forwardLimit && (lseError ?? 0) <= lseLimit && perRank.allSatisfy { $0 <= forwardLimit }
         if let grads = global.grads, let d = dO {
             let refG = cache?.gradients[key] ?? (linear
-                ? LinearOracle.backward(q: g.q, k: g.k, v: g.v, gradOut: d, decay: decay, featureMap: config.options.featureMap, causal: config.options.causal)
+                ? LinearOracle.backward(q: g.q, k: g.k, v: g.v, gradOut: d, decay: decay, featureMap: config.options.featureMap, causal: config.options.causal, documents: config.options.documents)
                 : bf16Rule ? MatrixOracle.backward(q: g.q, k: g.k, v: g.v, gradOut: d, causal: config.options.causal, documents: config.options.documents, scale: scale)
                 : DenseOracle.backward(q: g.q, k: g.k, v: g.v, gradOut: d, causal: config.options.causal, documents: config.options.documents, scale: scale))
             cache?.gradients[key] = refG

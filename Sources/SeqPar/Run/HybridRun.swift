@@ -5,6 +5,8 @@
 // are rounded to bf16 (on every rank, and for the oracle), the stack runs in bf16 (HybridStack's file comment), and
 // its final y and dx are rounded to bf16; --check then compares with the Double stack on those rounded inputs and
 // the same (bf16-valued) weights, with tolerance 2e-2 (at least) for y, dx and the weight gradients.
+// Packed documents (`documents`): every layer attends within a document only (HybridStack's file comment), and the
+// oracle masks the same way; documents that do not cover the sequence are refused before any work.
 import Foundation
 
 public struct HybridRunConfig: Codable, Sendable, Equatable {
@@ -14,6 +16,8 @@ public struct HybridRunConfig: Codable, Sendable, Equatable {
     public var featureMap: FeatureMap = .identity
     /// fp32 or bf16 (FlashAttention's rule; see Precision).
     public var precision: Precision = .fp32
+    /// Packed documents (`--doc-lens`, `--cu-seqlens`); nil is one document.
+    public var documents: Documents? = nil
     public var seed: UInt64 = 0
     public var backward = false
     public var check = false
@@ -105,12 +109,15 @@ public enum HybridRun {
         do {
             try s.validate()
             let layers = try HybridStack.layers(config.layers)
-            try AlgorithmName.lasp2.validate(ranks: ranks, shape: s, options: AttentionOptions(causal: true, decay: config.decay, featureMap: config.featureMap))
+            var linear = AttentionOptions(causal: true, decay: config.decay, featureMap: config.featureMap)
+            linear.documents = config.documents  // they must cover the sequence
+            try AlgorithmName.lasp2.validate(ranks: ranks, shape: s, options: linear)
             if config.precision == .bf16 { try OneDNN.require() }
             if let available = SystemInfo.availableMemory(), estimate.total * ranksPerHost > available {
                 throw SeqParError.outOfMemory("the hybrid run needs about \(SystemInfo.bytesText(estimate.total)) per rank (\(estimate.description)) x \(ranksPerHost) rank(s) on this machine, which has \(SystemInfo.bytesText(available)) available: use fewer tokens (--seq-len), fewer layers, more ranks or machines, or drop --check on long sequences")
             }
-            stack = HybridStack(layers: layers, shape: s, decay: config.decay, featureMap: config.featureMap, seed: config.seed, precision: config.precision)
+            stack = HybridStack(layers: layers, shape: s, decay: config.decay, featureMap: config.featureMap, seed: config.seed, precision: config.precision,
+                                documents: config.documents)
         } catch { failure = error }
         try comm.agree(failure)
         let model = stack!
