@@ -129,7 +129,6 @@ struct Attention: ParsableCommand {
             guard layers != nil else { throw ValidationError("--algorithm lasp2h needs --layers, a pattern of L (linear) and S (softmax) layers, e.g. LLLS") }
             if !files.isEmpty || gradOut != nil { throw ValidationError("--algorithm lasp2h generates its input and weights from --seed: drop --q, --k, --v and --grad-out") }
             if bidirectional { throw ValidationError("--algorithm lasp2h is a causal language model: drop --bidirectional") }
-            if documentOptions.given { throw ValidationError("--doc-lens and --cu-seqlens are not wired to --algorithm lasp2h yet: run its layers' algorithms (lasp2, allgather) with them") }
         } else if layers != nil {
             throw ValidationError("--layers describes the lasp2h hybrid stack: use it with --algorithm lasp2h")
         }
@@ -198,7 +197,9 @@ struct Attention: ParsableCommand {
 
     func makeHybridConfig() throws -> HybridRunConfig {
         let h = heads ?? 8
-        var c = HybridRunConfig(layers: layers ?? "", shape: AttentionShape(batch: batch ?? 1, seqLen: seqLen ?? 1024, heads: h, kvHeads: kvHeads ?? h, headDim: headDim ?? 64))
+        let length = try seqLen ?? documentOptions.impliedSeqLen() ?? 1024
+        var c = HybridRunConfig(layers: layers ?? "", shape: AttentionShape(batch: batch ?? 1, seqLen: length, heads: h, kvHeads: kvHeads ?? h, headDim: headDim ?? 64))
+        c.documents = try documentOptions.documents(seqLen: length)
         c.decay = try decayValues()
         c.featureMap = featureMap ?? .identity
         c.precision = precision

@@ -12,7 +12,11 @@ struct Demo: ParsableCommand {
         linear attention against its oracle on the rounded inputs within \(Demo.bf16LinearTolerance).
         """)
 
-    @Option(help: "Sequence length.") var seqLen = 1024
+    @Option(name: .customLong("seq-len"), help: "Sequence length (default: the documents' total with --doc-lens or --cu-seqlens, else 1024).")
+    var seqLenOption: Int?
+
+    /// The demo's sequence length.
+    var seqLen: Int { seqLenOption ?? (try? documentOptions.impliedSeqLen()) ?? nil ?? 1024 }
     @Option(help: "Query heads.") var heads = 8
     @Option(help: "Key/value heads (GQA).") var kvHeads = 2
     @Option(help: "Head dimension.") var headDim = 64
@@ -26,6 +30,13 @@ struct Demo: ParsableCommand {
         guard seqLen >= 1, heads >= 1, kvHeads >= 1, headDim >= 1 else { throw ValidationError("sizes must be at least 1") }
         guard heads % kvHeads == 0 else { throw ValidationError("--kv-heads \(kvHeads) does not divide --heads \(heads)") }
         _ = try documentOptions.documents(seqLen: seqLen)
+    }
+
+    /// The demo's USP grid: the largest Ulysses degree between 1 and P (exclusive) that fits the ranks and heads, else
+    /// P or 1 (a true 2D grid wherever one exists).
+    static func uspDegree(ranks: Int, shape: AttentionShape) -> Int {
+        let fits = (1...ranks).filter { ranks % $0 == 0 && (try? USPAttention.validate(degree: $0, ranks: ranks, shape: shape)) != nil }
+        return fits.last { $0 > 1 && $0 < ranks } ?? fits.last ?? 1
     }
 
     /// The decay of the demo's linear-attention runs.
@@ -63,6 +74,7 @@ struct Demo: ParsableCommand {
     func hybridConfig() -> HybridRunConfig {
         var c = HybridRunConfig(layers: "LLLS", shape: AttentionShape(seqLen: seqLen, heads: heads, kvHeads: kvHeads, headDim: headDim))
         (c.decay, c.seed, c.backward, c.check, c.precision) = ([Self.linearDecay], seed, true, true, precision)
+        c.documents = (try? documentOptions.documents(seqLen: seqLen)) ?? nil
         return c
     }
 
@@ -84,7 +96,8 @@ struct Demo: ParsableCommand {
             let oracle = OracleCache()
             var reports: [AttentionRunReport] = []
             var skipped: [String] = []
-            for config in runs {
+            for var config in runs {
+                if config.algorithm == .usp { config.options.ulyssesDegree = Self.uspDegree(ranks: comm.size, shape: config.shape) }
                 if config.algorithm != .dense {
                     // Ulysses shards heads: it runs only where the rank count fits them; the demo says so and goes on.
                     do { try config.algorithm.validate(ranks: comm.size, shape: config.shape, options: config.options) } catch {
@@ -129,7 +142,7 @@ struct Demo: ParsableCommand {
         }
         print("# seqpar demo: every algorithm on one generated input, forward and backward, checked against the Double oracle")
         let bf16 = precision == .bf16
-        print("# B=1 L=\(seqLen) H=\(heads) G=\(kvHeads) D=\(headDim), causal, seed \(seed); \(backend.ranks) rank(s), backend \(backend.name); precision \(precision.rawValue)")
+        print("# B=1 L=\(seqLen) H=\(heads) G=\(kvHeads) D=\(headDim), causal\(documentOptions.given ? ", packed documents" : ""), seed \(seed); \(backend.ranks) rank(s), backend \(backend.name); precision \(precision.rawValue)")
         print("# softmax attention: dense, allgather, ring, rsa, ulysses; linear attention (decay \(Self.linearDecay), checked against the linear-attention oracle): lasp1, lasp2")
         if bf16 {
             print("# errors: max |x - oracle| / max |oracle|, the oracle in Double on the bf16-rounded inputs; softmax: the bf16 rule, each error within its bound")
@@ -145,7 +158,7 @@ struct Demo: ParsableCommand {
         for r in all {
             let c = r.check
             let sent = r.bytesSent.max() ?? 0
-            var cells = [r.algorithm.rawValue, r.layout.rawValue, "\(r.ranks)", String(format: "%.4f", r.timeS["forward"]?.max ?? 0),
+            var cells = [r.algorithm.rawValue + (r.ulyssesDegree.map { " \($0)x\(r.ranks / $0)" } ?? ""), r.layout.rawValue, "\(r.ranks)", String(format: "%.4f", r.timeS["forward"]?.max ?? 0),
                          String(format: "%.4f", r.timeS["backward"]?.max ?? 0), Report.sci(c?.forwardError), Report.sci(c?.lseError),
                          Report.sci(c?.dqError), Report.sci(c?.dkError), Report.sci(c?.dvError)]
             if bf16 { cells += [Report.sci(c?.forwardBound), Report.sci(c?.dqBound), Report.sci(c?.dkBound), Report.sci(c?.dvBound)] }

@@ -21,7 +21,8 @@ enum Report {
         let hosts = Set(r.perRank.map(\.host)).count
         var lines = [
             "# seqpar attention",
-            "# algorithm \(r.algorithm.rawValue), backend \(r.backend), \(r.ranks) rank(s) on \(hosts) host(s)",
+            "# algorithm \(r.algorithm.rawValue)\(r.ulyssesDegree.map { " (Ulysses groups of \($0), ring across \(r.ranks / $0))" } ?? ""), backend \(r.backend), \(r.ranks) rank(s) on \(hosts) host(s)"
+                + (hosts > 1 ? "; bytes across hosts: forward \(r.crossHostBytes.forward)" + (r.crossHostBytes.backward.map { ", backward \($0)" } ?? "") : ""),
             "# B=\(r.batch) L=\(r.seqLen) H=\(r.heads) G=\(r.kvHeads) D=\(r.headDim), \(r.causal ? "causal" : r.decay == nil ? "full" : "bidirectional"), layout \(r.layout.rawValue), \(r.documents.map { "\($0) documents, " } ?? "")\(r.decay.map { "linear attention, decay \($0.map { String(format: "%g", $0) }.joined(separator: ",")), feature map \(r.featureMap?.rawValue ?? "identity")" } ?? "scale \(r.scale)")\(r.backwardRun ? ", forward+backward" : "")",
             "# memory estimate per rank \(SystemInfo.bytesText(r.memoryEstimateBytes))",
             "# precision \(r.precision.rawValue)" + (r.precision == .fp32 ? "" : r.decay == nil

@@ -159,6 +159,11 @@ public struct AttentionRunReport: Encodable, Sendable {
     public var backwardRun: Bool
     /// The number of packed documents (nil: one, no --doc-lens or --cu-seqlens).
     public var documents: Int?
+    /// USP: the Ulysses degree U (a grid of U x ranks/U).
+    public var ulyssesDegree: Int?
+    /// Payload bytes that crossed between hosts, forward and backward, summed over ranks (`CommCounters.sentTo`:
+    /// point-to-point, all-to-all and all-gather traffic; 0 on one host).
+    public var crossHostBytes: (forward: Int, backward: Int?) = (0, nil)
     /// Linear attention: the decay per head and the feature map (nil for softmax attention).
     public var decay: [Double]?
     public var featureMap: FeatureMap?
@@ -175,7 +180,7 @@ public struct AttentionRunReport: Encodable, Sendable {
 
     enum CodingKeys: String, CodingKey {
         case bench, algorithm, backend, ranks, batch, seqLen, heads, kvHeads, headDim, causal, layout, scale, precision
-        case backwardRun = "backward", documents, decay, featureMap, timeS, forwardGflops, backwardGflops, memoryEstimateBytes, perRank, check
+        case backwardRun = "backward", documents, ulyssesDegree, crossHostBytesForward, crossHostBytesBackward, decay, featureMap, timeS, forwardGflops, backwardGflops, memoryEstimateBytes, perRank, check
         case bytesSent, bytesReceived, peakRSSBytes
     }
 
@@ -187,6 +192,8 @@ public struct AttentionRunReport: Encodable, Sendable {
         try c.encode(kvHeads, forKey: .kvHeads); try c.encode(headDim, forKey: .headDim); try c.encode(causal, forKey: .causal)
         try c.encode(layout, forKey: .layout); try c.encode(scale, forKey: .scale); try c.encode(precision, forKey: .precision)
         try c.encode(backwardRun, forKey: .backwardRun); try c.encodeIfPresent(documents, forKey: .documents)
+        try c.encodeIfPresent(ulyssesDegree, forKey: .ulyssesDegree)
+        try c.encode(crossHostBytes.forward, forKey: .crossHostBytesForward); try c.encodeIfPresent(crossHostBytes.backward, forKey: .crossHostBytesBackward)
         try c.encodeIfPresent(decay, forKey: .decay); try c.encodeIfPresent(featureMap, forKey: .featureMap)
         try c.encode(timeS, forKey: .timeS); try c.encode(forwardGflops, forKey: .forwardGflops)
         try c.encodeIfPresent(backwardGflops, forKey: .backwardGflops)
@@ -458,6 +465,9 @@ public enum AttentionRun {
             backwardGflops: timeS["backward"].map { backwardFlopsFactor(config.algorithm.family) * fwdFlops / max($0.max, 1e-12) / 1e9 },
             memoryEstimateBytes: estimate.total, perRank: perRank, check: checkReport)
         report.documents = config.options.documents?.count
+        report.ulyssesDegree = config.algorithm == .usp ? config.options.ulyssesDegree ?? 1 : nil
+        report.crossHostBytes = ((0..<ranks).reduce(0) { $0 + fwdAll[$1].bytesToOtherHosts(rank: $1, hosts: hosts) },
+                                 bwdAll.map { all in (0..<ranks).reduce(0) { $0 + all[$1].bytesToOtherHosts(rank: $1, hosts: hosts) } })
         if config.algorithm.family == .linear {
             report.decay = config.options.decayPerHead(shape.heads).map(Double.init)
             report.featureMap = config.options.featureMap
@@ -717,9 +727,9 @@ public final class OracleCache: @unchecked Sendable {
     var plainGradients: [String: DenseOracle.Gradients] = [:]
     public init() {}
 
-    /// What the oracle depends on: the problem (with the precision, which rounds the inputs), not the algorithm,
-    /// layout or rank count.
+    /// What the oracle depends on: the problem (with the precision, which rounds the inputs, and the documents), not
+    /// the algorithm, layout or rank count.
     static func key(_ c: AttentionRunConfig) -> String {
-        "\(c.algorithm.family) \(c.options.precision) decay=\(c.options.decay) map=\(c.options.featureMap) \(c.shape) causal=\(c.options.causal) scale=\(c.options.effectiveScale(headDim: c.shape.headDim)) seed=\(c.seed) x\(c.inputScale) files=\(c.qPath ?? "")|\(c.kPath ?? "")|\(c.vPath ?? "")|\(c.gradOutPath ?? "")"
+        "\(c.algorithm.family) \(c.options.precision) decay=\(c.options.decay) map=\(c.options.featureMap) \(c.shape) causal=\(c.options.causal) docs=\(c.options.documents?.offsets ?? []) scale=\(c.options.effectiveScale(headDim: c.shape.headDim)) seed=\(c.seed) x\(c.inputScale) files=\(c.qPath ?? "")|\(c.kPath ?? "")|\(c.vPath ?? "")|\(c.gradOutPath ?? "")"
     }
 }
