@@ -464,6 +464,7 @@ public enum AttentionRun {
             timeS: timeS, forwardGflops: fwdFlops / max(timeS["forward"]!.max, 1e-12) / 1e9,
             backwardGflops: timeS["backward"].map { backwardFlopsFactor(config.algorithm.family) * fwdFlops / max($0.max, 1e-12) / 1e9 },
             memoryEstimateBytes: estimate.total, perRank: perRank, check: checkReport)
+        if config.algorithm == .usp, rank == 0, let note = uspPlacementNote(hosts: hosts, degree: config.options.ulyssesDegree ?? 1) { log(note) }
         report.documents = config.options.documents?.count
         report.ulyssesDegree = config.algorithm == .usp ? config.options.ulyssesDegree ?? 1 : nil
         report.crossHostBytes = ((0..<ranks).reduce(0) { $0 + fwdAll[$1].bytesToOtherHosts(rank: $1, hosts: hosts) },
@@ -476,6 +477,20 @@ public enum AttentionRun {
             throw SeqParError.checkFailed(checkSummary(c))
         }
         return report
+    }
+
+    /// USP wants each Ulysses group (ranks gU ..< (g+1)U) on one host, where its all-to-alls stay off the network: a
+    /// note naming the first group that spans hosts and how to place ranks, or nil when every group is on one host.
+    public static func uspPlacementNote(hosts: [String], degree: Int) -> String? {
+        guard degree > 0, hosts.count % degree == 0 else { return nil }
+        for g in 0..<(hosts.count / degree) {
+            let members = Array(hosts[(g * degree)..<((g + 1) * degree)])
+            let distinct = members.reduce(into: [String]()) { if !$0.contains($1) { $0.append($1) } }
+            if distinct.count > 1 {
+                return "note: Ulysses group \(g) (ranks \(g * degree)-\((g + 1) * degree - 1)) spans hosts \(distinct.joined(separator: ", ")): its all-to-alls cross the network. Place each group's \(degree) consecutive ranks on one host (mpirun fills hosts in rank order by default; with --map-by, use slot or core, not node), or pick a --ulysses-degree that divides the ranks per host"
+            }
+        }
+        return nil
     }
 
     /// Sets `options.documents` from `--doc-lens` or `--cu-seqlens` (every rank reads the file), checked against the
