@@ -156,6 +156,22 @@ import Testing
         }
     }
 
+    /// Documents not aligned to tiles: a query tile stops at a document boundary, so without a mask each document's
+    /// n x n block is all that is multiplied.
+    @Test func queryTilesStopAtBoundaries() throws {
+        let lengths = [100, 300, 1, 50, 149]
+        let docs = try Documents(lengths: lengths, seqLen: 600)
+        let all = Array(0..<600)
+        let x = SeededInputs.attention(shape: AttentionShape(seqLen: 600, heads: 1, headDim: 16), options: AttentionOptions(), positions: all, seed: 2)
+        let p = KernelProfile.measure {
+            _ = SoftmaxAttention.forward(q: x.q, qPositions: all, k: x.k, v: x.v, kPositions: all, causal: false, documents: docs, scale: 0.25)
+        }
+        #expect(p.scoreElements == lengths.reduce(0) { $0 + $1 * $1 })
+        let w = KeyWindows(queries: all, keys: all, causal: false, documents: docs)
+        #expect(SoftmaxAttention.backwardShare(batch: 1, heads: 1, windows: w, work: 0..<1)[0].tiles.allSatisfy { t in
+            docs.index(of: t.i0) == docs.index(of: t.i0 + t.rows - 1) })
+    }
+
     /// A ring block whose keys no local query may see (other documents only) is skipped.
     @Test func ringSkipsBlocksOfOtherDocuments() throws {
         let docs = try Documents(lengths: [10, 10, 10], seqLen: 30)

@@ -24,11 +24,24 @@ public enum SoftmaxAttention {
     /// their GEMMs large).
     static let maxTileRows = 512
 
+    /// The end of a query tile of at most `rows` rows from `i0` that stays in one document: it stops where a row's
+    /// first key moves (a document boundary among the queries), so that its key tiles span one document's keys and
+    /// none across a boundary are multiplied.
+    static func tileEnd(from i0: Int, rows: Int, windows: KeyWindows) -> Int {
+        let limit = min(i0 + rows, windows.count)
+        let first = windows.lower[i0]
+        guard windows.lower[limit - 1] != first else { return limit }
+        var (lo, hi) = (i0 + 1, limit - 1)  // the first row whose first key differs: lower ascends
+        while lo < hi { let mid = (lo + hi) / 2; if windows.lower[mid] == first { lo = mid + 1 } else { hi = mid } }
+        return lo
+    }
+
     /// The query tile starting at row `i0`: its end, and the keys its rows see between them, `start ..< reach` (the
-    /// first row's first key to the last row's last: both bounds ascend with the rows).
+    /// first row's first key to the last row's last: both bounds ascend with the rows). A tile holds one document's
+    /// queries (`tileEnd`).
     static func queryTile(from i0: Int, windows: KeyWindows) -> (end: Int, start: Int, reach: Int) {
         let (lower, upper) = (windows.lower, windows.upper)
-        var i1 = min(i0 + tileRows, windows.count)
+        var i1 = tileEnd(from: i0, rows: tileRows, windows: windows)
         while i1 < windows.count, i1 - i0 < maxTileRows {
             let wider = min(i0 + 2 * (i1 - i0), windows.count, i0 + maxTileRows)
             // Only rows that see the keys the tile already spans (no extra masked work: causal tiles on the diagonal
@@ -230,9 +243,12 @@ public enum SoftmaxAttention {
     /// that partition 0..<1 split the work without overlap. Heads with no unit in the share are left out.
     static func backwardShare(batch: Int, heads: Int, windows: KeyWindows, work: Range<Double>) -> [(batch: Int, head: Int, tiles: [BackwardTile])] {
         let cq = windows.count
-        let tiles: [BackwardTile] = stride(from: 0, to: cq, by: tileRows).map { i0 in
-            let i1 = min(i0 + tileRows, cq)
-            return (i0, i1 - i0, windows.lower[i0], max(windows.upper[i1 - 1], windows.lower[i0]))
+        var tiles: [BackwardTile] = []
+        var i0 = 0
+        while i0 < cq {
+            let i1 = tileEnd(from: i0, rows: tileRows, windows: windows)
+            tiles.append((i0, i1 - i0, windows.lower[i0], max(windows.upper[i1 - 1], windows.lower[i0])))
+            i0 = i1
         }
         let total = tiles.reduce(0.0) { $0 + Double($1.rows * ($1.reach - $1.start)) } * Double(batch * heads)
         var done = 0.0
