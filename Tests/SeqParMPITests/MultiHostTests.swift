@@ -73,6 +73,37 @@ struct MultiHostTests {
         #expect(!hosts.contains("netns-hosts \(NetnsHosts.prefix)"), "/etc/hosts keeps lines of the test: \(hosts)")
     }
 
+    /// USP across two hosts of two ranks each (mpirun fills a host's slots in rank order, so each Ulysses group of 2 is
+    /// one host): passes --check with documents, every group on one host, and fewer bytes cross between the hosts than
+    /// with ring attention (and Ulysses) on the same problem; a degree whose groups span hosts gets the placement note.
+    @Test func uspKeepsUlyssesGroupsOnAHost() throws {
+        defer { _ = try? NetnsHosts.command(["down"]) }
+        let up = try NetnsHosts.command(["up", "-n", "2"])
+        #expect(up.status == 0, "\(up.output)")
+        func run(_ arguments: [String]) throws -> Run {
+            try Harness.run([NetnsHosts.script, "run", "-n", "2", "--np", "4", "--prefix", NetnsHosts.prefix, "--no-setup", "--", Harness.binary,
+                             "attention", "--layout", "zigzag", "--causal", "--backward", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+                             "--timeout", "60"] + arguments, timeout: 180, environment: ["OPENBLAS_NUM_THREADS": "1"])
+        }
+        let checked = try run(["--algorithm", "usp", "--ulysses-degree", "2", "--seq-len", "301", "--doc-lens", "100,1,200", "--check"])
+        #expect(!checked.timedOut && checked.status == 0 && checked.output.contains(": PASS"), "\(checked.output)")
+        #expect(!checked.output.contains("spans hosts"), "\(checked.output)")
+        /// The report's bytes across hosts, forward and backward, and each rank's host.
+        func crossHost(_ algorithm: [String]) throws -> (bytes: Int, hosts: [String]) {
+            let r = try run(algorithm + ["--seq-len", "512", "--json"])
+            let line = r.output.split(separator: "\n").last { $0.hasPrefix("{") }.map(String.init) ?? ""
+            let json = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any] ?? [:]
+            let hosts = (json["per_rank"] as? [[String: Any]] ?? []).compactMap { $0["host"] as? String }
+            return ((json["cross_host_bytes_forward"] as? Int ?? -1) + (json["cross_host_bytes_backward"] as? Int ?? -1), hosts)
+        }
+        let usp = try crossHost(["--algorithm", "usp", "--ulysses-degree", "2"])
+        let ring = try crossHost(["--algorithm", "ring"]), ulysses = try crossHost(["--algorithm", "ulysses"])
+        #expect(usp.hosts.count == 4 && usp.hosts[0] == usp.hosts[1] && usp.hosts[2] == usp.hosts[3] && usp.hosts[0] != usp.hosts[2], "\(usp.hosts)")
+        #expect(usp.bytes > 0 && usp.bytes < ring.bytes && usp.bytes < ulysses.bytes, "usp \(usp.bytes), ring \(ring.bytes), ulysses \(ulysses.bytes)")
+        let spanning = try run(["--algorithm", "usp", "--ulysses-degree", "4", "--seq-len", "128"])
+        #expect(spanning.status == 0 && spanning.output.contains("Ulysses group 0 (ranks 0-3) spans hosts"), "\(spanning.output)")
+    }
+
     /// The rank on host 2 stops communicating (SEQPAR_FAULT) in the forward ring: the ranks on hosts 1 and 3 time out
     /// after --timeout 5, naming what they waited for, and the abort reaches every host.
     @Test func stalledRankAcrossHostsTimesOut() throws {

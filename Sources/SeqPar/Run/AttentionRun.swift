@@ -559,11 +559,14 @@ public enum AttentionRun {
         let ops = CommOperation.allCases
         let mine = [c.messagesSent, c.messagesReceived, c.bytesSent, c.bytesReceived] + ops.map { c[$0] }
         let seconds = try comm.allGather([c.waitSeconds, c.progressSeconds])
+        // Bytes to each world rank (this communicator's ranks are the world's: a run's communicator is the world).
+        let peers = try comm.allGather((0..<comm.size).map { c.sentTo[$0, default: 0] })
         return try comm.allGather(mine).enumerated().map { r, v in
             var out = CommCounters()
             (out.messagesSent, out.messagesReceived, out.bytesSent, out.bytesReceived) = (v[0], v[1], v[2], v[3])
             for (i, op) in ops.enumerated() where v[4 + i] > 0 { out.calls[op] = v[4 + i] }
             (out.waitSeconds, out.progressSeconds) = (seconds[r][0], seconds[r][1])
+            for (peer, bytes) in peers[r].enumerated() where bytes > 0 { out.sentTo[peer] = bytes }
             return out
         }
     }
