@@ -8,6 +8,9 @@
 #                                                   same documents padded to the longest and against each run alone
 #   benchmarks/documents-usp-figures.sh usp         16 ranks, L 65536, H 16, D 128, causal zigzag, bf16, forward and
 #                                                   backward: ring, Ulysses, USP 4x4 and USP 2x8 in one launch
+#   benchmarks/documents-usp-figures.sh netns       on a machine that allows network namespaces (root): two hosts of
+#                                                   two ranks (launch/netns-hosts), ring, Ulysses and USP 2x2 forward
+#                                                   and backward: the bytes that cross between the hosts
 #
 # SEQPAR is the binary (default .device/bin/seqpar, else .build/release/seqpar); MPIRUN_FLAGS is added to mpirun.
 # DOC_FLAGS and USP_FLAGS are added to the two benches (e.g. --seq-len 8192 for a quick run).
@@ -34,6 +37,17 @@ usp)
     echo "# $cmd" >> "$OUT/usp.txt"
     $cmd >> "$OUT/usp.txt" 2>> "$OUT/log.txt"
     ;;
-*) echo "unknown part $part: documents or usp" >&2; exit 2 ;;
+netns)
+    for a in "ring" "ulysses" "usp --ulysses-degree 2"; do
+        cmd="launch/netns-hosts run -n 2 --np 4 --prefix spfig -- $(realpath "$BIN") attention --algorithm $a --layout zigzag --causal --backward --seq-len 1024 --heads 4 --kv-heads 2 --head-dim 64 --json"
+        echo "# $cmd" >> "$OUT/cross-host.txt"
+        $cmd 2>> "$OUT/log.txt" | tail -1 | python3 -c 'import json, sys
+r = json.loads(sys.stdin.read())
+print(r["algorithm"], "U=%s" % r.get("ulysses_degree", "-"), "hosts", [p["host"] for p in r["per_rank"]],
+      "bytes across hosts: forward", r["cross_host_bytes_forward"], "backward", r.get("cross_host_bytes_backward"),
+      "; all bytes sent: forward", sum(p["forward"]["bytes_sent"] for p in r["per_rank"]), "backward", sum(p["backward"]["bytes_sent"] for p in r["per_rank"]))' >> "$OUT/cross-host.txt"
+    done
+    ;;
+*) echo "unknown part $part: documents, usp or netns" >&2; exit 2 ;;
 esac
 done

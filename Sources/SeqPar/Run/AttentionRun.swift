@@ -652,12 +652,14 @@ public enum AttentionRun {
         let key = OracleCache.key(config)
         let linear = config.algorithm.family == .linear
         // Softmax in bf16: the Double oracle and the plain bf16 reference in whole matrices (MatrixOracle: fast enough
-        // for the thousands of tokens a bf16 run is checked at).
+        // for the thousands of tokens a bf16 run is checked at). fp32 from 1024 tokens on: the same Double oracle in
+        // whole matrices (dgemm in Double), which the unit tests check against the naive DenseOracle.
         let bf16Rule = bf16 && !linear
+        let matrixOracle = !linear && (bf16 || s.seqLen >= 1024)
         let decay = config.options.decayPerHead(s.heads).map(Double.init)
         let ref = cache?.forward[key] ?? (linear
             ? DenseOracle.Forward(o: LinearOracle.forward(q: g.q, k: g.k, v: g.v, decay: decay, featureMap: config.options.featureMap, causal: config.options.causal, documents: config.options.documents), lse: [])
-            : bf16Rule ? MatrixOracle.forward(q: g.q, k: g.k, v: g.v, causal: config.options.causal, documents: config.options.documents, scale: scale)
+            : matrixOracle ? MatrixOracle.forward(q: g.q, k: g.k, v: g.v, causal: config.options.causal, documents: config.options.documents, scale: scale)
             : DenseOracle.forward(q: g.q, k: g.k, v: g.v, causal: config.options.causal, documents: config.options.documents, scale: scale))
         cache?.forward[key] = ref
         let forwardError = relativeError(global.o, ref.o)
@@ -712,7 +714,7 @@ public enum AttentionRun {
         if let grads = global.grads, let d = dO {
             let refG = cache?.gradients[key] ?? (linear
                 ? LinearOracle.backward(q: g.q, k: g.k, v: g.v, gradOut: d, decay: decay, featureMap: config.options.featureMap, causal: config.options.causal, documents: config.options.documents)
-                : bf16Rule ? MatrixOracle.backward(q: g.q, k: g.k, v: g.v, gradOut: d, causal: config.options.causal, documents: config.options.documents, scale: scale)
+                : matrixOracle ? MatrixOracle.backward(q: g.q, k: g.k, v: g.v, gradOut: d, causal: config.options.causal, documents: config.options.documents, scale: scale)
                 : DenseOracle.backward(q: g.q, k: g.k, v: g.v, gradOut: d, causal: config.options.causal, documents: config.options.documents, scale: scale))
             cache?.gradients[key] = refG
             report.dqError = relativeError(grads.dq, refG.dq)
