@@ -47,7 +47,8 @@ func reportingErrors(_ body: () throws -> Void) throws {
 struct ModelPredict: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "predict", abstract: "Predicted step time for each algorithm, L and P.")
     @OptionGroup var model: ModelOptions
-    @Option(parsing: .upToNextOption, help: "Algorithms (dense, allgather, ring, rsa, ulysses, lasp1, lasp2, tpla).") var algorithm: [String] = ["ring", "ulysses", "lasp2"]
+    @Option(parsing: .upToNextOption, help: "Algorithms (dense, allgather, ring, rsa, ulysses, usp, lasp1, lasp2, tpla).") var algorithm: [String] = ["ring", "ulysses", "lasp2"]
+    @Option(parsing: .upToNextOption, help: "usp: Ulysses degrees U (one prediction per value).") var ulyssesDegree: [Int] = [2]
     @Option(parsing: .upToNextOption, help: "Sequence lengths.") var seqLen: [Int] = [65536]
     @Option(parsing: .upToNextOption, help: "Rank counts.") var ranks: [Int] = [1, 2, 4, 8, 16]
     @Option(help: "Query heads H.") var heads = 16
@@ -63,9 +64,11 @@ struct ModelPredict: ParsableCommand {
             let columns = [("algorithm", 11), ("ranks", 7), ("L", 10), ("time_s", 12), ("compute_s", 12), ("comm_s", 12), ("exposed_s", 12), ("tokens/s", 12)]
             print("# seqpar model predict: H=\(heads) G=\(kvHeads ?? heads) D=\(headDim) \(full ? "full" : "causal") \(layout.rawValue) \(backward ? "backward" : "forward"), \(model.ranksPerHost) ranks per host, " + (model.network.map { "network \($0)" } ?? "measured links"))
             print(columns.map { Report.pad($0.0, $0.1) }.joined())
-            for a in algorithm { for l in seqLen { for p in ranks {
-                let q = CostModel.Problem(algorithm: a, seqLen: l, heads: heads, kvHeads: kvHeads, headDim: headDim, causal: !full, layout: layout,
+            for a in algorithm { for u in a == "usp" ? ulyssesDegree : [1] { for l in seqLen { for p in ranks {
+                var q = CostModel.Problem(algorithm: a, seqLen: l, heads: heads, kvHeads: kvHeads, headDim: headDim, causal: !full, layout: layout,
                                           direction: backward ? "backward" : "forward", ranks: p, ranksPerHost: model.ranksPerHost)
+                q.ulyssesDegree = u
+                let a = a == "usp" ? "usp U=\(u)" : a
                 let r: CostModel.Prediction
                 do { r = try m.predict(q) } catch {
                     print(zip([a, "\(p)", "\(l)", "n/a"], columns).map { Report.pad($0, $1.1) }.joined() + "(\(error))"); continue
@@ -73,7 +76,7 @@ struct ModelPredict: ParsableCommand {
                 let cells = [a, "\(p)", "\(l)", String(format: "%.4g", r.timeS), String(format: "%.4g", r.computeS), String(format: "%.4g", r.commS),
                              String(format: "%.4g", r.exposedCommS), String(format: "%.4g", Double(l) / r.timeS)]
                 print(zip(cells, columns).map { Report.pad($0, $1.1) }.joined())
-            } } }
+            } } } }
         }
     }
 }

@@ -122,6 +122,27 @@ func figure(_ algorithm: String, ranks: Int, seqLen: Int, time: Double, gflops: 
         }
     }
 
+    /// USP: ring attention over P/U ranks on H/U heads plus the group's all-to-alls; U = 1 is the ring's prediction;
+    /// a degree that does not fit is refused.
+    @Test func uspIsRingOverGroupsPlusAllToAlls() throws {
+        let m = flatModel()
+        for direction in ["forward", "backward"] {
+            var ring = CostModel.Problem(algorithm: "ring", seqLen: 8192, heads: 8, headDim: 64, layout: .zigzag, direction: direction, ranks: 8, ranksPerHost: 16)
+            var usp = ring
+            usp.algorithm = "usp"
+            #expect(try m.predict(usp).timeS == m.predict(ring).timeS, "U = 1")
+            usp.ulyssesDegree = 2
+            ring.ranks = 4
+            ring.heads = 4
+            ring.kvHeads = 4
+            let grid = try m.predict(usp), inner = try m.predict(ring)
+            // The same ring on 4 groups of 4 heads, plus the all-to-alls, which add to the time and the communication alike.
+            #expect(grid.timeS > inner.timeS && abs(grid.commS - inner.commS - (grid.timeS - inner.timeS)) < 1e-12, "\(grid) \(inner)")
+            usp.ulyssesDegree = 3
+            #expect(throws: SeqParError.self) { try m.predict(usp) }
+        }
+    }
+
     @Test func ringStepsOverlapAsTheFormulaSays() throws {
         var m = flatModel()
         m.overlap["forward"] = 0.5
