@@ -19,8 +19,9 @@
 // H/G). U = 1 is ring attention and U = P is Ulysses, bit for bit: the same kernels on the same blocks.
 // Communication per rank, forward: two all-to-alls inside the group (as Ulysses on U ranks: fast links), and R - 1 ring
 // messages across groups, each the group's K/V for this rank's heads (U C tokens x G/U kv heads: the bytes of a ring
-// message of C tokens x G heads). Ring attention sends P - 1 such messages, so with one group per host the bytes that
-// cross between hosts fall by about (P - 1) / (R - 1) against it (`AttentionRunReport.crossHostBytes` measures it).
+// message of C tokens x G heads). Ring attention sends P - 1 such messages, some between hosts; with one group per host
+// USP's R - 1 all cross, but there are fewer of them, and Ulysses' all-to-alls stay inside the hosts: on 2 hosts of 2
+// ranks, 0.67x the bytes ring attention sends between hosts and 0.50x Ulysses' (`AttentionRunReport.crossHostBytes`).
 // Precision: as Ulysses for the all-to-alls (q, k, v, o, dO in bf16 in a bf16 run; lse and gradients fp32) and as ring
 // attention for the ring (K/V blocks bf16, dK/dV accumulators fp32).
 
