@@ -109,6 +109,23 @@ public enum LinearAttention {
         func absorb(_ m: Int) -> [Float]? { decays ? (m == n ? fullAbsorb : absorbWeights(lambda, rows: m, direction)) : nil }
         /// The state's decay across a block of `m` rows (0 before the first block: the state starts empty).
         func beta(_ m: Int, step: Int) -> Float { step == 0 ? 0 : (m == n ? fullBeta : powers(lambda, [m])[0]) }
+
+        /// The same three for a block that documents `cut` (both precisions): rows the passed state does not reach,
+        /// or that do not enter the state passed on, weigh 0, and a cut block replaces the state (beta 0).
+        func term(_ m: Int, cut: BlockDocuments?) -> [Float]? {
+            cut.map { BlockDocuments.masked(term(m), rows: m, keep: $0.termRows) } ?? term(m)
+        }
+        func absorb(_ m: Int, cut: BlockDocuments?) -> [Float]? {
+            cut.map { BlockDocuments.masked(absorb(m), rows: m, keep: $0.absorbRows) } ?? absorb(m)
+        }
+        func beta(_ m: Int, step: Int, cut: BlockDocuments?) -> Float { cut == nil ? beta(m, step: step) : 0 }
+    }
+
+    /// A chunk's blocks of `n` rows in the order `direction` passes them, each with where documents (`starts`) cut
+    /// it (both precisions).
+    static func blockSchedule(rows: Int, block n: Int, _ direction: Direction, starts: [Int]) -> [(r0: Int, cut: BlockDocuments?)] {
+        let blocks = Array(stride(from: 0, to: rows, by: n))
+        return (direction == .forward ? blocks : blocks.reversed()).map { ($0, BlockDocuments(starts: starts, block: $0, min($0 + n, rows), direction)) }
     }
 
     /// Where documents cut one block [r0, r1) of a chunk (local rows 0..<m of the block), for `direction`. A block
@@ -260,9 +277,7 @@ public enum LinearAttention {
         let state = Tensor(zeros: [1, 1, db, dc])
         // `stateView` is a raw view: keep the tensor alive to the end.
         defer { scores.deallocate(); scratch.deallocate(); fullMask.deallocate(); withExtendedLifetime(state) {} }
-        let blocks = Array(stride(from: 0, to: rows, by: n))
-        let order = direction == .forward ? blocks : blocks.reversed()
-        let cuts = order.map { BlockDocuments(starts: starts, block: $0, min($0 + n, rows), direction) }
+        let schedule = blockSchedule(rows: rows, block: n, direction, starts: starts)
         for h in 0..<heads {
             fullMask.update(from: mask(decay[h], rows: n, direction), count: n * n)
             let weights = BlockWeights(decay[h], rows: n, direction)
@@ -270,13 +285,11 @@ public enum LinearAttention {
                 let (ah, bh, ch, oh) = (view(a, batch: bi, head: h, heads: heads), view(b, batch: bi, head: h, heads: heads),
                                         view(c, batch: bi, head: h, heads: heads), view(out, batch: bi, head: h, heads: heads))
                 let s = stateView(state, batch: 0, head: 0)
-                for (step, r0) in order.enumerated() {
+                for (step, (r0, cut)) in schedule.enumerated() {
                     let r1 = min(r0 + n, rows), m = r1 - r0
                     let (ab, bb, cb, ob) = (ah.rows(r0..<r1), bh.rows(r0..<r1), ch.rows(r0..<r1), oh.rows(r0..<r1))
-                    let cut = cuts[step]
                     if step > 0, cut.map({ !$0.termRows.isEmpty }) ?? true {
-                        let w = cut.map { BlockDocuments.masked(weights.term(m), rows: m, keep: $0.termRows) } ?? weights.term(m)
-                        addWeighted(ab, s, transposed: false, weights: w, into: ob, scratch: scratch)
+                        addWeighted(ab, s, transposed: false, weights: weights.term(m, cut: cut), into: ob, scratch: scratch)
                     }
                     let sm = Matrix(base: scores, rows: m, cols: m)
                     BLAS.gemm(ab, bb, transposeB: true, into: sm)
@@ -285,12 +298,8 @@ public enum LinearAttention {
                         cut?.cut(scores + i * m, i, m, direction)
                     }
                     BLAS.gemm(sm, cb, into: ob, beta: 1)
-                    if step + 1 < order.count {
-                        if let cut {
-                            absorb(bb, cb, weights: BlockDocuments.masked(weights.absorb(m), rows: m, keep: cut.absorbRows), beta: 0, into: s, scratch: scratch)
-                        } else {
-                            absorb(bb, cb, weights: weights.absorb(m), beta: weights.beta(m, step: step), into: s, scratch: scratch)
-                        }
+                    if step + 1 < schedule.count {
+                        absorb(bb, cb, weights: weights.absorb(m, cut: cut), beta: weights.beta(m, step: step, cut: cut), into: s, scratch: scratch)
                     }
                     progress()
                 }

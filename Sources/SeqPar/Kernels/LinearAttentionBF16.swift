@@ -76,9 +76,7 @@ extension LinearAttention {
         let state = Tensor(zeros: [1, 1, db, dc])
         let p = scratch.block.reserve(n * n)
         defer { scores.deallocate(); tmp.deallocate(); fullMask.deallocate(); withExtendedLifetime(state) {} }
-        let blocks = Array(stride(from: 0, to: rows, by: n))
-        let order = direction == .forward ? blocks : blocks.reversed()
-        let cuts = order.map { BlockDocuments(starts: starts, block: $0, min($0 + n, rows), direction) }
+        let schedule = blockSchedule(rows: rows, block: n, direction, starts: starts)
         for h in 0..<heads {
             fullMask.update(from: mask(decay[h], rows: n, direction), count: n * n)
             let weights = BlockWeights(decay[h], rows: n, direction)
@@ -88,13 +86,11 @@ extension LinearAttention {
                 let bb = scratch.convert(bh, into: scratch.b)
                 let cb = scratch.convert(view(c, batch: bi, head: h, heads: heads), into: scratch.c)
                 let s = stateView(state, batch: 0, head: 0)
-                for (step, r0) in order.enumerated() {
+                for (step, (r0, cut)) in schedule.enumerated() {
                     let r1 = min(r0 + n, rows), m = r1 - r0
                     let ob = oh.rows(r0..<r1)
-                    let cut = cuts[step]
                     if step > 0, cut.map({ !$0.termRows.isEmpty }) ?? true {
-                        let w = cut.map { BlockDocuments.masked(weights.term(m), rows: m, keep: $0.termRows) } ?? weights.term(m)
-                        scratch.addWeighted(ab.rows(r0..<r1), s, transposed: false, weights: w, into: ob, tmp: tmp)
+                        scratch.addWeighted(ab.rows(r0..<r1), s, transposed: false, weights: weights.term(m, cut: cut), into: ob, tmp: tmp)
                     }
                     // The masked block: fp32 scores, the mask applied in fp32, rounded for the product with C.
                     scratch.dnn.gemm(ab.rows(r0..<r1), bb.rows(r0..<r1), transposeB: true, into: Matrix(base: scores, rows: m, cols: m))
@@ -103,10 +99,9 @@ extension LinearAttention {
                         cut?.cut(p + i * m, i, m, direction)
                     }
                     scratch.dnn.gemm(BF16Matrix(base: p, rows: m, cols: m), cb.rows(r0..<r1), into: ob, accumulate: true)
-                    if step + 1 < order.count {
-                        let absorbed = cut.map { BlockDocuments.masked(weights.absorb(m), rows: m, keep: $0.absorbRows) } ?? weights.absorb(m)
-                        let bw = absorbed.map { scratch.weightedRows(bh.rows(r0..<r1), $0) } ?? bb.rows(r0..<r1)
-                        scratch.absorb(bw, cb.rows(r0..<r1), beta: cut == nil ? weights.beta(m, step: step) : 0, into: s)
+                    if step + 1 < schedule.count {
+                        let bw = weights.absorb(m, cut: cut).map { scratch.weightedRows(bh.rows(r0..<r1), $0) } ?? bb.rows(r0..<r1)
+                        scratch.absorb(bw, cb.rows(r0..<r1), beta: weights.beta(m, step: step, cut: cut), into: s)
                     }
                     progress()
                 }

@@ -71,11 +71,6 @@ public struct Documents: Sendable, Equatable, Codable, CustomStringConvertible {
         return offsets[d]..<offsets[d + 1]
     }
 
-    /// The first positions of documents strictly inside `range` (where linear attention restarts its state).
-    public func starts(in range: Range<Int>) -> [Int] {
-        offsets.dropLast().filter { $0 > range.lowerBound && $0 < range.upperBound }
-    }
-
     /// A list for messages: every value up to 12, then the first and last few.
     static func list(_ values: [Int]) -> String {
         values.count <= 12 ? values.map(String.init).joined(separator: ",")
