@@ -18,15 +18,17 @@ public enum VectorMath {
         let magic = V(repeating: 12582912)
         let t = xc * 1.44269504088896341 + magic
         let n = t - magic
-        var r = xc - n * 0.693359375
-        r = r - n * -2.12194440e-4
+        // Fused multiply-adds (addingProduct): Swift does not contract a * b + c into one, and the polynomial is most
+        // of the exponential's work (see exp2NonPositive for what it gave there).
+        var r = xc.addingProduct(n, -0.693359375)
+        r = r.addingProduct(n, 2.12194440e-4)
         var p = V(repeating: 1.9875691500e-4)
-        p = p * r + 1.3981999507e-3
-        p = p * r + 8.3334519073e-3
-        p = p * r + 4.1665795894e-2
-        p = p * r + 1.6666665459e-1
-        p = p * r + 5.0000001201e-1
-        let y = p * r * r + r + 1
+        p = V(repeating: 1.3981999507e-3).addingProduct(p, r)
+        p = V(repeating: 8.3334519073e-3).addingProduct(p, r)
+        p = V(repeating: 4.1665795894e-2).addingProduct(p, r)
+        p = V(repeating: 1.6666665459e-1).addingProduct(p, r)
+        p = V(repeating: 5.0000001201e-1).addingProduct(p, r)
+        let y = (r + 1).addingProduct(p, r * r)
         // 2^n: n is in [-126, 127] after the clamp, so n + 127 is a valid biased exponent.
         let integer = unsafeBitCast(t, to: SIMD16<Int32>.self) &- 0x4B40_0000
         let scale = unsafeBitCast((integer &+ 127) &<< 23, to: V.self)
@@ -63,14 +65,14 @@ public enum VectorMath {
         let va = V(repeating: a), vb = V(repeating: b)
         while i + 16 <= n {
             let raw = UnsafeMutableRawPointer(p + i)
-            let e = exp(raw.loadUnaligned(as: V.self) * va - vb)
+            let e = exp((-vb).addingProduct(raw.loadUnaligned(as: V.self), va))
             raw.storeBytes(of: e, as: V.self)
             acc += e
             i += 16
         }
         if i < n {
             var tail = V(repeating: -.infinity)
-            for j in 0..<(n - i) { tail[j] = p[i + j] * a - b }
+            for j in 0..<(n - i) { tail[j] = (-b).addingProduct(p[i + j], a) }
             let e = exp(tail)
             for j in 0..<(n - i) { p[i + j] = e[j] }
             acc += e
