@@ -34,7 +34,9 @@ let targetCPU: String? = {
     return nil
     #endif
 }()
-let kernelSettings: [SwiftSetting] = targetCPU.map { [.unsafeFlags(["-target-cpu", $0])] } ?? []
+// Both CPU names above have FMA: SEQPAR_FMA lets the kernels fuse their multiply-adds (VectorMath.multiplyAdd), which a
+// generic x86-64 build must not (each would become a call to the C library's software fmaf).
+let kernelSettings: [SwiftSetting] = targetCPU.map { [.unsafeFlags(["-target-cpu", $0]), .define("SEQPAR_FMA")] } ?? []
 
 let package = Package(
     name: "SeqPar",

@@ -11,6 +11,10 @@
 #   benchmarks/bf16-figures.sh latent   decode step at 32K context, TP-MLA and TPLA, H 16 and 128, 4 ranks, fp32 then bf16
 #   benchmarks/bf16-figures.sh lasp     LASP-2 (with LASP-1 beside it), 16 ranks, L 262144, H 8, D 128, decay 0.99,
 #                                       forward and backward, fp32 then bf16
+#   benchmarks/bf16-figures.sh rounds   the ring's bf16 figure of issue 17 as rounds (ROUNDS, default 5): SeqPar's ring
+#                                       (16 ranks, zigzag causal, L 16384, H 8, D 128, forward and backward, median of 3
+#                                       after a warm-up) then PyTorch SDPA bf16 on 16 threads, back to back in each round;
+#                                       rounds.txt has each round's ratio and their median (benchmarks/peers/rounds.py)
 #   benchmarks/bf16-figures.sh ceiling  the kernel alone on all 16 cores at once (16 ranks, each its own problem): the
 #                                       host's rate per rank when every core computes, at the ring's block size (1024
 #                                       queries, causal) and at L 4096, fp32 and bf16: what a 16-rank ring can reach
@@ -26,7 +30,7 @@ mkdir -p "$OUT"
 . "$(dirname "$0")/common.sh"
 export OMP_NUM_THREADS=1
 PEER="python3 $(dirname "$0")/peers/torch_sdpa.py"
-parts=${*:-kernel ring ceiling latent lasp verbose}
+parts=${*:-kernel ring rounds ceiling latent lasp verbose}
 
 "$BIN" info > "$OUT/info.txt" 2>&1
 
@@ -52,6 +56,16 @@ ring)
         $PEER --threads 16 --seq-len 16384 --heads 8 --head-dim 128 --causal --backward --dtype $dtype >> "$OUT/peer-ring.jsonl" 2>> "$OUT/log.txt"
     done
     ;;
+rounds)
+    for round in $(seq 1 "${ROUNDS:-5}"); do
+        $MPIRUN -np 16 --bind-to core "$BIN" bench attention --algorithm ring --layout zigzag --causal --seq-len 16384 --heads 8 \
+            --head-dim 128 --precision bf16 --repeats 3 --warmup 1 --no-baseline --json 2>> "$OUT/log.txt" \
+            | sed "s/^{/{\"round\": $round, /" >> "$OUT/rounds.jsonl"
+        $PEER --threads 16 --seq-len 16384 --heads 8 --head-dim 128 --causal --backward --dtype bfloat16 2>> "$OUT/log.txt" \
+            | sed "s/^{/{\"round\": $round, /" >> "$OUT/rounds.jsonl"
+    done
+    python3 "$(dirname "$0")/peers/rounds.py" "$OUT/rounds.jsonl" > "$OUT/rounds.txt"
+    ;;
 ceiling)
     echo "# $MPIRUN -np 16 --bind-to core $BIN bench kernel --seq-len 1024 4096 --head-dim 128 --heads 8 --mask causal --forward-only --precision fp32 bf16" >> "$OUT/ceiling.txt"
     $MPIRUN -np 16 --bind-to core "$BIN" bench kernel --seq-len 1024 4096 --head-dim 128 --heads 8 --mask causal --forward-only \
@@ -73,6 +87,6 @@ verbose)
     DNNL_VERBOSE=1 "$BIN" bench kernel --seq-len 1024 --head-dim 128 --precision bf16 --repeats 1 --warmup 0 --mask causal 2>&1 \
         | grep -E 'verbose,(create|exec)' | awk -F, -v OFS=, '{NF--; print}' | sort | uniq -c | sort -rn | head -40 > "$OUT/verbose.txt"
     ;;
-*) echo "unknown part $part: give kernel, ring, ceiling, latent, lasp or verbose" >&2; exit 64 ;;
+*) echo "unknown part $part: give kernel, ring, rounds, ceiling, latent, lasp or verbose" >&2; exit 64 ;;
 esac
 done
