@@ -2,7 +2,7 @@
 """SeqPar against a peer, round by round: reads JSON lines of `seqpar bench attention --json` and torch_sdpa.py, each
 tagged with a "round" field, and prints each round's GFLOP/s and ratio (SeqPar over the peer) per direction, then the
 median ratio over the rounds. The host's speed drifts by 2x between calls and within one (benchmarks/results/bf16/
-run-fb94a7e): a ratio of two figures taken minutes apart says little, one of figures taken back to back says more, and
+run-1f3bde5): a ratio of two figures taken minutes apart says little, one of figures taken back to back says more, and
 the median of several such rounds most.
 
 Usage: rounds.py FILE.jsonl [--algorithm ring]
