@@ -49,7 +49,7 @@ enum Provenance {
 struct KernelBenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "kernel",
-        abstract: "Kernel GFLOP/s on one rank (blockwise softmax, chunkwise linear), over OpenBLAS sgemm GFLOP/s measured in the same run, with the shares of time in sgemm, exp and the rest.",
+        abstract: "Kernel GFLOP/s on one rank (blockwise softmax, chunkwise linear), over the baseline of its precision measured in the same run (OpenBLAS sgemm, oneDNN's bf16 matmul), with the shares of time in the products, the softmax passes and the rest.",
         discussion: """
         Under mpirun -np P (or --ranks P) every rank runs the same figures at once, as the ranks of a job would share \
         the host's cores and memory; the time is the slowest rank's. The linear kernel is causal with --decay.
@@ -116,7 +116,7 @@ struct KernelBenchCommand: ParsableCommand {
         guard let (results, backend, sgemm, matmul) = out else { return }
         if json { results.forEach { print(Report.json($0)) }; return }
         let columns = [("kernel", 18), ("prec", 5), ("direction", 10), ("L", 7), ("H", 4), ("D", 5), ("mask", 14), ("time_s", 10), ("GFLOP/s", 9),
-                       ("rank_min-max", 14), ("baseline", 9), ("ratio", 7), ("gemm", 6), ("exp", 6), ("other", 6)]
+                       ("rank_min-max", 14), ("baseline", 9), ("ratio", 7), ("gemm", 6), ("softmax", 8), ("exp", 6), ("other", 6)]
         (Provenance.header("bench kernel") + [
             "# \(backend.ranks) rank(s) at once, backend \(backend.name), \(threads) BLAS thread(s) each; time: the slowest rank's median of \(repeats) after \(warmup) warm-up",
             String(format: "# baseline fp32: OpenBLAS sgemm %dx%dx%d: %.1f GFLOP/s (the slowest rank's)", sgemmSize, sgemmSize, sgemmSize, sgemm)]
@@ -125,7 +125,8 @@ struct KernelBenchCommand: ParsableCommand {
                                     OneDNN.hasBF16Matmul ? "" : "; oneDNN has no bf16 matmul here: emulated on OpenBLAS")] } ?? []) + [
             "# ratio: GFLOP/s over the baseline of the row's precision",
             "# FLOPs: softmax forward 4*H*L^2*D (half when causal), backward 2.5x; linear (chunk form, blocks of \(LinearAttention.blockRows)) 8*H*L*D^2 + 4*H*L*\(LinearAttention.blockRows)*D, backward 3x",
-            "# gemm, exp, other: shares of one profiled run's time (sgemm timed per call; exponentials counted x their cost per element in this run)",
+            "# gemm, softmax, other: shares of one profiled run's time (each product and each tile's softmax pass timed), adding up to 100%;",
+            "# exp: the exponentials' part of softmax (counted x their cost per element in this run)",
             columns.map { Report.pad($0.0, $0.1) }.joined(),
         ]).forEach { print($0) }
         for r in results {
@@ -133,7 +134,8 @@ struct KernelBenchCommand: ParsableCommand {
             let cells = [r.kernel, r.precision.rawValue, r.direction, "\(r.seqLen)", "\(r.heads)", "\(r.headDim)", mask, String(format: "%.4f", r.timeS),
                          String(format: "%.1f", r.gflops), String(format: "%.1f-%.1f", r.rankGflopsMin, r.rankGflopsMax),
                          String(format: "%.1f", r.bf16MatmulGflops.flatMap { r.precision == .bf16 ? $0 : nil } ?? r.sgemmGflops), String(format: "%.2f", r.ratio),
-                         String(format: "%.0f%%", 100 * r.gemmFraction), String(format: "%.0f%%", 100 * r.expFraction), String(format: "%.0f%%", 100 * r.otherFraction)]
+                         String(format: "%.0f%%", 100 * r.gemmFraction), String(format: "%.0f%%", 100 * r.softmaxFraction),
+                         String(format: "%.0f%%", 100 * r.expFraction), String(format: "%.0f%%", 100 * r.otherFraction)]
             print(zip(cells, columns).map { Report.pad($0, $1.1) }.joined())
         }
     }

@@ -254,11 +254,15 @@ extension CostModelTests {
                                               repeats: 1, warmup: 0, comm: solo)
         #expect(results.map(\.direction) == ["forward", "backward"])
         for r in results {
-            #expect(r.gemmFraction > 0 && r.expFraction >= 0 && r.otherFraction >= 0)
-            #expect(abs(r.gemmFraction + r.expFraction + r.otherFraction - 1) < 1e-12)
+            #expect(r.gemmFraction > 0 && r.softmaxFraction >= 0 && r.expFraction >= 0 && r.otherFraction >= 0)
+            #expect(abs(r.gemmFraction + r.softmaxFraction + r.otherFraction - 1) < 1e-12)
             #expect(r.gflops > 0 && r.rankGflopsMin <= r.rankGflopsMax)
             #expect(r.rankGflops.count == r.ranks && r.rankGflops.min() == r.rankGflopsMin && r.rankGflops.max() == r.rankGflopsMax)
-            if kernel == .softmax { #expect(r.expFraction > 0) } else { #expect(r.expFraction == 0) }
+            if kernel == .softmax {
+                #expect(r.softmaxFraction > 0 && r.expFraction > 0 && r.expFraction <= r.softmaxFraction)
+            } else {
+                #expect(r.softmaxFraction == 0 && r.expFraction == 0)
+            }
         }
     }
 

@@ -31,8 +31,10 @@ public struct KernelBenchResult: Codable, Sendable {
     public var ratio: Double
     public var blasThreads: Int
     public var repeats: Int
-    /// Shares of the profiled run's time: inside sgemm, in exponentials (count x cost per element), the rest.
-    public var gemmFraction: Double, expFraction: Double, otherFraction: Double
+    /// Shares of the profiled run's time: inside the products (sgemm or oneDNN's matmul; measured), in the softmax
+    /// kernels' row passes over the score tiles (measured; 0 for the linear kernel), and the rest; they add up to 1.
+    /// `expFraction` is the exponentials' part (count x cost per element, an estimate) of the softmax share.
+    public var gemmFraction: Double, softmaxFraction: Double, expFraction: Double, otherFraction: Double
     /// Linear kernel only: the decay per head.
     public var decay: Float?
     /// The fastest and slowest rank's GFLOP/s.
@@ -137,7 +139,7 @@ public enum KernelBench {
             try comm.barrier()
             let mine = time(repeats: repeats, warmup: warmup, call)
             // One profiled call at a time per process: simulated ranks (threads of one process) take turns.
-            var p = (seconds: 1.0, gemmSeconds: 0.0, expElements: 0, scoreElements: 0)
+            var p = (seconds: 1.0, gemmSeconds: 0.0, softmaxSeconds: 0.0, expElements: 0, scoreElements: 0)
             for turn in 0..<(profileInTurns ? comm.size : 1) {
                 if profileInTurns { try comm.barrier() }
                 if !profileInTurns || turn == comm.rank { p = KernelProfile.measure(call) }
@@ -149,16 +151,19 @@ public enum KernelBench {
             let slowest = rankMedians.indices.max { rankMedians[$0] < rankMedians[$1] }!
             let spread = try comm.allGather([mine.median, mine.min, mine.max])[slowest]
             let t = Timing(median: spread[0], min: spread[1], max: spread[2])
-            let shares = try comm.allReduce([Double(p.expElements) * expCost / p.seconds, p.gemmSeconds / p.seconds], op: .sum).map { $0 / Double(comm.size) }
-            // The GEMM time is measured, the exponentials' is estimated (count x cost): the estimate yields.
+            let shares = try comm.allReduce([Double(p.expElements) * expCost / p.seconds, p.gemmSeconds / p.seconds, p.softmaxSeconds / p.seconds],
+                                            op: .sum).map { $0 / Double(comm.size) }
+            // The products' and the softmax passes' times are measured, the exponentials' estimated (count x cost):
+            // the estimate yields, to the share it is part of.
             let gemmShare = min(shares[1], 1)
-            let expShare = min(shares[0], 1 - gemmShare)
+            let softmaxShare = min(shares[2], 1 - gemmShare)
+            let expShare = min(shares[0], kernel == .softmax ? softmaxShare : 1 - gemmShare - softmaxShare)
             return KernelBenchResult(kernel: kernel.name, direction: direction, ranks: comm.size, batch: s.batch, seqLen: s.seqLen, heads: s.heads,
                                      kvHeads: s.kvHeads, headDim: s.headDim, causal: options.causal, timeS: t.median, timeMinS: t.min, timeMaxS: t.max,
                                      gflops: f / t.median / 1e9, sgemmGflops: sgemmGflops, precision: precision,
                                      bf16MatmulGflops: bf16MatmulGflops, ratio: f / t.median / 1e9 / baseline,
-                                     blasThreads: BLAS.threads, repeats: repeats, gemmFraction: gemmShare, expFraction: expShare,
-                                     otherFraction: 1 - gemmShare - expShare, decay: kernel == .linear ? decay : nil,
+                                     blasThreads: BLAS.threads, repeats: repeats, gemmFraction: gemmShare, softmaxFraction: softmaxShare,
+                                     expFraction: expShare, otherFraction: 1 - gemmShare - softmaxShare, decay: kernel == .linear ? decay : nil,
                                      rankGflopsMin: f / rankMedians.max()! / 1e9, rankGflopsMax: f / rankMedians.min()! / 1e9,
                                      rankGflops: rankMedians.map { f / $0 / 1e9 })
         }

@@ -151,6 +151,7 @@ public enum SoftmaxAttention {
                 let s = Matrix(base: scores, rows: rows, cols: width)
                 KernelProfile.countScores(rows * width)
                 BLAS.gemm(qh.rows(i0..<i1), kg.rows(j0..<j1), transposeB: true, into: s, alpha: scale)
+                let softmaxStarted = KernelProfile.softmaxStart()
                 for i in 0..<rows {
                     let row = scores + i * width
                     let (a, b) = segment(windows, row: i0 + i, tile: j0, width: width)
@@ -161,6 +162,7 @@ public enum SoftmaxAttention {
                     (row + b).update(repeating: 0, count: width - b)
                     absorb(sum: sum, max: newMax, row: i, scratch.rowMax, scratch.rowSum, output: oh.base + (i0 + i) * oh.ld, dv)
                 }
+                KernelProfile.softmaxEnd(softmaxStarted)
                 BLAS.gemm(s, vg.rows(j0..<j1), into: oh.rows(i0..<i1), beta: 1)
             }
             finish(rows: i0..<i1, scratch.rowMax, scratch.rowSum, output: oh, lse: lseRow)
@@ -217,6 +219,7 @@ public enum SoftmaxAttention {
                     let pm = Matrix(base: p, rows: rows, cols: width), dpm = Matrix(base: dp, rows: rows, cols: width)
                     BLAS.gemm(qh.rows(i0..<i1), kg.rows(j0..<j1), transposeB: true, into: pm, alpha: scale)
                     BLAS.gemm(doh.rows(i0..<i1), vg.rows(j0..<j1), transposeB: true, into: dpm)
+                    let softmaxStarted = KernelProfile.softmaxStart()
                     for i in 0..<rows {
                         let (a, b) = segment(windows, row: i0 + i, tile: j0, width: width)
                         let pr = p + i * width, dpr = dp + i * width
@@ -225,6 +228,7 @@ public enum SoftmaxAttention {
                         (pr + b).update(repeating: 0, count: width - b)
                         VectorMath.softmaxGradient(probabilities: pr, gradient: dpr, width, rowDot: rowDot[i])
                     }
+                    KernelProfile.softmaxEnd(softmaxStarted)
                     // dpm now holds dS = P * (dP - rowDot).
                     BLAS.gemm(dpm, kg.rows(j0..<j1), into: dqh.rows(i0..<i1), alpha: scale, beta: 1)
                     BLAS.gemm(dpm, transposeA: true, qh.rows(i0..<i1), into: dkg.rows(j0..<j1), alpha: scale, beta: 1)

@@ -141,6 +141,7 @@ extension SoftmaxAttention {
                 let s = Matrix(base: scores, rows: rows, cols: width)
                 KernelProfile.countScores(rows * width)
                 scratch.dnn.gemm(qh.rows(i0..<i1), kg.rows(j0..<j1), transposeB: true, into: s)
+                let softmaxStarted = KernelProfile.softmaxStart()
                 for i in 0..<rows {
                     let row = scores + i * width, prow = p + i * width
                     let (a, b) = segment(windows, row: i0 + i, tile: j0, width: width)
@@ -152,6 +153,7 @@ extension SoftmaxAttention {
                     (prow + b).update(repeating: 0, count: width - b)
                     absorb(sum: sum, max: newMax, row: i, scratch.rowMax, scratch.rowSum, output: oh.base + (i0 + i) * oh.ld, dv)
                 }
+                KernelProfile.softmaxEnd(softmaxStarted)
                 scratch.dnn.gemm(BF16Matrix(base: p, rows: rows, cols: width), vg.rows(j0..<j1), into: oh.rows(i0..<i1), accumulate: true)
             }
             finish(rows: i0..<i1, scratch.rowMax, scratch.rowSum, output: oh, lse: lseRow)
@@ -187,6 +189,7 @@ extension SoftmaxAttention {
                     let sm = Matrix(base: scratch.scores, rows: rows, cols: width), dpm = Matrix(base: scratch.dp, rows: rows, cols: width)
                     scratch.dnn.gemm(qb.rows(i0..<i1), kb.rows(j0..<j1), transposeB: true, into: sm)
                     scratch.dnn.gemm(dob.rows(i0..<i1), vb.rows(j0..<j1), transposeB: true, into: dpm)
+                    let softmaxStarted = KernelProfile.softmaxStart()
                     for i in 0..<rows {
                         let (a, b) = segment(windows, row: i0 + i, tile: j0, width: width)
                         let (pr, dsr) = (p + i * width, ds + i * width)
@@ -196,6 +199,7 @@ extension SoftmaxAttention {
                                                        valid: b - a, scale: scale, lse: lseRow[i0 + i], rowDot: rowDot[i],
                                                        probabilities: pr + a, scaledGradient: dsr + a)
                     }
+                    KernelProfile.softmaxEnd(softmaxStarted)
                     let pm = BF16Matrix(base: p, rows: rows, cols: width), dsm = BF16Matrix(base: ds, rows: rows, cols: width)
                     // ds holds scale * P * (dP - rowDot), rounded: dQ += dS K, dK += dS^T Q, dV += P^T dO.
                     scratch.dnn.gemm(dsm, kb.rows(j0..<j1), into: dqh.rows(i0..<i1), accumulate: true)

@@ -1,5 +1,6 @@
-// Where a kernel's time goes, for `seqpar bench kernel`: time inside OpenBLAS sgemm (each call timed; a tile
-// product is tens of microseconds, so the clock's cost is noise), exponentials (counted, not timed: a row of 128 is
+// Where a kernel's time goes, for `seqpar bench kernel`: time inside the products (OpenBLAS sgemm, oneDNN's matmul) and
+// in the softmax kernels' row passes over each score tile (each timed; a tile product or pass is tens of
+// microseconds, so the clock's cost is noise), exponentials (counted, not timed: a row of 128 is
 // a few dozen nanoseconds, as short as a clock read, so the count is multiplied by the cost per element measured
 // on rows of the kernel's key-tile length in the same run), and the rest by subtraction. Off unless a benchmark turns it on:
 // then each hook costs one branch on a plain flag.
@@ -16,6 +17,9 @@ public enum KernelProfile {
     nonisolated(unsafe) static var owner = pthread_self()
     @inline(__always) static var on: Bool { profiling && pthread_equal(owner, pthread_self()) != 0 }
     static let gemmNanoseconds = Atomic<Int>(0)
+    /// Time in the softmax kernels' row passes over a score tile (max, exponentials, rounding P, masking, the online
+    /// rescaling; backward: P and dS): timed per tile, tens of microseconds, like a product.
+    static let softmaxNanoseconds = Atomic<Int>(0)
     static let expElements = Atomic<Int>(0)
     /// Score elements the softmax kernels' forward multiplied (rows x width of every score tile): the work their tile
     /// skipping leaves, which tests compare with the mask's.
@@ -37,12 +41,19 @@ public enum KernelProfile {
         if start != 0 { gemmNanoseconds.add(Int(DispatchClock.nanoseconds() - start), ordering: .relaxed) }
     }
 
-    /// One profiled call of `body`: its wall time, the seconds inside sgemm, the exponentials evaluated, and the
-    /// score elements the softmax forward multiplied.
-    public static func measure(_ body: () -> Void) -> (seconds: Double, gemmSeconds: Double, expElements: Int, scoreElements: Int) {
+    @inline(__always) static func softmaxStart() -> UInt64 { on ? DispatchClock.nanoseconds() : 0 }
+
+    @inline(__always) static func softmaxEnd(_ start: UInt64) {
+        if start != 0 { softmaxNanoseconds.add(Int(DispatchClock.nanoseconds() - start), ordering: .relaxed) }
+    }
+
+    /// One profiled call of `body`: its wall time, the seconds inside the products (sgemm or oneDNN's matmul), the
+    /// seconds in the softmax row passes, the exponentials evaluated, and the score elements the softmax forward multiplied.
+    public static func measure(_ body: () -> Void) -> (seconds: Double, gemmSeconds: Double, softmaxSeconds: Double, expElements: Int, scoreElements: Int) {
         lock.lock()
         defer { lock.unlock() }
         gemmNanoseconds.store(0, ordering: .relaxed)
+        softmaxNanoseconds.store(0, ordering: .relaxed)
         expElements.store(0, ordering: .relaxed)
         scoreElements.store(0, ordering: .relaxed)
         owner = pthread_self()
@@ -51,8 +62,8 @@ public enum KernelProfile {
         body()
         let seconds = SystemInfo.now() - t
         profiling = false
-        return (seconds, Double(gemmNanoseconds.load(ordering: .relaxed)) * 1e-9, expElements.load(ordering: .relaxed),
-                scoreElements.load(ordering: .relaxed))
+        return (seconds, Double(gemmNanoseconds.load(ordering: .relaxed)) * 1e-9, Double(softmaxNanoseconds.load(ordering: .relaxed)) * 1e-9,
+                expElements.load(ordering: .relaxed), scoreElements.load(ordering: .relaxed))
     }
 
     /// Seconds per element of `VectorMath.expInPlace` on rows of `rowLength` already in cache, as the kernel calls it
