@@ -46,6 +46,82 @@ private func _exp2(_ x: Double) -> Double { Glibc.exp2(x) }
     }
 }
 
+/// The packing of K and V tiles into oneDNN's blocked layout for B (`BA16a64b2a` on AMX), against the layout's
+/// definition element by element: B[r][c] sits at (c / 64) strideN + (r / 32) strideK + ((r % 32) / 2) 128 + (c % 64) 2 + r % 2.
+/// (Only a CPU with oneDNN's bf16 matmul packs in the kernels; the layout arithmetic is checked everywhere.)
+@Suite struct BF16PackTests {
+    static func layout(k: Int, n: Int) -> OneDNN.PackLayout {
+        OneDNN.PackLayout(id: 0, k: k, n: n, kBlock: 32, nBlock: 64, strideK: 32 * 64, strideN: k / 32 * 32 * 64, count: k * n)
+    }
+
+    static func offset(_ r: Int, _ c: Int, _ l: OneDNN.PackLayout) -> Int {
+        (c / 64) * l.strideN + (r / 32) * l.strideK + ((r % 32) / 2) * 128 + (c % 64) * 2 + r % 2
+    }
+
+    @Test func packPutsEveryElementWhereTheLayoutSays() {
+        let (k, n, ld) = (96, 128, 130)  // a V tile: 96 keys of a head dimension 128, rows ld apart
+        let l = Self.layout(k: k, n: n)
+        var src = [UInt16](repeating: 0, count: k * ld), dst = [UInt16](repeating: 0xFFFF, count: l.count)
+        for r in 0..<k { for c in 0..<n { src[r * ld + c] = UInt16(truncatingIfNeeded: r * 1000 + c) } }
+        src.withUnsafeMutableBufferPointer { s in
+            dst.withUnsafeMutableBufferPointer { d in _ = l.pack(BF16Matrix(base: s.baseAddress!, rows: k, cols: n, ld: ld), into: d.baseAddress!) }
+        }
+        var wrong = 0
+        for r in 0..<k { for c in 0..<n where dst[Self.offset(r, c, l)] != src[r * ld + c] { wrong += 1 } }
+        #expect(wrong == 0)
+    }
+
+    /// Where this CPU has oneDNN's bf16 matmul: products with B packed (K^T for S = Q K^T, V for P V, at the
+    /// kernel's tile shapes) equal the same products with B plain, to fp32 rounding of the accumulation order.
+    @Test(.enabled(if: OneDNN.hasBF16Matmul, "oneDNN has no bf16 matmul on this CPU: the kernels never pack here"))
+    func packedProductsEqualPlainOnes() throws {
+        let dnn = try OneDNN.context()
+        let (rows, keys, d) = (128, 512, 64)
+        let rng = CounterRandom(seed: 7, stream: 1)
+        var drawn = 0
+        func bf16(_ count: Int) -> [UInt16] { (0..<count).map { _ in drawn += 1; return BF16.bits(rng.normal(drawn)) } }
+        var q = bf16(rows * d), k = bf16(keys * d), v = bf16(keys * d), p = bf16(rows * keys)
+        var packed = [UInt16](repeating: 0, count: 2 * keys * d)
+        let lk = try #require(dnn.packLayout(k: d, n: keys)), lv = try #require(dnn.packLayout(k: keys, n: d))
+        var worst = 0.0
+        q.withUnsafeMutableBufferPointer { q in k.withUnsafeMutableBufferPointer { k in v.withUnsafeMutableBufferPointer { v in
+            p.withUnsafeMutableBufferPointer { p in packed.withUnsafeMutableBufferPointer { pk in
+                let (qm, km, vm, pm) = (BF16Matrix(base: q.baseAddress!, rows: rows, cols: d), BF16Matrix(base: k.baseAddress!, rows: keys, cols: d),
+                                        BF16Matrix(base: v.baseAddress!, rows: keys, cols: d), BF16Matrix(base: p.baseAddress!, rows: rows, cols: keys))
+                let packedK = lk.packTransposed(km, into: pk.baseAddress!), packedV = lv.pack(vm, into: pk.baseAddress! + lk.count)
+                for (plain, viaPack) in [(Tensor(zeros: [rows, keys]), Tensor(zeros: [rows, keys])), (Tensor(zeros: [rows, d]), Tensor(zeros: [rows, d]))] {
+                    if plain.shape[1] == keys {
+                        dnn.gemm(qm, km, transposeB: true, into: Matrix(base: plain.pointer, rows: plain.shape[0], cols: plain.shape[1]))
+                        dnn.gemm(qm, packed: packedK, into: Matrix(base: viaPack.pointer, rows: viaPack.shape[0], cols: viaPack.shape[1]))
+                    } else {
+                        dnn.gemm(pm, vm, into: Matrix(base: plain.pointer, rows: plain.shape[0], cols: plain.shape[1]))
+                        dnn.gemm(pm, packed: packedV, into: Matrix(base: viaPack.pointer, rows: viaPack.shape[0], cols: viaPack.shape[1]))
+                    }
+                    for i in 0..<plain.count {
+                        worst = max(worst, Double(abs(plain.pointer[i] - viaPack.pointer[i])) / max(1, Double(abs(plain.pointer[i]))))
+                    }
+                }
+            } }
+        } } }
+        #expect(worst < 1e-5, "packed against plain: \(worst)")
+    }
+
+    @Test func packTransposedPutsEveryElementWhereTheLayoutSays() {
+        let (keys, d, ld) = (192, 64, 72)  // a K tile: 192 keys of head dimension 64; B = K^T is 64 x 192
+        let l = Self.layout(k: d, n: keys)
+        var src = [UInt16](repeating: 0, count: keys * ld), dst = [UInt16](repeating: 0xFFFF, count: l.count)
+        for j in 0..<keys { for e in 0..<d { src[j * ld + e] = UInt16(truncatingIfNeeded: j * 100 + e) } }
+        src.withUnsafeMutableBufferPointer { s in
+            dst.withUnsafeMutableBufferPointer { dd in
+                _ = l.packTransposed(BF16Matrix(base: s.baseAddress!, rows: keys, cols: d, ld: ld), into: dd.baseAddress!)
+            }
+        }
+        var wrong = 0
+        for e in 0..<d { for j in 0..<keys where dst[Self.offset(e, j, l)] != src[j * ld + e] { wrong += 1 } }
+        #expect(wrong == 0)
+    }
+}
+
 @Suite struct BF16ExponentialTests {
     /// The bf16 kernels' base-2 exponential: within 6e-6 relative of exp2 in Double over the softmax's range, 0 below
     /// -126 and for -inf (masked scores), 1 at 0.
