@@ -19,8 +19,6 @@ extension SoftmaxAttention {
         let dp = UnsafeMutablePointer<Float>.allocate(capacity: tileRows * tileCols)
         let rowMax = UnsafeMutablePointer<Float>.allocate(capacity: maxTileRows), rowSum = UnsafeMutablePointer<Float>.allocate(capacity: maxTileRows)
         let dnn: OneDNN.Context
-        /// Packed K and V tiles of the head in progress (`packShared`).
-        let packed = BF16Buffer()
         /// The kv head whose K and V the buffers hold (GQA: consecutive query heads share it).
         var kvHead: (batch: Int, head: Int)? = nil
         var kvConverted: (k: BF16Matrix, v: BF16Matrix)? = nil
@@ -32,32 +30,6 @@ extension SoftmaxAttention {
             dnn = c
         }
         deinit { scores.deallocate(); dp.deallocate(); rowMax.deallocate(); rowSum.deallocate() }
-
-        /// The key tiles that two or more query tiles multiply, packed once into oneDNN's layout for B: K^T for
-        /// S = Q K^T and V for P V (`OneDNN.PackLayout`), keyed by `j0 << 32 | j1`. Tiles whose shapes have no
-        /// layout (no bf16 matmul here, head dimensions or widths that are not whole blocks) are left to the plain
-        /// products, as are tiles one query tile uses (its product would copy them once anyway).
-        func packShared(_ keyTiles: [[(Int, Int)]], k: BF16Matrix, v: BF16Matrix) -> [Int: (k: OneDNN.PackedB, v: OneDNN.PackedB)] {
-            var uses: [Int: Int] = [:]
-            for tiles in keyTiles { for (j0, j1) in tiles { uses[j0 << 32 | j1, default: 0] += 1 } }
-            var layouts: [(key: Int, j0: Int, j1: Int, k: OneDNN.PackLayout, v: OneDNN.PackLayout)] = []
-            for (key, n) in uses where n >= 2 {
-                let (j0, j1) = (key >> 32, key & 0xFFFF_FFFF)
-                guard let lk = dnn.packLayout(k: k.cols, n: j1 - j0), let lv = dnn.packLayout(k: j1 - j0, n: v.cols) else { continue }
-                layouts.append((key, j0, j1, lk, lv))
-            }
-            if layouts.isEmpty { return [:] }
-            var next = packed.reserve(layouts.reduce(0) { $0 + $1.k.count + $1.v.count })
-            var out: [Int: (k: OneDNN.PackedB, v: OneDNN.PackedB)] = [:]
-            for t in layouts {
-                let pk = t.k.packTransposed(k.rows(t.j0..<t.j1), into: next)
-                next += t.k.count
-                let pv = t.v.pack(v.rows(t.j0..<t.j1), into: next)
-                next += t.v.count
-                out[t.key] = (pk, pv)
-            }
-            return out
-        }
 
         /// K and V of kv head (b, g) in bf16 (views of bf16 operands; fp32 ones converted on a change of head only).
         /// Tried on AMX (benchmarks/results/bf16/run-b519c4b): K^T converted once per head, so that S = Q K^T reads plain
@@ -158,27 +130,17 @@ extension SoftmaxAttention {
         let (cq, dv) = (qh.rows, vg.cols)
         let scores = scratch.scores
         let p = scratch.p.base
-        var tiles: [(i0: Int, i1: Int, keys: [(Int, Int)])] = []
         var i0 = 0
         while i0 < cq {
             let (i1, start, reach) = queryTile(from: i0, windows: windows)
-            tiles.append((i0, i1, bf16KeyTiles(start, reach)))
-            i0 = i1
-        }
-        let packed = scratch.packShared(tiles.map(\.keys), k: kg, v: vg)
-        for (i0, i1, keys) in tiles {
             let rows = i1 - i0
+            defer { i0 = i1 }
             for i in 0..<rows { scratch.rowMax[i] = -.infinity; scratch.rowSum[i] = 0 }
-            for (j0, j1) in keys {
+            for (j0, j1) in bf16KeyTiles(start, reach) {
                 let width = j1 - j0
                 let s = Matrix(base: scores, rows: rows, cols: width)
-                let pack = packed[j0 << 32 | j1]
                 KernelProfile.countScores(rows * width)
-                if let pack {
-                    scratch.dnn.gemm(qh.rows(i0..<i1), packed: pack.k, into: s)
-                } else {
-                    scratch.dnn.gemm(qh.rows(i0..<i1), kg.rows(j0..<j1), transposeB: true, into: s)
-                }
+                scratch.dnn.gemm(qh.rows(i0..<i1), kg.rows(j0..<j1), transposeB: true, into: s)
                 let softmaxStarted = KernelProfile.softmaxStart()
                 for i in 0..<rows {
                     let row = scores + i * width, prow = p + i * width
@@ -192,11 +154,7 @@ extension SoftmaxAttention {
                     absorb(sum: sum, max: newMax, row: i, scratch.rowMax, scratch.rowSum, output: oh.base + (i0 + i) * oh.ld, dv)
                 }
                 KernelProfile.softmaxEnd(softmaxStarted)
-                if let pack {
-                    scratch.dnn.gemm(BF16Matrix(base: p, rows: rows, cols: width), packed: pack.v, into: oh.rows(i0..<i1), accumulate: true)
-                } else {
-                    scratch.dnn.gemm(BF16Matrix(base: p, rows: rows, cols: width), vg.rows(j0..<j1), into: oh.rows(i0..<i1), accumulate: true)
-                }
+                scratch.dnn.gemm(BF16Matrix(base: p, rows: rows, cols: width), vg.rows(j0..<j1), into: oh.rows(i0..<i1), accumulate: true)
             }
             finish(rows: i0..<i1, scratch.rowMax, scratch.rowSum, output: oh, lse: lseRow)
             progress()

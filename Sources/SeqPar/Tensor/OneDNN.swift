@@ -38,9 +38,6 @@ public enum OneDNN {
         let memorySetDataHandle: seqpar_dnnl_memory_set_data_handle
         let effectiveISA: seqpar_dnnl_get_effective_cpu_isa
         let version: seqpar_dnnl_version
-        let primitiveDescQueryMD: seqpar_dnnl_primitive_desc_query_md
-        let memoryDescGetSize: seqpar_dnnl_memory_desc_get_size
-        let memoryDescInitByTag: seqpar_dnnl_memory_desc_init_by_tag
         let ompSetNumThreads: seqpar_omp_set_num_threads?
         let engine: dnnl_engine_t
     }
@@ -92,9 +89,6 @@ public enum OneDNN {
                 memorySetDataHandle: try symbol("dnnl_memory_set_data_handle", seqpar_dnnl_memory_set_data_handle.self),
                 effectiveISA: try symbol("dnnl_get_effective_cpu_isa", seqpar_dnnl_get_effective_cpu_isa.self),
                 version: try symbol("dnnl_version", seqpar_dnnl_version.self),
-                primitiveDescQueryMD: try symbol("dnnl_primitive_desc_query_md", seqpar_dnnl_primitive_desc_query_md.self),
-                memoryDescGetSize: try symbol("dnnl_memory_desc_get_size", seqpar_dnnl_memory_desc_get_size.self),
-                memoryDescInitByTag: try symbol("dnnl_memory_desc_init_by_tag", seqpar_dnnl_memory_desc_init_by_tag.self),
                 ompSetNumThreads: dlsym(handle, "omp_set_num_threads").map { unsafeBitCast($0, to: seqpar_omp_set_num_threads.self) },
                 engine: engine))
         } catch let error as SeqParError {
@@ -155,30 +149,6 @@ public enum OneDNN {
     struct Key: Hashable {
         let m, n, k, lda, ldb, ldc: Int
         let transposeA, transposeB, accumulate: Bool
-        /// B in a packed layout (`PackLayout.id + 1`), or 0: B plain, with ldb and transposeB.
-        var packedB = 0
-    }
-
-    /// The layout oneDNN's matmul reads a bf16 B (k x n) in without copying it first: K in blocks of `kBlock` rows
-    /// stored as pairs (the VNNI order of the bf16 dot products), N in blocks of `nBlock` columns; on AMX `BA16a64b2a`
-    /// (kBlock 32, nBlock 64) at every attention tile (../shared/probes/onednn_layout.c). Given B plain, the matmul
-    /// copies it into this layout on every call; a B that several products share is packed once instead (PyTorch's CPU
-    /// flash attention does the same for oneDNN's brgemm). 1.30x (S = Q K^T) and 1.40x (P V) at the kernel's tiles
-    /// on the AMX device (benchmarks/results/bf16/run-1f3bde5/experiments).
-    public struct PackLayout: Sendable {
-        let id: Int
-        public let k: Int, n: Int
-        let kBlock: Int, nBlock: Int
-        /// Elements from one K block to the next, and from one N block to the next.
-        let strideK: Int, strideN: Int
-        /// bf16 elements of a packed B.
-        public let count: Int
-    }
-
-    /// A B packed into `layout`, valid while its storage is.
-    public struct PackedB {
-        public let layout: PackLayout
-        public let base: UnsafePointer<UInt16>
     }
 
     /// One cached matmul: the primitive and its three memory objects, whose data pointers are set per call; destroyed
@@ -203,9 +173,6 @@ public enum OneDNN {
         let f: Functions
         let stream: dnnl_stream_t
         var cache: [Key: Matmul] = [:]
-        /// Pack layouts by (k, n), nil where oneDNN picks one `PackLayout` does not describe; their descriptors by id.
-        var packLayouts: [[Int]: PackLayout?] = [:]
-        var packDescriptors: [dnnl_memory_desc_t] = []
         /// fp32 copies of the operands where oneDNN has no bf16 matmul (`hasBF16Matmul`).
         var wideA: [Float] = [], wideB: [Float] = []
 
@@ -238,8 +205,7 @@ public enum OneDNN {
             }
             // op(A) is m x k: A itself (lda per row) or A^T of a k x m matrix; op(B) is k x n likewise.
             var a = try desc(key.m, key.k, rowStride: key.transposeA ? 1 : key.lda, colStride: key.transposeA ? key.lda : 1, dnnl_bf16)
-            var b = key.packedB > 0 ? packDescriptors[key.packedB - 1]
-                : try desc(key.k, key.n, rowStride: key.transposeB ? 1 : key.ldb, colStride: key.transposeB ? key.ldb : 1, dnnl_bf16)
+            var b = try desc(key.k, key.n, rowStride: key.transposeB ? 1 : key.ldb, colStride: key.transposeB ? key.ldb : 1, dnnl_bf16)
             var c = try desc(key.m, key.n, rowStride: key.ldc, colStride: 1, dnnl_f32)
             var op = dnnl_matmul_desc_t()
             try check(f.matmulDescInit(&op, &a, &b, nil, &c), "dnnl_matmul_desc_init")
@@ -295,67 +261,6 @@ public enum OneDNN {
             precondition(status == dnnl_success, "dnnl_primitive_execute failed (\(status.rawValue)) on \(key)")
         }
 
-        /// The layout a k x n B is packed in for this thread's matmuls, or nil: no bf16 matmul here, a layout
-        /// `PackLayout` does not describe, or dimensions that are not whole blocks (the product then takes B plain).
-        public func packLayout(k: Int, n: Int) -> PackLayout? {
-            if let known = packLayouts[[k, n]] { return known }
-            let layout = OneDNN.hasBF16Matmul ? try? findPackLayout(k: k, n: n) : nil
-            packLayouts[[k, n]] = layout
-            return layout
-        }
-
-        func findPackLayout(k: Int, n: Int) throws -> PackLayout? {
-            // Ask a matmul with B in format `any` which layout it wants (M does not change it; any M takes it).
-            func plain(_ rows: Int, _ cols: Int, _ type: dnnl_data_type_t, tag: dnnl_format_tag_t) throws -> dnnl_memory_desc_t {
-                var d = dnnl_memory_desc_t()
-                var dims: (Int64, Int64) = (Int64(rows), Int64(cols))
-                try withUnsafePointer(to: &dims) { dp in
-                    try check(f.memoryDescInitByTag(&d, 2, UnsafeRawPointer(dp).assumingMemoryBound(to: Int64.self), type, tag), "dnnl_memory_desc_init_by_tag")
-                }
-                return d
-            }
-            var a = try plain(128, k, dnnl_bf16, tag: dnnl_ab), b = try plain(k, n, dnnl_bf16, tag: dnnl_format_tag_any)
-            var c = try plain(128, n, dnnl_f32, tag: dnnl_ab)
-            var op = dnnl_matmul_desc_t()
-            try check(f.matmulDescInit(&op, &a, &b, nil, &c), "dnnl_matmul_desc_init")
-            var pd: dnnl_primitive_desc_t?
-            try check(f.primitiveDescCreate(&pd, &op, nil, f.engine, nil), "dnnl_primitive_desc_create")
-            defer { _ = f.primitiveDescDestroy(pd) }
-            guard let md = f.primitiveDescQueryMD(pd, dnnl_query_weights_md, 0)?.pointee, md.format_kind == dnnl_blocked else { return nil }
-            let blocking = md.format_desc.blocking
-            let (blocks, indices) = (blocking.inner_blks, blocking.inner_idxs)
-            // Exactly: K in blocks of pairs, N in blocks, pairs innermost (`BA<kb/2>a<nb>b2a`), no padding.
-            guard blocking.inner_nblks == 3, indices.0 == 0, indices.1 == 1, indices.2 == 0, blocks.2 == 2,
-                  md.padded_dims.0 == Int64(k), md.padded_dims.1 == Int64(n) else { return nil }
-            let (kBlock, nBlock) = (Int(blocks.0) * 2, Int(blocks.1))
-            guard k % kBlock == 0, n % nBlock == 0 else { return nil }
-            var packed = md
-            let count = f.memoryDescGetSize(&packed) / 2
-            guard count == k * n else { return nil }
-            packDescriptors.append(md)
-            return PackLayout(id: packDescriptors.count - 1, k: k, n: n, kBlock: kBlock, nBlock: nBlock,
-                              strideK: Int(blocking.strides.0), strideN: Int(blocking.strides.1), count: count)
-        }
-
-        /// `c = a * B` (or `c += ...`) with B packed ahead (`pack`, `packTransposed`).
-        public func gemm(_ a: BF16Matrix, packed b: PackedB, into c: Matrix, accumulate: Bool = false) {
-            let (m, k, n) = (a.rows, a.cols, b.layout.n)
-            precondition(k == b.layout.k && c.rows == m && c.cols == n, "packed bf16 gemm shapes: A \(m)x\(k), B \(b.layout.k)x\(n), C \(c.rows)x\(c.cols)")
-            if m == 0 { return }
-            let started = KernelProfile.gemmStart()
-            defer { KernelProfile.gemmEnd(started) }
-            let key = Key(m: m, n: n, k: k, lda: a.ld, ldb: 0, ldc: c.ld, transposeA: false, transposeB: false, accumulate: accumulate,
-                          packedB: b.layout.id + 1)
-            let mm = try! matmul(key)
-            _ = f.memorySetDataHandle(mm.src, a.base)
-            _ = f.memorySetDataHandle(mm.weights, UnsafeMutableRawPointer(mutating: b.base))
-            _ = f.memorySetDataHandle(mm.dst, c.base)
-            var args = [dnnl_exec_arg_t(arg: DNNL_ARG_SRC, memory: mm.src), dnnl_exec_arg_t(arg: DNNL_ARG_WEIGHTS, memory: mm.weights),
-                        dnnl_exec_arg_t(arg: DNNL_ARG_DST, memory: mm.dst)]
-            let status = f.primitiveExecute(mm.primitive, stream, 3, &args)
-            precondition(status == dnnl_success, "dnnl_primitive_execute failed (\(status.rawValue)) on \(key)")
-        }
-
         /// `gemm` without oneDNN's matmul: each operand widened to fp32 (exact), then OpenBLAS sgemm.
         func emulated(_ a: BF16Matrix, transposeA: Bool, _ b: BF16Matrix, transposeB: Bool, into c: Matrix, accumulate: Bool) {
             func widen(_ m: BF16Matrix, into buffer: inout [Float]) -> Matrix {
@@ -394,44 +299,5 @@ public enum OneDNN {
         let c = try Context(f)
         pthread_setspecific(contextKey, Unmanaged.passRetained(c).toOpaque())
         return c
-    }
-}
-
-extension OneDNN.PackLayout {
-    /// Where the 32-bit word holding B's rows 2p and 2p+1 of column j lies (in words) in the packed layout.
-    @inline(__always)
-    func word(pair p: Int, column j: Int) -> Int {
-        let (kb, kk) = ((2 * p) / kBlock, p % (kBlock / 2))
-        return (j / nBlock * strideN + kb * strideK) / 2 + kk * nBlock + j % nBlock
-    }
-
-    /// B = `src` (k x n: a V tile, keys by head dimension) into `dst` (`count` elements): rows 2p and 2p+1
-    /// interleaved, a run of `nBlock` columns at a time.
-    public func pack(_ src: BF16Matrix, into dst: UnsafeMutablePointer<UInt16>) -> OneDNN.PackedB {
-        precondition(src.rows == k && src.cols == n)
-        let out = UnsafeMutableRawPointer(dst).assumingMemoryBound(to: UInt32.self)
-        for p in 0..<(k / 2) {
-            let (r0, r1) = (src.base + 2 * p * src.ld, src.base + (2 * p + 1) * src.ld)
-            for j0 in stride(from: 0, to: n, by: nBlock) {
-                let o = out + word(pair: p, column: j0)
-                for j in 0..<nBlock { o[j] = UInt32(r0[j0 + j]) | UInt32(r1[j0 + j]) << 16 }
-            }
-        }
-        return OneDNN.PackedB(layout: self, base: UnsafePointer(dst))
-    }
-
-    /// B = `src` transposed (`src` n x k: a K tile, keys by head dimension, for S = Q K^T) into `dst`: a key row's
-    /// elements 2p and 2p+1 are already one word of the layout, so each row is scattered a word at a time.
-    public func packTransposed(_ src: BF16Matrix, into dst: UnsafeMutablePointer<UInt16>) -> OneDNN.PackedB {
-        precondition(src.rows == n && src.cols == k)
-        let out = UnsafeMutableRawPointer(dst).assumingMemoryBound(to: UInt32.self)
-        for j in 0..<n {
-            let row = UnsafeRawPointer(src.base + j * src.ld)
-            for p0 in stride(from: 0, to: k / 2, by: kBlock / 2) {
-                let o = out + word(pair: p0, column: j)
-                for p in 0..<(kBlock / 2) { o[p * nBlock] = row.loadUnaligned(fromByteOffset: 4 * (p0 + p), as: UInt32.self) }
-            }
-        }
-        return OneDNN.PackedB(layout: self, base: UnsafePointer(dst))
     }
 }
