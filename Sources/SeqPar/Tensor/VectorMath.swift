@@ -20,14 +20,10 @@ public enum VectorMath {
         #endif
     }
 
-    /// The scalar form of `multiplyAdd`, for tails.
+    /// The scalar form of `multiplyAdd`, for tails: the same lanes, so that a tail rounds as the vectors do.
     @inline(__always)
     static func multiplyAdd(_ a: Float, _ b: Float, _ c: Float) -> Float {
-        #if SEQPAR_FMA || arch(arm64)
-        c.addingProduct(a, b)
-        #else
-        a * b + c
-        #endif
+        multiplyAdd(V(repeating: a), V(repeating: b), V(repeating: c))[0]
     }
 
     @inline(__always)
