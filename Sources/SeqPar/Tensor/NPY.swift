@@ -88,24 +88,29 @@ public enum NPY {
         return count
     }
 
+    /// What both decoders read before the data: the header, the element size its dtype has in `sizes` (any other
+    /// dtype fails with `unsupported(descr)`), a shape `shapeProblem` has no objection to, and the element count,
+    /// checked against the file's length.
+    static func body(_ bytes: [UInt8], file: String, sizes: [String: Int], unsupported: (String) -> String,
+                     shapeProblem: ([Int]) -> String?) throws -> (shape: [Int], dataStart: Int, itemSize: Int, count: Int) {
+        func fail(_ problem: String) -> NPYError { NPYError(file: file, problem: problem) }
+        let (fields, dataStart) = try header(bytes, fail: fail)
+        guard let itemSize = sizes[fields.descr] else { throw fail(unsupported(fields.descr)) }
+        if let problem = shapeProblem(fields.shape) { throw fail(problem) }
+        let count = try elementCount(fields.shape, itemSize: itemSize, descr: fields.descr, bytes: bytes.count, dataStart: dataStart, fail: fail)
+        return (fields.shape, dataStart, itemSize, count)
+    }
+
     /// Decodes the bytes of a .npy file; `file` names it in errors.
     public static func decode(_ bytes: [UInt8], file: String) throws -> Tensor {
         func fail(_ problem: String) -> NPYError { NPYError(file: file, problem: problem) }
-        let (fields, dataStart) = try header(bytes, fail: fail)
-        let itemSize: Int
-        switch fields.descr {
-        case "<f4", "=f4": itemSize = 4
-        case "<f8", "=f8": itemSize = 8
-        case ">f4", ">f8":
-            throw fail("big-endian \(fields.descr) data; SeqPar reads little-endian float32/float64: save a.astype('<f4')")
-        default:
-            throw fail("dtype '\(fields.descr)' is not supported; SeqPar reads float32 or float64: save a.astype(numpy.float32)")
-        }
-        let shape = fields.shape
-        guard (1...4).contains(shape.count) else {
-            throw fail("array of rank \(shape.count) (shape \(shapeText(shape))); SeqPar reads arrays of rank 1 to 4")
-        }
-        let count = try elementCount(shape, itemSize: itemSize, descr: fields.descr, bytes: bytes.count, dataStart: dataStart, fail: fail)
+        let (shape, dataStart, itemSize, count) = try body(bytes, file: file, sizes: ["<f4": 4, "=f4": 4, "<f8": 8, "=f8": 8], unsupported: { descr in
+            descr == ">f4" || descr == ">f8"
+                ? "big-endian \(descr) data; SeqPar reads little-endian float32/float64: save a.astype('<f4')"
+                : "dtype '\(descr)' is not supported; SeqPar reads float32 or float64: save a.astype(numpy.float32)"
+        }, shapeProblem: { shape in
+            (1...4).contains(shape.count) ? nil : "array of rank \(shape.count) (shape \(shapeText(shape))); SeqPar reads arrays of rank 1 to 4"
+        })
         let t = Tensor(zeros: shape)
         let out = t.pointer
         bytes.withUnsafeBytes { raw in
@@ -130,19 +135,11 @@ public enum NPY {
 
     /// Decodes a one-dimensional little-endian int32 or int64 array; `file` names it in errors.
     public static func decodeIntegers(_ bytes: [UInt8], file: String) throws -> [Int] {
-        func fail(_ problem: String) -> NPYError { NPYError(file: file, problem: problem) }
-        let (fields, dataStart) = try header(bytes, fail: fail)
-        let itemSize: Int
-        switch fields.descr {
-        case "<i4", "=i4": itemSize = 4
-        case "<i8", "=i8": itemSize = 8
-        default:
-            throw fail("dtype '\(fields.descr)' is not int32 or int64; offsets (cu_seqlens) must be integers: save numpy.asarray(cu_seqlens, dtype=numpy.int32)")
-        }
-        guard fields.shape.count == 1 else {
-            throw fail("array of shape \(shapeText(fields.shape)); offsets (cu_seqlens) are one-dimensional: save a flat array 0, ..., L")
-        }
-        let count = try elementCount(fields.shape, itemSize: itemSize, descr: fields.descr, bytes: bytes.count, dataStart: dataStart, fail: fail)
+        let (_, dataStart, itemSize, count) = try body(bytes, file: file, sizes: ["<i4": 4, "=i4": 4, "<i8": 8, "=i8": 8], unsupported: { descr in
+            "dtype '\(descr)' is not int32 or int64; offsets (cu_seqlens) must be integers: save numpy.asarray(cu_seqlens, dtype=numpy.int32)"
+        }, shapeProblem: { shape in
+            shape.count == 1 ? nil : "array of shape \(shapeText(shape)); offsets (cu_seqlens) are one-dimensional: save a flat array 0, ..., L"
+        })
         return bytes.withUnsafeBytes { raw in
             (0..<count).map { i in
                 itemSize == 4 ? Int(Int32(littleEndian: raw.loadUnaligned(fromByteOffset: dataStart + 4 * i, as: Int32.self)))
