@@ -10,7 +10,8 @@ public enum VectorMath {
     /// `a * b + c`, fused into one rounding where the build targets a CPU with FMA (SEQPAR_FMA, set by Package.swift
     /// with its target CPU; every arm64): Swift does not contract `a * b + c` itself, and the polynomials of the
     /// exponentials are mostly multiply-adds (bf16's exponentials with P's rounding: 0.59 -> 0.45 ns an element on the
-    /// AMX device, benchmarks/results/bf16/run-1f3bde5/experiments). A generic x86-64 build keeps the two operations: there `addingProduct` would call a software fmaf.
+    /// AMX device, benchmarks/results/bf16/run-1f3bde5/experiments). A generic x86-64 build keeps the two operations:
+    /// there `addingProduct` would call a software fmaf.
     @inline(__always)
     static func multiplyAdd(_ a: V, _ b: V, _ c: V) -> V {
         #if SEQPAR_FMA || arch(arm64)
