@@ -26,12 +26,16 @@
 # KERNEL_FLAGS is added to bench kernel (e.g. --seq-len 1024 for a quick run).
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/bf16}
-mkdir -p "$OUT"
 . "$(dirname "$0")/common.sh"
 export OMP_NUM_THREADS=1
 PEER="python3 $(dirname "$0")/peers/torch_sdpa.py"
 parts=${*:-kernel ring rounds ceiling latent lasp verbose}
-
+for part in $parts; do  # every name checked before anything runs or writes
+    case "$part" in kernel|ring|rounds|ceiling|latent|lasp|verbose) ;;
+    *) echo "unknown part $part: give kernel, ring, rounds, ceiling, latent, lasp or verbose" >&2; exit 64 ;;
+    esac
+done
+mkdir -p "$OUT"
 "$BIN" info > "$OUT/info.txt" 2>&1
 
 for part in $parts; do
@@ -87,6 +91,5 @@ verbose)
     DNNL_VERBOSE=1 "$BIN" bench kernel --seq-len 1024 --head-dim 128 --precision bf16 --repeats 1 --warmup 0 --mask causal 2>&1 \
         | grep -E 'verbose,(create|exec)' | awk -F, -v OFS=, '{NF--; print}' | sort | uniq -c | sort -rn | head -40 > "$OUT/verbose.txt"
     ;;
-*) echo "unknown part $part: give kernel, ring, rounds, ceiling, latent, lasp or verbose" >&2; exit 64 ;;
 esac
 done

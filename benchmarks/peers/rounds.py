@@ -19,20 +19,23 @@ parser.add_argument("--algorithm", default="ring")
 args = parser.parse_args()
 
 rates = defaultdict(dict)  # (round, direction) -> {"seqpar": GFLOP/s, "peer": GFLOP/s}
-with open(args.file) as f:
-    for n, line in enumerate(f, 1):
-        line = line.strip()
-        if not line.startswith("{"):
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            sys.exit(f"rounds.py: {args.file}:{n}: not JSON ({e})")
-        if "round" not in r or "gflops" not in r or "direction" not in r:
-            continue
-        side = "peer" if r.get("bench") == "peer" else ("seqpar" if r.get("algorithm") == args.algorithm else None)
-        if side:
-            rates[(r["round"], r["direction"])][side] = r["gflops"]
+try:
+    lines = open(args.file).readlines()
+except OSError as e:
+    sys.exit(f"rounds.py: cannot read {args.file}: {e.strerror}")
+for n, line in enumerate(lines, 1):
+    line = line.strip()
+    if not line.startswith("{"):
+        continue
+    try:
+        r = json.loads(line)
+    except json.JSONDecodeError as e:
+        sys.exit(f"rounds.py: {args.file}:{n}: not JSON ({e})")
+    if "round" not in r or "gflops" not in r or "direction" not in r:
+        continue
+    side = "peer" if r.get("bench") == "peer" else ("seqpar" if r.get("algorithm") == args.algorithm else None)
+    if side:
+        rates[(r["round"], r["direction"])][side] = r["gflops"]
 
 if not rates:
     sys.exit(f"rounds.py: no tagged figures of {args.algorithm} or a peer in {args.file}")
