@@ -115,4 +115,42 @@ struct BF16Verdict: CustomStringConvertible {
             #expect(v.referenceError > 1e-4, "the plain reference must itself be a bf16 computation: \(v)")
         }
     }
+
+    /// Ring attention's forward step: extending (o, lse) with a key block gives what merging the block's own result
+    /// in log space gives (to P's rounding), and meets the bf16 rule over all the keys. The later block comes first, so under the
+    /// causal mask some rows see no key in it (their lse stays -inf until the earlier block), and GQA shares kv heads.
+    @Test(arguments: [false, true]) func extendingEqualsMergingBlocks(causal: Bool) throws {
+        try OneDNN.require()
+        let s = AttentionShape(seqLen: 300, heads: 4, kvHeads: 2, headDim: 32)
+        let all = Array(0..<s.seqLen)
+        let x = SeededInputs.attention(shape: s, options: AttentionOptions(), positions: all, seed: 5)
+        for t in [x.q, x.k, x.v] { t.roundToBF16() }
+        let scale: Float = 0.2
+        func block(_ t: Tensor, _ r: Range<Int>) -> BF16Tensor {
+            let token = s.kvHeads * s.headDim
+            return BF16Tensor(rounding: Tensor(shape: [1, r.count, s.kvHeads, s.headDim], values: Array(t.toArray()[(r.lowerBound * token)..<(r.upperBound * token)])))
+        }
+        func empty() -> AttentionOutput {
+            let out = AttentionOutput(o: Tensor(zeros: x.q.shape), lse: Tensor(zeros: [1, s.heads, s.seqLen]))
+            out.lse.fill(-.infinity)
+            return out
+        }
+        let q = BF16Tensor(rounding: x.q)
+        let (extended, merged) = (empty(), empty())
+        for r in [170..<s.seqLen, 0..<170] {
+            let (k, v, keys) = (block(x.k, r), block(x.v, r), Array(r))
+            SoftmaxAttention.forward(q: q, qPositions: all, k: k, v: v, kPositions: keys, causal: causal, scale: scale, extending: extended)
+            LSEMerge.merge(into: merged, SoftmaxAttention.forward(q: q, qPositions: all, k: k, v: v, kPositions: keys, causal: causal, scale: scale))
+        }
+        // Not bit for bit: P is rounded to bf16 relative to a different running max (the earlier result's lse, not the
+        // block's own maximum), so the two differ by P's rounding, 2^-8 at most; lse is not rounded.
+        #expect(relativeError(extended.o, merged.o.toArray().map(Double.init)) < 4e-3)
+        #expect(relativeError(extended.lse, merged.lse.toArray().map(Double.init)) < 1e-6)
+        #expect(merged.lse.toArray().prefix(170).allSatisfy { $0.isFinite } && extended.lse.toArray().allSatisfy { $0.isFinite })
+        let ref = DenseOracle.forward(q: x.q, k: x.k, v: x.v, causal: causal, scale: Double(scale))
+        let plain = PlainBF16Attention.forward(q: x.q, k: x.k, v: x.v, causal: causal, scale: scale)
+        let verdict = BF16Verdict(name: "o", error: relativeError(extended.o, ref.o),
+                                  referenceError: relativeError(Tensor(shape: [plain.count], values: plain.map(Float.init)), ref.o))
+        #expect(verdict.passes, "\(verdict)")
+    }
 }

@@ -18,6 +18,8 @@ extension SoftmaxAttention {
         let scores = UnsafeMutablePointer<Float>.allocate(capacity: tileRows * tileCols)
         let dp = UnsafeMutablePointer<Float>.allocate(capacity: tileRows * tileCols)
         let rowMax = UnsafeMutablePointer<Float>.allocate(capacity: maxTileRows), rowSum = UnsafeMutablePointer<Float>.allocate(capacity: maxTileRows)
+        /// fp32 accumulators the products add into, contiguous (`FloatBuffer`): a query tile's O or dQ, a kv head's dK and dV.
+        let accumulator = FloatBuffer(), gradK = FloatBuffer(), gradV = FloatBuffer()
         let dnn: OneDNN.Context
         /// The kv head whose K and V the buffers hold (GQA: consecutive query heads share it).
         var kvHead: (batch: Int, head: Int)? = nil
@@ -31,13 +33,16 @@ extension SoftmaxAttention {
         }
         deinit { scores.deallocate(); dp.deallocate(); rowMax.deallocate(); rowSum.deallocate() }
 
-        /// K and V of kv head (b, g) in bf16 (views of bf16 operands; fp32 ones converted on a change of head only).
+        /// K and V of kv head (b, g) in bf16, contiguous: views of contiguous bf16 heads; strided bf16 heads copied and fp32
+        /// ones converted, on a change of head only.
         /// Tried on AMX (benchmarks/results/bf16/run-b519c4b): K^T converted once per head, so that S = Q K^T reads plain
         /// row-major operands, and P^T, dS^T written out for dV and dK instead of oneDNN's transposed source: neither was
         /// faster (the forward half as fast, the backward 10-20% slower, on a host whose bf16 baseline itself moved
         /// between 250 and 450 GFLOP/s across those runs), so oneDNN reads the transposes itself.
         func kv(_ k: BF16Operand, _ v: BF16Operand, batch b: Int, head g: Int) -> (k: BF16Matrix, v: BF16Matrix) {
-            if case .bf16(let kt) = k, case .bf16(let vt) = v { return (kt.head(batch: b, g), vt.head(batch: b, g)) }
+            if case .bf16(let kt) = k, case .bf16(let vt) = v, kt.head(batch: b, g).isContiguous, vt.head(batch: b, g).isContiguous {
+                return (kt.head(batch: b, g), vt.head(batch: b, g))
+            }
             if let converted = kvConverted, kvHead.map({ $0 == (b, g) }) ?? false { return converted }
             let converted = (k.head(batch: b, g, buffer: self.k), v.head(batch: b, g, buffer: self.v))
             (kvHead, kvConverted) = ((b, g), converted)
@@ -54,6 +59,18 @@ extension SoftmaxAttention {
         let out = AttentionOutput(o: Tensor(zeros: [q.shape[0], q.shape[1], q.shape[2], v.shape[3]]), lse: Tensor(zeros: [q.shape[0], q.shape[2], q.shape[1]]))
         forwardBF16(q: .bf16(q), k: .bf16(k), v: .bf16(v), windows: windows(qPositions, kPositions, causal: causal, documents: documents), scale: scale, into: out, progress: progress)
         return out
+    }
+
+    /// The same, extending `acc`: (o, lse) of these queries over other keys (lse -inf where a row has seen none) become
+    /// those over both key sets, as `LSEMerge.merge(into: acc, forward(...))` would make them, without a block result
+    /// to allocate and merge. The online softmax starts from each row's previous result: running max = lse, running
+    /// sum = 1, output = o (its exponentials are relative to lse, so they sum to 1). Ring attention's forward step.
+    public static func forward(q: BF16Tensor, qPositions: [Int], k: BF16Tensor, v: BF16Tensor, kPositions: [Int],
+                               causal: Bool, documents: Documents? = nil, scale: Float, extending acc: AttentionOutput, progress: () -> Void = {}) {
+        precondition(q.shape[2] % k.shape[2] == 0 && qPositions.count == q.shape[1] && kPositions.count == k.shape[1] && v.shape == k.shape)
+        precondition(acc.o.shape == [q.shape[0], q.shape[1], q.shape[2], v.shape[3]] && acc.lse.shape == [q.shape[0], q.shape[2], q.shape[1]])
+        forwardBF16(q: .bf16(q), k: .bf16(k), v: .bf16(v), windows: windows(qPositions, kPositions, causal: causal, documents: documents), scale: scale,
+                    into: acc, extending: true, progress: progress)
     }
 
     /// The bf16 backward on operands already in bf16, adding into `grads` (`backward(..., adding:)`); `gradOut` is dO in
@@ -98,10 +115,17 @@ extension SoftmaxAttention {
             }
         }
 
-        /// Head (b, h) as a bf16 matrix: a strided view, or a conversion into `buffer`.
+        /// Head (b, h) as a contiguous bf16 matrix: a view where the head is one already (a tensor of one head), else
+        /// copied or converted into `buffer`.
+        /// The products read contiguous heads: a head of a (B, C, H, D) tensor has rows H * D apart, 2 KiB at H=8, D=128
+        /// in bf16, and oneDNN's AMX kernels read such rows several times slower (their loads of 16 rows fall into
+        /// the same few cache sets). Copying each head once, a few hundred KiB, made the 16-rank ring's bf16 forward
+        /// 1.2-1.5x faster on the AMX device (benchmarks/results/bf16/run-contiguous).
         func head(batch b: Int, _ h: Int, buffer: BF16Buffer) -> BF16Matrix {
             switch self {
-            case .bf16(let t): return t.head(batch: b, h)
+            case .bf16(let t):
+                let m = t.head(batch: b, h)
+                return m.isContiguous ? m : m.copy(into: buffer.reserve(m.rows * m.cols))
             case .fp32(let t):
                 let m = t.head(batch: b, h)
                 return BF16.convert(m, into: buffer.reserve(m.rows * m.cols))
@@ -110,7 +134,7 @@ extension SoftmaxAttention {
     }
 
     static func forwardBF16(q: BF16Operand, k: BF16Operand, v: BF16Operand, windows: KeyWindows, scale: Float, into out: AttentionOutput,
-                            progress: () -> Void) {
+                            extending: Bool = false, progress: () -> Void) {
         let (batch, cq, heads) = (q.shape[0], q.shape[1], q.shape[2])
         let group = heads / k.shape[2]
         let scratch = BF16Scratch()
@@ -119,23 +143,32 @@ extension SoftmaxAttention {
                 let qb = q.head(batch: b, h, buffer: scratch.q)
                 let (kb, vb) = scratch.kv(k, v, batch: b, head: h / group)
                 forwardBF16(q: qb, k: kb, v: vb, windows: windows, scale: scale, into: out.o.head(batch: b, h),
-                            lse: out.lse.pointer + (b * heads + h) * cq, scratch: scratch, progress: progress)
+                            lse: out.lse.pointer + (b * heads + h) * cq, extending: extending, scratch: scratch, progress: progress)
             }
         }
     }
 
-    /// One head, bf16 operands (contiguous), fp32 `o` (zeroed by the caller) and lse: the fp32 kernel's tiles.
+    /// One head, bf16 operands (contiguous), fp32 `o` (any leading dimension; every row written) and lse: the fp32
+    /// kernel's tiles. A query tile's output accumulates in contiguous scratch and is written to `o` when the tile is done.
+    /// `extending`: o and lse hold a previous result over other keys, which this one extends (`forward(..., extending:)`).
     static func forwardBF16(q qh: BF16Matrix, k kg: BF16Matrix, v vg: BF16Matrix, windows: KeyWindows, scale: Float, into oh: Matrix,
-                            lse lseRow: UnsafeMutablePointer<Float>, scratch: BF16Scratch, progress: () -> Void) {
+                            lse lseRow: UnsafeMutablePointer<Float>, extending: Bool = false, scratch: BF16Scratch, progress: () -> Void) {
         let (cq, dv) = (qh.rows, vg.cols)
         let scores = scratch.scores
         let p = scratch.p.base
+        let acc = scratch.accumulator.reserve(maxTileRows * dv)
         var i0 = 0
         while i0 < cq {
             let (i1, start, reach) = queryTile(from: i0, windows: windows)
             let rows = i1 - i0
             defer { i0 = i1 }
-            for i in 0..<rows { scratch.rowMax[i] = -.infinity; scratch.rowSum[i] = 0 }
+            for i in 0..<rows {
+                let previous = extending ? lseRow[i0 + i] : -.infinity
+                scratch.rowMax[i] = previous
+                scratch.rowSum[i] = previous == -.infinity ? 0 : 1
+                if previous == -.infinity { (acc + i * dv).update(repeating: 0, count: dv) } else { (acc + i * dv).update(from: oh.base + (i0 + i) * oh.ld, count: dv) }
+            }
+            let accM = Matrix(base: acc, rows: rows, cols: dv)
             for (j0, j1) in bf16KeyTiles(start, reach) {
                 let width = j1 - j0
                 let s = Matrix(base: scores, rows: rows, cols: width)
@@ -151,13 +184,27 @@ extension SoftmaxAttention {
                     let sum = VectorMath.expToBF16(row + a, b - a, scale: scale, subtract: newMax, into: prow + a)
                     prow.update(repeating: 0, count: a)
                     (prow + b).update(repeating: 0, count: width - b)
-                    absorb(sum: sum, max: newMax, row: i, scratch.rowMax, scratch.rowSum, output: oh.base + (i0 + i) * oh.ld, dv)
+                    absorb(sum: sum, max: newMax, row: i, scratch.rowMax, scratch.rowSum, output: acc + i * dv, dv)
                 }
                 KernelProfile.softmaxEnd(softmaxStarted)
-                scratch.dnn.gemm(BF16Matrix(base: p, rows: rows, cols: width), vg.rows(j0..<j1), into: oh.rows(i0..<i1), accumulate: true)
+                scratch.dnn.gemm(BF16Matrix(base: p, rows: rows, cols: width), vg.rows(j0..<j1), into: accM, accumulate: true)
             }
-            finish(rows: i0..<i1, scratch.rowMax, scratch.rowSum, output: oh, lse: lseRow)
+            finish(rows: i0..<i1, scratch.rowMax, scratch.rowSum, accumulator: accM, output: oh, lse: lseRow)
             progress()
+        }
+    }
+
+    /// `finish` for a query tile accumulated in contiguous scratch: output row r = accumulator row (r - rows.lowerBound)
+    /// over its running sum (0 for a row that saw no key, whose lse is -inf), lse = max + log(sum).
+    @inline(__always)
+    static func finish(rows: Range<Int>, _ rowMax: UnsafeMutablePointer<Float>, _ rowSum: UnsafeMutablePointer<Float>,
+                       accumulator acc: Matrix, output oh: Matrix, lse lseRow: UnsafeMutablePointer<Float>) {
+        for (i, r) in rows.enumerated() {
+            let dst = oh.base + r * oh.ld
+            if rowSum[i] == 0 { lseRow[r] = -.infinity; dst.update(repeating: 0, count: oh.cols); continue }
+            let inverse = VectorMath.V(repeating: 1 / rowSum[i])
+            VectorMath.update(dst, with: acc.base + i * acc.ld, oh.cols) { _, a in a * inverse }
+            lseRow[r] = rowMax[i] + Float(log(Double(rowSum[i])))
         }
     }
 
@@ -172,18 +219,38 @@ extension SoftmaxAttention {
         let scratch = BF16Scratch()
         var rowDot = [Float](repeating: 0, count: tileRows)
         let (p, ds) = (scratch.p.base, scratch.ds.base)
+        // The products add into contiguous fp32 scratch (see `BF16Operand.head` for why), and the scratch into the
+        // gradients: a query tile's dQ when the tile is done, a kv head's dK and dV when the next kv head starts.
+        let (ck, dkCols, dvCols) = (k.shape[1], grads.dk.shape[3], grads.dv.shape[3])
+        let dqTile = scratch.accumulator.reserve(tileRows * dim)
+        let (dkAcc, dvAcc) = (Matrix(base: scratch.gradK.reserve(ck * dkCols), rows: ck, cols: dkCols),
+                              Matrix(base: scratch.gradV.reserve(ck * dvCols), rows: ck, cols: dvCols))
+        var kvHeld: (batch: Int, head: Int)?
+        func addKV() {
+            guard let (b, g) = kvHeld else { return }
+            add(dkAcc, into: grads.dk.head(batch: b, g))
+            add(dvAcc, into: grads.dv.head(batch: b, g))
+        }
         // Heads with no work in this share are left out before anything is converted.
         for unit in backwardShare(batch: batch, heads: heads, windows: windows, work: work) {
             let (b, h, g) = (unit.batch, unit.head, unit.head / group)
+            if kvHeld.map({ $0 != (b, g) }) ?? true {
+                addKV()
+                kvHeld = (b, g)
+                dkAcc.base.update(repeating: 0, count: ck * dkCols)
+                dvAcc.base.update(repeating: 0, count: ck * dvCols)
+            }
             let (oh, doh) = (output.o.head(batch: b, h), dO.head(batch: b, h))
             let qb = q.head(batch: b, h, buffer: scratch.q)
             let dob = dOperand.head(batch: b, h, buffer: scratch.gradOut)
             let (kb, vb) = scratch.kv(k, v, batch: b, head: g)
-            let (dqh, dkg, dvg) = (grads.dq.head(batch: b, h), grads.dk.head(batch: b, g), grads.dv.head(batch: b, g))
+            let dqh = grads.dq.head(batch: b, h)
             let lseRow = output.lse.pointer + (b * heads + h) * cq
             for (i0, rows, start, reach) in unit.tiles {
                 let i1 = i0 + rows
                 for i in i0..<i1 { rowDot[i - i0] = VectorMath.dot(doh.base + i * doh.ld, oh.base + i * oh.ld, dim) }
+                let dq = Matrix(base: dqTile, rows: rows, cols: dim)
+                dqTile.update(repeating: 0, count: rows * dim)
                 for (j0, j1) in bf16KeyTiles(start, reach) {
                     let width = j1 - j0
                     let sm = Matrix(base: scratch.scores, rows: rows, cols: width), dpm = Matrix(base: scratch.dp, rows: rows, cols: width)
@@ -202,13 +269,21 @@ extension SoftmaxAttention {
                     KernelProfile.softmaxEnd(softmaxStarted)
                     let pm = BF16Matrix(base: p, rows: rows, cols: width), dsm = BF16Matrix(base: ds, rows: rows, cols: width)
                     // ds holds scale * P * (dP - rowDot), rounded: dQ += dS K, dK += dS^T Q, dV += P^T dO.
-                    scratch.dnn.gemm(dsm, kb.rows(j0..<j1), into: dqh.rows(i0..<i1), accumulate: true)
-                    scratch.dnn.gemm(dsm, transposeA: true, qb.rows(i0..<i1), into: dkg.rows(j0..<j1), accumulate: true)
-                    scratch.dnn.gemm(pm, transposeA: true, dob.rows(i0..<i1), into: dvg.rows(j0..<j1), accumulate: true)
+                    scratch.dnn.gemm(dsm, kb.rows(j0..<j1), into: dq, accumulate: true)
+                    scratch.dnn.gemm(dsm, transposeA: true, qb.rows(i0..<i1), into: dkAcc.rows(j0..<j1), accumulate: true)
+                    scratch.dnn.gemm(pm, transposeA: true, dob.rows(i0..<i1), into: dvAcc.rows(j0..<j1), accumulate: true)
                 }
+                add(dq, into: dqh.rows(i0..<i1))
                 progress()
             }
         }
+        addKV()
+    }
+
+    /// `dst += src`, row by row (same shape, any leading dimensions).
+    static func add(_ src: Matrix, into dst: Matrix) {
+        precondition(src.rows == dst.rows && src.cols == dst.cols)
+        for i in 0..<src.rows { VectorMath.update(dst.base + i * dst.ld, with: src.base + i * src.ld, src.cols) { $0 + $1 } }
     }
 }
 

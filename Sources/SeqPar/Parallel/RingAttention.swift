@@ -4,7 +4,7 @@
 // Per rank: q (B, C, H, D) stays; its K and V, packed as one buffer [K | V] (2 * B * C * G * D floats), travel around
 // the ring r -> r+1. At step s a rank holds the block of rank (r - s) mod P: it posts the exchange of that block to
 // the next rank, computes its queries against the block with the blockwise kernel (testing the exchange between query
-// tiles so MPI moves it meanwhile), merges (o, lse) in log space, then waits. Causal: a block entirely after every
+// tiles so MPI moves it meanwhile), folds the result into (o, lse), then waits. Causal: a block entirely after every
 // local query is skipped; the kernel masks the rest. With --layout zigzag every rank does the same causal work.
 // Backward: K and V travel again (sent ahead of the compute); dK and dV accumulators travel one step behind their
 // block, each rank adding its queries' contribution after its kernel (so the accumulator's transfer overlaps the next
@@ -16,7 +16,9 @@
 // blocks. Memory per rank grows as C * G * D (two K/V blocks, two gradient blocks), not L.
 // Precision: in an fp32 run everything travels in fp32. In a bf16 run the K/V blocks travel as bf16 (UInt16 bits,
 // half the bytes), and go to the kernel's bf16 products as they arrived (q and dO are converted once per pass); the dK/dV
-// accumulators travel in fp32 (they are sums over ranks, as in ring-flash-attention), and (o, lse) merge in fp32.
+// accumulators travel in fp32 (they are sums over ranks, as in ring-flash-attention). (o, lse) stay fp32: the bf16 kernel
+// extends them block by block (its online softmax carries on from the previous blocks' result, no merge pass), the fp32
+// kernel's block results merge in log space.
 
 public struct RingAttention: AttentionAlgorithm {
     /// How the exchange in flight progresses during a block's compute (see `RingProgress`).
@@ -114,8 +116,8 @@ public struct RingAttention: AttentionAlgorithm {
             if Self.skips(x, keys: keys) { return }
             if let q16, let block = block as? BF16Tensor {
                 let (k, v) = Self.unpack(block, x, tokens: keys.count)
-                LSEMerge.merge(into: acc, SoftmaxAttention.forward(q: q16, qPositions: x.positions, k: k, v: v, kPositions: keys,
-                                                                   causal: x.options.causal, documents: x.options.documents, scale: x.scale, progress: progress))
+                SoftmaxAttention.forward(q: q16, qPositions: x.positions, k: k, v: v, kPositions: keys, causal: x.options.causal,
+                                         documents: x.options.documents, scale: x.scale, extending: acc, progress: progress)
                 return
             }
             // Otherwise an fp32 run: Block is Tensor (RingBlock's other conformance).

@@ -44,30 +44,47 @@ public struct BF16Matrix: @unchecked Sendable {
         precondition(range.lowerBound >= 0 && range.upperBound <= cols)
         return BF16Matrix(base: base + range.lowerBound, rows: rows, cols: range.count, ld: ld)
     }
+
+    /// Whether the rows follow one another with no gap.
+    public var isContiguous: Bool { ld == cols || rows <= 1 }
+
+    /// The same values, contiguous, in `dst` (`rows * cols` elements).
+    public func copy(into dst: UnsafeMutablePointer<UInt16>) -> BF16Matrix {
+        for i in 0..<rows { (dst + i * cols).update(from: base + i * ld, count: cols) }
+        return BF16Matrix(base: dst, rows: rows, cols: cols)
+    }
 }
 
-/// A 64-byte aligned bf16 buffer that grows on demand: the scratch a kernel converts its operands into.
-public final class BF16Buffer: @unchecked Sendable {
-    public private(set) var base: UnsafeMutablePointer<UInt16>
+/// A 64-byte aligned buffer that grows on demand: the scratch a kernel converts its operands into (`BF16Buffer`) or
+/// accumulates its fp32 results in (`FloatBuffer`).
+public final class AlignedBuffer<Element>: @unchecked Sendable {
+    public private(set) var base: UnsafeMutablePointer<Element>
     public private(set) var capacity: Int
 
     public init(capacity: Int = 0) {
         self.capacity = max(capacity, 32)
-        base = UnsafeMutableRawPointer.allocate(byteCount: self.capacity * 2, alignment: 64).bindMemory(to: UInt16.self, capacity: self.capacity)
+        base = Self.allocate(self.capacity)
+    }
+
+    static func allocate(_ count: Int) -> UnsafeMutablePointer<Element> {
+        UnsafeMutableRawPointer.allocate(byteCount: count * MemoryLayout<Element>.stride, alignment: 64).bindMemory(to: Element.self, capacity: count)
     }
 
     /// The buffer, at least `count` elements long (contents are lost when it grows).
-    public func reserve(_ count: Int) -> UnsafeMutablePointer<UInt16> {
+    public func reserve(_ count: Int) -> UnsafeMutablePointer<Element> {
         if count > capacity {
             UnsafeMutableRawPointer(base).deallocate()
             capacity = count
-            base = UnsafeMutableRawPointer.allocate(byteCount: count * 2, alignment: 64).bindMemory(to: UInt16.self, capacity: count)
+            base = Self.allocate(count)
         }
         return base
     }
 
     deinit { UnsafeMutableRawPointer(base).deallocate() }
 }
+
+public typealias BF16Buffer = AlignedBuffer<UInt16>
+public typealias FloatBuffer = AlignedBuffer<Float>
 
 public enum BF16 {
     typealias U = SIMD16<UInt32>
