@@ -137,7 +137,7 @@ public enum AttentionBench {
             if options.precision == .bf16 { try OneDNN.require() }
         } catch { failure = error }
         try comm.agree(failure)
-        let rates = balance == .speed ? try SpeedBalance.rates(family: algorithm.family, shape: shape, comm: comm) : nil
+        let rates = balance == .speed ? try SpeedBalance.rates(family: algorithm.family, shape: shape, precision: options.precision, comm: comm) : nil
         if let rates { options.shares = SpeedBalance.shares(rates) }
         var config = AttentionRunConfig(algorithm: algorithm, shape: shape, options: options)
         config.backward = backward

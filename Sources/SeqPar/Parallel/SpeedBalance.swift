@@ -23,19 +23,21 @@ public enum SpeedBalance {
     static let probeTokens = 512
 
     /// Every rank's speed (GFLOP/s of the probe, the same array on every rank). Every rank of `comm` must call it.
-    public static func rates(family: AlgorithmName.Family, shape: AttentionShape, comm: some Communicator,
+    /// `precision`: the run's; the softmax probe runs the kernel in it (a bf16 run's speed is its matrix units').
+    public static func rates(family: AlgorithmName.Family, shape: AttentionShape, precision: Precision = .fp32, comm: some Communicator,
                              repeats: Int = 5, warmup: Int = 1) throws -> [Double] {
         try comm.barrier()
         let mine: Double
         switch family {
         case .softmax:
+            if precision == .bf16 { try OneDNN.require() }
             let n = probeTokens
             let s = AttentionShape(seqLen: n, heads: min(shape.heads, 16), headDim: shape.headDim)
             let all = Array(0..<n)
             let x = SeededInputs.attention(shape: s, options: AttentionOptions(), positions: all, seed: UInt64(comm.rank) + 1)
             let scale = 1 / Float(s.headDim).squareRoot()
             let t = KernelBench.time(repeats: repeats, warmup: warmup) {
-                _ = SoftmaxAttention.forward(q: x.q, qPositions: all, k: x.k, v: x.v, kPositions: all, causal: false, scale: scale)
+                _ = SoftmaxAttention.forward(q: x.q, qPositions: all, k: x.k, v: x.v, kPositions: all, causal: false, scale: scale, precision: precision)
             }
             mine = AttentionRun.attentionFlops(s, causal: false) / t.median / 1e9
         case .linear:
