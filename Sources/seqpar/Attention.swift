@@ -42,6 +42,8 @@ struct Attention: ParsableCommand {
     var decay: String?
     @Option(help: "Linear attention: feature map on q and k: identity or elu1 (elu(x)+1).") var featureMap: FeatureMap?
     @Option(help: "How the sequence is split over ranks: contiguous or zigzag.") var layout: SequenceLayout = .contiguous
+    @Option(help: "How many tokens each rank gets: equal (the layout's split) or speed (in proportion to each rank's speed, probed at the start; for hosts whose cores run at different speeds, e.g. a VM's; helps ring, allgather, RSA and LASP, whose work grows with a rank's tokens).")
+    var balance: SpeedBalance.Mode = .equal
     @OptionGroup var documentOptions: DocumentOptions
     @Option(help: "usp: U, the ranks of each Ulysses group (all-to-all inside a group, ring attention across the P/U groups); it divides the ranks and the heads.")
     var ulyssesDegree: Int?
@@ -83,7 +85,8 @@ struct Attention: ParsableCommand {
                            ("--bidirectional", bidirectional), ("--layout", layout != .contiguous), ("--backward", backward),
                            ("--decay", decay != nil), ("--feature-map", featureMap != nil), ("--layers", layers != nil),
                            ("--q/--k/--v", q != nil || k != nil || v != nil), ("--grad-out", gradOut != nil), ("--grads-prefix", gradsPrefix != nil),
-                           ("--input-scale", inputScale != 1), ("--doc-lens/--cu-seqlens", documentOptions.given)].filter(\.1).map(\.0)
+                           ("--input-scale", inputScale != 1), ("--doc-lens/--cu-seqlens", documentOptions.given),
+                           ("--balance", balance != .equal)].filter(\.1).map(\.0)
         if !softmaxOnly.isEmpty {
             throw ValidationError("\(softmaxOnly.joined(separator: ", ")) do not apply to latent attention (--algorithm \(algorithm), a decode step with every query attending the whole cache, forward only): drop them")
         }
@@ -129,6 +132,7 @@ struct Attention: ParsableCommand {
             guard layers != nil else { throw ValidationError("--algorithm lasp2h needs --layers, a pattern of L (linear) and S (softmax) layers, e.g. LLLS") }
             if !files.isEmpty || gradOut != nil { throw ValidationError("--algorithm lasp2h generates its input and weights from --seed: drop --q, --k, --v and --grad-out") }
             if bidirectional { throw ValidationError("--algorithm lasp2h is a causal language model: drop --bidirectional") }
+            if balance != .equal { throw ValidationError("--balance speed splits one attention run's tokens; the lasp2h stack splits them equally: drop it") }
         } else if layers != nil {
             throw ValidationError("--layers describes the lasp2h hybrid stack: use it with --algorithm lasp2h")
         }
@@ -192,6 +196,7 @@ struct Attention: ParsableCommand {
         c.outPath = out
         c.gradsPrefix = gradsPrefix
         (c.documentLengths, c.cuSeqlensPath) = (try documentOptions.lengths(), documentOptions.cuSeqlens)
+        c.balance = balance
         return c
     }
 

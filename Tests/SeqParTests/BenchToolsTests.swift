@@ -322,6 +322,22 @@ extension CostModelTests {
         #expect(json.contains("\"balance\":\"speed\"") && json.contains("\"rank_tokens\"") && json.contains("\"balance_rates\""))
     }
 
+    /// `seqpar attention --balance speed` (the run, not the benchmark): the shares come from the probe in the run's
+    /// precision, the tokens follow them, and the run still passes its check against the oracle, in bf16 where oneDNN is.
+    @Test func attentionRunBalancesBySpeed() throws {
+        let precision: Precision = OneDNN.isAvailable ? .bf16 : .fp32
+        let out = try InProcessCluster.run(ranks: 3, timeout: 120) { comm -> AttentionRunReport in
+            var config = AttentionRunConfig(algorithm: .ring, shape: AttentionShape(seqLen: 301, heads: 2, kvHeads: 1, headDim: 16),
+                                            options: AttentionOptions(causal: true, layout: .zigzag))
+            config.options.precision = precision
+            (config.balance, config.check, config.backward) = (.speed, true, true)
+            return try AttentionRun.execute(config, comm: comm, backend: "test")
+        }
+        let result = try #require(out.first)
+        #expect(result.check?.passed == true, "\(String(describing: result.check))")
+        #expect(result.perRank.map(\.tokens).reduce(0, +) == 301 && result.precision == precision)
+    }
+
     /// The baseline on every rank at once: all ranks return the same figures, marked busy, and the efficiency is
     /// taken against them as against the solo one.
     @Test func busyBaselineRunsOnEveryRank() throws {

@@ -37,6 +37,9 @@ public struct AttentionRunConfig: Codable, Sendable, Equatable {
     /// into `options.documents` once the sequence length is known (from the files, when there are files).
     public var documentLengths: [Int]?
     public var cuSeqlensPath: String?
+    /// `.speed`: the tokens split over ranks in proportion to their speeds, probed once the configuration is checked
+    /// (`SpeedBalance`; it sets `options.shares`). For hosts whose cores run at different speeds, as a VM's do.
+    public var balance: SpeedBalance.Mode = .equal
 
     public init(algorithm: AlgorithmName, shape: AttentionShape, options: AttentionOptions = AttentionOptions()) {
         self.algorithm = algorithm
@@ -331,6 +334,14 @@ public enum AttentionRun {
             }
         } catch { failure = error }
         try comm.agree(failure)
+
+        // 3b. Token shares by speed: every rank probes at once, all derive the same shares; checked again as given ones are.
+        if config.balance == .speed && ranks > 1 {
+            config.options.shares = SpeedBalance.shares(try SpeedBalance.rates(family: config.algorithm.family, shape: config.shape,
+                                                                                precision: config.options.precision, comm: comm))
+            do { try config.algorithm.validate(ranks: ranks, shape: config.shape, options: config.options) } catch { failure = error }
+            try comm.agree(failure)
+        }
 
         // 4. Inputs.
         let shape = config.shape
