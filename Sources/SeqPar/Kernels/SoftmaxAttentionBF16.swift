@@ -120,7 +120,7 @@ extension SoftmaxAttention {
         /// The products read contiguous heads: a head of a (B, C, H, D) tensor has rows H * D apart, 2 KiB at H=8, D=128
         /// in bf16, and oneDNN's AMX kernels read such rows several times slower (their loads of 16 rows fall into
         /// the same few cache sets). Copying each head once, a few hundred KiB, made the 16-rank ring's bf16 forward
-        /// 1.2-1.5x faster on the AMX device (benchmarks/results/bf16/run-contiguous).
+        /// 1.2-1.5x faster on the AMX device (benchmarks/results/bf16/run-9588fbc).
         func head(batch b: Int, _ h: Int, buffer: BF16Buffer) -> BF16Matrix {
             switch self {
             case .bf16(let t):
