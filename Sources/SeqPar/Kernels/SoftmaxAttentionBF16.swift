@@ -40,8 +40,11 @@ extension SoftmaxAttention {
         /// faster (the forward half as fast, the backward 10-20% slower, on a host whose bf16 baseline itself moved
         /// between 250 and 450 GFLOP/s across those runs), so oneDNN reads the transposes itself.
         func kv(_ k: BF16Operand, _ v: BF16Operand, batch b: Int, head g: Int) -> (k: BF16Matrix, v: BF16Matrix) {
-            if case .bf16(let kt) = k, case .bf16(let vt) = v, kt.head(batch: b, g).isContiguous, vt.head(batch: b, g).isContiguous {
+            switch (k, v) {
+            case (.heads, .heads): return (k.head(batch: b, g, buffer: self.k), v.head(batch: b, g, buffer: self.v))
+            case (.bf16(let kt), .bf16(let vt)) where kt.head(batch: b, g).isContiguous && vt.head(batch: b, g).isContiguous:
                 return (kt.head(batch: b, g), vt.head(batch: b, g))
+            default: break
             }
             if let converted = kvConverted, kvHead.map({ $0 == (b, g) }) ?? false { return converted }
             let converted = (k.head(batch: b, g, buffer: self.k), v.head(batch: b, g, buffer: self.v))
@@ -67,9 +70,17 @@ extension SoftmaxAttention {
     /// sum = 1, output = o (its exponentials are relative to lse, so they sum to 1). Ring attention's forward step.
     public static func forward(q: BF16Tensor, qPositions: [Int], k: BF16Tensor, v: BF16Tensor, kPositions: [Int],
                                causal: Bool, documents: Documents? = nil, scale: Float, extending acc: AttentionOutput, progress: () -> Void = {}) {
-        precondition(q.shape[2] % k.shape[2] == 0 && qPositions.count == q.shape[1] && kPositions.count == k.shape[1] && v.shape == k.shape)
-        precondition(acc.o.shape == [q.shape[0], q.shape[1], q.shape[2], v.shape[3]] && acc.lse.shape == [q.shape[0], q.shape[2], q.shape[1]])
-        forwardBF16(q: .bf16(q), k: .bf16(k), v: .bf16(v), windows: windows(qPositions, kPositions, causal: causal, documents: documents), scale: scale,
+        forward(q: .bf16(q), qPositions: qPositions, k: .bf16(k), v: .bf16(v), kPositions: kPositions, causal: causal, documents: documents,
+                scale: scale, extending: acc, progress: progress)
+    }
+
+    /// The same on operands in either storage order (`BF16Operand`; the ring's are head-major).
+    static func forward(q: BF16Operand, qPositions: [Int], k: BF16Operand, v: BF16Operand, kPositions: [Int],
+                        causal: Bool, documents: Documents?, scale: Float, extending acc: AttentionOutput, progress: () -> Void) {
+        let (qs, ks) = (q.shape, k.shape)
+        precondition(qs[2] % ks[2] == 0 && qPositions.count == qs[1] && kPositions.count == ks[1] && v.shape == ks)
+        precondition(acc.o.shape == [qs[0], qs[1], qs[2], v.shape[3]] && acc.lse.shape == [qs[0], qs[2], qs[1]])
+        forwardBF16(q: q, k: k, v: v, windows: windows(qPositions, kPositions, causal: causal, documents: documents), scale: scale,
                     into: acc, extending: true, progress: progress)
     }
 
@@ -78,9 +89,18 @@ extension SoftmaxAttention {
     public static func backward(q: BF16Tensor, qPositions: [Int], k: BF16Tensor, v: BF16Tensor, kPositions: [Int],
                                 output: AttentionOutput, gradOut: Tensor, gradOutBF16: BF16Tensor, causal: Bool, documents: Documents? = nil, scale: Float,
                                 adding grads: AttentionGradients, work: Range<Double> = 0..<1, progress: () -> Void = {}) {
-        precondition(gradOut.shape == q.shape && gradOutBF16.shape == q.shape && output.o.shape == q.shape && kPositions.count == k.shape[1])
-        precondition(grads.dq.shape == q.shape && grads.dk.shape == k.shape && grads.dv.shape == v.shape)
-        backwardBF16(q: .bf16(q), k: .bf16(k), v: .bf16(v), windows: windows(qPositions, kPositions, causal: causal, documents: documents), output: output,
+        backward(q: .bf16(q), qPositions: qPositions, k: .bf16(k), v: .bf16(v), kPositions: kPositions, output: output, gradOut: gradOut,
+                 gradOutBF16: .bf16(gradOutBF16), causal: causal, documents: documents, scale: scale, adding: grads, work: work, progress: progress)
+    }
+
+    /// The same on operands in either storage order (`BF16Operand`; the ring's are head-major).
+    static func backward(q: BF16Operand, qPositions: [Int], k: BF16Operand, v: BF16Operand, kPositions: [Int], output: AttentionOutput,
+                         gradOut: Tensor, gradOutBF16: BF16Operand, causal: Bool, documents: Documents?, scale: Float,
+                         adding grads: AttentionGradients, work: Range<Double>, progress: () -> Void) {
+        let qs = q.shape
+        precondition(gradOut.shape == qs && gradOutBF16.shape == qs && output.o.shape == qs && kPositions.count == k.shape[1])
+        precondition(grads.dq.shape == qs && grads.dk.shape == k.shape && grads.dv.shape == v.shape)
+        backwardBF16(q: q, k: k, v: v, windows: windows(qPositions, kPositions, causal: causal, documents: documents), output: output,
                      gradOut: gradOut, gradOutBF16: gradOutBF16, scale: scale, adding: grads, work: work, progress: progress)
     }
 
@@ -106,12 +126,18 @@ extension SoftmaxAttention {
     /// once per pass rather than once per step).
     enum BF16Operand {
         case fp32(Tensor)
+        /// (B, C, H, D), as the fp32 tensors are.
         case bf16(BF16Tensor)
+        /// (B, H, C, D): head-major (`BF16Tensor(roundingHeadMajor:)`), every head contiguous; the ring's q, dO and K/V
+        /// blocks, so that no head is copied at each step.
+        case heads(BF16Tensor)
 
+        /// (B, C, H, D) whatever the storage order.
         var shape: [Int] {
             switch self {
             case .fp32(let t): t.shape
             case .bf16(let t): t.shape
+            case .heads(let t): [t.shape[0], t.shape[2], t.shape[1], t.shape[3]]
             }
         }
 
@@ -126,6 +152,9 @@ extension SoftmaxAttention {
             case .bf16(let t):
                 let m = t.head(batch: b, h)
                 return m.isContiguous ? m : m.copy(into: buffer.reserve(m.rows * m.cols))
+            case .heads(let t):
+                let (heads, seq, dim) = (t.shape[1], t.shape[2], t.shape[3])
+                return BF16Matrix(base: t.pointer + (b * heads + h) * seq * dim, rows: seq, cols: dim)
             case .fp32(let t):
                 let m = t.head(batch: b, h)
                 return BF16.convert(m, into: buffer.reserve(m.rows * m.cols))
@@ -211,9 +240,9 @@ extension SoftmaxAttention {
     /// The bf16 backward of `backward(..., adding:)`: same tiles and work shares, fp32 accumulators added into.
     /// `gradOut` (fp32) gives the row sums of dO * O; `gradOutBF16`, where given, is the same dO in bf16 for the products.
     static func backwardBF16(q: BF16Operand, k: BF16Operand, v: BF16Operand, windows: KeyWindows, output: AttentionOutput, gradOut dO: Tensor,
-                             gradOutBF16: BF16Tensor? = nil, scale: Float, adding grads: AttentionGradients, work: Range<Double>,
+                             gradOutBF16: BF16Operand? = nil, scale: Float, adding grads: AttentionGradients, work: Range<Double>,
                              progress: () -> Void) {
-        let dOperand = gradOutBF16.map { BF16Operand.bf16($0) } ?? .fp32(dO)
+        let dOperand = gradOutBF16 ?? .fp32(dO)
         let (batch, cq, heads, dim) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3])
         let group = heads / k.shape[2]
         let scratch = BF16Scratch()

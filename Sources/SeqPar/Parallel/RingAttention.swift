@@ -15,7 +15,8 @@
 // Communication: forward P-1 messages per rank (one packed K/V block each); backward P-1 K/V blocks plus P-1 dK/dV
 // blocks. Memory per rank grows as C * G * D (two K/V blocks, two gradient blocks), not L.
 // Precision: in an fp32 run everything travels in fp32. In a bf16 run the K/V blocks travel as bf16 (UInt16 bits,
-// half the bytes), and go to the kernel's bf16 products as they arrived (q and dO are converted once per pass); the dK/dV
+// half the bytes) and head-major, (B, G, C, D), and go to the kernel's bf16 products as they arrived, every head
+// contiguous (q and dO are converted once per pass, head-major too); the dK/dV
 // accumulators travel in fp32 (they are sums over ranks, as in ring-flash-attention). (o, lse) stay fp32: the bf16 kernel
 // extends them block by block (its online softmax carries on from the previous blocks' result, no merge pass), the fp32
 // kernel's block results merge in log space.
@@ -50,11 +51,12 @@ public struct RingAttention: AttentionAlgorithm {
         return t
     }
 
-    /// The packed block a bf16 run sends: [K | V] rounded to bf16.
+    /// The packed block a bf16 run sends: [K | V] rounded to bf16, each head-major (B, G, C, D), so that the kernel
+    /// reads every head in place, contiguous (`SoftmaxAttention.BF16Operand.heads`).
     static func packBF16(_ k: Tensor, _ v: Tensor) -> BF16Tensor {
         let t = BF16Tensor(uninitialized: [k.count + v.count])
-        k.convertToBF16(t.pointer)
-        v.convertToBF16(t.pointer + k.count)
+        BF16Tensor.convertHeadMajor(k, into: t.pointer)
+        BF16Tensor.convertHeadMajor(v, into: t.pointer + k.count)
         return t
     }
 
@@ -64,10 +66,11 @@ public struct RingAttention: AttentionAlgorithm {
         return (t.rows(0..<n).reshaped(shape), t.rows(n..<(2 * n)).reshaped(shape))
     }
 
-    /// Views of K and V inside a packed bf16 block of `tokens` tokens.
-    static func unpack(_ t: BF16Tensor, _ x: LocalAttention, tokens: Int) -> (k: BF16Tensor, v: BF16Tensor) {
-        let shape = x.shape.kvShape(tokens: tokens), n = shape.reduce(1, *)
-        return (t.rows(0..<n).reshaped(shape), t.rows(n..<(2 * n)).reshaped(shape))
+    /// K and V inside a packed bf16 block of `tokens` tokens, head-major (`packBF16`), as the kernel's operands.
+    static func unpack(_ t: BF16Tensor, _ x: LocalAttention, tokens: Int) -> (k: SoftmaxAttention.BF16Operand, v: SoftmaxAttention.BF16Operand) {
+        let s = x.shape.kvShape(tokens: tokens), n = s.reduce(1, *)
+        let heads = [s[0], s[2], s[1], s[3]]
+        return (.heads(t.rows(0..<n).reshaped(heads)), .heads(t.rows(n..<(2 * n)).reshaped(heads)))
     }
 
     /// True when no local query can see any key of the block (causal, or documents), or either side is empty.
@@ -110,13 +113,13 @@ public struct RingAttention: AttentionAlgorithm {
         let acc = AttentionOutput(o: Tensor(zeros: x.q.shape), lse: Tensor(zeros: [x.shape.batch, x.shape.heads, x.tokens]))
         acc.lse.fill(-.infinity)
         // A bf16 block goes to the kernel as it arrived, with q converted once for the whole pass.
-        let q16 = Block.self == BF16Tensor.self ? BF16Tensor(rounding: x.q) : nil
+        let q16 = Block.self == BF16Tensor.self ? BF16Tensor(roundingHeadMajor: x.q) : nil
         try Ring.circulate(own, shape: { [Self.packedCount(x, tokens: blocks($0).count)] }, tag: Self.kvTag, progress: self.progress, comm: comm) { source, block, _, progress in
             let keys = blocks(source)
             if Self.skips(x, keys: keys) { return }
             if let q16, let block = block as? BF16Tensor {
                 let (k, v) = Self.unpack(block, x, tokens: keys.count)
-                SoftmaxAttention.forward(q: q16, qPositions: x.positions, k: k, v: v, kPositions: keys, causal: x.options.causal,
+                SoftmaxAttention.forward(q: .heads(q16), qPositions: x.positions, k: k, v: v, kPositions: keys, causal: x.options.causal,
                                          documents: x.options.documents, scale: x.scale, extending: acc, progress: progress)
                 return
             }
@@ -138,7 +141,7 @@ public struct RingAttention: AttentionAlgorithm {
         let largest = (0..<ranks).map { Self.packedCount(x, tokens: blocks($0).count) }.max() ?? 0
         let scratch = ranks > 2 ? Tensor(zeros: [largest]) : nil
         // A bf16 block goes to the kernel as it arrived, with q and dO converted once for the whole pass.
-        let bf16Queries = Block.self == BF16Tensor.self ? (BF16Tensor(rounding: x.q), BF16Tensor(rounding: gradOut)) : nil
+        let bf16Queries = Block.self == BF16Tensor.self ? (BF16Tensor(roundingHeadMajor: x.q), BF16Tensor(roundingHeadMajor: gradOut)) : nil
         /// This rank's queries against one block: `work` of the kernel (see `SoftmaxAttention.backward`), dQ added
         /// to dq, dK and dV to the block's accumulator: at once when it is here, else through `scratch`.
         func contribute(_ source: Int, _ block: Block, _ grad: RingAccumulator, work: Range<Double>, _ progress: () -> Void) throws {
@@ -151,8 +154,8 @@ public struct RingAttention: AttentionAlgorithm {
             let adding = AttentionGradients(dq: dq, dk: dk, dv: dv)
             if let (q16, dO16) = bf16Queries, let block = block as? BF16Tensor {
                 let (k, v) = Self.unpack(block, x, tokens: keys.count)
-                SoftmaxAttention.backward(q: q16, qPositions: x.positions, k: k, v: v, kPositions: keys, output: output, gradOut: gradOut,
-                                          gradOutBF16: dO16, causal: x.options.causal, documents: x.options.documents, scale: x.scale, adding: adding, work: work, progress: progress)
+                SoftmaxAttention.backward(q: .heads(q16), qPositions: x.positions, k: k, v: v, kPositions: keys, output: output, gradOut: gradOut,
+                                          gradOutBF16: .heads(dO16), causal: x.options.causal, documents: x.options.documents, scale: x.scale, adding: adding, work: work, progress: progress)
             } else {
                 let (k, v) = Self.unpack(block as! Tensor, x, tokens: keys.count)  // an fp32 run: Block is Tensor
                 SoftmaxAttention.backward(q: x.q, qPositions: x.positions, k: k, v: v, kPositions: keys, output: output, gradOut: gradOut,

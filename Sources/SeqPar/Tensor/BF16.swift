@@ -218,6 +218,26 @@ public struct BF16Tensor: @unchecked Sendable, CustomStringConvertible {
         t.convertToBF16(pointer)
     }
 
+    /// A (batch, seq, heads, dim) tensor rounded to bf16 and stored head-major, (batch, heads, seq, dim): each head's
+    /// rows contiguous, as the bf16 kernel's products read them (`SoftmaxAttention.BF16Operand.heads`).
+    public init(roundingHeadMajor t: Tensor) {
+        precondition(t.rank == 4, "head-major needs a (batch, seq, heads, dim) tensor, got \(t.shape)")
+        self.init(uninitialized: [t.shape[0], t.shape[2], t.shape[1], t.shape[3]])
+        BF16Tensor.convertHeadMajor(t, into: pointer)
+    }
+
+    /// `t` (batch, seq, heads, dim) rounded into `dst` in (batch, heads, seq, dim) order.
+    static func convertHeadMajor(_ t: Tensor, into dst: UnsafeMutablePointer<UInt16>) {
+        let (batch, seq, heads, dim) = (t.shape[0], t.shape[1], t.shape[2], t.shape[3])
+        for b in 0..<batch {
+            for i in 0..<seq {
+                for h in 0..<heads {
+                    BF16.convert(t.pointer + ((b * seq + i) * heads + h) * dim, to: dst + ((b * heads + h) * seq + i) * dim, dim)
+                }
+            }
+        }
+    }
+
     init(storage: BF16Storage, offset: Int, shape: [Int]) {
         (self.storage, self.offset, self.shape) = (storage, offset, shape)
     }
