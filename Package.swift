@@ -4,7 +4,6 @@
 //   CMPI        system library over OpenMPI's mpi.h (a shim turns cast macros into getters)
 //   COpenBLAS   system library over OpenBLAS's cblas.h
 //   CDNNL       oneDNN's C API headers (the bf16 path; libdnnl is loaded at run time, see Tensor/OneDNN.swift)
-//   CSIMD       the bf16 softmax row in AVX-512 intrinsics, for CPUs with AVX512-BF16 (chosen at run time)
 //   SeqPar      tensors, communicator protocol + in-process cluster, kernels, algorithms (no MPI)
 //   SeqParMPI   MPICommunicator, the only module that imports CMPI
 //   seqpar      the command-line tool (the BuildInfo plugin records the commit it is built from: seqpar --version)
@@ -62,9 +61,7 @@ let package = Package(
         .systemLibrary(
             name: "CDNNL", path: "Sources/CDNNL",
             providers: [.apt(["libdnnl-dev"])]),
-        // The bf16 softmax rows hand-vectorised for AVX512-BF16 (one instruction rounds P to bf16), chosen at run time.
-        .target(name: "CSIMD", path: "Sources/CSIMD"),
-        .target(name: "SeqPar", dependencies: ["COpenBLAS", "CDNNL", "CSIMD"], swiftSettings: kernelSettings),
+        .target(name: "SeqPar", dependencies: ["COpenBLAS", "CDNNL"], swiftSettings: kernelSettings),
         .target(name: "SeqParMPI", dependencies: ["SeqPar", "CMPI"]),
         .executableTarget(
             name: "seqpar",

@@ -10,9 +10,6 @@
 // The softmax pass is fused per row: max, the scaled exponentials, their fp32 sum and the bf16 store of P in one sweep
 // of the score row, which stays in cache between the product that wrote it and the product that reads P.
 
-import CSIMD
-import Foundation
-
 extension SoftmaxAttention {
     /// bf16 scratch for one call: converted heads and the P (or dS) tile.
     final class BF16Scratch {
@@ -346,24 +343,10 @@ extension VectorMath {
 
     /// `dst[j] = bf16(exp(a * p[j] - b))` for j < n; returns the sum of the fp32 exponentials (before rounding, as
     /// FlashAttention sums them). `p` is read only. Exponentials through `exp2NonPositive`: a * p[j] <= b.
-    /// On a CPU with AVX512-BF16 the row runs in CSIMD (the same arithmetic, P rounded by vcvtneps2bf16), unless
-    /// SEQPAR_BF16_SOFTMAX=portable.
     @inline(__always)
     public static func expToBF16(_ p: UnsafePointer<Float>, _ n: Int, scale a: Float, subtract b: Float,
                                  into dst: UnsafeMutablePointer<UInt16>) -> Float {
         KernelProfile.countExp(n)
-        if avx512BF16Rows { return seqpar_exp2_to_bf16_avx512(p, n, a * log2e, b * log2e, dst) }
-        return expToBF16Portable(p, n, scale: a, subtract: b, into: dst)
-    }
-
-    /// Whether `expToBF16` runs on CSIMD's AVX512-BF16 row (`seqpar_has_avx512bf16`, and SEQPAR_BF16_SOFTMAX is not
-    /// `portable`: the switch that measures one against the other on the same machine).
-    static let avx512BF16Rows: Bool = seqpar_has_avx512bf16() != 0 && ProcessInfo.processInfo.environment["SEQPAR_BF16_SOFTMAX"] != "portable"
-
-    /// `expToBF16` in portable Swift SIMD.
-    @inline(__always)
-    static func expToBF16Portable(_ p: UnsafePointer<Float>, _ n: Int, scale a: Float, subtract b: Float,
-                                  into dst: UnsafeMutablePointer<UInt16>) -> Float {
         var acc = V(repeating: 0)
         var i = 0
         let va = V(repeating: a * log2e), vb = V(repeating: b * log2e)
