@@ -120,14 +120,17 @@ public enum SoftmaxAttention {
         rowMax[i] = newMax
     }
 
-    /// The end of a query tile (rows `rows` of the head, statistics from index 0): each output row divided by its
-    /// running sum, and lse = max + log(sum); -inf for a row that saw no key (its output stays 0).
+    /// The end of a query tile (rows `rows` of the head, statistics from index 0): output row r = accumulator row
+    /// r - rows.lowerBound over its running sum, and lse = max + log(sum); a row that saw no key gets 0 and -inf. The
+    /// accumulator is the output's own rows (the fp32 kernel) or contiguous scratch (the bf16 kernel).
     @inline(__always)
     static func finish(rows: Range<Int>, _ rowMax: UnsafeMutablePointer<Float>, _ rowSum: UnsafeMutablePointer<Float>,
-                       output oh: Matrix, lse lseRow: UnsafeMutablePointer<Float>) {
+                       accumulator acc: Matrix, output oh: Matrix, lse lseRow: UnsafeMutablePointer<Float>) {
         for (i, r) in rows.enumerated() {
-            if rowSum[i] == 0 { lseRow[r] = -.infinity; continue }
-            VectorMath.scale(oh.base + r * oh.ld, oh.cols, by: 1 / rowSum[i])
+            let dst = oh.base + r * oh.ld
+            if rowSum[i] == 0 { lseRow[r] = -.infinity; dst.update(repeating: 0, count: oh.cols); continue }
+            let inverse = VectorMath.V(repeating: 1 / rowSum[i])
+            VectorMath.update(dst, with: acc.base + i * acc.ld, oh.cols) { _, a in a * inverse }
             lseRow[r] = rowMax[i] + Float(log(Double(rowSum[i])))
         }
     }
@@ -165,7 +168,7 @@ public enum SoftmaxAttention {
                 KernelProfile.softmaxEnd(softmaxStarted)
                 BLAS.gemm(s, vg.rows(j0..<j1), into: oh.rows(i0..<i1), beta: 1)
             }
-            finish(rows: i0..<i1, scratch.rowMax, scratch.rowSum, output: oh, lse: lseRow)
+            finish(rows: i0..<i1, scratch.rowMax, scratch.rowSum, accumulator: oh.rows(i0..<i1), output: oh, lse: lseRow)
             progress()
         }
     }

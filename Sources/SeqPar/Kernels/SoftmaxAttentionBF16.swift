@@ -223,20 +223,6 @@ extension SoftmaxAttention {
         }
     }
 
-    /// `finish` for a query tile accumulated in contiguous scratch: output row r = accumulator row (r - rows.lowerBound)
-    /// over its running sum (0 for a row that saw no key, whose lse is -inf), lse = max + log(sum).
-    @inline(__always)
-    static func finish(rows: Range<Int>, _ rowMax: UnsafeMutablePointer<Float>, _ rowSum: UnsafeMutablePointer<Float>,
-                       accumulator acc: Matrix, output oh: Matrix, lse lseRow: UnsafeMutablePointer<Float>) {
-        for (i, r) in rows.enumerated() {
-            let dst = oh.base + r * oh.ld
-            if rowSum[i] == 0 { lseRow[r] = -.infinity; dst.update(repeating: 0, count: oh.cols); continue }
-            let inverse = VectorMath.V(repeating: 1 / rowSum[i])
-            VectorMath.update(dst, with: acc.base + i * acc.ld, oh.cols) { _, a in a * inverse }
-            lseRow[r] = rowMax[i] + Float(log(Double(rowSum[i])))
-        }
-    }
-
     /// The bf16 backward of `backward(..., adding:)`: same tiles and work shares, fp32 accumulators added into.
     /// `gradOut` (fp32) gives the row sums of dO * O; `gradOutBF16`, where given, is the same dO in bf16 for the products.
     static func backwardBF16(q: BF16Operand, k: BF16Operand, v: BF16Operand, windows: KeyWindows, output: AttentionOutput, gradOut dO: Tensor,
