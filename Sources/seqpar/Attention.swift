@@ -42,7 +42,7 @@ struct Attention: ParsableCommand {
     var decay: String?
     @Option(help: "Linear attention: feature map on q and k: identity or elu1 (elu(x)+1).") var featureMap: FeatureMap?
     @Option(help: "How the sequence is split over ranks: contiguous or zigzag.") var layout: SequenceLayout = .contiguous
-    @Option(help: "How many tokens each rank gets: equal (the layout's split) or speed (in proportion to each rank's speed, probed at the start; for hosts whose cores run at different speeds, e.g. a VM's; helps ring, allgather, RSA and LASP, whose work grows with a rank's tokens).")
+    @Option(help: "How many tokens each rank gets: equal (the layout's split) or speed (in proportion to each rank's speed, probed at the start: for ring, allgather, RSA and LASP on hosts whose cores keep different speeds through a run; on the 16-core test VM, whose speeds change, it was slower, see docs/performance.md).")
     var balance: SpeedBalance.Mode = .equal
     @OptionGroup var documentOptions: DocumentOptions
     @Option(help: "usp: U, the ranks of each Ulysses group (all-to-all inside a group, ring attention across the P/U groups); it divides the ranks and the heads.")
