@@ -28,6 +28,11 @@ typedef __typeof__(&dnnl_memory_create) seqpar_dnnl_memory_create;
 typedef __typeof__(&dnnl_memory_set_data_handle) seqpar_dnnl_memory_set_data_handle;
 typedef __typeof__(&dnnl_get_effective_cpu_isa) seqpar_dnnl_get_effective_cpu_isa;
 typedef __typeof__(&dnnl_version) seqpar_dnnl_version;
+typedef __typeof__(&dnnl_memory_desc_init_by_tag) seqpar_dnnl_memory_desc_init_by_tag;
+typedef __typeof__(&dnnl_primitive_desc_query_md) seqpar_dnnl_primitive_desc_query_md;
+typedef __typeof__(&dnnl_memory_desc_get_size) seqpar_dnnl_memory_desc_get_size;
+typedef __typeof__(&dnnl_memory_desc_equal) seqpar_dnnl_memory_desc_equal;
+typedef __typeof__(&dnnl_reorder_primitive_desc_create) seqpar_dnnl_reorder_primitive_desc_create;
 /// libgomp's, which oneDNN threads with: one thread per rank unless OMP_NUM_THREADS says otherwise.
 typedef void (*seqpar_omp_set_num_threads)(int);
 

@@ -44,6 +44,8 @@ struct Info: ParsableCommand {
         if let v = OneDNN.version {
             let product = (try? OneDNN.context().implementation(m: SoftmaxAttention.tileRows, n: SoftmaxAttention.tileCols, k: 64)) ?? "?"
             lines.append("onednn: version \(v), isa \(OneDNN.isa ?? "?") on rank 0 (bf16 unit: \(OneDNN.hasBF16Unit ? "yes" : "no")); bf16 matmul of a \(SoftmaxAttention.tileRows)x\(SoftmaxAttention.tileCols)x64 tile: \(product)")
+            let packed = (try? OneDNN.context().packedLayoutName(k: 128, n: SoftmaxAttention.tileCols)).flatMap { $0 }
+            lines.append("onednn: K and V tiles " + (packed.map { "packed once per kv head into \($0) blocks\(ProcessInfo.processInfo.environment["SEQPAR_BF16_PACK"] == "off" ? " (off: SEQPAR_BF16_PACK=off)" : "")" } ?? "read plain (no packed layout here)"))
         } else {
             lines.append("onednn: not loaded on rank 0 (--precision bf16 needs it)")
         }

@@ -10,6 +10,8 @@
 // The softmax pass is fused per row: max, the scaled exponentials, their fp32 sum and the bf16 store of P in one sweep
 // of the score row, which stays in cache between the product that wrote it and the product that reads P.
 
+import Foundation
+
 extension SoftmaxAttention {
     /// bf16 scratch for one call: converted heads and the P (or dS) tile.
     final class BF16Scratch {
@@ -24,6 +26,34 @@ extension SoftmaxAttention {
         /// The kv head whose K and V the buffers hold (GQA: consecutive query heads share it).
         var kvHead: (batch: Int, head: Int)? = nil
         var kvConverted: (k: BF16Matrix, v: BF16Matrix)? = nil
+
+        /// Packed tiles (`OneDNN.Context.pack`) of the kv head in hand, by operand and first key, and their buffers.
+        var packed: [PackedTile: OneDNN.PackedMatrix?] = [:]
+        var packBuffers: [BF16Buffer] = [], packBuffersUsed = 0
+
+        /// Which operand a packed tile holds: K^T (S = Q K^T), V (O += P V), V^T (dP = dO V^T), K (dQ += dS K).
+        enum Operand { case keyTransposed, value, valueTransposed, key }
+        struct PackedTile: Hashable { let operand: Operand; let start: Int }
+
+        /// Forgets the packed tiles (a new kv head); their buffers are reused.
+        func resetPacks() { packed.removeAll(keepingCapacity: true); packBuffersUsed = 0 }
+
+        /// Whether to pack: $SEQPAR_BF16_PACK=off multiplies plain operands throughout (to measure one against the other).
+        static let packing = ProcessInfo.processInfo.environment["SEQPAR_BF16_PACK"] != "off"
+
+        /// `tile` (rows j0 ..< j0 + tile.rows of K or V) packed as `operand` reads it, once per kv head; nil where
+        /// oneDNN has no packed layout for it.
+        func packed(_ operand: Operand, _ tile: BF16Matrix, start j0: Int) -> OneDNN.PackedMatrix? {
+            let id = PackedTile(operand: operand, start: j0)
+            if let p = packed[id] { return p }
+            if packBuffersUsed == packBuffers.count { packBuffers.append(BF16Buffer()) }
+            let buffer = packBuffers[packBuffersUsed]
+            let transposed = operand == .keyTransposed || operand == .valueTransposed
+            let p = dnn.pack(tile, transposeB: transposed, into: buffer)
+            if p != nil { packBuffersUsed += 1 }
+            packed[id] = p
+            return p
+        }
 
         init() {
             guard let c = try? OneDNN.context() else {
@@ -171,6 +201,7 @@ extension SoftmaxAttention {
             for h in 0..<heads {
                 let qb = q.head(batch: b, h, buffer: scratch.q)
                 let (kb, vb) = scratch.kv(k, v, batch: b, head: h / group)
+                if h % group == 0 { scratch.resetPacks() }
                 forwardBF16(q: qb, k: kb, v: vb, windows: windows, scale: scale, into: out.o.head(batch: b, h),
                             lse: out.lse.pointer + (b * heads + h) * cq, extending: extending, scratch: scratch, progress: progress)
             }
@@ -186,6 +217,8 @@ extension SoftmaxAttention {
         let scores = scratch.scores
         let p = scratch.p.base
         let acc = scratch.accumulator.reserve(maxTileRows * dv)
+        // Full key tiles are packed once for every query tile that reads them (where there are several).
+        let pack = BF16Scratch.packing && cq > tileRows
         var i0 = 0
         while i0 < cq {
             let (i1, start, reach) = queryTile(from: i0, windows: windows)
@@ -202,7 +235,11 @@ extension SoftmaxAttention {
                 let width = j1 - j0
                 let s = Matrix(base: scores, rows: rows, cols: width)
                 KernelProfile.countScores(rows * width)
-                scratch.dnn.gemm(qh.rows(i0..<i1), kg.rows(j0..<j1), transposeB: true, into: s)
+                let packK = pack && width == tileCols ? scratch.packed(.keyTransposed, kg.rows(j0..<j1), start: j0) : nil
+                let packV = pack && width == tileCols ? scratch.packed(.value, vg.rows(j0..<j1), start: j0) : nil
+                if !(packK.map { scratch.dnn.gemm(qh.rows(i0..<i1), packed: $0, into: s) } ?? false) {
+                    scratch.dnn.gemm(qh.rows(i0..<i1), kg.rows(j0..<j1), transposeB: true, into: s)
+                }
                 let softmaxStarted = KernelProfile.softmaxStart()
                 for i in 0..<rows {
                     let row = scores + i * width, prow = p + i * width
@@ -216,7 +253,10 @@ extension SoftmaxAttention {
                     absorb(sum: sum, max: newMax, row: i, scratch.rowMax, scratch.rowSum, output: acc + i * dv, dv)
                 }
                 KernelProfile.softmaxEnd(softmaxStarted)
-                scratch.dnn.gemm(BF16Matrix(base: p, rows: rows, cols: width), vg.rows(j0..<j1), into: accM, accumulate: true)
+                let pm = BF16Matrix(base: p, rows: rows, cols: width)
+                if !(packV.map { scratch.dnn.gemm(pm, packed: $0, into: accM, accumulate: true) } ?? false) {
+                    scratch.dnn.gemm(pm, vg.rows(j0..<j1), into: accM, accumulate: true)
+                }
             }
             finish(rows: i0..<i1, scratch.rowMax, scratch.rowSum, accumulator: accM, output: oh, lse: lseRow)
             progress()
@@ -241,6 +281,8 @@ extension SoftmaxAttention {
         let (dkAcc, dvAcc) = (Matrix(base: scratch.gradK.reserve(ck * dkCols), rows: ck, cols: dkCols),
                               Matrix(base: scratch.gradV.reserve(ck * dvCols), rows: ck, cols: dvCols))
         var kvHeld: (batch: Int, head: Int)?
+        // Full key tiles are packed once per kv head for the query tiles that read them (see `forwardBF16`).
+        let pack = BF16Scratch.packing && (cq > tileRows || group > 1)
         func addKV() {
             guard let (b, g) = kvHeld else { return }
             add(dkAcc, into: grads.dk.head(batch: b, g))
@@ -252,6 +294,7 @@ extension SoftmaxAttention {
             if kvHeld.map({ $0 != (b, g) }) ?? true {
                 addKV()
                 kvHeld = (b, g)
+                scratch.resetPacks()
                 dkAcc.base.update(repeating: 0, count: ck * dkCols)
                 dvAcc.base.update(repeating: 0, count: ck * dvCols)
             }
@@ -269,8 +312,14 @@ extension SoftmaxAttention {
                 for (j0, j1) in bf16KeyTiles(start, reach) {
                     let width = j1 - j0
                     let sm = Matrix(base: scratch.scores, rows: rows, cols: width), dpm = Matrix(base: scratch.dp, rows: rows, cols: width)
-                    scratch.dnn.gemm(qb.rows(i0..<i1), kb.rows(j0..<j1), transposeB: true, into: sm)
-                    scratch.dnn.gemm(dob.rows(i0..<i1), vb.rows(j0..<j1), transposeB: true, into: dpm)
+                    let (kTile, vTile) = (kb.rows(j0..<j1), vb.rows(j0..<j1))
+                    let packTile = pack && width == tileCols
+                    if !(packTile ? scratch.packed(.keyTransposed, kTile, start: j0).map { scratch.dnn.gemm(qb.rows(i0..<i1), packed: $0, into: sm) } ?? false : false) {
+                        scratch.dnn.gemm(qb.rows(i0..<i1), kTile, transposeB: true, into: sm)
+                    }
+                    if !(packTile ? scratch.packed(.valueTransposed, vTile, start: j0).map { scratch.dnn.gemm(dob.rows(i0..<i1), packed: $0, into: dpm) } ?? false : false) {
+                        scratch.dnn.gemm(dob.rows(i0..<i1), vTile, transposeB: true, into: dpm)
+                    }
                     let softmaxStarted = KernelProfile.softmaxStart()
                     for i in 0..<rows {
                         let (a, b) = segment(windows, row: i0 + i, tile: j0, width: width)
@@ -284,7 +333,9 @@ extension SoftmaxAttention {
                     KernelProfile.softmaxEnd(softmaxStarted)
                     let pm = BF16Matrix(base: p, rows: rows, cols: width), dsm = BF16Matrix(base: ds, rows: rows, cols: width)
                     // ds holds scale * P * (dP - rowDot), rounded: dQ += dS K, dK += dS^T Q, dV += P^T dO.
-                    scratch.dnn.gemm(dsm, kb.rows(j0..<j1), into: dq, accumulate: true)
+                    if !(packTile ? scratch.packed(.key, kTile, start: j0).map { scratch.dnn.gemm(dsm, packed: $0, into: dq, accumulate: true) } ?? false : false) {
+                        scratch.dnn.gemm(dsm, kTile, into: dq, accumulate: true)
+                    }
                     scratch.dnn.gemm(dsm, transposeA: true, qb.rows(i0..<i1), into: dkAcc.rows(j0..<j1), accumulate: true)
                     scratch.dnn.gemm(pm, transposeA: true, dob.rows(i0..<i1), into: dvAcc.rows(j0..<j1), accumulate: true)
                 }

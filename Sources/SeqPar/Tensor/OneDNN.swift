@@ -38,6 +38,11 @@ public enum OneDNN {
         let memorySetDataHandle: seqpar_dnnl_memory_set_data_handle
         let effectiveISA: seqpar_dnnl_get_effective_cpu_isa
         let version: seqpar_dnnl_version
+        let memoryDescInitByTag: seqpar_dnnl_memory_desc_init_by_tag
+        let primitiveDescQueryMD: seqpar_dnnl_primitive_desc_query_md
+        let memoryDescGetSize: seqpar_dnnl_memory_desc_get_size
+        let memoryDescEqual: seqpar_dnnl_memory_desc_equal
+        let reorderDescCreate: seqpar_dnnl_reorder_primitive_desc_create
         let ompSetNumThreads: seqpar_omp_set_num_threads?
         let engine: dnnl_engine_t
     }
@@ -89,6 +94,11 @@ public enum OneDNN {
                 memorySetDataHandle: try symbol("dnnl_memory_set_data_handle", seqpar_dnnl_memory_set_data_handle.self),
                 effectiveISA: try symbol("dnnl_get_effective_cpu_isa", seqpar_dnnl_get_effective_cpu_isa.self),
                 version: try symbol("dnnl_version", seqpar_dnnl_version.self),
+                memoryDescInitByTag: try symbol("dnnl_memory_desc_init_by_tag", seqpar_dnnl_memory_desc_init_by_tag.self),
+                primitiveDescQueryMD: try symbol("dnnl_primitive_desc_query_md", seqpar_dnnl_primitive_desc_query_md.self),
+                memoryDescGetSize: try symbol("dnnl_memory_desc_get_size", seqpar_dnnl_memory_desc_get_size.self),
+                memoryDescEqual: try symbol("dnnl_memory_desc_equal", seqpar_dnnl_memory_desc_equal.self),
+                reorderDescCreate: try symbol("dnnl_reorder_primitive_desc_create", seqpar_dnnl_reorder_primitive_desc_create.self),
                 ompSetNumThreads: dlsym(handle, "omp_set_num_threads").map { unsafeBitCast($0, to: seqpar_omp_set_num_threads.self) },
                 engine: engine))
         } catch let error as SeqParError {
@@ -149,6 +159,16 @@ public enum OneDNN {
     struct Key: Hashable {
         let m, n, k, lda, ldb, ldc: Int
         let transposeA, transposeB, accumulate: Bool
+        /// B in the packed layout (`Context.packedLayout(k:n:)`); ldb and transposeB are then 0 and false.
+        var packed = false
+    }
+
+    /// A k x n weights operand (the B of `gemm`) reordered once into the layout oneDNN's matmul reads (`Context.pack`):
+    /// on AMX, blocks of 64 columns whose rows are interleaved in pairs. A K or V tile that many query tiles multiply by
+    /// is packed once for all of them; with plain operands oneDNN repacks B inside every call.
+    public struct PackedMatrix {
+        public let base: UnsafeMutablePointer<UInt16>
+        public let k: Int, n: Int
     }
 
     /// One cached matmul: the primitive and its three memory objects, whose data pointers are set per call; destroyed
@@ -187,25 +207,138 @@ public enum OneDNN {
         /// The thread has ended (its key's destructor released the context): primitives first, then the stream.
         deinit {
             cache = [:]
+            for r in reorders.values { _ = f.primitiveDestroy(r.primitive); _ = f.memoryDestroy(r.src); _ = f.memoryDestroy(r.dst) }
             _ = f.streamDestroy(stream)
+        }
+
+        /// A plain 2-D memory descriptor.
+        func desc(_ rows: Int, _ cols: Int, rowStride: Int, colStride: Int, _ type: dnnl_data_type_t) throws -> dnnl_memory_desc_t {
+            var d = dnnl_memory_desc_t()
+            var dims: (Int64, Int64) = (Int64(rows), Int64(cols)), strides: (Int64, Int64) = (Int64(rowStride), Int64(colStride))
+            try withUnsafePointer(to: &dims) { dp in
+                try withUnsafePointer(to: &strides) { sp in
+                    try check(f.memoryDescInitByStrides(&d, 2, UnsafeRawPointer(dp).assumingMemoryBound(to: Int64.self),
+                                                        type, UnsafeRawPointer(sp).assumingMemoryBound(to: Int64.self)), "dnnl_memory_desc_init_by_strides")
+                }
+            }
+            return d
+        }
+
+        /// The layouts a k x n weights operand packs into (nil: none worth packing into), by (k, n).
+        var packedLayouts: [[Int]: dnnl_memory_desc_t?] = [:]
+        /// Reorders into those layouts, by (k, n, ld, transposed), with their source and destination memory objects.
+        var reorders: [[Int]: (primitive: dnnl_primitive_t, src: dnnl_memory_t, dst: dnnl_memory_t)] = [:]
+
+        /// The layout oneDNN's matmul asks for a k x n bf16 weights operand (format `any`, as a matmul of a query
+        /// tile's rows asks for it), or nil where that is the plain layout (nothing to gain) or the matmul is not
+        /// oneDNN's brgemm one.
+        func packedLayout(k: Int, n: Int) -> dnnl_memory_desc_t? {
+            if let known = packedLayouts[[k, n]] { return known }
+            let layout: dnnl_memory_desc_t? = {
+                guard OneDNN.hasBF16Matmul else { return nil }
+                do {
+                    let m = SoftmaxAttention.tileRows
+                    var a = try desc(m, k, rowStride: k, colStride: 1, dnnl_bf16), c = try desc(m, n, rowStride: n, colStride: 1, dnnl_f32)
+                    var b = dnnl_memory_desc_t()
+                    var dims: (Int64, Int64) = (Int64(k), Int64(n))
+                    try withUnsafePointer(to: &dims) { dp in
+                        try check(f.memoryDescInitByTag(&b, 2, UnsafeRawPointer(dp).assumingMemoryBound(to: Int64.self), dnnl_bf16, dnnl_format_tag_any),
+                                  "dnnl_memory_desc_init_by_tag")
+                    }
+                    var op = dnnl_matmul_desc_t()
+                    try check(f.matmulDescInit(&op, &a, &b, nil, &c), "dnnl_matmul_desc_init")
+                    var pd: dnnl_primitive_desc_t?
+                    try check(f.primitiveDescCreate(&pd, &op, nil, f.engine, nil), "dnnl_primitive_desc_create")
+                    defer { _ = f.primitiveDescDestroy(pd) }
+                    var impl: UnsafePointer<CChar>?
+                    _ = f.primitiveDescQuery(pd, dnnl_query_impl_info_str, 0, &impl)
+                    guard let impl, String(cString: impl).hasPrefix("brg"), let md = f.primitiveDescQueryMD(pd, dnnl_query_weights_md, 0) else { return nil }
+                    var plain = try desc(k, n, rowStride: n, colStride: 1, dnnl_bf16), chosen = md.pointee
+                    return f.memoryDescEqual(&plain, &chosen) != 0 ? nil : chosen
+                } catch { return nil }
+            }()
+            packedLayouts[[k, n]] = layout
+            return layout
+        }
+
+        /// The packed layout of a k x n operand in oneDNN's notation of its inner blocks (e.g. 16a64b2a: blocks of
+        /// 16 x 64 with pairs of rows interleaved), or nil where operands stay plain.
+        public func packedLayoutName(k: Int, n: Int) -> String? {
+            guard let md = packedLayout(k: k, n: n), md.format_kind == dnnl_blocked else { return nil }
+            var blocking = md.format_desc.blocking
+            let count = Int(blocking.inner_nblks)
+            let blocks = withUnsafeBytes(of: &blocking.inner_blks) { Array($0.bindMemory(to: Int64.self).prefix(count)) }
+            let dims = withUnsafeBytes(of: &blocking.inner_idxs) { Array($0.bindMemory(to: Int64.self).prefix(count)) }
+            return zip(blocks, dims).map { "\($0)\(Character(UnicodeScalar(UInt8(97 + $1))))" }.joined()
+        }
+
+        /// op(b), k x n, reordered into its packed layout in `buffer`; nil where it has none (the plain operand is
+        /// then what `gemm` should read).
+        public func pack(_ b: BF16Matrix, transposeB: Bool = false, into buffer: BF16Buffer) -> PackedMatrix? {
+            let (k, n) = transposeB ? (b.cols, b.rows) : (b.rows, b.cols)
+            guard k > 0, n > 0, var layout = packedLayout(k: k, n: n) else { return nil }
+            let key = [k, n, b.ld, transposeB ? 1 : 0]
+            let bytes = f.memoryDescGetSize(&layout)
+            let out = buffer.reserve((bytes + 1) / 2)
+            if reorders[key] == nil {
+                do {
+                    var src = try desc(k, n, rowStride: transposeB ? 1 : b.ld, colStride: transposeB ? b.ld : 1, dnnl_bf16)
+                    var pd: dnnl_primitive_desc_t?
+                    try check(f.reorderDescCreate(&pd, &src, f.engine, &layout, f.engine, nil), "dnnl_reorder_primitive_desc_create")
+                    defer { _ = f.primitiveDescDestroy(pd) }
+                    var p: dnnl_primitive_t?, ms: dnnl_memory_t?, md: dnnl_memory_t?
+                    try check(f.primitiveCreate(&p, pd), "dnnl_primitive_create")
+                    try check(f.memoryCreate(&ms, &src, f.engine, nil), "dnnl_memory_create")
+                    try check(f.memoryCreate(&md, &layout, f.engine, nil), "dnnl_memory_create")
+                    reorders[key] = (p!, ms!, md!)
+                } catch {
+                    packedLayouts[[k, n]] = .some(nil)
+                    return nil
+                }
+            }
+            let r = reorders[key]!
+            _ = f.memorySetDataHandle(r.src, b.base)
+            _ = f.memorySetDataHandle(r.dst, out)
+            var args = [dnnl_exec_arg_t(arg: DNNL_ARG_FROM, memory: r.src), dnnl_exec_arg_t(arg: DNNL_ARG_TO, memory: r.dst)]
+            let status = f.primitiveExecute(r.primitive, stream, 2, &args)
+            precondition(status == dnnl_success, "dnnl_primitive_execute (reorder) failed (\(status.rawValue)) on \(key)")
+            packs += 1
+            return PackedMatrix(base: out, k: k, n: n)
+        }
+
+        /// This thread's tiles packed and products that read a packed operand (for the benchmarks).
+        public private(set) var packs = 0, packedProducts = 0
+
+        /// Keys whose packed matmul oneDNN would not run on brgemm: those products read the plain operand.
+        var packedRefused: Set<Key> = []
+
+        /// `c = a * b` (or `c += ...`) with b packed (`pack`); false, computing nothing, where oneDNN's matmul for this
+        /// shape reads another layout (the caller multiplies by the plain operand instead).
+        public func gemm(_ a: BF16Matrix, packed b: PackedMatrix, into c: Matrix, accumulate: Bool = false) -> Bool {
+            precondition(a.cols == b.k && c.rows == a.rows && c.cols == b.n, "bf16 packed gemm shapes: A \(a.rows)x\(a.cols), B \(b.k)x\(b.n), C \(c.rows)x\(c.cols)")
+            if a.rows == 0 { return true }
+            let key = Key(m: a.rows, n: b.n, k: b.k, lda: a.ld, ldb: 0, ldc: c.ld, transposeA: false, transposeB: false, accumulate: accumulate, packed: true)
+            if packedRefused.contains(key) { return false }
+            guard let mm = try? matmul(key), mm.implementation.hasPrefix("brg") else { packedRefused.insert(key); return false }
+            let started = KernelProfile.gemmStart()
+            defer { KernelProfile.gemmEnd(started) }
+            _ = f.memorySetDataHandle(mm.src, a.base)
+            _ = f.memorySetDataHandle(mm.weights, b.base)
+            _ = f.memorySetDataHandle(mm.dst, c.base)
+            var args = [dnnl_exec_arg_t(arg: DNNL_ARG_SRC, memory: mm.src), dnnl_exec_arg_t(arg: DNNL_ARG_WEIGHTS, memory: mm.weights),
+                        dnnl_exec_arg_t(arg: DNNL_ARG_DST, memory: mm.dst)]
+            let status = f.primitiveExecute(mm.primitive, stream, 3, &args)
+            precondition(status == dnnl_success, "dnnl_primitive_execute failed (\(status.rawValue)) on \(key)")
+            packedProducts += 1
+            return true
         }
 
         func matmul(_ key: Key) throws -> Matmul {
             if let m = cache[key] { return m }
-            func desc(_ rows: Int, _ cols: Int, rowStride: Int, colStride: Int, _ type: dnnl_data_type_t) throws -> dnnl_memory_desc_t {
-                var d = dnnl_memory_desc_t()
-                var dims: (Int64, Int64) = (Int64(rows), Int64(cols)), strides: (Int64, Int64) = (Int64(rowStride), Int64(colStride))
-                try withUnsafePointer(to: &dims) { dp in
-                    try withUnsafePointer(to: &strides) { sp in
-                        try check(f.memoryDescInitByStrides(&d, 2, UnsafeRawPointer(dp).assumingMemoryBound(to: Int64.self),
-                                                            type, UnsafeRawPointer(sp).assumingMemoryBound(to: Int64.self)), "dnnl_memory_desc_init_by_strides")
-                    }
-                }
-                return d
-            }
             // op(A) is m x k: A itself (lda per row) or A^T of a k x m matrix; op(B) is k x n likewise.
             var a = try desc(key.m, key.k, rowStride: key.transposeA ? 1 : key.lda, colStride: key.transposeA ? key.lda : 1, dnnl_bf16)
-            var b = try desc(key.k, key.n, rowStride: key.transposeB ? 1 : key.ldb, colStride: key.transposeB ? key.ldb : 1, dnnl_bf16)
+            var b = try key.packed ? packedLayout(k: key.k, n: key.n) ?? { throw SeqParError.invalidInput("no packed layout for \(key.k)x\(key.n)") }()
+                : desc(key.k, key.n, rowStride: key.transposeB ? 1 : key.ldb, colStride: key.transposeB ? key.ldb : 1, dnnl_bf16)
             var c = try desc(key.m, key.n, rowStride: key.ldc, colStride: 1, dnnl_f32)
             var op = dnnl_matmul_desc_t()
             try check(f.matmulDescInit(&op, &a, &b, nil, &c), "dnnl_matmul_desc_init")
