@@ -284,6 +284,7 @@ struct AttentionBenchCommand: ParsableCommand {
     @Option(help: "Run the baseline at this length instead of --seq-len (efficiency then compares GFLOP/s).") var baselineSeqLen: Int?
     @Flag(help: "Run the one-rank baseline on every rank at once (the slowest copy counts): efficiency then leaves out the host's contention.") var busyBaseline = false
     @Flag(help: "Also measure ring attention's communication overlap (t_comm, t_compute, t_fused; slower).") var overlap = false
+    @Flag(help: "Profile one more step of each direction: per rank, the shares of its time in the products, the softmax passes, communication and the rest (JSON field profile_ranks; every rank under MPI, rank 0 in process).") var profile = false
     @Flag(help: "One JSON object per figure instead of the table.") var json = false
     @OptionGroup var rankOptions: RankOptions
 
@@ -323,7 +324,7 @@ struct AttentionBenchCommand: ParsableCommand {
                 return (a, o)
             }
         }
-        let (repeats, warmup, backward, measureOverlap, busy, balances) = (self.repeats, self.warmup, !forwardOnly, overlap, busyBaseline, balance)
+        let (repeats, warmup, backward, measureOverlap, busy, balances, profile) = (self.repeats, self.warmup, !forwardOnly, overlap, busyBaseline, balance, self.profile)
         // One baseline per family present, on the first such algorithm's options, contiguous.
         let baselineShape = AttentionShape(batch: batch, seqLen: baselineSeqLen ?? seqLen, heads: heads, kvHeads: kvHeads ?? heads, headDim: headDim)
         let baselines: [(AlgorithmName.Family, AttentionOptions)] = noBaseline ? [] : [AlgorithmName.Family.softmax, .linear].compactMap { f in
@@ -334,7 +335,8 @@ struct AttentionBenchCommand: ParsableCommand {
             var results = try runs.flatMap { a, o in
                 try balances.flatMap { b in
                     try AttentionBench.measure(a, shape: shape, options: o, comm: comm, ranksPerHost: backend.ranksPerHost,
-                                               repeats: repeats, warmup: warmup, backward: backward, balance: b)
+                                               repeats: repeats, warmup: warmup, backward: backward, balance: b,
+                                               profile: !profile ? .none : backend.name == "mpi" ? .allRanks : .rankZero)
                 }
             }
             let overlaps = try measureOverlap ? runs.filter { $0.0 == .ring }.prefix(1).flatMap { _, o in

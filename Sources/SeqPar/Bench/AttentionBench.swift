@@ -58,6 +58,16 @@ public struct AttentionBenchResult: Codable, Sendable {
     /// `KernelBench.sgemmProbe` just before the first timed step and just after the last, on every rank at once (the
     /// slowest rank's): the mean, and the two.
     public var probeSgemmGflops: Double?, probeSgemmBeforeGflops: Double?, probeSgemmAfterGflops: Double?
+    /// `--profile`: one more step after the timed ones, profiled (`KernelProfile`), per rank: its seconds and the
+    /// shares of them in the products, in the softmax row passes, blocked on communication (or testing it), and the
+    /// rest. Every rank under MPI; rank 0 only in process (one profiled thread per process).
+    public var profileRanks: [ProfiledStep]?
+
+    public struct ProfiledStep: Codable, Sendable {
+        public var rank: Int
+        public var seconds: Double
+        public var gemm: Double, softmax: Double, communication: Double, other: Double
+    }
 }
 
 /// The single-rank baseline of a scaling figure, per direction.
@@ -125,9 +135,12 @@ public enum AttentionBench {
     /// Times `algorithm` on this rank's part of a seeded problem; every rank returns the same results (forward, then
     /// backward unless `backward` is false). With `probe`, the host's speed is taken before and after the timed steps.
     /// With `balance` .speed, the tokens are split by the ranks' speeds measured just before (`SpeedBalance`).
+    /// Which ranks `measure` profiles (`KernelProfile` counts one thread per process).
+    public enum ProfileRanks: Sendable { case none, rankZero, allRanks }
+
     public static func measure(_ algorithm: AlgorithmName, shape: AttentionShape, options: AttentionOptions, comm: some Communicator,
                                ranksPerHost: Int = 1, repeats: Int, warmup: Int, backward: Bool = true, seed: UInt64 = 0,
-                               probe: Bool = true, balance: SpeedBalance.Mode = .equal) throws -> [AttentionBenchResult] {
+                               probe: Bool = true, balance: SpeedBalance.Mode = .equal, profile: ProfileRanks = .none) throws -> [AttentionBenchResult] {
         let (rank, ranks) = (comm.rank, comm.size)
         var options = options
         var failure: Error?
@@ -178,18 +191,39 @@ public enum AttentionBench {
             return (times, counters, KernelBench.median(waits), KernelBench.median(progress))
         }
 
+        /// One more `step`, profiled on this rank where `profile` says so: [seconds, gemm, softmax, communication] seconds.
+        func profiled(_ step: () throws -> Void) throws -> [Double]? {
+            guard profile != .none else { return nil }
+            try comm.barrier()
+            comm.resetCounters()
+            guard profile == .allRanks || rank == 0 else { try step(); return nil }
+            var failure: Error?
+            let p = KernelProfile.measure { do { try step() } catch { failure = error } }
+            if let failure { throw failure }
+            let c = comm.counters
+            return [p.seconds, p.gemmSeconds, p.softmaxSeconds, c.waitSeconds + c.progressSeconds]
+        }
+
         let probeBefore = try probe ? KernelBench.sgemmProbe(comm: comm) : nil
         var output: AttentionOutput?
         let forward = try timeSteps(before: { output = nil }) { output = try implementation.forward(x, comm: comm) }
+        var profiles = [try profiled { output = try implementation.forward(x, comm: comm) }]
         var runs = [("forward", forward)]
         if backward, let out = output {
             runs.append(("backward", try timeSteps { _ = try implementation.backward(x, output: out, gradOut: dO, comm: comm) }))
+            profiles.append(try profiled { _ = try implementation.backward(x, output: out, gradOut: dO, comm: comm) })
         }
         let probeAfter = try probe ? KernelBench.sgemmProbe(comm: comm) : nil
         let rss = try comm.allReduce([SystemInfo.peakRSS()], op: .max)[0]
         let family = algorithm.family
         let flops = AttentionRun.attentionFlops(shape, causal: options.causal, documents: options.documents, family: family)
-        return try runs.map { direction, run in
+        return try zip(runs, profiles).map { runAndName, mine in
+            let (direction, run) = runAndName
+            let profileRanks: [AttentionBenchResult.ProfiledStep]? = profile == .none ? nil : try comm.allGather(mine ?? [0, 0, 0, 0]).enumerated().compactMap { r, p in
+                guard p[0] > 0 else { return nil }
+                let (gemm, softmax, wait) = (min(p[1] / p[0], 1), min(p[2] / p[0], 1), min(p[3] / p[0], 1))
+                return .init(rank: r, seconds: p[0], gemm: gemm, softmax: softmax, communication: wait, other: max(0, 1 - gemm - softmax - wait))
+            }
             // Slowest rank per repetition, and each rank's median.
             let all = try comm.allGather(run.times)
             let slowest = (0..<repeats).map { i in all.map { $0[i] }.max()! }
@@ -212,7 +246,7 @@ public enum AttentionBench {
                 bytesSent: traffic[0], bytesReceived: traffic[1], messages: traffic[2], collectives: traffic[3],
                 peakRSSBytes: rss, repeats: repeats, warmup: warmup,
                 probeSgemmGflops: probeBefore.flatMap { b in probeAfter.map { (b + $0) / 2 } }, probeSgemmBeforeGflops: probeBefore,
-                probeSgemmAfterGflops: probeAfter)
+                probeSgemmAfterGflops: probeAfter, profileRanks: profileRanks)
         }
     }
 }
