@@ -41,6 +41,17 @@ extension SoftmaxAttention {
         /// Whether to pack: $SEQPAR_BF16_PACK=off multiplies plain operands throughout (to measure one against the other).
         static let packing = ProcessInfo.processInfo.environment["SEQPAR_BF16_PACK"] != "off"
 
+        /// Whether packing a kv head's full key tiles pays: when at least 16 query tiles read each (`queryRows` rows
+        /// of each of `group` query heads). oneDNN's reorder into the packed layout costs about what one product with
+        /// a plain operand loses against a packed one, so it pays back only over many query tiles. Measured on the AMX
+        /// device, one core, H=4, D=128, packed over plain in back-to-back pairs (benchmarks/results/bf16/run-pack):
+        /// L=4096 (32 query tiles) forward 1.04-1.44x, backward 0.84-1.37x (medians 1.1x); L=2048 (16) full forward
+        /// 1.10-1.53x, causal about even; L=1024 (8) 0.6-1.1x, a loss. A 16-rank ring at L=16384 (1024 queries a
+        /// rank) therefore multiplies plain operands.
+        static func packPays(queryRows: Int, group: Int) -> Bool {
+            packing && queryRows * group >= 16 * tileRows
+        }
+
         /// `tile` (rows j0 ..< j0 + tile.rows of K or V) packed as `operand` reads it, once per kv head; nil where
         /// oneDNN has no packed layout for it.
         func packed(_ operand: Operand, _ tile: BF16Matrix, start j0: Int) -> OneDNN.PackedMatrix? {
@@ -203,7 +214,8 @@ extension SoftmaxAttention {
                 let (kb, vb) = scratch.kv(k, v, batch: b, head: h / group)
                 if h % group == 0 { scratch.resetPacks() }
                 forwardBF16(q: qb, k: kb, v: vb, windows: windows, scale: scale, into: out.o.head(batch: b, h),
-                            lse: out.lse.pointer + (b * heads + h) * cq, extending: extending, scratch: scratch, progress: progress)
+                            lse: out.lse.pointer + (b * heads + h) * cq, extending: extending, pack: BF16Scratch.packPays(queryRows: cq, group: group),
+                            scratch: scratch, progress: progress)
             }
         }
     }
@@ -211,14 +223,14 @@ extension SoftmaxAttention {
     /// One head, bf16 operands (contiguous), fp32 `o` (any leading dimension; every row written) and lse: the fp32
     /// kernel's tiles. A query tile's output accumulates in contiguous scratch and is written to `o` when the tile is done.
     /// `extending`: o and lse hold a previous result over other keys, which this one extends (`forward(..., extending:)`).
+    /// `pack`: full key tiles are packed (`BF16Scratch.packed`) once per kv head, for all the query tiles that read them.
     static func forwardBF16(q qh: BF16Matrix, k kg: BF16Matrix, v vg: BF16Matrix, windows: KeyWindows, scale: Float, into oh: Matrix,
-                            lse lseRow: UnsafeMutablePointer<Float>, extending: Bool = false, scratch: BF16Scratch, progress: () -> Void) {
+                            lse lseRow: UnsafeMutablePointer<Float>, extending: Bool = false, pack: Bool = false, scratch: BF16Scratch,
+                            progress: () -> Void) {
         let (cq, dv) = (qh.rows, vg.cols)
         let scores = scratch.scores
         let p = scratch.p.base
         let acc = scratch.accumulator.reserve(maxTileRows * dv)
-        // Full key tiles are packed once for every query tile that reads them (where there are several).
-        let pack = BF16Scratch.packing && cq > tileRows
         var i0 = 0
         while i0 < cq {
             let (i1, start, reach) = queryTile(from: i0, windows: windows)
@@ -281,8 +293,8 @@ extension SoftmaxAttention {
         let (dkAcc, dvAcc) = (Matrix(base: scratch.gradK.reserve(ck * dkCols), rows: ck, cols: dkCols),
                               Matrix(base: scratch.gradV.reserve(ck * dvCols), rows: ck, cols: dvCols))
         var kvHeld: (batch: Int, head: Int)?
-        // Full key tiles are packed once per kv head for the query tiles that read them (see `forwardBF16`).
-        let pack = BF16Scratch.packing && (cq > tileRows || group > 1)
+        // Full key tiles are packed once per kv head for the query tiles that read them, where they are many.
+        let pack = BF16Scratch.packPays(queryRows: cq, group: group)
         func addKV() {
             guard let (b, g) = kvHeld else { return }
             add(dkAcc, into: grads.dk.head(batch: b, g))
