@@ -255,7 +255,7 @@ struct Attention: ParsableCommand {
     func launch<R: Encodable & Sendable>(table: (R) -> String,
                               _ execute: @escaping @Sendable (any Communicator, Backend, (String) -> Void) throws -> R) throws {
         let json = self.json
-        let report = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout) { comm, backend in
+        let report = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout, threads: rankOptions.threads) { comm, backend in
             try execute(comm, backend, { if comm.rank == 0 && !json { printNote($0) } })
         }
         guard let report else { return }

@@ -105,7 +105,7 @@ struct DocumentsBenchCommand: ParsableCommand {
             (o.precision, o.documents) = (precision, documents)
             return o
         }
-        let out = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout) { comm, backend in
+        let out = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout, threads: rankOptions.threads) { comm, backend in
             func measure(_ shape: AttentionShape, _ documents: Documents?) throws -> [AttentionBenchResult] {
                 try AttentionBench.measure(algorithm, shape: shape, options: options(documents), comm: comm, ranksPerHost: backend.ranksPerHost,
                                            repeats: repeats, warmup: warmup, backward: backward, seed: seed, probe: false)

@@ -92,7 +92,7 @@ struct Demo: ParsableCommand {
         let (hybrid, latents) = (hybridConfig(), latentConfigs())
         let json = self.json
         let simulated = try Launch.simulatedRanks(rankOptions.ranks ?? (Launch.underMPI ? nil : 4))
-        let reports = try Launch.run(ranks: simulated, timeout: rankOptions.timeout) { comm, backend in
+        let reports = try Launch.run(ranks: simulated, timeout: rankOptions.timeout, threads: rankOptions.threads) { comm, backend in
             let oracle = OracleCache()
             var reports: [AttentionRunReport] = []
             var skipped: [String] = []

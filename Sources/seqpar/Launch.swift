@@ -29,9 +29,10 @@ enum Launch {
 
     /// Runs `body` on every rank; returns rank 0's result (nil on other MPI ranks). Errors are printed and turned
     /// into `ExitCode.failure`.
-    static func run<R>(ranks requested: Int?, timeout: Double,
+    static func run<R>(ranks requested: Int?, timeout: Double, threads: Int = 1,
                        _ body: @escaping @Sendable (any Communicator, Backend) throws -> R) throws -> R? {
         configureAllocator()
+        SoftmaxAttention.threads = threads
         if let n = try simulatedRanks(requested) {
             configureBLAS(simulatedRanks: n)
             do {

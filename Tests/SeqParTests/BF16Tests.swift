@@ -153,4 +153,52 @@ struct BF16Verdict: CustomStringConvertible {
                                   referenceError: relativeError(Tensor(shape: [plain.count], values: plain.map(Float.init)), ref.o))
         #expect(verdict.passes, "\(verdict)")
     }
+
+    /// `--threads`: the forward's query tiles and the backward's kv heads shared among threads, some operands
+    /// strided (fp32 q, GQA K/V in (B, C, G, D)), give the one-thread results bit for bit (each row and each kv head
+    /// is computed the same way, whichever thread takes it), and those meet the bf16 rule against the Double oracle,
+    /// with documents and the causal mask.
+    @Test(arguments: [2, 3, 8]) func threadsShareTheWork(threads: Int) throws {
+        try OneDNN.require()
+        let s = AttentionShape(seqLen: 520, heads: 4, kvHeads: 2, headDim: 32)
+        let all = Array(0..<s.seqLen)
+        let documents = try Documents(lengths: [250, 1, 269], seqLen: s.seqLen)
+        let x = SeededInputs.attention(shape: s, options: AttentionOptions(), positions: all, seed: 8)
+        for t in [x.q, x.k, x.v] { t.roundToBF16() }
+        let scale: Float = 0.18
+        let windows = SoftmaxAttention.windows(all, all, causal: true, documents: documents)
+        func run(_ threads: Int) -> AttentionOutput {
+            let out = AttentionOutput(o: Tensor(zeros: x.q.shape), lse: Tensor(zeros: [1, s.heads, s.seqLen]))
+            SoftmaxAttention.forwardBF16(q: .fp32(x.q), k: .bf16(BF16Tensor(rounding: x.k)), v: .fp32(x.v), windows: windows, scale: scale,
+                                         into: out, threads: threads, progress: {})
+            return out
+        }
+        let (one, many) = (run(1), run(threads))
+        #expect(one.o.toArray() == many.o.toArray())
+        #expect(one.lse.toArray() == many.lse.toArray())
+        let ref = DenseOracle.forward(q: x.q, k: x.k, v: x.v, causal: true, documents: documents, scale: Double(scale))
+        let plain = PlainBF16Attention.forward(q: x.q, k: x.k, v: x.v, causal: true, documents: documents, scale: scale)
+        let verdict = BF16Verdict(name: "o", error: relativeError(many.o, ref.o),
+                                  referenceError: relativeError(Tensor(shape: [plain.count], values: plain.map(Float.init)), ref.o))
+        #expect(verdict.passes, "\(verdict)")
+
+        let dO = SeededInputs.gradOut(shape: s, positions: all, seed: 8)
+        dO.roundToBF16()
+        func gradients(_ threads: Int) -> AttentionGradients {
+            let g = AttentionGradients(dq: Tensor(zeros: x.q.shape), dk: Tensor(zeros: x.k.shape), dv: Tensor(zeros: x.v.shape))
+            SoftmaxAttention.backwardBF16(q: .fp32(x.q), k: .bf16(BF16Tensor(rounding: x.k)), v: .fp32(x.v), windows: windows, output: one,
+                                          gradOut: dO, scale: scale, adding: g, work: 0..<1, threads: threads, progress: {})
+            return g
+        }
+        let (alone, shared) = (gradients(1), gradients(threads))
+        #expect(alone.dq.toArray() == shared.dq.toArray() && alone.dk.toArray() == shared.dk.toArray() && alone.dv.toArray() == shared.dv.toArray())
+        let refGrads = DenseOracle.backward(q: x.q, k: x.k, v: x.v, gradOut: dO, causal: true, documents: documents, scale: Double(scale))
+        let plainGrads = PlainBF16Attention.backward(q: x.q, k: x.k, v: x.v, gradOut: dO, causal: true, documents: documents, scale: scale)
+        for (name, mine, ref, plain) in [("dq", shared.dq, refGrads.dq, plainGrads.dq), ("dk", shared.dk, refGrads.dk, plainGrads.dk),
+                                         ("dv", shared.dv, refGrads.dv, plainGrads.dv)] {
+            let v = BF16Verdict(name: name, error: relativeError(mine, ref),
+                                referenceError: relativeError(Tensor(shape: [plain.count], values: plain.map(Float.init)), ref))
+            #expect(v.passes, "\(v)")
+        }
+    }
 }

@@ -11,6 +11,7 @@
 // of the score row, which stays in cache between the product that wrote it and the product that reads P.
 
 import Foundation
+import Synchronization
 
 extension SoftmaxAttention {
     /// bf16 scratch for one call: converted heads and the P (or dS) tile.
@@ -37,6 +38,14 @@ extension SoftmaxAttention {
 
         /// Forgets the packed tiles (a new kv head); their buffers are reused.
         func resetPacks() { packed.removeAll(keepingCapacity: true); packBuffersUsed = 0 }
+
+        /// The kv head whose tiles `packed` holds.
+        var packsFor: (batch: Int, head: Int)? = nil
+
+        /// Packed tiles for kv head (b, g) from here on: those of another head are forgotten.
+        func usePacks(batch b: Int, head g: Int) {
+            if packsFor.map({ $0 != (b, g) }) ?? true { resetPacks(); packsFor = (b, g) }
+        }
 
         /// Whether to pack: $SEQPAR_BF16_PACK=off multiplies plain operands throughout (to measure one against the other).
         static let packing = ProcessInfo.processInfo.environment["SEQPAR_BF16_PACK"] != "off"
@@ -182,6 +191,26 @@ extension SoftmaxAttention {
             }
         }
 
+        /// The same values with every head contiguous (`.heads`, or a tensor of one head): fp32 rounded, strided bf16
+        /// heads copied; as it is where that holds already.
+        func headMajor() -> BF16Operand {
+            switch self {
+            case .heads: return self
+            case .bf16(let t) where t.shape[2] == 1: return self
+            case .fp32(let t): return .heads(BF16Tensor(roundingHeadMajor: t))
+            case .bf16(let t):
+                let (batch, seq, heads, dim) = (t.shape[0], t.shape[1], t.shape[2], t.shape[3])
+                let out = BF16Tensor(uninitialized: [batch, heads, seq, dim])
+                for b in 0..<batch {
+                    for h in 0..<heads {
+                        let m = t.head(batch: b, h)
+                        _ = m.copy(into: out.pointer + (b * heads + h) * seq * dim)
+                    }
+                }
+                return .heads(out)
+            }
+        }
+
         /// Head (b, h) as a contiguous bf16 matrix: a view where the head is one already (a tensor of one head), else
         /// copied or converted into `buffer`.
         /// The products read contiguous heads: a head of a (B, C, H, D) tensor has rows H * D apart, 2 KiB at H=8, D=128
@@ -203,39 +232,80 @@ extension SoftmaxAttention {
         }
     }
 
+    /// Threads the bf16 forward shares its query tiles among, in each rank (`--threads`; 1: the calling thread alone).
+    /// The tiles are handed out one group at a time, as threads free up, so that a slower core takes fewer: on a
+    /// host whose cores run at different speeds, a rank's threads even out what equal shares between ranks cannot.
+    nonisolated(unsafe) public static var threads = 1
+
     static func forwardBF16(q: BF16Operand, k: BF16Operand, v: BF16Operand, windows: KeyWindows, scale: Float, into out: AttentionOutput,
-                            extending: Bool = false, progress: () -> Void) {
+                            extending: Bool = false, threads: Int = SoftmaxAttention.threads, progress: () -> Void) {
         let (batch, cq, heads) = (q.shape[0], q.shape[1], q.shape[2])
         let group = heads / k.shape[2]
-        let scratch = BF16Scratch()
+        let tiles = queryTiles(windows)
+        // Units of work: a few query tiles of one head, in head order (consecutive units share K and V).
+        let threads = min(threads, batch * heads * tiles.count)
+        let perUnit = threads > 1 ? max(1, tiles.count * batch * heads / (threads * 8)) : tiles.count
+        var units: [(batch: Int, head: Int, tiles: Range<Int>)] = []
         for b in 0..<batch {
             for h in 0..<heads {
-                let qb = q.head(batch: b, h, buffer: scratch.q)
-                let (kb, vb) = scratch.kv(k, v, batch: b, head: h / group)
-                if h % group == 0 { scratch.resetPacks() }
-                forwardBF16(q: qb, k: kb, v: vb, windows: windows, scale: scale, into: out.o.head(batch: b, h),
-                            lse: out.lse.pointer + (b * heads + h) * cq, extending: extending, pack: BF16Scratch.packPays(queryRows: cq, group: group),
-                            scratch: scratch, progress: progress)
+                for t0 in stride(from: 0, to: tiles.count, by: perUnit) { units.append((b, h, t0..<min(t0 + perUnit, tiles.count))) }
             }
         }
+        let pack = BF16Scratch.packPays(queryRows: cq / threads, group: group)
+        // Several threads read every head of q, K and V: head-major copies first, where a head is not a view already.
+        let (q, k, v) = threads > 1 ? (q.headMajor(), k.headMajor(), v.headMajor()) : (q, k, v)
+        /// Takes units until none is left; `progress` after each (the calling thread's only: MPI calls stay on it).
+        func work(next: () -> Int?, progress: () -> Void) {
+            let scratch = BF16Scratch()
+            while let u = next() {
+                let (b, h, range) = units[u]
+                let qb = q.head(batch: b, h, buffer: scratch.q)
+                let (kb, vb) = scratch.kv(k, v, batch: b, head: h / group)
+                scratch.usePacks(batch: b, head: h / group)
+                forwardBF16(q: qb, k: kb, v: vb, tiles: tiles[range], windows: windows, scale: scale, into: out.o.head(batch: b, h),
+                            lse: out.lse.pointer + (b * heads + h) * cq, extending: extending, pack: pack, scratch: scratch, progress: progress)
+            }
+        }
+        if threads <= 1 {
+            var u = 0
+            work(next: { defer { u += 1 }; return u < units.count ? u : nil }, progress: progress)
+            return
+        }
+        let counter = WorkCounter(units.count)
+        let helpers = DispatchGroup()
+        let shared = UncheckedSendable(work)
+        for _ in 1..<threads {
+            DispatchQueue.global(qos: .userInitiated).async(group: helpers) { shared.value(counter.next, {}) }
+        }
+        work(next: counter.next, progress: progress)
+        helpers.wait()
+    }
+
+    /// The query tiles of a call (`queryTile`), each with the keys its rows see: (i0, i1, start, reach).
+    static func queryTiles(_ windows: KeyWindows) -> [(i0: Int, i1: Int, start: Int, reach: Int)] {
+        var tiles: [(i0: Int, i1: Int, start: Int, reach: Int)] = []
+        var i0 = 0
+        while i0 < windows.count {
+            let (i1, start, reach) = queryTile(from: i0, windows: windows)
+            tiles.append((i0, i1, start, reach))
+            i0 = i1
+        }
+        return tiles
     }
 
     /// One head, bf16 operands (contiguous), fp32 `o` (any leading dimension; every row written) and lse: the fp32
     /// kernel's tiles. A query tile's output accumulates in contiguous scratch and is written to `o` when the tile is done.
     /// `extending`: o and lse hold a previous result over other keys, which this one extends (`forward(..., extending:)`).
     /// `pack`: full key tiles are packed (`BF16Scratch.packed`) once per kv head, for all the query tiles that read them.
-    static func forwardBF16(q qh: BF16Matrix, k kg: BF16Matrix, v vg: BF16Matrix, windows: KeyWindows, scale: Float, into oh: Matrix,
-                            lse lseRow: UnsafeMutablePointer<Float>, extending: Bool = false, pack: Bool = false, scratch: BF16Scratch,
-                            progress: () -> Void) {
-        let (cq, dv) = (qh.rows, vg.cols)
+    static func forwardBF16(q qh: BF16Matrix, k kg: BF16Matrix, v vg: BF16Matrix, tiles: ArraySlice<(i0: Int, i1: Int, start: Int, reach: Int)>,
+                            windows: KeyWindows, scale: Float, into oh: Matrix, lse lseRow: UnsafeMutablePointer<Float>, extending: Bool = false,
+                            pack: Bool = false, scratch: BF16Scratch, progress: () -> Void) {
+        let dv = vg.cols
         let scores = scratch.scores
         let p = scratch.p.base
         let acc = scratch.accumulator.reserve(maxTileRows * dv)
-        var i0 = 0
-        while i0 < cq {
-            let (i1, start, reach) = queryTile(from: i0, windows: windows)
+        for (i0, i1, start, reach) in tiles {
             let rows = i1 - i0
-            defer { i0 = i1 }
             for i in 0..<rows {
                 let previous = extending ? lseRow[i0 + i] : -.infinity
                 scratch.rowMax[i] = previous
@@ -279,83 +349,106 @@ extension SoftmaxAttention {
     /// `gradOut` (fp32) gives the row sums of dO * O; `gradOutBF16`, where given, is the same dO in bf16 for the products.
     static func backwardBF16(q: BF16Operand, k: BF16Operand, v: BF16Operand, windows: KeyWindows, output: AttentionOutput, gradOut dO: Tensor,
                              gradOutBF16: BF16Operand? = nil, scale: Float, adding grads: AttentionGradients, work: Range<Double>,
-                             progress: () -> Void) {
-        let dOperand = gradOutBF16 ?? .fp32(dO)
+                             threads: Int = SoftmaxAttention.threads, progress: () -> Void) {
         let (batch, cq, heads, dim) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3])
         let group = heads / k.shape[2]
-        let scratch = BF16Scratch()
-        var rowDot = [Float](repeating: 0, count: tileRows)
-        let (p, ds) = (scratch.p.base, scratch.ds.base)
-        // The products add into contiguous fp32 scratch (see `BF16Operand.head` for why), and the scratch into the
-        // gradients: a query tile's dQ when the tile is done, a kv head's dK and dV when the next kv head starts.
-        let (ck, dkCols, dvCols) = (k.shape[1], grads.dk.shape[3], grads.dv.shape[3])
-        let dqTile = scratch.accumulator.reserve(tileRows * dim)
-        let (dkAcc, dvAcc) = (Matrix(base: scratch.gradK.reserve(ck * dkCols), rows: ck, cols: dkCols),
-                              Matrix(base: scratch.gradV.reserve(ck * dvCols), rows: ck, cols: dvCols))
-        var kvHeld: (batch: Int, head: Int)?
+        // Heads with no work in this share are left out before anything is converted. Units of work: the query heads
+        // of one kv head (whose dK and dV they add to), handed to `threads` threads as they free up.
+        let share = backwardShare(batch: batch, heads: heads, windows: windows, work: work)
+        var kvUnits: [ArraySlice<(batch: Int, head: Int, tiles: [BackwardTile])>] = []
+        var first = 0
+        for i in share.indices where i + 1 == share.count || (share[i + 1].batch, share[i + 1].head / group) != (share[i].batch, share[i].head / group) {
+            kvUnits.append(share[first...i])
+            first = i + 1
+        }
+        let threads = min(threads, kvUnits.count)
+        let (q, k, v) = threads > 1 ? (q.headMajor(), k.headMajor(), v.headMajor()) : (q, k, v)
+        let dOperand = threads > 1 ? (gradOutBF16 ?? .fp32(dO)).headMajor() : gradOutBF16 ?? .fp32(dO)
         // Full key tiles are packed once per kv head for the query tiles that read them, where they are many.
         let pack = BF16Scratch.packPays(queryRows: cq, group: group)
-        func addKV() {
-            guard let (b, g) = kvHeld else { return }
-            add(dkAcc, into: grads.dk.head(batch: b, g))
-            add(dvAcc, into: grads.dv.head(batch: b, g))
-        }
-        // Heads with no work in this share are left out before anything is converted.
-        for unit in backwardShare(batch: batch, heads: heads, windows: windows, work: work) {
-            let (b, h, g) = (unit.batch, unit.head, unit.head / group)
-            if kvHeld.map({ $0 != (b, g) }) ?? true {
-                addKV()
-                kvHeld = (b, g)
+        func compute(next: () -> Int?, progress: () -> Void) {
+            let scratch = BF16Scratch()
+            var rowDot = [Float](repeating: 0, count: tileRows)
+            let (p, ds) = (scratch.p.base, scratch.ds.base)
+            // The products add into contiguous fp32 scratch (see `BF16Operand.head` for why), and the scratch into the
+            // gradients: a query tile's dQ when the tile is done, a kv head's dK and dV when its heads are done.
+            let (ck, dkCols, dvCols) = (k.shape[1], grads.dk.shape[3], grads.dv.shape[3])
+            let dqTile = scratch.accumulator.reserve(tileRows * dim)
+            let (dkAcc, dvAcc) = (Matrix(base: scratch.gradK.reserve(ck * dkCols), rows: ck, cols: dkCols),
+                                  Matrix(base: scratch.gradV.reserve(ck * dvCols), rows: ck, cols: dvCols))
+            while let n = next() {
+                let (b, g) = (kvUnits[n].first!.batch, kvUnits[n].first!.head / group)
                 scratch.resetPacks()
                 dkAcc.base.update(repeating: 0, count: ck * dkCols)
                 dvAcc.base.update(repeating: 0, count: ck * dvCols)
-            }
-            let (oh, doh) = (output.o.head(batch: b, h), dO.head(batch: b, h))
-            let qb = q.head(batch: b, h, buffer: scratch.q)
-            let dob = dOperand.head(batch: b, h, buffer: scratch.gradOut)
-            let (kb, vb) = scratch.kv(k, v, batch: b, head: g)
-            let dqh = grads.dq.head(batch: b, h)
-            let lseRow = output.lse.pointer + (b * heads + h) * cq
-            for (i0, rows, start, reach) in unit.tiles {
-                let i1 = i0 + rows
-                for i in i0..<i1 { rowDot[i - i0] = VectorMath.dot(doh.base + i * doh.ld, oh.base + i * oh.ld, dim) }
-                let dq = Matrix(base: dqTile, rows: rows, cols: dim)
-                dqTile.update(repeating: 0, count: rows * dim)
-                for (j0, j1) in bf16KeyTiles(start, reach) {
-                    let width = j1 - j0
-                    let sm = Matrix(base: scratch.scores, rows: rows, cols: width), dpm = Matrix(base: scratch.dp, rows: rows, cols: width)
-                    let (kTile, vTile) = (kb.rows(j0..<j1), vb.rows(j0..<j1))
-                    let packTile = pack && width == tileCols
-                    if !(packTile ? scratch.packed(.keyTransposed, kTile, start: j0).map { scratch.dnn.gemm(qb.rows(i0..<i1), packed: $0, into: sm) } ?? false : false) {
-                        scratch.dnn.gemm(qb.rows(i0..<i1), kTile, transposeB: true, into: sm)
-                    }
-                    if !(packTile ? scratch.packed(.valueTransposed, vTile, start: j0).map { scratch.dnn.gemm(dob.rows(i0..<i1), packed: $0, into: dpm) } ?? false : false) {
-                        scratch.dnn.gemm(dob.rows(i0..<i1), vTile, transposeB: true, into: dpm)
-                    }
-                    let softmaxStarted = KernelProfile.softmaxStart()
-                    for i in 0..<rows {
-                        let (a, b) = segment(windows, row: i0 + i, tile: j0, width: width)
-                        let (pr, dsr) = (p + i * width, ds + i * width)
-                        pr.update(repeating: 0, count: a)
-                        dsr.update(repeating: 0, count: a)
-                        VectorMath.softmaxGradientBF16(scores: scratch.scores + i * width + a, gradient: scratch.dp + i * width + a, width - a,
-                                                       valid: b - a, scale: scale, lse: lseRow[i0 + i], rowDot: rowDot[i],
-                                                       probabilities: pr + a, scaledGradient: dsr + a)
-                    }
-                    KernelProfile.softmaxEnd(softmaxStarted)
-                    let pm = BF16Matrix(base: p, rows: rows, cols: width), dsm = BF16Matrix(base: ds, rows: rows, cols: width)
-                    // ds holds scale * P * (dP - rowDot), rounded: dQ += dS K, dK += dS^T Q, dV += P^T dO.
-                    if !(packTile ? scratch.packed(.key, kTile, start: j0).map { scratch.dnn.gemm(dsm, packed: $0, into: dq, accumulate: true) } ?? false : false) {
-                        scratch.dnn.gemm(dsm, kTile, into: dq, accumulate: true)
-                    }
-                    scratch.dnn.gemm(dsm, transposeA: true, qb.rows(i0..<i1), into: dkAcc.rows(j0..<j1), accumulate: true)
-                    scratch.dnn.gemm(pm, transposeA: true, dob.rows(i0..<i1), into: dvAcc.rows(j0..<j1), accumulate: true)
+                for unit in kvUnits[n] {
+                    backwardHead(unit)
                 }
-                add(dq, into: dqh.rows(i0..<i1))
-                progress()
+                add(dkAcc, into: grads.dk.head(batch: b, g))
+                add(dvAcc, into: grads.dv.head(batch: b, g))
+            }
+
+            func backwardHead(_ unit: (batch: Int, head: Int, tiles: [BackwardTile])) {
+                let (b, h, g) = (unit.batch, unit.head, unit.head / group)
+                let (oh, doh) = (output.o.head(batch: b, h), dO.head(batch: b, h))
+                let qb = q.head(batch: b, h, buffer: scratch.q)
+                let dob = dOperand.head(batch: b, h, buffer: scratch.gradOut)
+                let (kb, vb) = scratch.kv(k, v, batch: b, head: g)
+                let dqh = grads.dq.head(batch: b, h)
+                let lseRow = output.lse.pointer + (b * heads + h) * cq
+                for (i0, rows, start, reach) in unit.tiles {
+                    let i1 = i0 + rows
+                    for i in i0..<i1 { rowDot[i - i0] = VectorMath.dot(doh.base + i * doh.ld, oh.base + i * oh.ld, dim) }
+                    let dq = Matrix(base: dqTile, rows: rows, cols: dim)
+                    dqTile.update(repeating: 0, count: rows * dim)
+                    for (j0, j1) in bf16KeyTiles(start, reach) {
+                        let width = j1 - j0
+                        let sm = Matrix(base: scratch.scores, rows: rows, cols: width), dpm = Matrix(base: scratch.dp, rows: rows, cols: width)
+                        let (kTile, vTile) = (kb.rows(j0..<j1), vb.rows(j0..<j1))
+                        let packTile = pack && width == tileCols
+                        if !(packTile ? scratch.packed(.keyTransposed, kTile, start: j0).map { scratch.dnn.gemm(qb.rows(i0..<i1), packed: $0, into: sm) } ?? false : false) {
+                            scratch.dnn.gemm(qb.rows(i0..<i1), kTile, transposeB: true, into: sm)
+                        }
+                        if !(packTile ? scratch.packed(.valueTransposed, vTile, start: j0).map { scratch.dnn.gemm(dob.rows(i0..<i1), packed: $0, into: dpm) } ?? false : false) {
+                            scratch.dnn.gemm(dob.rows(i0..<i1), vTile, transposeB: true, into: dpm)
+                        }
+                        let softmaxStarted = KernelProfile.softmaxStart()
+                        for i in 0..<rows {
+                            let (a, b) = segment(windows, row: i0 + i, tile: j0, width: width)
+                            let (pr, dsr) = (p + i * width, ds + i * width)
+                            pr.update(repeating: 0, count: a)
+                            dsr.update(repeating: 0, count: a)
+                            VectorMath.softmaxGradientBF16(scores: scratch.scores + i * width + a, gradient: scratch.dp + i * width + a, width - a,
+                                                           valid: b - a, scale: scale, lse: lseRow[i0 + i], rowDot: rowDot[i],
+                                                           probabilities: pr + a, scaledGradient: dsr + a)
+                        }
+                        KernelProfile.softmaxEnd(softmaxStarted)
+                        let pm = BF16Matrix(base: p, rows: rows, cols: width), dsm = BF16Matrix(base: ds, rows: rows, cols: width)
+                        // ds holds scale * P * (dP - rowDot), rounded: dQ += dS K, dK += dS^T Q, dV += P^T dO.
+                        if !(packTile ? scratch.packed(.key, kTile, start: j0).map { scratch.dnn.gemm(dsm, packed: $0, into: dq, accumulate: true) } ?? false : false) {
+                            scratch.dnn.gemm(dsm, kTile, into: dq, accumulate: true)
+                        }
+                        scratch.dnn.gemm(dsm, transposeA: true, qb.rows(i0..<i1), into: dkAcc.rows(j0..<j1), accumulate: true)
+                        scratch.dnn.gemm(pm, transposeA: true, dob.rows(i0..<i1), into: dvAcc.rows(j0..<j1), accumulate: true)
+                    }
+                    add(dq, into: dqh.rows(i0..<i1))
+                    progress()
+                }
             }
         }
-        addKV()
+        if threads <= 1 {
+            var n = 0
+            compute(next: { defer { n += 1 }; return n < kvUnits.count ? n : nil }, progress: progress)
+            return
+        }
+        let counter = WorkCounter(kvUnits.count)
+        let helpers = DispatchGroup()
+        let shared = UncheckedSendable(compute)
+        for _ in 1..<threads {
+            DispatchQueue.global(qos: .userInitiated).async(group: helpers) { shared.value(counter.next, {}) }
+        }
+        compute(next: counter.next, progress: progress)
+        helpers.wait()
     }
 
     /// `dst += src`, row by row (same shape, any leading dimensions).
@@ -455,3 +548,21 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+
+/// Hands out indices 0 ..< count, each once, to whichever thread asks next.
+final class WorkCounter: Sendable {
+    let count: Int
+    let taken = Atomic<Int>(0)
+    init(_ count: Int) { self.count = count }
+    func next() -> Int? {
+        let u = taken.wrappingAdd(1, ordering: .relaxed).oldValue
+        return u < count ? u : nil
+    }
+}
+
+/// A value handed to other threads where the compiler cannot see that they use it safely (the bf16 forward's
+/// helpers write disjoint rows of its output, and their caller waits for them).
+struct UncheckedSendable<T>: @unchecked Sendable {
+    let value: T
+    init(_ value: T) { self.value = value }
+}

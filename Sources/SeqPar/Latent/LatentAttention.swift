@@ -187,7 +187,8 @@ public enum LatentAttention {
         defer { lse.deallocate() }
         let scratch = SoftmaxAttention.BF16Scratch()
         let q = BF16.convert(queries, into: scratch.q.reserve(queries.rows * queries.cols))
-        SoftmaxAttention.forwardBF16(q: q, k: cache, v: cache.cols(0..<latentCols), windows: KeyWindows(rows: queries.rows, allOf: cache.rows),
+        let windows = KeyWindows(rows: queries.rows, allOf: cache.rows)
+        SoftmaxAttention.forwardBF16(q: q, k: cache, v: cache.cols(0..<latentCols), tiles: SoftmaxAttention.queryTiles(windows)[...], windows: windows,
                                      scale: scale, into: z.matrix, lse: lse, scratch: scratch, progress: {})
         return upProject(z, heads: heads, wUV: wUV, vDim: vDim)
     }
