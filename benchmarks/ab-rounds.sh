@@ -4,6 +4,8 @@
 # all back to back, so that each variant's ratio to PyTorch is taken minutes apart at most (the host drifts by 2x).
 #   VARIANTS="name=binary[:ENV=VALUE,...] ..."   e.g. VARIANTS="old=.device/old/seqpar new=.device/bin/seqpar"
 #   ARGS_name="..."                             options added to that variant's bench attention (e.g. --balance speed)
+#   LAUNCH_name="..."                           that variant's ranks and placement (default: -np 16 --bind-to core), e.g.
+#                                               LAUNCH_x4="-np 4 --map-by slot:PE=4 --bind-to core" ARGS_x4="--threads 4"
 # Results in $OUT: rounds-NAME.jsonl (the variant's lines and PyTorch's, tagged by round) and rounds-NAME.txt
 # (benchmarks/peers/rounds.py: per-round ratios and medians). ROUNDS (default 5), MPIRUN_FLAGS as in common.sh.
 OUT=${OUT:-benchmarks/results/ab}
@@ -18,10 +20,10 @@ done
 mkdir -p "$OUT"
 for round in $(seq 1 "${ROUNDS:-5}"); do
     for v in $VARIANTS; do
-        name=${v%%=*}; rest=${v#*=}; bin=${rest%%:*}; envs=""; xs=""; args="ARGS_$name"
+        name=${v%%=*}; rest=${v#*=}; bin=${rest%%:*}; envs=""; xs=""; args="ARGS_$name"; launch="LAUNCH_$name"
         [ "$rest" != "$bin" ] && envs=${rest#*:}
         for e in ${envs//,/ }; do export "${e?}"; xs="$xs -x ${e%%=*}"; done
-        $MPIRUN -np 16 --bind-to core $xs "$bin" bench attention --algorithm ring --layout zigzag --causal --seq-len 16384 --heads 8 \
+        $MPIRUN ${!launch:--np 16 --bind-to core} $xs "$bin" bench attention --algorithm ring --layout zigzag --causal --seq-len 16384 --heads 8 \
             --head-dim 128 --precision bf16 --repeats 3 --warmup 1 --no-baseline ${!args:-} --json 2>> "$OUT/log.txt" \
             | sed "s/^{/{\"round\": $round, /" >> "$OUT/rounds-$name.jsonl"
         for e in ${envs//,/ }; do unset "${e%%=*}"; done
