@@ -72,6 +72,7 @@ struct Attention: ParsableCommand {
     @Option(help: "Value up-projection W_UV (.npy, (H, d_c, d_v)).") var wUv: String?
 
     @OptionGroup var rankOptions: RankOptions
+    @OptionGroup var threadOptions: ThreadOptions
 
     /// The latent-attention options given, by flag name.
     var latentOptionsGiven: [String] {
@@ -255,7 +256,7 @@ struct Attention: ParsableCommand {
     func launch<R: Encodable & Sendable>(table: (R) -> String,
                               _ execute: @escaping @Sendable (any Communicator, Backend, (String) -> Void) throws -> R) throws {
         let json = self.json
-        let report = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout, threads: rankOptions.threads) { comm, backend in
+        let report = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout, threads: threadOptions.threads) { comm, backend in
             try execute(comm, backend, { if comm.rank == 0 && !json { printNote($0) } })
         }
         guard let report else { return }

@@ -65,7 +65,7 @@ struct KernelBenchCommand: ParsableCommand {
     @Option(help: "Decay of the linear kernel, in (0, 1].") var decay: Float = 0.99
     @Option(help: "Timed runs per figure (the median is reported).") var repeats = 3
     @Option(help: "Untimed runs before timing.") var warmup = 1
-    @Option(help: "BLAS threads for the kernel and the sgemm baseline.") var threads = 1
+    @Option(help: "Threads for the kernel (BLAS threads in fp32, the bf16 kernels' threads in bf16) and the sgemm baseline.") var threads = 1
     @Option(help: "Side of the square sgemm baseline.") var sgemmSize = 2048
     @Option(parsing: .upToNextOption, help: "Precisions: fp32 (baseline OpenBLAS sgemm), bf16 (baseline oneDNN's bf16 matmul), or both.")
     var precision: [Precision] = [.fp32]
@@ -92,7 +92,7 @@ struct KernelBenchCommand: ParsableCommand {
         let (heads, threads, sgemmSize, repeats, warmup, decay, backward) = (self.heads, self.threads, sgemmSize, repeats, warmup, decay, !forwardOnly)
         let bf16 = precision.contains(.bf16)
         let (longest, widest) = (seqLen.max()!, headDim.max()!)
-        let out = try Launch.run(ranks: rankOptions.ranks, timeout: max(rankOptions.timeout, 3600), threads: rankOptions.threads) { comm, backend in
+        let out = try Launch.run(ranks: rankOptions.ranks, timeout: max(rankOptions.timeout, 3600), threads: threads) { comm, backend in
             BLAS.threads = threads
             // Refuse before allocating what the machine does not have: q, k, v, o, dO, dq, dk, dv at the longest length.
             var failure: Error?
@@ -168,7 +168,7 @@ struct CommBenchCommand: ParsableCommand {
 
     func run() throws {
         let (operations, sizes, repeats) = (operation, size, repeats)
-        let out = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout, threads: rankOptions.threads) { comm, backend in
+        let out = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout) { comm, backend in
             var failure: Error?
             let need = operations.map { op in CommBench.bufferBytes(op, bytes: sizes.max()!, ranks: comm.size) }.max()!
             if let available = SystemInfo.availableMemory(), need * backend.ranksPerHost > available {
@@ -232,7 +232,7 @@ struct OverlapBenchCommand: ParsableCommand {
         o.precision = precision
         let options = o
         let (repeats, warmup, backward) = (self.repeats, self.warmup, !forwardOnly)
-        let out = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout, threads: rankOptions.threads) { comm, backend in
+        let out = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout) { comm, backend in
             (try RingOverlap.measure(shape: shape, options: options, comm: comm, repeats: repeats, warmup: warmup, backward: backward), backend)
         }
         guard let (results, backend) = out else { return }
@@ -287,6 +287,7 @@ struct AttentionBenchCommand: ParsableCommand {
     @Flag(help: "Profile one more step of each direction: per rank, the shares of its time in the products, the softmax passes, communication and the rest (JSON field profile_ranks; every rank under MPI, rank 0 in process).") var profile = false
     @Flag(help: "One JSON object per figure instead of the table.") var json = false
     @OptionGroup var rankOptions: RankOptions
+    @OptionGroup var threadOptions: ThreadOptions
 
     func validate() throws {
         guard !algorithm.isEmpty else { throw ValidationError("--algorithm: name at least one") }
@@ -330,7 +331,7 @@ struct AttentionBenchCommand: ParsableCommand {
         let baselines: [(AlgorithmName.Family, AttentionOptions)] = noBaseline ? [] : [AlgorithmName.Family.softmax, .linear].compactMap { f in
             runs.first { $0.0.family == f }.map { _, o in var o = o; o.layout = .contiguous; return (f, o) }
         }
-        let out = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout, threads: rankOptions.threads) { comm, backend in
+        let out = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout, threads: threadOptions.threads) { comm, backend in
             let placement = try AttentionBench.placement(comm: comm)
             var results = try runs.flatMap { a, o in
                 try balances.flatMap { b in
@@ -416,7 +417,7 @@ struct LatentBenchCommand: ParsableCommand {
     func run() throws {
         let runs = seqLen.flatMap { l in heads.map { h in LatentShape(seqLen: l, queries: queries, heads: h, latentDim: latentDim, ropeDim: ropeDim, vDim: vDim) } }
         let (algorithms, transform, precision, repeats, warmup) = (algorithm, self.transform, self.precision, self.repeats, self.warmup)
-        let out = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout, threads: rankOptions.threads) { comm, backend in
+        let out = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout) { comm, backend in
             (try runs.flatMap { s in
                 try algorithms.map {
                     try LatentBench.measure($0, shape: s, transform: transform, precision: precision, comm: comm, ranksPerHost: backend.ranksPerHost,

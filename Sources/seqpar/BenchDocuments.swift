@@ -33,6 +33,7 @@ struct DocumentsBenchCommand: ParsableCommand {
     @Flag(help: "Forward only.") var forwardOnly = false
     @Flag(help: "One JSON object per figure instead of the table.") var json = false
     @OptionGroup var rankOptions: RankOptions
+    @OptionGroup var threadOptions: ThreadOptions
 
     func validate() throws {
         guard algorithm.family == .softmax, algorithm != .dense else {
@@ -105,7 +106,7 @@ struct DocumentsBenchCommand: ParsableCommand {
             (o.precision, o.documents) = (precision, documents)
             return o
         }
-        let out = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout, threads: rankOptions.threads) { comm, backend in
+        let out = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout, threads: threadOptions.threads) { comm, backend in
             func measure(_ shape: AttentionShape, _ documents: Documents?) throws -> [AttentionBenchResult] {
                 try AttentionBench.measure(algorithm, shape: shape, options: options(documents), comm: comm, ranksPerHost: backend.ranksPerHost,
                                            repeats: repeats, warmup: warmup, backward: backward, seed: seed, probe: false)

@@ -43,7 +43,7 @@ struct DecodeCommand: ParsableCommand {
         c.precision = precision
         let config = c
         let json = self.json
-        let report = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout, threads: rankOptions.threads) { comm, backend in
+        let report = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout) { comm, backend in
             try DecodeRun.execute(config, comm: comm, backend: backend.name, ranksPerHost: backend.ranksPerHost,
                                   log: { if comm.rank == 0 && !json { printNote($0) } })
         }

@@ -25,6 +25,7 @@ struct Demo: ParsableCommand {
     @OptionGroup var documentOptions: DocumentOptions
     @Flag(help: "Print one JSON object per run instead of the table.") var json = false
     @OptionGroup var rankOptions: RankOptions
+    @OptionGroup var threadOptions: ThreadOptions
 
     func validate() throws {
         guard seqLen >= 1, heads >= 1, kvHeads >= 1, headDim >= 1 else { throw ValidationError("sizes must be at least 1") }
@@ -92,7 +93,7 @@ struct Demo: ParsableCommand {
         let (hybrid, latents) = (hybridConfig(), latentConfigs())
         let json = self.json
         let simulated = try Launch.simulatedRanks(rankOptions.ranks ?? (Launch.underMPI ? nil : 4))
-        let reports = try Launch.run(ranks: simulated, timeout: rankOptions.timeout, threads: rankOptions.threads) { comm, backend in
+        let reports = try Launch.run(ranks: simulated, timeout: rankOptions.timeout, threads: threadOptions.threads) { comm, backend in
             let oracle = OracleCache()
             var reports: [AttentionRunReport] = []
             var skipped: [String] = []

@@ -11,7 +11,7 @@ struct Info: ParsableCommand {
 
     func run() throws {
         let mpiVersion = Launch.underMPI ? MPIEnvironment.libraryVersion : nil
-        let lines = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout, threads: rankOptions.threads) { comm, backend in
+        let lines = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout) { comm, backend in
             try Info.describe(comm: comm, backend: backend, mpiVersion: mpiVersion)
         }
         if let lines { print(lines.joined(separator: "\n")) }

@@ -10,7 +10,7 @@ struct SelfTest: ParsableCommand {
     @OptionGroup var rankOptions: RankOptions
 
     func run() throws {
-        let result = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout, threads: rankOptions.threads) { comm, backend in
+        let result = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout) { comm, backend in
             (try CommunicatorChecks.run(comm), backend)
         }
         if let (checks, backend) = result {

@@ -28,15 +28,21 @@ struct RankOptions: ParsableArguments {
     @Option(help: "Seconds a rank may wait for another in one communication before the job stops with an error.")
     var timeout: Double = 300
 
-    @Option(help: ArgumentHelp("Kernel threads per rank: the bf16 softmax forward hands its query tiles to this many threads as they free up, evening out cores of different speeds. Give each rank as many cores (mpirun --map-by slot:PE=N --bind-to core).", valueName: "n"))
-    var threads: Int = 1
-
     func validate() throws {
         if let r = ranks, !(1...1024).contains(r) {
             throw ValidationError("--ranks \(r): give between 1 and 1024 simulated ranks")
         }
-        if !(1...256).contains(threads) { throw ValidationError("--threads \(threads): give between 1 and 256 threads per rank") }
         guard timeout > 0, timeout.isFinite else { throw ValidationError("--timeout must be a positive number of seconds") }
+    }
+}
+
+/// Kernel threads per rank (`seqpar attention`, `demo`, `bench attention`, `bench documents`).
+struct ThreadOptions: ParsableArguments {
+    @Option(help: ArgumentHelp("Kernel threads per rank: the bf16 softmax kernels hand their work (query tiles forward, kv heads backward) to this many threads as they free up. Give each rank as many cores (mpirun --map-by slot:PE=N --bind-to core).", valueName: "n"))
+    var threads: Int = 1
+
+    func validate() throws {
+        if !(1...256).contains(threads) { throw ValidationError("--threads \(threads): give between 1 and 256 threads per rank") }
     }
 }
 
