@@ -31,6 +31,7 @@ struct DocumentsBenchCommand: ParsableCommand {
     @Option(help: "Timed repetitions (the median is reported).") var repeats = 3
     @Option(help: "Untimed repetitions first.") var warmup = 1
     @Flag(help: "Forward only.") var forwardOnly = false
+    @Flag(help: "Profile one more step of each direction of the packed and separate runs: per rank, the shares of the products, the softmax passes, communication and the rest (JSON field profile_ranks).") var profile = false
     @Flag(help: "One JSON object per figure instead of the table.") var json = false
     @OptionGroup var rankOptions: RankOptions
     @OptionGroup var threadOptions: ThreadOptions
@@ -95,12 +96,25 @@ struct DocumentsBenchCommand: ParsableCommand {
         var overSum: Double
         /// Packed: the slowest rank's median over the mean rank's.
         var rankBalance: Double?
+        /// `--profile`: per rank, the seconds of the profiled step and its shares (separate: summed over the documents).
+        var profileRanks: [AttentionBenchResult.ProfiledStep]?
+    }
+
+    /// Two runs' profiles added rank by rank: seconds summed, shares weighted by them.
+    static func sum(_ a: [AttentionBenchResult.ProfiledStep]?, _ b: [AttentionBenchResult.ProfiledStep]?) -> [AttentionBenchResult.ProfiledStep]? {
+        guard let a else { return b }
+        guard let b else { return a }
+        return zip(a, b).map { x, y in
+            let t = x.seconds + y.seconds
+            func mix(_ f: (AttentionBenchResult.ProfiledStep) -> Double) -> Double { t > 0 ? (f(x) * x.seconds + f(y) * y.seconds) / t : 0 }
+            return .init(rank: x.rank, seconds: t, gemm: mix(\.gemm), softmax: mix(\.softmax), communication: mix(\.communication), other: mix(\.other))
+        }
     }
 
     func run() throws {
         let docs = try documents()
         let (algorithm, heads, kvHeads, headDim, causal, layout, precision) = (self.algorithm, self.heads, self.kvHeads ?? self.heads, self.headDim, self.causal, self.layout, self.precision)
-        let (repeats, warmup, backward, seed) = (self.repeats, self.warmup, !forwardOnly, self.seed)
+        let (repeats, warmup, backward, seed, profile) = (self.repeats, self.warmup, !forwardOnly, self.seed, self.profile)
         @Sendable func options(_ documents: Documents?) -> AttentionOptions {
             var o = AttentionOptions(causal: causal, layout: layout)
             (o.precision, o.documents) = (precision, documents)
@@ -109,25 +123,32 @@ struct DocumentsBenchCommand: ParsableCommand {
         let out = try Launch.run(ranks: rankOptions.ranks, timeout: rankOptions.timeout, threads: threadOptions.threads) { comm, backend in
             func measure(_ shape: AttentionShape, _ documents: Documents?) throws -> [AttentionBenchResult] {
                 try AttentionBench.measure(algorithm, shape: shape, options: options(documents), comm: comm, ranksPerHost: backend.ranksPerHost,
-                                           repeats: repeats, warmup: warmup, backward: backward, seed: seed, probe: false)
+                                           repeats: repeats, warmup: warmup, backward: backward, seed: seed, probe: false,
+                                           profile: !profile ? .none : backend.name == "mpi" ? .allRanks : .rankZero)
             }
             let packed = try measure(AttentionShape(seqLen: docs.seqLen, heads: heads, kvHeads: kvHeads, headDim: headDim), docs)
             let padded = try measure(AttentionShape(batch: docs.count, seqLen: docs.lengths.max()!, heads: heads, kvHeads: kvHeads, headDim: headDim), nil)
             var separate = [Double](repeating: 0, count: packed.count)
+            var separateProfiles = [[AttentionBenchResult.ProfiledStep]?](repeating: nil, count: packed.count)
             for n in docs.lengths {
-                for (i, r) in try measure(AttentionShape(seqLen: n, heads: heads, kvHeads: kvHeads, headDim: headDim), nil).enumerated() { separate[i] += r.timeS }
+                for (i, r) in try measure(AttentionShape(seqLen: n, heads: heads, kvHeads: kvHeads, headDim: headDim), nil).enumerated() {
+                    separate[i] += r.timeS
+                    separateProfiles[i] = Self.sum(separateProfiles[i], r.profileRanks)
+                }
             }
-            return (packed, padded, separate, backend)
+            return (packed, padded, separate, separateProfiles, backend)
         }
-        guard let (packed, padded, separate, backend) = out else { return }
+        guard let (packed, padded, separate, separateProfiles, backend) = out else { return }
         let flops = AttentionRun.attentionFlops(AttentionShape(seqLen: docs.seqLen, heads: heads, kvHeads: kvHeads, headDim: headDim), causal: causal, documents: docs)
         var figures: [Figure] = []
         for (i, p) in packed.enumerated() {
             let stepFlops = p.direction == "forward" ? flops : flops * AttentionRun.backwardFlopsFactor(.softmax)
-            for (name, time, balance) in [("packed", p.timeS, p.rankTimeMaxS / p.rankTimeAvgS), ("padded", padded[i].timeS, nil), ("separate", separate[i], nil)] {
+            for (name, time, balance, profiled) in [("packed", p.timeS, p.rankTimeMaxS / p.rankTimeAvgS, p.profileRanks), ("padded", padded[i].timeS, nil, nil),
+                                                     ("separate", separate[i], nil, separateProfiles[i])] {
                 figures.append(Figure(run: name, direction: p.direction, algorithm: algorithm, ranks: backend.ranks, documents: docs.count, seqLen: docs.seqLen,
                                       longest: docs.lengths.max()!, heads: heads, kvHeads: kvHeads, headDim: headDim, causal: causal, layout: layout,
-                                      precision: precision, timeS: time, gflops: stepFlops / time / 1e9, overSum: time / separate[i], rankBalance: balance))
+                                      precision: precision, timeS: time, gflops: stepFlops / time / 1e9, overSum: time / separate[i], rankBalance: balance,
+                                      profileRanks: profiled))
             }
         }
         if json { figures.forEach { print(Report.json($0)) }; return }

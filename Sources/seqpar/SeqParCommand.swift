@@ -38,7 +38,7 @@ struct RankOptions: ParsableArguments {
 
 /// Kernel threads per rank (`seqpar attention`, `demo`, `bench attention`, `bench documents`).
 struct ThreadOptions: ParsableArguments {
-    @Option(help: ArgumentHelp("Kernel threads per rank: the bf16 softmax kernels hand their work (query tiles forward, kv heads backward) to this many threads as they free up. Give each rank as many cores (mpirun --map-by slot:PE=N --bind-to core).", valueName: "n"))
+    @Option(help: ArgumentHelp("Kernel threads per rank: the bf16 softmax kernels hand their work (query tiles forward, kv heads backward) to this many threads as they free up. Give each rank as many cores (mpirun --map-by slot:PE=N --bind-to core). fp32 products thread through OpenBLAS instead (OPENBLAS_NUM_THREADS).", valueName: "n"))
     var threads: Int = 1
 
     func validate() throws {

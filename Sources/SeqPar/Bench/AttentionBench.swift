@@ -67,6 +67,9 @@ public struct AttentionBenchResult: Codable, Sendable {
         public var rank: Int
         public var seconds: Double
         public var gemm: Double, softmax: Double, communication: Double, other: Double
+        public init(rank: Int, seconds: Double, gemm: Double, softmax: Double, communication: Double, other: Double) {
+            (self.rank, self.seconds, self.gemm, self.softmax, self.communication, self.other) = (rank, seconds, gemm, softmax, communication, other)
+        }
     }
 }
 
