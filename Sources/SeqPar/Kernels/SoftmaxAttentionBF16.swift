@@ -243,7 +243,7 @@ extension SoftmaxAttention {
         let group = heads / k.shape[2]
         let tiles = queryTiles(windows)
         // Units of work: a few query tiles of one head, in head order (consecutive units share K and V).
-        let threads = min(threads, batch * heads * tiles.count)
+        let threads = max(1, min(threads, batch * heads * tiles.count))
         let perUnit = threads > 1 ? max(1, tiles.count * batch * heads / (threads * 8)) : tiles.count
         var units: [(batch: Int, head: Int, tiles: Range<Int>)] = []
         for b in 0..<batch {
@@ -361,7 +361,7 @@ extension SoftmaxAttention {
             kvUnits.append(share[first...i])
             first = i + 1
         }
-        let threads = min(threads, kvUnits.count)
+        let threads = max(1, min(threads, kvUnits.count))
         let (q, k, v) = threads > 1 ? (q.headMajor(), k.headMajor(), v.headMajor()) : (q, k, v)
         let dOperand = threads > 1 ? (gradOutBF16 ?? .fp32(dO)).headMajor() : gradOutBF16 ?? .fp32(dO)
         // Full key tiles are packed once per kv head for the query tiles that read them, where they are many.
