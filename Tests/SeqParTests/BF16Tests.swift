@@ -201,4 +201,17 @@ struct BF16Verdict: CustomStringConvertible {
             #expect(v.passes, "\(v)")
         }
     }
+
+    /// The kernels' document-major order: tiles grouped where their keys overlap, a new group where a tile's keys all
+    /// lie past the earlier ones' (the next document); one group for a single causal or full sequence.
+    @Test func segmentsSplitWhereKeysPart() {
+        #expect(SoftmaxAttention.segments([(0, 10), (0, 20), (20, 30), (25, 40), (40, 40), (40, 50)]) == [0..<2, 2..<4, 4..<5, 5..<6])
+        #expect(SoftmaxAttention.segments([(0, 128), (0, 256), (0, 384)]) == [0..<3])
+        #expect(SoftmaxAttention.segments([(0, 512), (0, 512)]) == [0..<2])
+        #expect(SoftmaxAttention.segments([]) == [])
+        let windows = SoftmaxAttention.windows(Array(0..<700), Array(0..<700), causal: true, documents: try! Documents(lengths: [250, 1, 449], seqLen: 700))
+        let tiles = SoftmaxAttention.queryTiles(windows)
+        #expect(SoftmaxAttention.segments(tiles.map { ($0.start, $0.reach) }).map { tiles[$0.lowerBound].i0 } == [0, 250, 251])
+    }
 }
+
