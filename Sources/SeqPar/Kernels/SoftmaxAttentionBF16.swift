@@ -272,19 +272,24 @@ extension SoftmaxAttention {
                             lse: out.lse.pointer + (b * heads + h) * cq, extending: extending, pack: pack, scratch: scratch, progress: progress)
             }
         }
-        if threads <= 1 {
-            var u = 0
-            work(next: { defer { u += 1 }; return u < units.count ? u : nil }, progress: progress)
-            return
+        shareOut(units.count, threads: threads, progress: progress, work)
+    }
+
+    /// Runs `work` on the calling thread and on `threads - 1` helpers until `count` units are taken (each asks
+    /// `next` for one), and returns when all are done. Only the calling thread gets `progress` (MPI calls stay on it).
+    static func shareOut(_ count: Int, threads: Int, progress: () -> Void, _ work: (_ next: () -> Int?, _ progress: () -> Void) -> Void) {
+        let counter = WorkCounter(count)
+        withoutActuallyEscaping(work) { work in
+            withoutActuallyEscaping(progress) { progress in
+                let helpers = DispatchGroup()
+                let shared = UncheckedSendable(work)
+                for _ in 1..<max(threads, 1) {
+                    DispatchQueue.global(qos: .userInitiated).async(group: helpers) { shared.value(counter.next, {}) }
+                }
+                work(counter.next, progress)
+                helpers.wait()
+            }
         }
-        let counter = WorkCounter(units.count)
-        let helpers = DispatchGroup()
-        let shared = UncheckedSendable(work)
-        for _ in 1..<threads {
-            DispatchQueue.global(qos: .userInitiated).async(group: helpers) { shared.value(counter.next, {}) }
-        }
-        work(next: counter.next, progress: progress)
-        helpers.wait()
     }
 
     /// Consecutive tiles grouped where their keys overlap: a new group starts at a tile whose keys all lie past those
@@ -481,19 +486,7 @@ extension SoftmaxAttention {
                 }
             }
         }
-        if threads <= 1 {
-            var n = 0
-            compute(next: { defer { n += 1 }; return n < kvUnits.count ? n : nil }, progress: progress)
-            return
-        }
-        let counter = WorkCounter(kvUnits.count)
-        let helpers = DispatchGroup()
-        let shared = UncheckedSendable(compute)
-        for _ in 1..<threads {
-            DispatchQueue.global(qos: .userInitiated).async(group: helpers) { shared.value(counter.next, {}) }
-        }
-        compute(next: counter.next, progress: progress)
-        helpers.wait()
+        shareOut(kvUnits.count, threads: threads, progress: progress, compute)
     }
 
     /// `dst += src`, row by row (same shape, any leading dimensions).

@@ -320,17 +320,22 @@ public enum OneDNN {
             let key = Key(m: a.rows, n: b.n, k: b.k, lda: a.ld, ldb: 0, ldc: c.ld, transposeA: false, transposeB: false, accumulate: accumulate, packed: true)
             if packedRefused.contains(key) { return false }
             guard let mm = try? matmul(key), mm.implementation.hasPrefix("brg") else { packedRefused.insert(key); return false }
+            execute(mm, a.base, b.base, c.base, key)
+            packedProducts += 1
+            return true
+        }
+
+        /// Runs a cached matmul on these operands (timed as a product by `KernelProfile`).
+        func execute(_ mm: Matmul, _ a: UnsafeMutableRawPointer, _ b: UnsafeMutableRawPointer, _ c: UnsafeMutableRawPointer, _ key: Key) {
             let started = KernelProfile.gemmStart()
             defer { KernelProfile.gemmEnd(started) }
-            _ = f.memorySetDataHandle(mm.src, a.base)
-            _ = f.memorySetDataHandle(mm.weights, b.base)
-            _ = f.memorySetDataHandle(mm.dst, c.base)
+            _ = f.memorySetDataHandle(mm.src, a)
+            _ = f.memorySetDataHandle(mm.weights, b)
+            _ = f.memorySetDataHandle(mm.dst, c)
             var args = [dnnl_exec_arg_t(arg: DNNL_ARG_SRC, memory: mm.src), dnnl_exec_arg_t(arg: DNNL_ARG_WEIGHTS, memory: mm.weights),
                         dnnl_exec_arg_t(arg: DNNL_ARG_DST, memory: mm.dst)]
             let status = f.primitiveExecute(mm.primitive, stream, 3, &args)
             precondition(status == dnnl_success, "dnnl_primitive_execute failed (\(status.rawValue)) on \(key)")
-            packedProducts += 1
-            return true
         }
 
         func matmul(_ key: Key) throws -> Matmul {
@@ -380,18 +385,9 @@ public enum OneDNN {
                 return
             }
             if !OneDNN.hasBF16Matmul { return emulated(a, transposeA: transposeA, b, transposeB: transposeB, into: c, accumulate: accumulate) }
-            let started = KernelProfile.gemmStart()
-            defer { KernelProfile.gemmEnd(started) }
             let key = Key(m: m, n: n, k: k, lda: a.ld, ldb: b.ld, ldc: c.ld, transposeA: transposeA, transposeB: transposeB, accumulate: accumulate)
             // A failure here is a bug (a shape oneDNN cannot take), not bad input: the shapes were checked above.
-            let mm = try! matmul(key)
-            _ = f.memorySetDataHandle(mm.src, a.base)
-            _ = f.memorySetDataHandle(mm.weights, b.base)
-            _ = f.memorySetDataHandle(mm.dst, c.base)
-            var args = [dnnl_exec_arg_t(arg: DNNL_ARG_SRC, memory: mm.src), dnnl_exec_arg_t(arg: DNNL_ARG_WEIGHTS, memory: mm.weights),
-                        dnnl_exec_arg_t(arg: DNNL_ARG_DST, memory: mm.dst)]
-            let status = f.primitiveExecute(mm.primitive, stream, 3, &args)
-            precondition(status == dnnl_success, "dnnl_primitive_execute failed (\(status.rawValue)) on \(key)")
+            execute(try! matmul(key), a.base, b.base, c.base, key)
         }
 
         /// `gemm` without oneDNN's matmul: each operand widened to fp32 (exact), then OpenBLAS sgemm.
