@@ -247,7 +247,8 @@ extension SoftmaxAttention {
         let threads = max(1, min(threads, batch * heads * tiles.count))
         let perUnit = threads > 1 ? max(1, tiles.count * batch * heads / (threads * 8)) : tiles.count
         var units: [(batch: Int, head: Int, tiles: Range<Int>, pack: Bool)] = []
-        for segment in segments(tiles.map { ($0.start, $0.reach) }) {
+        let segments = segments(tiles.map { ($0.start, $0.reach) })
+        for segment in segments {
             let rows = tiles[segment.upperBound - 1].i1 - tiles[segment.lowerBound].i0
             let pack = BF16Scratch.packPays(queryRows: rows / threads, group: group)
             for b in 0..<batch {
@@ -258,8 +259,9 @@ extension SoftmaxAttention {
                 }
             }
         }
-        // Several threads read every head of q, K and V: head-major copies first, where a head is not a view already.
-        let (q, k, v) = threads > 1 ? (q.headMajor(), k.headMajor(), v.headMajor()) : (q, k, v)
+        // Several threads, or several segments, read every head of q, K and V more than once: head-major copies first,
+        // where a head is not a view already.
+        let (q, k, v) = threads > 1 || segments.count > 1 ? (q.headMajor(), k.headMajor(), v.headMajor()) : (q, k, v)
         /// Takes units until none is left; `progress` after each (the calling thread's only: MPI calls stay on it).
         func work(next: () -> Int?, progress: () -> Void) {
             let scratch = BF16Scratch()
@@ -395,7 +397,8 @@ extension SoftmaxAttention {
             let r1 = tileEnd(from: r0, rows: cq, windows: windows)
             spans.append((windows.lower[r0], max(windows.upper[r1 - 1], windows.lower[r0]), r1))
         }
-        for segment in segments(spans.map { ($0.start, $0.reach) }) {
+        let segments = segments(spans.map { ($0.start, $0.reach) })
+        for segment in segments {
             let rows = (segment.lowerBound == 0 ? 0 : spans[segment.lowerBound - 1].end)..<spans[segment.upperBound - 1].end
             // Full key tiles are packed once per kv head for the query tiles that read them, where they are many.
             let (pack, firstUnit) = (BF16Scratch.packPays(queryRows: rows.count, group: group), kvUnits.count)
@@ -414,8 +417,10 @@ extension SoftmaxAttention {
             }
         }
         let threads = max(1, min(threads, kvUnits.count))
-        let (q, k, v) = threads > 1 ? (q.headMajor(), k.headMajor(), v.headMajor()) : (q, k, v)
-        let dOperand = threads > 1 ? (gradOutBF16 ?? .fp32(dO)).headMajor() : gradOutBF16 ?? .fp32(dO)
+        // As in the forward: heads read more than once are made contiguous once.
+        let shared = threads > 1 || segments.count > 1
+        let (q, k, v) = shared ? (q.headMajor(), k.headMajor(), v.headMajor()) : (q, k, v)
+        let dOperand = shared ? (gradOutBF16 ?? .fp32(dO)).headMajor() : gradOutBF16 ?? .fp32(dO)
         func compute(next: () -> Int?, progress: () -> Void) {
             let scratch = BF16Scratch()
             var rowDot = [Float](repeating: 0, count: tileRows)
