@@ -75,6 +75,14 @@ extension SoftmaxAttention {
             return p
         }
 
+        /// c = a * op(tile) (or c += with `accumulate`), op(tile) being `operand` of the key tile at `j0` (K^T and V^T
+        /// read transposed): packed once per kv head where `pack` asks and oneDNN has a packed matmul for it, else
+        /// the plain tile.
+        func product(_ a: BF16Matrix, _ operand: Operand, _ tile: BF16Matrix, start j0: Int, pack: Bool, into c: Matrix, accumulate: Bool = false) {
+            if pack, let packedTile = packed(operand, tile, start: j0), dnn.gemm(a, packed: packedTile, into: c, accumulate: accumulate) { return }
+            dnn.gemm(a, tile, transposeB: operand == .keyTransposed || operand == .valueTransposed, into: c, accumulate: accumulate)
+        }
+
         init() {
             guard let c = try? OneDNN.context() else {
                 preconditionFailure("a bf16 kernel ran without oneDNN: call OneDNN.require() before bf16 work (it throws the error that says what to install)")
@@ -350,11 +358,8 @@ extension SoftmaxAttention {
                 let width = j1 - j0
                 let s = Matrix(base: scores, rows: rows, cols: width)
                 KernelProfile.countScores(rows * width)
-                let packK = pack && width == tileCols ? scratch.packed(.keyTransposed, kg.rows(j0..<j1), start: j0) : nil
-                let packV = pack && width == tileCols ? scratch.packed(.value, vg.rows(j0..<j1), start: j0) : nil
-                if !(packK.map { scratch.dnn.gemm(qh.rows(i0..<i1), packed: $0, into: s) } ?? false) {
-                    scratch.dnn.gemm(qh.rows(i0..<i1), kg.rows(j0..<j1), transposeB: true, into: s)
-                }
+                let packTile = pack && width == tileCols
+                scratch.product(qh.rows(i0..<i1), .keyTransposed, kg.rows(j0..<j1), start: j0, pack: packTile, into: s)
                 let softmaxStarted = KernelProfile.softmaxStart()
                 for i in 0..<rows {
                     let row = scores + i * width, prow = p + i * width
@@ -368,10 +373,8 @@ extension SoftmaxAttention {
                     absorb(sum: sum, max: newMax, row: i, scratch.rowMax, scratch.rowSum, output: acc + i * dv, dv)
                 }
                 KernelProfile.softmaxEnd(softmaxStarted)
-                let pm = BF16Matrix(base: p, rows: rows, cols: width)
-                if !(packV.map { scratch.dnn.gemm(pm, packed: $0, into: accM, accumulate: true) } ?? false) {
-                    scratch.dnn.gemm(pm, vg.rows(j0..<j1), into: accM, accumulate: true)
-                }
+                scratch.product(BF16Matrix(base: p, rows: rows, cols: width), .value, vg.rows(j0..<j1), start: j0, pack: packTile,
+                                into: accM, accumulate: true)
             }
             finish(rows: i0..<i1, scratch.rowMax, scratch.rowSum, accumulator: accM, output: oh, lse: lseRow)
             progress()
@@ -391,15 +394,10 @@ extension SoftmaxAttention {
         // accumulators, its keys' rows only, stay in cache while its queries add to them.
         let share = backwardShare(batch: batch, heads: heads, windows: windows, work: work)
         var kvUnits: [(batch: Int, kvHead: Int, keys: Range<Int>, pack: Bool, heads: [(batch: Int, head: Int, tiles: [BackwardTile])])] = []
-        var spans: [(start: Int, reach: Int, end: Int)] = []  // rows up to `end` share their first key
-        while cq > 0 && (spans.isEmpty || spans.last!.end < cq) {
-            let r0 = spans.last?.end ?? 0
-            let r1 = tileEnd(from: r0, rows: cq, windows: windows)
-            spans.append((windows.lower[r0], max(windows.upper[r1 - 1], windows.lower[r0]), r1))
-        }
-        let segments = segments(spans.map { ($0.start, $0.reach) })
+        let tiles = queryTiles(windows)
+        let segments = segments(tiles.map { ($0.start, $0.reach) })
         for segment in segments {
-            let rows = (segment.lowerBound == 0 ? 0 : spans[segment.lowerBound - 1].end)..<spans[segment.upperBound - 1].end
+            let rows = tiles[segment.lowerBound].i0..<tiles[segment.upperBound - 1].i1
             // Full key tiles are packed once per kv head for the query tiles that read them, where they are many.
             let (pack, firstUnit) = (BF16Scratch.packPays(queryRows: rows.count, group: group), kvUnits.count)
             for entry in share {
@@ -461,12 +459,8 @@ extension SoftmaxAttention {
                         let sm = Matrix(base: scratch.scores, rows: rows, cols: width), dpm = Matrix(base: scratch.dp, rows: rows, cols: width)
                         let (kTile, vTile) = (kb.rows(j0..<j1), vb.rows(j0..<j1))
                         let packTile = pack && width == tileCols
-                        if !(packTile ? scratch.packed(.keyTransposed, kTile, start: j0).map { scratch.dnn.gemm(qb.rows(i0..<i1), packed: $0, into: sm) } ?? false : false) {
-                            scratch.dnn.gemm(qb.rows(i0..<i1), kTile, transposeB: true, into: sm)
-                        }
-                        if !(packTile ? scratch.packed(.valueTransposed, vTile, start: j0).map { scratch.dnn.gemm(dob.rows(i0..<i1), packed: $0, into: dpm) } ?? false : false) {
-                            scratch.dnn.gemm(dob.rows(i0..<i1), vTile, transposeB: true, into: dpm)
-                        }
+                        scratch.product(qb.rows(i0..<i1), .keyTransposed, kTile, start: j0, pack: packTile, into: sm)
+                        scratch.product(dob.rows(i0..<i1), .valueTransposed, vTile, start: j0, pack: packTile, into: dpm)
                         let softmaxStarted = KernelProfile.softmaxStart()
                         for i in 0..<rows {
                             let (a, b) = segment(windows, row: i0 + i, tile: j0, width: width)
@@ -480,9 +474,7 @@ extension SoftmaxAttention {
                         KernelProfile.softmaxEnd(softmaxStarted)
                         let pm = BF16Matrix(base: p, rows: rows, cols: width), dsm = BF16Matrix(base: ds, rows: rows, cols: width)
                         // ds holds scale * P * (dP - rowDot), rounded: dQ += dS K, dK += dS^T Q, dV += P^T dO.
-                        if !(packTile ? scratch.packed(.key, kTile, start: j0).map { scratch.dnn.gemm(dsm, packed: $0, into: dq, accumulate: true) } ?? false : false) {
-                            scratch.dnn.gemm(dsm, kTile, into: dq, accumulate: true)
-                        }
+                        scratch.product(dsm, .key, kTile, start: j0, pack: packTile, into: dq, accumulate: true)
                         scratch.dnn.gemm(dsm, transposeA: true, qb.rows(i0..<i1), into: dkAcc.rows(j0..<j1), accumulate: true)
                         scratch.dnn.gemm(pm, transposeA: true, dob.rows(i0..<i1), into: dvAcc.rows(j0..<j1), accumulate: true)
                     }

@@ -302,12 +302,8 @@ public enum OneDNN {
             var args = [dnnl_exec_arg_t(arg: DNNL_ARG_FROM, memory: r.src), dnnl_exec_arg_t(arg: DNNL_ARG_TO, memory: r.dst)]
             let status = f.primitiveExecute(r.primitive, stream, 2, &args)
             precondition(status == dnnl_success, "dnnl_primitive_execute (reorder) failed (\(status.rawValue)) on \(key)")
-            packs += 1
             return PackedMatrix(base: out, k: k, n: n)
         }
-
-        /// This thread's tiles packed and products that read a packed operand (for the benchmarks).
-        public private(set) var packs = 0, packedProducts = 0
 
         /// Keys whose packed matmul oneDNN would not run on brgemm: those products read the plain operand.
         var packedRefused: Set<Key> = []
@@ -321,7 +317,6 @@ public enum OneDNN {
             if packedRefused.contains(key) { return false }
             guard let mm = try? matmul(key), mm.implementation.hasPrefix("brg") else { packedRefused.insert(key); return false }
             execute(mm, a.base, b.base, c.base, key)
-            packedProducts += 1
             return true
         }
 
