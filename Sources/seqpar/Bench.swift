@@ -109,7 +109,7 @@ struct KernelBenchCommand: ParsableCommand {
             let results = try figures.flatMap { k, d, l, causal, p in
                 try KernelBench.measure(k, shape: AttentionShape(seqLen: l, heads: heads, headDim: d), causal: causal, decay: decay,
                                         sgemmGflops: sgemm, precision: p, bf16MatmulGflops: matmul, repeats: repeats, warmup: warmup,
-                                        backward: backward, comm: comm, profileInTurns: backend.name == "in-process")
+                                        backward: backward, comm: comm, profileInTurns: backend.name == "in-process", baselineSize: sgemmSize)
             }.map { var r = $0; r.probeSgemmGflops = probe; return r }
             return (results, backend, sgemm, matmul)
         }
@@ -123,7 +123,8 @@ struct KernelBenchCommand: ParsableCommand {
             + (matmul.map { [String(format: "# baseline bf16: oneDNN %@ bf16 matmul %dx%dx%d (bf16 in, fp32 out), ISA %@: %.1f GFLOP/s (the slowest rank's)%@",
                                     OneDNN.version ?? "?", sgemmSize, sgemmSize, sgemmSize, OneDNN.isa ?? "?", $0,
                                     OneDNN.hasBF16Matmul ? "" : "; oneDNN has no bf16 matmul here: emulated on OpenBLAS")] } ?? []) + [
-            "# ratio: GFLOP/s over the baseline of the row's precision",
+            "# baseline (column): that of the row's precision timed in turns with the kernel (one product, one kernel call, ...), median;",
+            "# ratio: the median over the turns of the kernel's GFLOP/s over the baseline's just before it (the host's drift moves both)",
             "# FLOPs: softmax forward 4*H*L^2*D (half when causal), backward 2.5x; linear (chunk form, blocks of \(LinearAttention.blockRows)) 8*H*L*D^2 + 4*H*L*\(LinearAttention.blockRows)*D, backward 3x",
             "# gemm, softmax, other: shares of one profiled run's time (each product and each tile's softmax pass timed), adding up to 100%;",
             "# exp: the exponentials' part of softmax (counted x their cost per element in this run)",
@@ -133,7 +134,8 @@ struct KernelBenchCommand: ParsableCommand {
             let mask = r.decay.map { String(format: "causal λ=%g", $0) } ?? (r.causal ? "causal" : "full")
             let cells = [r.kernel, r.precision.rawValue, r.direction, "\(r.seqLen)", "\(r.heads)", "\(r.headDim)", mask, String(format: "%.4f", r.timeS),
                          String(format: "%.1f", r.gflops), String(format: "%.1f-%.1f", r.rankGflopsMin, r.rankGflopsMax),
-                         String(format: "%.1f", r.bf16MatmulGflops.flatMap { r.precision == .bf16 ? $0 : nil } ?? r.sgemmGflops), String(format: "%.2f", r.ratio),
+                         String(format: "%.1f", r.turnBaselineGflops ?? r.bf16MatmulGflops.flatMap { r.precision == .bf16 ? $0 : nil } ?? r.sgemmGflops),
+                         String(format: "%.2f", r.ratio),
                          String(format: "%.0f%%", 100 * r.gemmFraction), String(format: "%.0f%%", 100 * r.softmaxFraction),
                          String(format: "%.0f%%", 100 * r.expFraction), String(format: "%.0f%%", 100 * r.otherFraction)]
             print(zip(cells, columns).map { Report.pad($0, $1.1) }.joined())

@@ -251,9 +251,14 @@ extension CostModelTests {
     @Test(arguments: BenchKernel.allCases) func kernelSharesAddUp(kernel: BenchKernel) throws {
         let solo = InProcessCluster(size: 1).makeCommunicators()[0]
         let results = try KernelBench.measure(kernel, shape: AttentionShape(seqLen: 256, heads: 1, headDim: 32), causal: true, sgemmGflops: 1,
-                                              repeats: 1, warmup: 0, comm: solo)
+                                              repeats: 3, warmup: 0, comm: solo, baselineSize: 64)
         #expect(results.map(\.direction) == ["forward", "backward"])
         for r in results {
+            // The baseline timed in turns: its rate, and a ratio near the kernel's rate over it (a median of ratios is
+            // not the ratio of medians, but both lie between the turns' extremes).
+            let turnRate = try #require(r.turnBaselineGflops)
+            #expect(turnRate > 0 && r.ratio > 0 && r.ratio != r.gflops / 1)
+            #expect(r.ratio > 0.1 * r.gflops / turnRate && r.ratio < 10 * r.gflops / turnRate)
             #expect(r.gemmFraction > 0 && r.softmaxFraction >= 0 && r.expFraction >= 0 && r.otherFraction >= 0)
             #expect(abs(r.gemmFraction + r.softmaxFraction + r.otherFraction - 1) < 1e-12)
             #expect(r.gflops > 0 && r.rankGflopsMin <= r.rankGflopsMax)

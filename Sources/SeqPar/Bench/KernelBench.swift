@@ -9,6 +9,9 @@
 // products and the running state, `AttentionRun.attentionFlops` for its FLOPs), forward and backward.
 // Every figure is the median of `repeats` timed runs after `warmup` untimed ones. One more, profiled, run splits the
 // time into sgemm, exponentials and the rest (`KernelProfile`).
+// The baseline is also timed in turns with the kernel (`baselineSize`): one product of the square, one kernel call,
+// and so on, each ratio taken within its turn, so that a host whose speed drifts by 2x within a minute (the shared
+// device) moves both sides of it together; the ratio is the median of the turns'.
 
 public struct KernelBenchResult: Codable, Sendable {
     public var bench = "kernel"
@@ -27,8 +30,12 @@ public struct KernelBenchResult: Codable, Sendable {
     public var precision: Precision = .fp32
     /// oneDNN's bf16 matmul GFLOP/s on the same square product (bf16 runs).
     public var bf16MatmulGflops: Double?
-    /// gflops over the baseline of its precision: sgemm_gflops (fp32) or bf16_matmul_gflops (bf16).
+    /// gflops over the baseline of its precision: the median over turns of the kernel's rate over the baseline's
+    /// timed just before it (`turnBaselineGflops`); without turns, over sgemm_gflops (fp32) or bf16_matmul_gflops (bf16).
     public var ratio: Double
+    /// The baseline of the row's precision (sgemm or oneDNN's bf16 matmul, `baselineSize`^3) timed in turns with the
+    /// kernel's calls: the median of its rates (nil where the benchmark ran no turns).
+    public var turnBaselineGflops: Double?
     public var blasThreads: Int
     public var repeats: Int
     /// Shares of the profiled run's time: inside the products (sgemm or oneDNN's matmul; measured), in the softmax
@@ -62,14 +69,38 @@ public enum KernelBench {
 
     /// Times `body`: `warmup` untimed calls, then `repeats` timed ones.
     public static func time(repeats: Int, warmup: Int, _ body: () -> Void) -> Timing {
-        for _ in 0..<warmup { body() }
-        var times: [Double] = []
-        for _ in 0..<max(repeats, 1) {
-            let t = SystemInfo.now()
-            body()
-            times.append(SystemInfo.now() - t)
-        }
+        let times = withoutActuallyEscaping(body) { timeInTurns(repeats: repeats, warmup: warmup, [$0])[0] }
         return Timing(median: median(times), min: times.min()!, max: times.max()!)
+    }
+
+    /// Times each of `bodies` in turns: `warmup` untimed rounds, then `repeats` timed ones, each round one call of
+    /// every body in order. Seconds per call, by body then round.
+    public static func timeInTurns(repeats: Int, warmup: Int, _ bodies: [() -> Void]) -> [[Double]] {
+        for _ in 0..<warmup { bodies.forEach { $0() } }
+        var times = [[Double]](repeating: [], count: bodies.count)
+        for _ in 0..<max(repeats, 1) {
+            for (i, body) in bodies.enumerated() {
+                let t = SystemInfo.now()
+                body()
+                times[i].append(SystemInfo.now() - t)
+            }
+        }
+        return times
+    }
+
+    /// One product of the square baseline of `precision`, side `n` (sgemm, or oneDNN's bf16 matmul), ready to time
+    /// in turns with a kernel: the call and its FLOPs.
+    static func baselineProduct(_ precision: Precision, n: Int) throws -> (call: () -> Void, flops: Double) {
+        let a = SeededInputs.tensor(.q, seed: 1, batch: 1, length: n, heads: 1, dim: n, positions: Array(0..<n))
+        let b = SeededInputs.tensor(.k, seed: 1, batch: 1, length: n, heads: 1, dim: n, positions: Array(0..<n))
+        let c = Tensor(zeros: [n, n])
+        let flops = 2 * Double(n) * Double(n) * Double(n)
+        guard precision == .bf16 else { return ({ BLAS.gemm(a.head(0), b.head(0), into: Matrix(base: c.pointer, rows: n, cols: n)) }, flops) }
+        let dnn = try OneDNN.context()
+        let (a16, b16) = (BF16Tensor(rounding: a), BF16Tensor(rounding: b))
+        return ({
+            dnn.gemm(BF16Matrix(base: a16.pointer, rows: n, cols: n), BF16Matrix(base: b16.pointer, rows: n, cols: n), into: Matrix(base: c.pointer, rows: n, cols: n))
+        }, flops)
     }
 
     /// The median of `values` (the mean of the middle two for an even count).
@@ -80,27 +111,14 @@ public enum KernelBench {
 
     /// OpenBLAS sgemm GFLOP/s on an n x n x n product.
     public static func sgemmGflops(n: Int = 2048, repeats: Int = 3, warmup: Int = 1) -> Double {
-        let a = SeededInputs.tensor(.q, seed: 1, batch: 1, length: n, heads: 1, dim: n, positions: Array(0..<n))
-        let b = SeededInputs.tensor(.k, seed: 1, batch: 1, length: n, heads: 1, dim: n, positions: Array(0..<n))
-        let c = Tensor(zeros: [n, n])
-        let t = time(repeats: repeats, warmup: warmup) {
-            BLAS.gemm(a.head(0), b.head(0), into: Matrix(base: c.pointer, rows: n, cols: n))
-        }
-        return 2 * Double(n) * Double(n) * Double(n) / t.median / 1e9
+        let product = try! baselineProduct(.fp32, n: n)  // fp32 needs no oneDNN: it cannot throw
+        return product.flops / time(repeats: repeats, warmup: warmup, product.call).median / 1e9
     }
 
     /// oneDNN bf16 matmul GFLOP/s on an n x n x n product (bf16 operands, fp32 result): the bf16 kernel's ceiling.
     public static func bf16MatmulGflops(n: Int = 2048, repeats: Int = 3, warmup: Int = 1) throws -> Double {
-        let dnn = try OneDNN.context()
-        let a = BF16Buffer(capacity: n * n), b = BF16Buffer(capacity: n * n)
-        for (buffer, stream) in [(a, SeededInputs.Stream.q), (b, .k)] {
-            SeededInputs.tensor(stream, seed: 1, batch: 1, length: n, heads: 1, dim: n, positions: Array(0..<n)).convertToBF16(buffer.base)
-        }
-        let c = Tensor(zeros: [n, n])
-        let t = time(repeats: repeats, warmup: warmup) {
-            dnn.gemm(BF16Matrix(base: a.base, rows: n, cols: n), BF16Matrix(base: b.base, rows: n, cols: n), into: Matrix(base: c.pointer, rows: n, cols: n))
-        }
-        return 2 * Double(n) * Double(n) * Double(n) / t.median / 1e9
+        let product = try baselineProduct(.bf16, n: n)
+        return product.flops / time(repeats: repeats, warmup: warmup, product.call).median / 1e9
     }
 
     /// The machine's speed now: sgemm GFLOP/s on a `probeSize`^3 product, every rank of `comm` at once from a barrier,
@@ -119,7 +137,8 @@ public enum KernelBench {
     /// `precision` bf16 rounds the inputs to bf16 and runs the kernel's bf16 path (`bf16MatmulGflops` is then the baseline).
     public static func measure(_ kernel: BenchKernel, shape s: AttentionShape, causal: Bool, decay: Float = 1, sgemmGflops: Double,
                                precision: Precision = .fp32, bf16MatmulGflops: Double? = nil,
-                               repeats: Int, warmup: Int, backward: Bool = true, comm: some Communicator, profileInTurns: Bool = false) throws -> [KernelBenchResult] {
+                               repeats: Int, warmup: Int, backward: Bool = true, comm: some Communicator, profileInTurns: Bool = false,
+                               baselineSize: Int? = nil) throws -> [KernelBenchResult] {
         let family: AlgorithmName.Family = kernel == .softmax ? .softmax : .linear
         var options = kernel == .softmax ? AttentionOptions(causal: causal) : AttentionOptions(causal: true, decay: [Double(decay)])
         options.precision = precision
@@ -131,13 +150,20 @@ public enum KernelBench {
         let flops = AttentionRun.attentionFlops(s, causal: options.causal, family: family)
         let expCost = KernelProfile.expSecondsPerElement(rowLength: SoftmaxAttention.tileCols, precision: precision)
         let solo = InProcessCluster(size: 1).makeCommunicators()[0]
+        // The baseline timed in turns with the kernel (one product, one kernel call, ...): see the file comment.
+        let turnBaseline = try baselineSize.map { try baselineProduct(precision, n: $0) }
         let implementation = (kernel == .softmax ? AlgorithmName.dense : AlgorithmName.lasp2).implementation
 
-        func result(_ direction: String, _ f: Double, _ body: () throws -> Void) throws -> KernelBenchResult {
+        func result(_ direction: String, _ f: Double, _ body: @escaping () throws -> Void) throws -> KernelBenchResult {
             var failure: Error?
             let call = { do { try body() } catch { failure = error } }
             try comm.barrier()
-            let mine = time(repeats: repeats, warmup: warmup, call)
+            let turns = timeInTurns(repeats: repeats, warmup: warmup, (turnBaseline.map { [$0.call] } ?? []) + [call])
+            let kernelTimes = turns.last!
+            let mine = Timing(median: median(kernelTimes), min: kernelTimes.min()!, max: kernelTimes.max()!)
+            // Per turn: the kernel's rate over the baseline's just before it; the median of those, and of the baseline's rates.
+            let turnRatio = turnBaseline.map { b in median(zip(turns[0], kernelTimes).map { (f / $1) / (b.flops / $0) }) }
+            let turnRate = turnBaseline.map { b in median(turns[0].map { b.flops / $0 / 1e9 }) }
             // One profiled call at a time per process: simulated ranks (threads of one process) take turns.
             var p = (seconds: 1.0, gemmSeconds: 0.0, softmaxSeconds: 0.0, expElements: 0, scoreElements: 0)
             for turn in 0..<(profileInTurns ? comm.size : 1) {
@@ -149,7 +175,7 @@ public enum KernelBench {
             // The slowest rank's median (min and max with it), and the profile's shares averaged over ranks.
             let rankMedians = try comm.allGather([mine.median]).map { $0[0] }
             let slowest = rankMedians.indices.max { rankMedians[$0] < rankMedians[$1] }!
-            let spread = try comm.allGather([mine.median, mine.min, mine.max])[slowest]
+            let spread = try comm.allGather([mine.median, mine.min, mine.max, turnRatio ?? 0, turnRate ?? 0])[slowest]
             let t = Timing(median: spread[0], min: spread[1], max: spread[2])
             let shares = try comm.allReduce([Double(p.expElements) * expCost / p.seconds, p.gemmSeconds / p.seconds, p.softmaxSeconds / p.seconds],
                                             op: .sum).map { $0 / Double(comm.size) }
@@ -161,7 +187,8 @@ public enum KernelBench {
             return KernelBenchResult(kernel: kernel.name, direction: direction, ranks: comm.size, batch: s.batch, seqLen: s.seqLen, heads: s.heads,
                                      kvHeads: s.kvHeads, headDim: s.headDim, causal: options.causal, timeS: t.median, timeMinS: t.min, timeMaxS: t.max,
                                      gflops: f / t.median / 1e9, sgemmGflops: sgemmGflops, precision: precision,
-                                     bf16MatmulGflops: bf16MatmulGflops, ratio: f / t.median / 1e9 / baseline,
+                                     bf16MatmulGflops: bf16MatmulGflops, ratio: turnBaseline == nil ? f / t.median / 1e9 / baseline : spread[3],
+                                     turnBaselineGflops: turnBaseline == nil ? nil : spread[4],
                                      blasThreads: BLAS.threads, repeats: repeats, gemmFraction: gemmShare, softmaxFraction: softmaxShare,
                                      expFraction: expShare, otherFraction: 1 - gemmShare - softmaxShare, decay: kernel == .linear ? decay : nil,
                                      rankGflopsMin: f / rankMedians.max()! / 1e9, rankGflopsMax: f / rankMedians.min()! / 1e9,

@@ -541,7 +541,7 @@ extension VectorMath {
             for j in 0..<(n - i) { dst[i + j] = r[j] }
             acc += e
         }
-        return acc.sum()
+        return horizontalSum(acc)
     }
 
     /// One row of the bf16 backward: P = exp(scale s - lse) on the first `valid` of `n` scores (0 beyond), stored as

@@ -57,23 +57,52 @@ public enum VectorMath {
     @inline(__always)
     public static func exp(_ x: Float) -> Float { exp(V(repeating: x))[0] }
 
-    /// Maximum of `p[0..<n]`; -inf for n == 0.
+    /// Maximum of `p[0..<n]`; -inf for n == 0. Four accumulators (a compare-and-select has a latency of several
+    /// cycles: one accumulator made the loop wait on it), folded in halves at the end (`horizontalMax`).
     @inline(__always)
     public static func max(_ p: UnsafePointer<Float>, _ n: Int) -> Float {
-        var acc = V(repeating: -.infinity)
+        let lowest = V(repeating: -.infinity)
+        var (a0, a1, a2, a3) = (lowest, lowest, lowest, lowest)
         var i = 0
+        while i + 64 <= n {
+            let r = UnsafeRawPointer(p + i)
+            a0 = pointwiseMax(a0, r.loadUnaligned(as: V.self))
+            a1 = pointwiseMax(a1, r.loadUnaligned(fromByteOffset: 64, as: V.self))
+            a2 = pointwiseMax(a2, r.loadUnaligned(fromByteOffset: 128, as: V.self))
+            a3 = pointwiseMax(a3, r.loadUnaligned(fromByteOffset: 192, as: V.self))
+            i += 64
+        }
         while i + 16 <= n {
-            let v = UnsafeRawPointer(p + i).loadUnaligned(as: V.self)
-            acc.replace(with: v, where: v .> acc)
+            a0 = pointwiseMax(a0, UnsafeRawPointer(p + i).loadUnaligned(as: V.self))
             i += 16
         }
-        var m = acc.max()
+        var m = horizontalMax(pointwiseMax(pointwiseMax(a0, a1), pointwiseMax(a2, a3)))
         while i < n { m = Swift.max(m, p[i]); i += 1 }
         return m
     }
 
+    /// Lane by lane, the larger of a and b (b where a < b), as a compare-and-select: `pointwiseMax` does not vectorise.
+    @inline(__always)
+    static func pointwiseMax<S: SIMD>(_ a: S, _ b: S) -> S where S.Scalar: Comparable { a.replacing(with: b, where: a .< b) }
+
+    /// The largest of the sixteen lanes, folding halves (three vector steps): `SIMD.max()` went lane by lane
+    /// through memory, about 100 cycles, once per row of every score tile.
+    @inline(__always)
+    static func horizontalMax(_ v: V) -> Float {
+        let a = pointwiseMax(v.lowHalf, v.highHalf), b = pointwiseMax(a.lowHalf, a.highHalf), c = pointwiseMax(b.lowHalf, b.highHalf)
+        return Swift.max(c[0], c[1])
+    }
+
+    /// The sum of the sixteen lanes, folding halves: `SIMD.sum()` adds them one after the other (sixteen dependent
+    /// additions per row). Rounds differently from it, as any other order would.
+    @inline(__always)
+    static func horizontalSum(_ v: V) -> Float {
+        let a = v.lowHalf + v.highHalf, b = a.lowHalf + a.highHalf, c = b.lowHalf + b.highHalf
+        return c[0] + c[1]
+    }
+
     /// `p[j] = exp(a * p[j] - b)` in place for j < n; returns the sum of the results (accumulated in fp32 lanes,
-    /// then in Double across lanes).
+    /// then across lanes, `horizontalSum`).
     @inline(__always)
     @discardableResult
     public static func expInPlace(_ p: UnsafeMutablePointer<Float>, _ n: Int, scale a: Float = 1, subtract b: Float) -> Float {
@@ -95,7 +124,7 @@ public enum VectorMath {
             for j in 0..<(n - i) { p[i + j] = e[j] }
             acc += e
         }
-        return acc.sum()
+        return horizontalSum(acc)
     }
 
     /// `p[j] *= s` for j < n.
@@ -120,7 +149,7 @@ public enum VectorMath {
             acc += UnsafeRawPointer(a + i).loadUnaligned(as: V.self) * UnsafeRawPointer(b + i).loadUnaligned(as: V.self)
             i += 16
         }
-        var s = acc.sum()
+        var s = horizontalSum(acc)
         while i < n { s += a[i] * b[i]; i += 1 }
         return s
     }
