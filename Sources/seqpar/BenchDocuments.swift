@@ -14,7 +14,9 @@ struct DocumentsBenchCommand: ParsableCommand {
         The documents come from --doc-lens (or --cu-seqlens), or are drawn with --draw MIN,MAX: lengths uniform in \
         [MIN, MAX] (seeded by --seed) until they fill --seq-len, the last one taking what is left. \
         over_sum: a figure's time over the sum of the per-document runs' (the target for packed is within 1.1); \
-        rank_balance: the slowest rank's median time over the mean rank's (packed run).
+        rank_balance: the slowest rank's median time over the mean rank's (packed run). \
+        --rounds N measures packed, padded and separate N times in turn, so that a host whose speed drifts moves all \
+        three alike: each round gives its own over_sum, and the figures are the medians over the rounds.
         """)
 
     @Option(help: "Algorithm (a softmax algorithm: allgather, ring, rsa, ulysses).") var algorithm: AlgorithmName = .ring
@@ -30,6 +32,7 @@ struct DocumentsBenchCommand: ParsableCommand {
     @Option(help: "Precision: fp32 or bf16.") var precision: Precision = .fp32
     @Option(help: "Timed repetitions (the median is reported).") var repeats = 3
     @Option(help: "Untimed repetitions first.") var warmup = 1
+    @Option(help: "Rounds of packed, padded and separate in turn (over_sum per round; the medians are reported).") var rounds = 1
     @Flag(help: "Forward only.") var forwardOnly = false
     @Flag(help: "Profile one more step of each direction of the packed and separate runs: per rank, the shares of the products, the softmax passes, communication and the rest (JSON field profile_ranks).") var profile = false
     @Flag(help: "One JSON object per figure instead of the table.") var json = false
@@ -43,7 +46,7 @@ struct DocumentsBenchCommand: ParsableCommand {
         guard (draw != nil) != documentOptions.given else { throw ValidationError("give the documents with --doc-lens or --cu-seqlens, or draw them with --draw MIN,MAX") }
         if draw != nil && seqLen == nil { throw ValidationError("--draw needs --seq-len, the packed length to fill") }
         _ = try drawRange()
-        for (name, v) in [("--heads", heads), ("--kv-heads", kvHeads ?? heads), ("--head-dim", headDim), ("--repeats", repeats), ("--seq-len", seqLen ?? 1)] where v < 1 {
+        for (name, v) in [("--heads", heads), ("--kv-heads", kvHeads ?? heads), ("--head-dim", headDim), ("--repeats", repeats), ("--rounds", rounds), ("--seq-len", seqLen ?? 1)] where v < 1 {
             throw ValidationError("\(name) \(v): must be at least 1")
         }
         guard warmup >= 0 else { throw ValidationError("--warmup \(warmup): must be 0 or more") }
@@ -94,10 +97,20 @@ struct DocumentsBenchCommand: ParsableCommand {
         /// The documents' own FLOPs over the time.
         var gflops: Double
         var overSum: Double
+        /// With --rounds: the rounds' smallest and largest over_sum (over_sum is their median).
+        var overSumMin: Double?, overSumMax: Double?
+        var rounds: Int
         /// Packed: the slowest rank's median over the mean rank's.
         var rankBalance: Double?
         /// `--profile`: per rank, the seconds of the profiled step and its shares (separate: summed over the documents).
         var profileRanks: [AttentionBenchResult.ProfiledStep]?
+    }
+
+    /// One round: packed (every rank's figures), padded and separate (seconds per direction), separate's profiles.
+    struct Round {
+        var packed: [AttentionBenchResult]
+        var padded: [Double], separate: [Double]
+        var separateProfiles: [[AttentionBenchResult.ProfiledStep]?]
     }
 
     /// Two runs' profiles added rank by rank: seconds summed, shares weighted by them.
@@ -126,42 +139,54 @@ struct DocumentsBenchCommand: ParsableCommand {
                                            repeats: repeats, warmup: warmup, backward: backward, seed: seed, probe: false,
                                            profile: !profile ? .none : backend.name == "mpi" ? .allRanks : .rankZero)
             }
-            let packed = try measure(AttentionShape(seqLen: docs.seqLen, heads: heads, kvHeads: kvHeads, headDim: headDim), docs)
-            let padded = try measure(AttentionShape(batch: docs.count, seqLen: docs.lengths.max()!, heads: heads, kvHeads: kvHeads, headDim: headDim), nil)
-            var separate = [Double](repeating: 0, count: packed.count)
-            var separateProfiles = [[AttentionBenchResult.ProfiledStep]?](repeating: nil, count: packed.count)
-            for n in docs.lengths {
-                for (i, r) in try measure(AttentionShape(seqLen: n, heads: heads, kvHeads: kvHeads, headDim: headDim), nil).enumerated() {
-                    separate[i] += r.timeS
-                    separateProfiles[i] = Self.sum(separateProfiles[i], r.profileRanks)
+            var rounds: [Round] = []
+            for _ in 0..<self.rounds {
+                let packed = try measure(AttentionShape(seqLen: docs.seqLen, heads: heads, kvHeads: kvHeads, headDim: headDim), docs)
+                let padded = try measure(AttentionShape(batch: docs.count, seqLen: docs.lengths.max()!, heads: heads, kvHeads: kvHeads, headDim: headDim), nil)
+                var separate = [Double](repeating: 0, count: packed.count)
+                var separateProfiles = [[AttentionBenchResult.ProfiledStep]?](repeating: nil, count: packed.count)
+                for n in docs.lengths {
+                    for (i, r) in try measure(AttentionShape(seqLen: n, heads: heads, kvHeads: kvHeads, headDim: headDim), nil).enumerated() {
+                        separate[i] += r.timeS
+                        separateProfiles[i] = Self.sum(separateProfiles[i], r.profileRanks)
+                    }
                 }
+                rounds.append(Round(packed: packed, padded: padded.map(\.timeS), separate: separate, separateProfiles: separateProfiles))
             }
-            return (packed, padded, separate, separateProfiles, backend)
+            return (rounds, backend)
         }
-        guard let (packed, padded, separate, separateProfiles, backend) = out else { return }
+        guard let (rounds, backend) = out else { return }
         let flops = AttentionRun.attentionFlops(AttentionShape(seqLen: docs.seqLen, heads: heads, kvHeads: kvHeads, headDim: headDim), causal: causal, documents: docs)
         var figures: [Figure] = []
-        for (i, p) in packed.enumerated() {
+        let last = rounds.last!
+        for (i, p) in last.packed.enumerated() {
             let stepFlops = p.direction == "forward" ? flops : flops * AttentionRun.backwardFlopsFactor(.softmax)
-            for (name, time, balance, profiled) in [("packed", p.timeS, p.rankTimeMaxS / p.rankTimeAvgS, p.profileRanks), ("padded", padded[i].timeS, nil, nil),
-                                                     ("separate", separate[i], nil, separateProfiles[i])] {
+            let runs: [(String, (Round) -> Double, Double?, [AttentionBenchResult.ProfiledStep]?)] = [
+                ("packed", { $0.packed[i].timeS }, KernelBench.median(rounds.map { $0.packed[i].rankTimeMaxS / $0.packed[i].rankTimeAvgS }), p.profileRanks),
+                ("padded", { $0.padded[i] }, nil, nil), ("separate", { $0.separate[i] }, nil, last.separateProfiles[i])]
+            for (name, time, balance, profiled) in runs {
+                // Per round, the time over that round's separate runs; the medians over the rounds.
+                let overSums = rounds.map { time($0) / $0.separate[i] }
+                let t = KernelBench.median(rounds.map(time))
                 figures.append(Figure(run: name, direction: p.direction, algorithm: algorithm, ranks: backend.ranks, documents: docs.count, seqLen: docs.seqLen,
                                       longest: docs.lengths.max()!, heads: heads, kvHeads: kvHeads, headDim: headDim, causal: causal, layout: layout,
-                                      precision: precision, timeS: time, gflops: stepFlops / time / 1e9, overSum: time / separate[i], rankBalance: balance,
-                                      profileRanks: profiled))
+                                      precision: precision, timeS: t, gflops: stepFlops / t / 1e9, overSum: KernelBench.median(overSums),
+                                      overSumMin: rounds.count > 1 ? overSums.min() : nil, overSumMax: rounds.count > 1 ? overSums.max() : nil,
+                                      rounds: rounds.count, rankBalance: balance, profileRanks: profiled))
             }
         }
         if json { figures.forEach { print(Report.json($0)) }; return }
-        let columns = [("run", 10), ("direction", 10), ("time_s", 10), ("GFLOP/s", 9), ("over_sum", 9), ("rank_balance", 13)]
+        let columns = [("run", 10), ("direction", 10), ("time_s", 10), ("GFLOP/s", 9), ("over_sum", 9), ("over_sum_range", 15), ("rank_balance", 13)]
         (Provenance.header("bench documents") + [
-            "# \(backend.ranks) rank(s), backend \(backend.name); \(algorithm.rawValue), \(causal ? "causal" : "full"), layout \(layout.rawValue), H=\(heads) G=\(kvHeads) D=\(headDim), \(precision.rawValue); median of \(repeats) after \(warmup) warm-up, slowest rank",
+            "# \(backend.ranks) rank(s), backend \(backend.name); \(algorithm.rawValue), \(causal ? "causal" : "full"), layout \(layout.rawValue), H=\(heads) G=\(kvHeads) D=\(headDim), \(precision.rawValue); median of \(repeats) after \(warmup) warm-up, slowest rank\(rounds.count > 1 ? "; \(rounds.count) rounds of packed, padded, separate in turn, medians over them" : "")",
             "# \(docs) in L=\(docs.seqLen), longest \(docs.lengths.max()!)",
             "# packed: one sequence with the document mask; padded: a batch of \(docs.count) documents each at length \(docs.lengths.max()!); separate: each document alone, times summed",
             "# GFLOP/s: the documents' own work over the time; over_sum: time over separate's; rank_balance: slowest rank's median over the mean's",
             columns.map { Report.pad($0.0, $0.1) }.joined(),
         ]).forEach { print($0) }
         for f in figures {
-            let cells = [f.run, f.direction, String(format: "%.4f", f.timeS), String(format: "%.1f", f.gflops), String(format: "%.2f", f.overSum),
+            let range = f.overSumMin.flatMap { lo in f.overSumMax.map { String(format: "%.2f-%.2f", lo, $0) } } ?? "-"
+            let cells = [f.run, f.direction, String(format: "%.4f", f.timeS), String(format: "%.1f", f.gflops), String(format: "%.2f", f.overSum), range,
                          f.rankBalance.map { String(format: "%.2f", $0) } ?? "-"]
             print(zip(cells, columns).map { Report.pad($0, $1.1) }.joined())
         }

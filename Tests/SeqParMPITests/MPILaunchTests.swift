@@ -151,6 +151,23 @@ enum Harness {
         }
     }
 
+    /// `bench documents --rounds`: packed, padded and separate measured in turn; per direction each run's over_sum is
+    /// the median of the rounds' (separate's is 1 exactly), lying within their range.
+    @Test func documentsBenchInRounds() throws {
+        let r = try Harness.simulated(["bench", "documents", "--algorithm", "ring", "--doc-lens", "40,7,49", "--heads", "2", "--head-dim", "16",
+                                       "--ranks", "2", "--repeats", "1", "--warmup", "0", "--rounds", "3", "--json"], timeout: 300)
+        #expect(!r.timedOut && r.status == 0, "\(r.output)")
+        let figures = r.output.split(separator: "\n").filter { $0.hasPrefix("{") }.compactMap {
+            try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]
+        }
+        #expect(figures.count == 6, "\(r.output)")
+        for f in figures {
+            let (over, lo, hi) = (f["over_sum"] as? Double ?? -1, f["over_sum_min"] as? Double ?? -1, f["over_sum_max"] as? Double ?? -1)
+            #expect(f["rounds"] as? Int == 3 && lo > 0 && lo <= over && over <= hi, "\(f)")
+            if f["run"] as? String == "separate" { #expect(over == 1 && lo == 1 && hi == 1, "\(f)") }
+        }
+    }
+
     /// USP under mpirun on MPI sub-communicators: the command (4 ranks, 2 x 2, documents, GQA), and the grids
     /// of 4 ranks with and without documents, both layouts.
     @Test func uspUnderMPI() throws {

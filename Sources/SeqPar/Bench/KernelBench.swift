@@ -104,7 +104,7 @@ public enum KernelBench {
     }
 
     /// The median of `values` (the mean of the middle two for an even count).
-    static func median(_ values: [Double]) -> Double {
+    public static func median(_ values: [Double]) -> Double {
         let s = values.sorted()
         return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
     }
