@@ -94,9 +94,10 @@ struct KernelBenchCommand: ParsableCommand {
         let (longest, widest) = (seqLen.max()!, headDim.max()!)
         let out = try Launch.run(ranks: rankOptions.ranks, timeout: max(rankOptions.timeout, 3600), threads: threads) { comm, backend in
             BLAS.threads = threads
-            // Refuse before allocating what the machine does not have: q, k, v, o, dO, dq, dk, dv at the longest length.
+            // Refuse before allocating what the machine does not have: q, k, v, o, dO, dq, dk, dv at the longest length,
+            // and the baseline's square operands (three in fp32, two bf16 copies) timed in turns with each figure.
             var failure: Error?
-            let need = (8 * heads * longest * widest + 3 * sgemmSize * sgemmSize) * MemoryLayout<Float>.size
+            let need = (8 * heads * longest * widest + 4 * sgemmSize * sgemmSize) * MemoryLayout<Float>.size
             if let available = SystemInfo.availableMemory(), need * backend.ranksPerHost > available {
                 failure = SeqParError.outOfMemory("the kernel benchmark needs about \(SystemInfo.bytesText(need)) per rank x \(backend.ranksPerHost) rank(s) and this machine has \(SystemInfo.bytesText(available)) available: lower --seq-len, --heads or --sgemm-size, or run fewer ranks")
             }
