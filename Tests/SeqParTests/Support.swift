@@ -25,6 +25,8 @@ struct AttentionCase: CustomStringConvertible, Sendable {
     var dropSaved = false
     /// Ring attention with this progress mode instead of the standard one.
     var ringProgress: RingProgress?
+    /// Ring attention with this `groupShare` (packed documents in groups, each its own ring) instead of the default.
+    var ringGroupShare: Int?
     /// Each rank's share of the tokens (nil: equal).
     var shares: [Double]?
     /// Packed documents (nil: one).
@@ -56,7 +58,8 @@ func checkAttention(_ c: AttentionCase, tolerance: Tolerance = Tolerance()) thro
     let scale = Double(options.effectiveScale(headDim: s.headDim))
     let ref = DenseOracle.forward(q: global.q, k: global.k, v: global.v, causal: c.causal, documents: c.documents, scale: scale)
     let refG = DenseOracle.backward(q: global.q, k: global.k, v: global.v, gradOut: dOGlobal, causal: c.causal, documents: c.documents, scale: scale)
-    let algorithm: any AttentionAlgorithm = c.ringProgress.map { RingAttention(progress: $0) } ?? c.algorithm.implementation
+    let algorithm: any AttentionAlgorithm = c.ringProgress != nil || c.ringGroupShare != nil
+        ? RingAttention(progress: c.ringProgress ?? .standard, groupShare: c.ringGroupShare ?? RingAttention().groupShare) : c.algorithm.implementation
     let results = try runOnCluster(algorithm, ranks: c.ranks, shape: s, options: options, seed: c.seed,
                                    inputScale: c.inputScale, dropSaved: c.dropSaved)
 

@@ -104,6 +104,11 @@ public struct LocalAttention: @unchecked Sendable {
     public func windows(keys: [Int]) -> KeyWindows {
         KeyWindows(queries: positions, keys: keys, causal: options.causal, documents: options.documents)
     }
+
+    /// The same problem restricted to local tokens `rows` (a consecutive run of them): q, k and v copied.
+    func tokens(_ rows: Range<Int>) -> LocalAttention {
+        LocalAttention(shape: shape, options: options, positions: Array(positions[rows]), q: q.tokens(rows), k: k.tokens(rows), v: v.tokens(rows))
+    }
 }
 
 /// Output of a forward pass on one rank: o (B, C, H, D) and the row log-sum-exp lse (B, H, C) of the scaled scores
@@ -163,6 +168,38 @@ public enum SeededInputs {
 }
 
 extension Tensor {
+    /// Tokens `rows` of a (B, C, ...) tensor, copied: (B, rows.count, ...).
+    func tokens(_ rows: Range<Int>) -> Tensor {
+        let (batch, per) = (shape[0], shape.dropFirst(2).reduce(1, *))
+        let out = Tensor(uninitialized: [batch, rows.count] + shape.dropFirst(2))
+        for b in 0..<batch {
+            (out.pointer + b * rows.count * per).update(from: pointer + (b * shape[1] + rows.lowerBound) * per, count: rows.count * per)
+        }
+        return out
+    }
+
+    /// Writes `part` (B, rows.count, ...) into tokens `rows` of this (B, C, ...) tensor.
+    func setTokens(_ rows: Range<Int>, from part: Tensor) {
+        let (batch, per) = (shape[0], shape.dropFirst(2).reduce(1, *))
+        precondition(part.shape == [batch, rows.count] + shape.dropFirst(2))
+        for b in 0..<batch {
+            (pointer + (b * shape[1] + rows.lowerBound) * per).update(from: part.pointer + b * rows.count * per, count: rows.count * per)
+        }
+    }
+
+    /// Columns `cols` of every row of a (B, H, C) tensor (an lse), copied: (B, H, cols.count).
+    func columns(_ cols: Range<Int>) -> Tensor {
+        let out = Tensor(uninitialized: [shape[0], shape[1], cols.count])
+        for r in 0..<(shape[0] * shape[1]) { (out.pointer + r * cols.count).update(from: pointer + r * shape[2] + cols.lowerBound, count: cols.count) }
+        return out
+    }
+
+    /// Writes `part` (B, H, cols.count) into columns `cols` of this (B, H, C) tensor.
+    func setColumns(_ cols: Range<Int>, from part: Tensor) {
+        precondition(part.shape == [shape[0], shape[1], cols.count])
+        for r in 0..<(shape[0] * shape[1]) { (pointer + r * shape[2] + cols.lowerBound).update(from: part.pointer + r * cols.count, count: cols.count) }
+    }
+
     /// Throws `SeqParError.nonFinite` naming `name` and the (batch, token, head, dim) of the first NaN/Inf;
     /// `positions` maps local token rows to global positions.
     public func requireFinite(_ name: String, positions: [Int]? = nil) throws {
