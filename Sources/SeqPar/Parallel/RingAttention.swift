@@ -132,11 +132,7 @@ public struct RingAttention: AttentionAlgorithm {
         let all = (0..<ranks).map(blocks)
         /// Indices of `positions` (ascending) inside global positions `range`.
         func rows(_ positions: [Int], _ range: Range<Int>) -> Range<Int> {
-            func first(_ p: Int) -> Int {
-                var (lo, hi) = (0, positions.count)
-                while lo < hi { let mid = (lo + hi) / 2; if positions[mid] < p { lo = mid + 1 } else { hi = mid } }
-                return lo
-            }
+            let first = { LinearAttention.BlockDocuments.firstIndex(in: positions, atLeast: $0) }
             return first(range.lowerBound)..<first(range.upperBound)
         }
         var ranges: [Range<Int>] = []
