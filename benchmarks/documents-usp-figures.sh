@@ -5,7 +5,8 @@
 #   benchmarks/documents-usp-figures.sh documents   16 ranks, ring attention, causal, 64K tokens of documents drawn
 #                                                   between 512 and 16K (seeded), H 8, D 128, bf16, forward and
 #                                                   backward: packed (zigzag per document, and contiguous) against the
-#                                                   same documents padded to the longest and against each run alone
+#                                                   same documents padded to the longest and against each run alone,
+#                                                   in 4 rounds in turn (about 4 minutes a layout)
 #   benchmarks/documents-usp-figures.sh usp         16 ranks, L 65536, H 16, D 128, causal zigzag, bf16, forward and
 #                                                   backward: ring, Ulysses, USP 4x4 and USP 2x8 in one launch
 #   benchmarks/documents-usp-figures.sh netns       on a machine that allows network namespaces (root): two hosts of
@@ -27,7 +28,7 @@ for part in $parts; do
 case "$part" in
 documents)
     for layout in zigzag contiguous; do
-        cmd="$MPIRUN -np 16 --bind-to core $BIN bench documents --algorithm ring --layout $layout --causal --seq-len 65536 --draw 512,16384 --seed 1 --heads 8 --head-dim 128 --precision bf16 --repeats 3 --warmup 1 ${DOC_FLAGS:-}"
+        cmd="$MPIRUN -np 16 --bind-to core $BIN bench documents --algorithm ring --layout $layout --causal --seq-len 65536 --draw 512,16384 --seed 1 --heads 8 --head-dim 128 --precision bf16 --repeats 3 --warmup 1 --rounds 4 ${DOC_FLAGS:-}"
         echo "# $cmd" >> "$OUT/documents.txt"
         $cmd >> "$OUT/documents.txt" 2>> "$OUT/log.txt"
     done
