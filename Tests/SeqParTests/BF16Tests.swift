@@ -64,6 +64,76 @@ private func _exp2(_ x: Double) -> Double { Glibc.exp2(x) }
     }
 }
 
+@Suite struct PairedRowsLayoutTests {
+    /// oneDNN's rule for a blocked layout (the oracle): dims split by the inner blocks, outermost block first; the
+    /// outer indices times the outer strides plus the position inside the inner blocks, innermost block fastest.
+    static func blockedOffset(_ index: [Int], blocks: [(dim: Int, size: Int)], strides: [Int]) -> Int {
+        func product(_ blocks: ArraySlice<(dim: Int, size: Int)>) -> Int { blocks.reduce(1) { $0 * $1.size } }
+        var offset = 0
+        for (i, block) in blocks.enumerated() {
+            let below = blocks[(i + 1)...]
+            let position = (index[block.dim] / product(below.filter { $0.dim == block.dim }[...])) % block.size
+            offset += position * product(below)
+        }
+        for d in index.indices { offset += index[d] / product(blocks.filter { $0.dim == d }[...]) * strides[d] }
+        return offset
+    }
+
+    /// Every element lands where oneDNN's rule puts it and the padding is zero: whole and partial blocks, a source
+    /// with a leading dimension wider than its columns, the AMX layouts of a 512 x 128 V tile (row blocks inner:
+    /// strides 2048, 32768) and of a 128 x 512 K^T tile (2048, 8192), as oneDNN reports them on the device
+    /// (benchmarks/results/bf16/run-pack/probe.jsonl), and column blocks inner.
+    @Test(arguments: [(512, 128, 2048, 32768), (128, 512, 2048, 8192), (64, 256, 8192, 2048), (70, 100, 2048, 6144), (31, 16, 1024, 1024), (1, 64, 2048, 2048)])
+    func packsWhereOneDNNsRuleSays(rows: Int, cols: Int, rowBlockStride: Int, columnBlockStride: Int) throws {
+        let (pairs, width) = (16, 64)
+        let rowBlocks = (rows + 31) / 32, colBlocks = (cols + 63) / 64
+        let count = max((rowBlocks - 1) * rowBlockStride + (colBlocks - 1) * columnBlockStride + 2048, rowBlocks * colBlocks * 2048)
+        let layout = try #require(PairedRowsLayout(rows: rows, cols: cols, pairs: pairs, width: width, rowBlockStride: rowBlockStride,
+                                                   columnBlockStride: columnBlockStride, count: count))
+        let ld = cols + 5
+        var source = (0..<rows * ld).map { UInt16(truncatingIfNeeded: $0 &* 40503 &+ 1) | 1 }  // never 0
+        var packed = [UInt16](repeating: 0xABCD, count: count)
+        source.withUnsafeMutableBufferPointer { src in
+            packed.withUnsafeMutableBufferPointer { layout.pack(BF16Matrix(base: src.baseAddress!, rows: rows, cols: cols, ld: ld), into: $0.baseAddress!) }
+        }
+        var expected = [UInt16](repeating: 0, count: count)
+        let blocks = [(dim: 0, size: pairs), (dim: 1, size: width), (dim: 0, size: 2)]
+        for r in 0..<rows {
+            for c in 0..<cols {
+                let at = Self.blockedOffset([r, c], blocks: blocks, strides: [rowBlockStride, columnBlockStride])
+                #expect(layout.offset(row: r, col: c) == at)
+                expected[at] = source[r * ld + c]
+            }
+        }
+        let wrong = (0..<count).filter { packed[$0] != expected[$0] }
+        #expect(wrong.isEmpty, "\(wrong.count) of \(count) elements differ, first at \(wrong.first ?? -1): \(wrong.first.map { packed[$0] } ?? 0) vs \(wrong.first.map { expected[$0] } ?? 0)")
+    }
+
+    /// Strides whose blocks overlap, or a buffer too small for them, are not this layout.
+    @Test func refusesOverlappingBlocks() {
+        #expect(PairedRowsLayout(rows: 64, cols: 128, pairs: 16, width: 64, rowBlockStride: 1024, columnBlockStride: 4096, count: 8192) == nil)
+        #expect(PairedRowsLayout(rows: 64, cols: 128, pairs: 16, width: 64, rowBlockStride: 2048, columnBlockStride: 4096, count: 8000) == nil)
+        #expect(PairedRowsLayout(rows: 64, cols: 128, pairs: 16, width: 64, rowBlockStride: 2048, columnBlockStride: 4096, count: 8192) != nil)
+    }
+
+    /// Where oneDNN packs into this layout (AMX), the packer's output equals oneDNN's reorder (`pairedRows` checks the
+    /// same at a shape's first use, and falls back to the reorder where they differ).
+    @Test(.enabled(if: OneDNN.isAvailable && ((try? OneDNN.context().packsFast(k: 512, n: 128)) ?? false), "oneDNN packs no bf16 operand here (no AMX)"))
+    func equalsOneDNNsReorder() throws {
+        let dnn = try OneDNN.context()
+        var source = (0..<512 * 128).map { UInt16(truncatingIfNeeded: $0 &* 2654435761) }
+        let layout = try #require(dnn.packedLayout(k: 512, n: 128))
+        let paired = try #require(dnn.pairedLayouts[[512, 128]] ?? nil)
+        var ours = [UInt16](repeating: 0, count: paired.count), theirs = ours
+        source.withUnsafeMutableBufferPointer { src in
+            let b = BF16Matrix(base: src.baseAddress!, rows: 512, cols: 128)
+            ours.withUnsafeMutableBufferPointer { paired.pack(b, into: $0.baseAddress!) }
+            #expect(theirs.withUnsafeMutableBufferPointer { dnn.reorder(b, transposeB: false, layout: layout, into: $0.baseAddress!) })
+        }
+        #expect(ours == theirs)
+    }
+}
+
 /// Errors of a bf16 result and of the plain bf16 reference against the Double oracle on the same (rounded) inputs.
 struct BF16Verdict: CustomStringConvertible {
     var name: String, error: Double, referenceError: Double
