@@ -47,23 +47,18 @@ extension SoftmaxAttention {
             if packsFor.map({ $0 != (b, g) }) ?? true { resetPacks(); packsFor = (b, g) }
         }
 
-        /// Whether to pack: $SEQPAR_BF16_PACK=off multiplies plain operands throughout, =reorder packs every operand
-        /// through oneDNN's reorder (`OneDNN.Context.packsFast`), to measure one against the other.
+        /// Whether to pack: $SEQPAR_BF16_PACK=off multiplies plain operands throughout (to measure one against the other).
         static let packing = ProcessInfo.processInfo.environment["SEQPAR_BF16_PACK"] != "off"
 
-        /// How many query tiles read each key tile of a kv head (`queryRows` rows of each of `group` query heads): what
-        /// decides whether packing its tiles pays (`pays`).
-        static func readers(queryRows: Int, group: Int) -> Int { packing ? queryRows * group / tileRows : 0 }
-
-        /// Whether packing `operand`'s tiles of shape k x n pays for `readers` query tiles. oneDNN's reorder into the
-        /// packed layout costs about what one product with a plain operand loses against a packed one, so through it
-        /// packing pays back only over many query tiles. Measured on the AMX device, one core, H=4, D=128, packed over
-        /// plain in back-to-back pairs (benchmarks/results/bf16/run-pack): L=4096 (32 query tiles) forward
-        /// 1.04-1.44x, backward 0.84-1.37x (medians 1.1x); L=2048 (16) full forward 1.10-1.53x, causal about even;
-        /// L=1024 (8) 0.6-1.1x, a loss. An operand read as stored (V, K) packs without the reorder
-        /// (`OneDNN.Context.packsFast`), cheaply enough to pay from two query tiles on.
-        func pays(_ operand: Operand, readers: Int, k: Int, n: Int) -> Bool {
-            readers >= 16 || readers >= 2 && (operand == .value || operand == .key) && dnn.packsFast(k: k, n: n)
+        /// Whether packing a kv head's full key tiles pays: when at least 16 query tiles read each (`queryRows` rows
+        /// of each of `group` query heads). oneDNN's reorder into the packed layout costs about what one product with
+        /// a plain operand loses against a packed one, so it pays back only over many query tiles. Measured on the AMX
+        /// device, one core, H=4, D=128, packed over plain in back-to-back pairs (benchmarks/results/bf16/run-pack):
+        /// L=4096 (32 query tiles) forward 1.04-1.44x, backward 0.84-1.37x (medians 1.1x); L=2048 (16) full forward
+        /// 1.10-1.53x, causal about even; L=1024 (8) 0.6-1.1x, a loss. A 16-rank ring at L=16384 (1024 queries a
+        /// rank) therefore multiplies plain operands.
+        static func packPays(queryRows: Int, group: Int) -> Bool {
+            packing && queryRows * group >= 16 * tileRows
         }
 
         /// `tile` (rows j0 ..< j0 + tile.rows of K or V) packed as `operand` reads it, once per kv head; nil where
@@ -81,14 +76,11 @@ extension SoftmaxAttention {
         }
 
         /// c = a * op(tile) (or c += with `accumulate`), op(tile) being `operand` of the key tile at `j0` (K^T and V^T
-        /// read transposed): a full key tile packed once per kv head where that pays for its `readers` query tiles
-        /// (`pays`) and oneDNN has a packed matmul for it, else the plain tile.
-        func product(_ a: BF16Matrix, _ operand: Operand, _ tile: BF16Matrix, start j0: Int, readers: Int, into c: Matrix, accumulate: Bool = false) {
-            let transposed = operand == .keyTransposed || operand == .valueTransposed
-            let (k, n) = transposed ? (tile.cols, tile.rows) : (tile.rows, tile.cols)
-            if tile.rows == tileCols, pays(operand, readers: readers, k: k, n: n), let packedTile = packed(operand, tile, start: j0),
-               dnn.gemm(a, packed: packedTile, into: c, accumulate: accumulate) { return }
-            dnn.gemm(a, tile, transposeB: transposed, into: c, accumulate: accumulate)
+        /// read transposed): packed once per kv head where `pack` asks and oneDNN has a packed matmul for it, else
+        /// the plain tile.
+        func product(_ a: BF16Matrix, _ operand: Operand, _ tile: BF16Matrix, start j0: Int, pack: Bool, into c: Matrix, accumulate: Bool = false) {
+            if pack, let packedTile = packed(operand, tile, start: j0), dnn.gemm(a, packed: packedTile, into: c, accumulate: accumulate) { return }
+            dnn.gemm(a, tile, transposeB: operand == .keyTransposed || operand == .valueTransposed, into: c, accumulate: accumulate)
         }
 
         init() {
@@ -262,15 +254,15 @@ extension SoftmaxAttention {
         // segment (`segments`: the documents of a packed sequence, whose heads are done one document at a time).
         let threads = max(1, min(threads, batch * heads * tiles.count))
         let perUnit = threads > 1 ? max(1, tiles.count * batch * heads / (threads * 8)) : tiles.count
-        var units: [(batch: Int, head: Int, tiles: Range<Int>, readers: Int)] = []
+        var units: [(batch: Int, head: Int, tiles: Range<Int>, pack: Bool)] = []
         let segments = segments(tiles.map { ($0.start, $0.reach) })
         for segment in segments {
             let rows = tiles[segment.upperBound - 1].i1 - tiles[segment.lowerBound].i0
-            let readers = BF16Scratch.readers(queryRows: rows / threads, group: group)
+            let pack = BF16Scratch.packPays(queryRows: rows / threads, group: group)
             for b in 0..<batch {
                 for h in 0..<heads {
                     for t0 in stride(from: segment.lowerBound, to: segment.upperBound, by: perUnit) {
-                        units.append((b, h, t0..<min(t0 + perUnit, segment.upperBound), readers))
+                        units.append((b, h, t0..<min(t0 + perUnit, segment.upperBound), pack))
                     }
                 }
             }
@@ -282,12 +274,12 @@ extension SoftmaxAttention {
         func work(next: () -> Int?, progress: () -> Void) {
             let scratch = BF16Scratch()
             while let u = next() {
-                let (b, h, range, readers) = units[u]
+                let (b, h, range, pack) = units[u]
                 let qb = q.head(batch: b, h, buffer: scratch.q)
                 let (kb, vb) = scratch.kv(k, v, batch: b, head: h / group)
                 scratch.usePacks(batch: b, head: h / group)
                 forwardBF16(q: qb, k: kb, v: vb, tiles: tiles[range], windows: windows, scale: scale, into: out.o.head(batch: b, h),
-                            lse: out.lse.pointer + (b * heads + h) * cq, extending: extending, readers: readers, scratch: scratch, progress: progress)
+                            lse: out.lse.pointer + (b * heads + h) * cq, extending: extending, pack: pack, scratch: scratch, progress: progress)
             }
         }
         shareOut(units.count, threads: threads, progress: progress, work)
@@ -345,11 +337,10 @@ extension SoftmaxAttention {
     /// One head, bf16 operands (contiguous), fp32 `o` (any leading dimension; every row written) and lse: the fp32
     /// kernel's tiles. A query tile's output accumulates in contiguous scratch and is written to `o` when the tile is done.
     /// `extending`: o and lse hold a previous result over other keys, which this one extends (`forward(..., extending:)`).
-    /// `readers`: how many query tiles read each key tile (`BF16Scratch.readers`); full key tiles are packed
-    /// (`BF16Scratch.packed`) once per kv head where that pays for them.
+    /// `pack`: full key tiles are packed (`BF16Scratch.packed`) once per kv head, for all the query tiles that read them.
     static func forwardBF16(q qh: BF16Matrix, k kg: BF16Matrix, v vg: BF16Matrix, tiles: ArraySlice<(i0: Int, i1: Int, start: Int, reach: Int)>,
                             windows: KeyWindows, scale: Float, into oh: Matrix, lse lseRow: UnsafeMutablePointer<Float>, extending: Bool = false,
-                            readers: Int = 0, scratch: BF16Scratch, progress: () -> Void) {
+                            pack: Bool = false, scratch: BF16Scratch, progress: () -> Void) {
         let dv = vg.cols
         let scores = scratch.scores
         let p = scratch.p.base
@@ -367,7 +358,8 @@ extension SoftmaxAttention {
                 let width = j1 - j0
                 let s = Matrix(base: scores, rows: rows, cols: width)
                 KernelProfile.countScores(rows * width)
-                scratch.product(qh.rows(i0..<i1), .keyTransposed, kg.rows(j0..<j1), start: j0, readers: readers, into: s)
+                let packTile = pack && width == tileCols
+                scratch.product(qh.rows(i0..<i1), .keyTransposed, kg.rows(j0..<j1), start: j0, pack: packTile, into: s)
                 let softmaxStarted = KernelProfile.softmaxStart()
                 for i in 0..<rows {
                     let row = scores + i * width, prow = p + i * width
@@ -381,7 +373,7 @@ extension SoftmaxAttention {
                     absorb(sum: sum, max: newMax, row: i, scratch.rowMax, scratch.rowSum, output: acc + i * dv, dv)
                 }
                 KernelProfile.softmaxEnd(softmaxStarted)
-                scratch.product(BF16Matrix(base: p, rows: rows, cols: width), .value, vg.rows(j0..<j1), start: j0, readers: readers,
+                scratch.product(BF16Matrix(base: p, rows: rows, cols: width), .value, vg.rows(j0..<j1), start: j0, pack: packTile,
                                 into: accM, accumulate: true)
             }
             finish(rows: i0..<i1, scratch.rowMax, scratch.rowSum, accumulator: accM, output: oh, lse: lseRow)
@@ -401,13 +393,13 @@ extension SoftmaxAttention {
         // Segment by segment (`segments`: the documents of a packed sequence), so that a document's dK and dV
         // accumulators, its keys' rows only, stay in cache while its queries add to them.
         let share = backwardShare(batch: batch, heads: heads, windows: windows, work: work)
-        var kvUnits: [(batch: Int, kvHead: Int, keys: Range<Int>, readers: Int, heads: [(batch: Int, head: Int, tiles: [BackwardTile])])] = []
+        var kvUnits: [(batch: Int, kvHead: Int, keys: Range<Int>, pack: Bool, heads: [(batch: Int, head: Int, tiles: [BackwardTile])])] = []
         let tiles = queryTiles(windows)
         let segments = segments(tiles.map { ($0.start, $0.reach) })
         for segment in segments {
             let rows = tiles[segment.lowerBound].i0..<tiles[segment.upperBound - 1].i1
             // Full key tiles are packed once per kv head for the query tiles that read them, where they are many.
-            let (readers, firstUnit) = (BF16Scratch.readers(queryRows: rows.count, group: group), kvUnits.count)
+            let (pack, firstUnit) = (BF16Scratch.packPays(queryRows: rows.count, group: group), kvUnits.count)
             for entry in share {
                 let tiles = entry.tiles.filter { rows.contains($0.i0) }
                 guard let first = tiles.first else { continue }
@@ -418,7 +410,7 @@ extension SoftmaxAttention {
                     kvUnits[kvUnits.count - 1].heads.append(unit)
                     kvUnits[kvUnits.count - 1].keys = min(last.keys.lowerBound, keys.lowerBound)..<max(last.keys.upperBound, keys.upperBound)
                 } else {
-                    kvUnits.append((entry.batch, entry.head / group, keys, readers, [unit]))
+                    kvUnits.append((entry.batch, entry.head / group, keys, pack, [unit]))
                 }
             }
         }
@@ -438,18 +430,18 @@ extension SoftmaxAttention {
             let (dkAcc, dvAcc) = (Matrix(base: scratch.gradK.reserve(ck * dkCols), rows: ck, cols: dkCols),
                                   Matrix(base: scratch.gradV.reserve(ck * dvCols), rows: ck, cols: dvCols))
             while let n = next() {
-                let (b, g, keys, readers) = (kvUnits[n].batch, kvUnits[n].kvHead, kvUnits[n].keys, kvUnits[n].readers)
+                let (b, g, keys, pack) = (kvUnits[n].batch, kvUnits[n].kvHead, kvUnits[n].keys, kvUnits[n].pack)
                 scratch.resetPacks()
                 (dkAcc.base + keys.lowerBound * dkCols).update(repeating: 0, count: keys.count * dkCols)
                 (dvAcc.base + keys.lowerBound * dvCols).update(repeating: 0, count: keys.count * dvCols)
                 for unit in kvUnits[n].heads {
-                    backwardHead(unit, readers: readers)
+                    backwardHead(unit, pack: pack)
                 }
                 add(dkAcc.rows(keys), into: grads.dk.head(batch: b, g).rows(keys))
                 add(dvAcc.rows(keys), into: grads.dv.head(batch: b, g).rows(keys))
             }
 
-            func backwardHead(_ unit: (batch: Int, head: Int, tiles: [BackwardTile]), readers: Int) {
+            func backwardHead(_ unit: (batch: Int, head: Int, tiles: [BackwardTile]), pack: Bool) {
                 let (b, h, g) = (unit.batch, unit.head, unit.head / group)
                 let (oh, doh) = (output.o.head(batch: b, h), dO.head(batch: b, h))
                 let qb = q.head(batch: b, h, buffer: scratch.q)
@@ -466,8 +458,9 @@ extension SoftmaxAttention {
                         let width = j1 - j0
                         let sm = Matrix(base: scratch.scores, rows: rows, cols: width), dpm = Matrix(base: scratch.dp, rows: rows, cols: width)
                         let (kTile, vTile) = (kb.rows(j0..<j1), vb.rows(j0..<j1))
-                        scratch.product(qb.rows(i0..<i1), .keyTransposed, kTile, start: j0, readers: readers, into: sm)
-                        scratch.product(dob.rows(i0..<i1), .valueTransposed, vTile, start: j0, readers: readers, into: dpm)
+                        let packTile = pack && width == tileCols
+                        scratch.product(qb.rows(i0..<i1), .keyTransposed, kTile, start: j0, pack: packTile, into: sm)
+                        scratch.product(dob.rows(i0..<i1), .valueTransposed, vTile, start: j0, pack: packTile, into: dpm)
                         let softmaxStarted = KernelProfile.softmaxStart()
                         for i in 0..<rows {
                             let (a, b) = segment(windows, row: i0 + i, tile: j0, width: width)
@@ -481,7 +474,7 @@ extension SoftmaxAttention {
                         KernelProfile.softmaxEnd(softmaxStarted)
                         let pm = BF16Matrix(base: p, rows: rows, cols: width), dsm = BF16Matrix(base: ds, rows: rows, cols: width)
                         // ds holds scale * P * (dP - rowDot), rounded: dQ += dS K, dK += dS^T Q, dV += P^T dO.
-                        scratch.product(dsm, .key, kTile, start: j0, readers: readers, into: dq, accumulate: true)
+                        scratch.product(dsm, .key, kTile, start: j0, pack: packTile, into: dq, accumulate: true)
                         scratch.dnn.gemm(dsm, transposeA: true, qb.rows(i0..<i1), into: dkAcc.rows(j0..<j1), accumulate: true)
                         scratch.dnn.gemm(pm, transposeA: true, dob.rows(i0..<i1), into: dvAcc.rows(j0..<j1), accumulate: true)
                     }

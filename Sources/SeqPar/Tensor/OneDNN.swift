@@ -272,29 +272,17 @@ public enum OneDNN {
             return zip(blocks, dims).map { "\($0)\(Character(UnicodeScalar(UInt8(97 + $1))))" }.joined()
         }
 
-        /// op(b), k x n, in its packed layout in `buffer`; nil where it has none (the plain operand is then what `gemm`
-        /// should read). An operand read as stored goes through `PairedRowsLayout.pack` where the layout is one
-        /// (`pairedRows`), others through oneDNN's reorder.
+        /// op(b), k x n, reordered into its packed layout in `buffer`; nil where it has none (the plain operand is
+        /// then what `gemm` should read).
         public func pack(_ b: BF16Matrix, transposeB: Bool = false, into buffer: BF16Buffer) -> PackedMatrix? {
             let (k, n) = transposeB ? (b.cols, b.rows) : (b.rows, b.cols)
             guard k > 0, n > 0, var layout = packedLayout(k: k, n: n) else { return nil }
-            let count = (f.memoryDescGetSize(&layout) + 1) / 2
-            let out = buffer.reserve(count)
-            if !transposeB, let paired = pairedRows(k: k, n: n, checking: b) {
-                paired.pack(b, into: out)
-            } else if !reorder(b, transposeB: transposeB, layout: layout, into: out) {
-                return nil
-            }
-            return PackedMatrix(base: out, k: k, n: n)
-        }
-
-        /// op(b) reordered by oneDNN into `layout` at `out`; false where oneDNN has no reorder for it.
-        func reorder(_ b: BF16Matrix, transposeB: Bool, layout: dnnl_memory_desc_t, into out: UnsafeMutablePointer<UInt16>) -> Bool {
-            let (k, n) = transposeB ? (b.cols, b.rows) : (b.rows, b.cols)
             let key = [k, n, b.ld, transposeB ? 1 : 0]
+            let bytes = f.memoryDescGetSize(&layout)
+            let out = buffer.reserve((bytes + 1) / 2)
             if reorders[key] == nil {
                 do {
-                    var src = try desc(k, n, rowStride: transposeB ? 1 : b.ld, colStride: transposeB ? b.ld : 1, dnnl_bf16), layout = layout
+                    var src = try desc(k, n, rowStride: transposeB ? 1 : b.ld, colStride: transposeB ? b.ld : 1, dnnl_bf16)
                     var pd: dnnl_primitive_desc_t?
                     try check(f.reorderDescCreate(&pd, &src, f.engine, &layout, f.engine, nil), "dnnl_reorder_primitive_desc_create")
                     defer { _ = f.primitiveDescDestroy(pd) }
@@ -305,7 +293,7 @@ public enum OneDNN {
                     reorders[key] = (p!, ms!, md!)
                 } catch {
                     packedLayouts[[k, n]] = .some(nil)
-                    return false
+                    return nil
                 }
             }
             let r = reorders[key]!
@@ -314,55 +302,7 @@ public enum OneDNN {
             var args = [dnnl_exec_arg_t(arg: DNNL_ARG_FROM, memory: r.src), dnnl_exec_arg_t(arg: DNNL_ARG_TO, memory: r.dst)]
             let status = f.primitiveExecute(r.primitive, stream, 2, &args)
             precondition(status == dnnl_success, "dnnl_primitive_execute (reorder) failed (\(status.rawValue)) on \(key)")
-            return true
-        }
-
-        /// Whether $SEQPAR_BF16_PACK=reorder sends every operand through oneDNN's reorder (to measure one against the other).
-        static let reorderOnly = ProcessInfo.processInfo.environment["SEQPAR_BF16_PACK"] == "reorder"
-
-        /// The k x n packed layout as a `PairedRowsLayout`, by (k, n); nil where it is another.
-        var pairedLayouts: [[Int]: PairedRowsLayout?] = [:]
-
-        /// Whether a k x n operand read as stored packs without oneDNN's reorder (so that packing pays over fewer
-        /// query tiles); false where it has no packed layout or another than `PairedRowsLayout`.
-        public func packsFast(k: Int, n: Int) -> Bool {
-            if let known = pairedLayouts[[k, n]] { return known != nil }
-            guard !Self.reorderOnly, let md = packedLayout(k: k, n: n), md.format_kind == dnnl_blocked, md.ndims == 2 else { return false }
-            var (blocking, dims) = (md.format_desc.blocking, md.dims)
-            let count = Int(blocking.inner_nblks)
-            let blocks = withUnsafeBytes(of: &blocking.inner_blks) { Array($0.bindMemory(to: Int64.self).prefix(count)) }
-            let indices = withUnsafeBytes(of: &blocking.inner_idxs) { Array($0.bindMemory(to: Int64.self).prefix(count)) }
-            let strides = withUnsafeBytes(of: &blocking.strides) { Array($0.bindMemory(to: Int64.self).prefix(2)) }
-            let size = withUnsafeBytes(of: &dims) { Array($0.bindMemory(to: Int64.self).prefix(2)) }
-            var layout = md
-            guard indices == [0, 1, 0], blocks.count == 3, blocks[2] == 2, size == [Int64(k), Int64(n)],
-                  let paired = PairedRowsLayout(rows: k, cols: n, pairs: Int(blocks[0]), width: Int(blocks[1]), rowBlockStride: Int(strides[0]),
-                                                columnBlockStride: Int(strides[1]), count: (f.memoryDescGetSize(&layout) + 1) / 2) else {
-                pairedLayouts[[k, n]] = .some(nil)
-                return false
-            }
-            pairedLayouts[[k, n]] = paired
-            return true
-        }
-
-        /// Where `packsFast`: the layout, checked against oneDNN's reorder of `b` (its first operand) element for
-        /// element, once per shape; a layout that disagrees is reported on stderr once and left to the reorder.
-        var pairedChecked: Set<[Int]> = []
-        func pairedRows(k: Int, n: Int, checking b: BF16Matrix) -> PairedRowsLayout? {
-            guard packsFast(k: k, n: n), let paired = pairedLayouts[[k, n]] ?? nil, let layout = packedLayout(k: k, n: n) else { return nil }
-            if pairedChecked.contains([k, n]) { return paired }
-            var ours = [UInt16](repeating: 0, count: paired.count), theirs = [UInt16](repeating: 0, count: paired.count)
-            ours.withUnsafeMutableBufferPointer { paired.pack(b, into: $0.baseAddress!) }
-            let reordered = theirs.withUnsafeMutableBufferPointer { reorder(b, transposeB: false, layout: layout, into: $0.baseAddress!) }
-            guard reordered, ours == theirs else {
-                if reordered {
-                    FileHandle.standardError.write(Data("seqpar: note: the packed bf16 layout of a \(k) x \(n) operand (\(packedLayoutName(k: k, n: n) ?? "?")) differs from oneDNN's reorder; using the reorder\n".utf8))
-                }
-                pairedLayouts[[k, n]] = .some(nil)
-                return nil
-            }
-            pairedChecked.insert([k, n])
-            return paired
+            return PackedMatrix(base: out, k: k, n: n)
         }
 
         /// Keys whose packed matmul oneDNN would not run on brgemm: those products read the plain operand.
