@@ -6,7 +6,7 @@
 #                                                   between 512 and 16K (seeded), H 8, D 128, bf16, forward and
 #                                                   backward: packed (zigzag per document, and contiguous) against the
 #                                                   same documents padded to the longest and against each run alone,
-#                                                   in 4 rounds in turn (about 4 minutes a layout)
+#                                                   in 4 rounds in turn (about 3 minutes a layout on the 16-core device)
 #   benchmarks/documents-usp-figures.sh usp         16 ranks, L 65536, H 16, D 128, causal zigzag, bf16, forward and
 #                                                   backward: ring, Ulysses, USP 4x4 and USP 2x8 in one launch
 #   benchmarks/documents-usp-figures.sh netns       on a machine that allows network namespaces (root): two hosts of

@@ -22,10 +22,11 @@
 // kernel's block results merge in log space.
 // Packed documents: consecutive documents are gathered into groups of at least `groupShare` tokens a rank, and each
 // group goes round the ring on its own, one after the other (`documentGroups`), as if its documents were a sequence
-// alone: a step's block holds one group's keys, small enough to stay in cache, where one ring over the whole packed
-// sequence moves every document's chunks at each step (16 MB a rank at 64K tokens, H=8, D=128 in bf16), and its
-// products ran 12-19% slower than the per-document runs' for the same FLOPs (benchmarks/results/documents-usp/run-rounds);
-// in groups they run 12-13% faster, and the packed sequence costs what its documents cost alone (run-groups).
+// alone: a step's block holds one group's keys (at most 3.5 MB a rank in the benchmark below), where one ring over
+// the whole packed sequence moves every document's chunks at each step (16 MB a rank at 64K tokens, H=8, D=128 in
+// bf16). There the products took 12-19% more time than the per-document runs' for the same FLOPs
+// (benchmarks/results/documents-usp/run-rounds); in groups they take 12-13% less, and the packed sequence costs what
+// its documents cost alone (run-groups).
 
 public struct RingAttention: AttentionAlgorithm {
     /// How the exchange in flight progresses during a block's compute (see `RingProgress`).
