@@ -117,7 +117,7 @@ struct KernelBenchCommand: ParsableCommand {
         guard let (results, backend, sgemm, matmul) = out else { return }
         if json { results.forEach { print(Report.json($0)) }; return }
         let columns = [("kernel", 18), ("prec", 5), ("direction", 10), ("L", 7), ("H", 4), ("D", 5), ("mask", 14), ("time_s", 10), ("GFLOP/s", 9),
-                       ("rank_min-max", 14), ("baseline", 9), ("ratio", 7), ("gemm", 6), ("softmax", 8), ("exp", 6), ("other", 6)]
+                       ("rank_min-max", 14), ("baseline", 9), ("ratio", 7), ("gemm", 6), ("softmax", 8), ("exp", 6), ("max", 6), ("other", 6)]
         (Provenance.header("bench kernel") + [
             "# \(backend.ranks) rank(s) at once, backend \(backend.name), \(threads) BLAS thread(s) each; time: the slowest rank's median of \(repeats) after \(warmup) warm-up",
             String(format: "# baseline fp32: OpenBLAS sgemm %dx%dx%d: %.1f GFLOP/s (the slowest rank's)", sgemmSize, sgemmSize, sgemmSize, sgemm)]
@@ -128,7 +128,8 @@ struct KernelBenchCommand: ParsableCommand {
             "# ratio: the median over the turns of the kernel's GFLOP/s over the baseline's just before it (the host's drift moves both)",
             "# FLOPs: softmax forward 4*H*L^2*D (half when causal), backward 2.5x; linear (chunk form, blocks of \(LinearAttention.blockRows)) 8*H*L*D^2 + 4*H*L*\(LinearAttention.blockRows)*D, backward 3x",
             "# gemm, softmax, other: shares of one profiled run's time (each product and each tile's softmax pass timed), adding up to 100%;",
-            "# exp: the exponentials' part of softmax (counted x their cost per element in this run)",
+            "# exp: the exponentials' part of softmax (counted x their cost per element in this run); max: the bf16 forward's row maxima",
+            "# (timed: the profiled run sweeps them apart from the exponentials)",
             columns.map { Report.pad($0.0, $0.1) }.joined(),
         ]).forEach { print($0) }
         for r in results {
@@ -138,7 +139,8 @@ struct KernelBenchCommand: ParsableCommand {
                          String(format: "%.1f", r.turnBaselineGflops ?? r.bf16MatmulGflops.flatMap { r.precision == .bf16 ? $0 : nil } ?? r.sgemmGflops),
                          String(format: "%.2f", r.ratio),
                          String(format: "%.0f%%", 100 * r.gemmFraction), String(format: "%.0f%%", 100 * r.softmaxFraction),
-                         String(format: "%.0f%%", 100 * r.expFraction), String(format: "%.0f%%", 100 * r.otherFraction)]
+                         String(format: "%.0f%%", 100 * r.expFraction), String(format: "%.0f%%", 100 * r.maxFraction),
+                         String(format: "%.0f%%", 100 * r.otherFraction)]
             print(zip(cells, columns).map { Report.pad($0, $1.1) }.joined())
         }
     }

@@ -268,7 +268,18 @@ extension CostModelTests {
             } else {
                 #expect(r.softmaxFraction == 0 && r.expFraction == 0)
             }
+            #expect(r.maxFraction == 0, "only the bf16 forward sweeps its row maxima apart")
         }
+    }
+
+    /// The bf16 forward's profile times its row maxima apart, as a part of the softmax share; the backward has none.
+    @Test(.enabled(if: OneDNN.isAvailable, "oneDNN (libdnnl) is not installed")) func bf16ForwardTimesItsRowMaxima() throws {
+        let solo = InProcessCluster(size: 1).makeCommunicators()[0]
+        let results = try KernelBench.measure(.softmax, shape: AttentionShape(seqLen: 512, heads: 2, headDim: 64), causal: false, sgemmGflops: 1,
+                                              precision: .bf16, bf16MatmulGflops: 1, repeats: 2, warmup: 0, comm: solo)
+        let forward = try #require(results.first { $0.direction == "forward" }), backward = try #require(results.first { $0.direction == "backward" })
+        #expect(forward.maxFraction > 0 && forward.maxFraction < forward.softmaxFraction, "\(forward)")
+        #expect(backward.maxFraction == 0)
     }
 
     @Test func commBenchOnTheInProcessBackend() throws {

@@ -40,8 +40,9 @@ public struct KernelBenchResult: Codable, Sendable {
     public var repeats: Int
     /// Shares of the profiled run's time: inside the products (sgemm or oneDNN's matmul; measured), in the softmax
     /// kernels' row passes over the score tiles (measured; 0 for the linear kernel), and the rest; they add up to 1.
-    /// `expFraction` is the exponentials' part (count x cost per element, an estimate) of the softmax share.
-    public var gemmFraction: Double, softmaxFraction: Double, expFraction: Double, otherFraction: Double
+    /// `expFraction` is the exponentials' part (count x cost per element, an estimate) of the softmax share;
+    /// `maxFraction` the bf16 forward's row maxima (measured: the profiled call sweeps them apart; 0 elsewhere).
+    public var gemmFraction: Double, softmaxFraction: Double, expFraction: Double, maxFraction: Double, otherFraction: Double
     /// Linear kernel only: the decay per head.
     public var decay: Float?
     /// The fastest and slowest rank's GFLOP/s.
@@ -165,7 +166,7 @@ public enum KernelBench {
             let turnRatio = turnBaseline.map { b in median(zip(turns[0], kernelTimes).map { (f / $1) / (b.flops / $0) }) }
             let turnRate = turnBaseline.map { b in median(turns[0].map { b.flops / $0 / 1e9 }) }
             // One profiled call at a time per process: simulated ranks (threads of one process) take turns.
-            var p = (seconds: 1.0, gemmSeconds: 0.0, softmaxSeconds: 0.0, expElements: 0, scoreElements: 0)
+            var p = (seconds: 1.0, gemmSeconds: 0.0, softmaxSeconds: 0.0, maxSeconds: 0.0, expElements: 0, scoreElements: 0)
             for turn in 0..<(profileInTurns ? comm.size : 1) {
                 if profileInTurns { try comm.barrier() }
                 if !profileInTurns || turn == comm.rank { p = KernelProfile.measure(call) }
@@ -177,20 +178,21 @@ public enum KernelBench {
             let slowest = rankMedians.indices.max { rankMedians[$0] < rankMedians[$1] }!
             let spread = try comm.allGather([mine.median, mine.min, mine.max, turnRatio ?? 0, turnRate ?? 0])[slowest]
             let t = Timing(median: spread[0], min: spread[1], max: spread[2])
-            let shares = try comm.allReduce([Double(p.expElements) * expCost / p.seconds, p.gemmSeconds / p.seconds, p.softmaxSeconds / p.seconds],
+            let shares = try comm.allReduce([Double(p.expElements) * expCost / p.seconds, p.gemmSeconds / p.seconds, p.softmaxSeconds / p.seconds, p.maxSeconds / p.seconds],
                                             op: .sum).map { $0 / Double(comm.size) }
             // The products' and the softmax passes' times are measured, the exponentials' estimated (count x cost):
             // the estimate yields, to the share it is part of.
             let gemmShare = min(shares[1], 1)
             let softmaxShare = min(shares[2], 1 - gemmShare)
             let expShare = min(shares[0], kernel == .softmax ? softmaxShare : 1 - gemmShare - softmaxShare)
+            let maxShare = min(shares[3], softmaxShare)
             return KernelBenchResult(kernel: kernel.name, direction: direction, ranks: comm.size, batch: s.batch, seqLen: s.seqLen, heads: s.heads,
                                      kvHeads: s.kvHeads, headDim: s.headDim, causal: options.causal, timeS: t.median, timeMinS: t.min, timeMaxS: t.max,
                                      gflops: f / t.median / 1e9, sgemmGflops: sgemmGflops, precision: precision,
                                      bf16MatmulGflops: bf16MatmulGflops, ratio: turnBaseline == nil ? f / t.median / 1e9 / baseline : spread[3],
                                      turnBaselineGflops: turnBaseline == nil ? nil : spread[4],
                                      blasThreads: BLAS.threads, repeats: repeats, gemmFraction: gemmShare, softmaxFraction: softmaxShare,
-                                     expFraction: expShare, otherFraction: 1 - gemmShare - softmaxShare, decay: kernel == .linear ? decay : nil,
+                                     expFraction: expShare, maxFraction: maxShare, otherFraction: 1 - gemmShare - softmaxShare, decay: kernel == .linear ? decay : nil,
                                      rankGflopsMin: f / rankMedians.max()! / 1e9, rankGflopsMax: f / rankMedians.min()! / 1e9,
                                      rankGflops: rankMedians.map { f / $0 / 1e9 })
         }

@@ -21,6 +21,8 @@ extension SoftmaxAttention {
         let scores = UnsafeMutablePointer<Float>.allocate(capacity: tileRows * tileCols)
         let dp = UnsafeMutablePointer<Float>.allocate(capacity: tileRows * tileCols)
         let rowMax = UnsafeMutablePointer<Float>.allocate(capacity: maxTileRows), rowSum = UnsafeMutablePointer<Float>.allocate(capacity: maxTileRows)
+        /// A profiled forward's row maxima of the tile in hand (`KernelProfile.maxNanoseconds`).
+        let tileMax = UnsafeMutablePointer<Float>.allocate(capacity: maxTileRows)
         /// fp32 accumulators the products add into, contiguous (`FloatBuffer`): a query tile's O or dQ, a kv head's dK and dV.
         let accumulator = FloatBuffer(), gradK = FloatBuffer(), gradV = FloatBuffer()
         let dnn: OneDNN.Context
@@ -89,7 +91,7 @@ extension SoftmaxAttention {
             }
             dnn = c
         }
-        deinit { scores.deallocate(); dp.deallocate(); rowMax.deallocate(); rowSum.deallocate() }
+        deinit { scores.deallocate(); dp.deallocate(); rowMax.deallocate(); rowSum.deallocate(); tileMax.deallocate() }
 
         /// K and V of kv head (b, g) in bf16, contiguous: views of contiguous bf16 heads; strided bf16 heads copied and fp32
         /// ones converted, on a change of head only.
@@ -361,12 +363,22 @@ extension SoftmaxAttention {
                 let packTile = pack && width == tileCols
                 scratch.product(qh.rows(i0..<i1), .keyTransposed, kg.rows(j0..<j1), start: j0, pack: packTile, into: s)
                 let softmaxStarted = KernelProfile.softmaxStart()
+                // Profiled: every row's max in a sweep of its own, timed apart; unprofiled, each row's max comes in the
+                // same sweep as its exponentials.
+                let maxSwept = softmaxStarted != 0
+                if maxSwept {
+                    for i in 0..<rows {
+                        let (a, b) = segment(windows, row: i0 + i, tile: j0, width: width)
+                        if a < b { scratch.tileMax[i] = VectorMath.max(scores + i * width + a, b - a) }
+                    }
+                    KernelProfile.maxEnd(softmaxStarted)
+                }
                 for i in 0..<rows {
                     let row = scores + i * width, prow = p + i * width
                     let (a, b) = segment(windows, row: i0 + i, tile: j0, width: width)
                     if a == b { prow.update(repeating: 0, count: width); continue }
                     // Scores are unscaled here: the scale (positive) goes into the exponent, max(scale s) = scale max(s).
-                    let newMax = max(scratch.rowMax[i], scale * VectorMath.max(row + a, b - a))
+                    let newMax = max(scratch.rowMax[i], scale * (maxSwept ? scratch.tileMax[i] : VectorMath.max(row + a, b - a)))
                     let sum = VectorMath.expToBF16(row + a, b - a, scale: scale, subtract: newMax, into: prow + a)
                     prow.update(repeating: 0, count: a)
                     (prow + b).update(repeating: 0, count: width - b)

@@ -21,6 +21,9 @@ public enum KernelProfile {
     /// rescaling; backward: P and dS): timed per tile, tens of microseconds, like a product.
     static let softmaxNanoseconds = Atomic<Int>(0)
     static let expElements = Atomic<Int>(0)
+    /// Part of `softmaxNanoseconds`: the bf16 forward's row maxima, which a profiled call sweeps apart from the rest
+    /// of the pass (the unprofiled kernel finds each row's max in the same sweep as its exponentials).
+    static let maxNanoseconds = Atomic<Int>(0)
     /// Score elements the softmax kernels' forward multiplied (rows x width of every score tile): the work their tile
     /// skipping leaves, which tests compare with the mask's.
     static let scoreElements = Atomic<Int>(0)
@@ -47,13 +50,21 @@ public enum KernelProfile {
         if start != 0 { softmaxNanoseconds.add(Int(DispatchClock.nanoseconds() - start), ordering: .relaxed) }
     }
 
+    /// The end of the max sweep that began with the softmax pass at `start`.
+    @inline(__always) static func maxEnd(_ start: UInt64) {
+        if start != 0 { maxNanoseconds.add(Int(DispatchClock.nanoseconds() - start), ordering: .relaxed) }
+    }
+
     /// One profiled call of `body`: its wall time, the seconds inside the products (sgemm or oneDNN's matmul), the
-    /// seconds in the softmax row passes, the exponentials evaluated, and the score elements the softmax forward multiplied.
-    public static func measure(_ body: () -> Void) -> (seconds: Double, gemmSeconds: Double, softmaxSeconds: Double, expElements: Int, scoreElements: Int) {
+    /// seconds in the softmax row passes (of which `maxSeconds` in the bf16 forward's row maxima), the exponentials
+    /// evaluated, and the score elements the softmax forward multiplied.
+    public static func measure(_ body: () -> Void) -> (seconds: Double, gemmSeconds: Double, softmaxSeconds: Double, maxSeconds: Double,
+                                                       expElements: Int, scoreElements: Int) {
         lock.lock()
         defer { lock.unlock() }
         gemmNanoseconds.store(0, ordering: .relaxed)
         softmaxNanoseconds.store(0, ordering: .relaxed)
+        maxNanoseconds.store(0, ordering: .relaxed)
         expElements.store(0, ordering: .relaxed)
         scoreElements.store(0, ordering: .relaxed)
         owner = pthread_self()
@@ -63,7 +74,7 @@ public enum KernelProfile {
         let seconds = SystemInfo.now() - t
         profiling = false
         return (seconds, Double(gemmNanoseconds.load(ordering: .relaxed)) * 1e-9, Double(softmaxNanoseconds.load(ordering: .relaxed)) * 1e-9,
-                expElements.load(ordering: .relaxed), scoreElements.load(ordering: .relaxed))
+                Double(maxNanoseconds.load(ordering: .relaxed)) * 1e-9, expElements.load(ordering: .relaxed), scoreElements.load(ordering: .relaxed))
     }
 
     /// Seconds per element of `VectorMath.expInPlace` on rows of `rowLength` already in cache, as the kernel calls it
