@@ -187,17 +187,16 @@ extension Tensor {
         }
     }
 
-    /// Columns `cols` of every row of a (B, H, C) tensor (an lse), copied: (B, H, cols.count).
+    /// Columns `cols` of every row of a (B, H, C) tensor (an lse), copied: (B, H, cols.count); `tokens` of its
+    /// (B * H, C) view.
     func columns(_ cols: Range<Int>) -> Tensor {
-        let out = Tensor(uninitialized: [shape[0], shape[1], cols.count])
-        for r in 0..<(shape[0] * shape[1]) { (out.pointer + r * cols.count).update(from: pointer + r * shape[2] + cols.lowerBound, count: cols.count) }
-        return out
+        reshaped([shape[0] * shape[1], shape[2]]).tokens(cols).reshaped([shape[0], shape[1], cols.count])
     }
 
     /// Writes `part` (B, H, cols.count) into columns `cols` of this (B, H, C) tensor.
     func setColumns(_ cols: Range<Int>, from part: Tensor) {
         precondition(part.shape == [shape[0], shape[1], cols.count])
-        for r in 0..<(shape[0] * shape[1]) { (pointer + r * shape[2] + cols.lowerBound).update(from: part.pointer + r * cols.count, count: cols.count) }
+        reshaped([shape[0] * shape[1], shape[2]]).setTokens(cols, from: part.reshaped([shape[0] * shape[1], cols.count]))
     }
 
     /// Throws `SeqParError.nonFinite` naming `name` and the (batch, token, head, dim) of the first NaN/Inf;
